@@ -1,0 +1,34 @@
+# recycler — every target sets itself up from nothing.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The CPU build of PyTorch by default; e.g. `make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"`.
+TORCH  ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives experiments clean
+
+$(STAMP): pyproject.toml
+	$(MAKE) install
+
+install:
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet $(TORCH)
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check recycler tests experiments
+	$(BIN)/mypy
+
+test: lint
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+demo: $(STAMP)
+	$(BIN)/recycler demo
+
+bench: $(STAMP)
+	$(BIN)/python experiments/bench_merge.py
+
+clean:
+	rm -rf $(VENV) .venv-mergekit .mypy_cache .ruff_cache .pytest_cache
