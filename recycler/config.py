@@ -1,0 +1,359 @@
+"""The study file: YAML in, a validated `StudySpec` out, or one error line naming the key.
+
+Everything a search needs is checked here, before Ray, torch or lm-eval start: a typo in
+the last key must not cost the minutes it takes to bring a cluster up. Relative paths
+(the SQLite file of `storage` included) are resolved against the study file's folder, so
+a study runs the same from any working directory.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from recycler.errors import RecyclerError
+
+METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher")
+# Methods that add task vectors to a base model: without `pool.base` they mean nothing.
+METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
+SAMPLER_NAMES = ("tpe", "nsga2", "gp", "random", "cmaes")
+SeedName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
+DEFAULT_SEEDS: tuple[SeedName, ...] = ("uniform", "singles", "mwa", "greedy")
+
+# Method parameters that `search.tune` may search, their default range, and the methods
+# that read them (mergekit's semantics: density trims/drops task vectors, lambda scales them).
+TUNABLE: dict[str, tuple[tuple[float, float], frozenset[str]]] = {
+    "density": ((0.1, 1.0), frozenset({"ties", "dare_linear", "dare_ties"})),
+    "lambda": ((0.5, 1.5), frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})),
+}
+
+_BOOL_PARAMS = frozenset({"normalize", "int8_mask", "rescale"})
+_NUMBER_PARAMS = frozenset({"density", "lambda"})
+_GRANULARITY = re.compile(r"^(model|blocks|layers:([1-9][0-9]*))$")
+_OBJECTIVE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
+
+
+class _Strict(BaseModel):
+    # A misspelt key is an error, never silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PoolSpec(_Strict):
+    base: Path | None = None
+    checkpoints: list[str] = Field(min_length=1)
+
+
+class MergeSpec(_Strict):
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = "linear"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
+    params: dict[str, float | int | bool] = Field(default_factory=dict)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, value: dict[str, float | int | bool]) -> dict[str, float | int | bool]:
+        # The recipe's global parameters; `weight` is what the search sets, so it is not one.
+        for key, v in value.items():
+            if key in _BOOL_PARAMS:
+                if not isinstance(v, bool):
+                    raise ValueError(f"{key}: must be true or false")
+            elif key in _NUMBER_PARAMS:
+                if isinstance(v, bool):
+                    raise ValueError(f"{key}: must be a number")
+            else:
+                known = ", ".join(sorted(_BOOL_PARAMS | _NUMBER_PARAMS))
+                raise ValueError(f"{key}: unknown parameter (known: {known})")
+        if "density" in value and not 0 < float(value["density"]) <= 1:
+            raise ValueError("density: must be in (0, 1]")
+        return value
+
+
+class TuneSpec(_Strict):
+    """One searched method parameter and its range."""
+
+    name: str
+    low: float
+    high: float
+
+
+class SearchSpec(_Strict):
+    weights: Literal["simplex", "box"] = "simplex"
+    bounds: tuple[float, float] = (0.0, 1.0)
+    granularity: str = "model"
+    tune: list[TuneSpec] = Field(default_factory=list)
+    sampler: Literal["tpe", "nsga2", "gp", "random", "cmaes"] = "tpe"
+    n_trials: int = Field(default=50, ge=1)
+    seed: int = 0
+    seeds: list[SeedName] = Field(default_factory=lambda: list(DEFAULT_SEEDS))
+
+    @field_validator("granularity")
+    @classmethod
+    def _granularity(cls, value: str) -> str:
+        if not _GRANULARITY.match(value):
+            raise ValueError("must be model, blocks or layers:K with K a positive integer")
+        return value
+
+    @field_validator("bounds")
+    @classmethod
+    def _bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
+        low, high = value
+        if not low < high:
+            raise ValueError(f"must be [low, high] with low < high, got [{low}, {high}]")
+        return value
+
+    @field_validator("tune", mode="before")
+    @classmethod
+    def _tune(cls, value: Any) -> Any:
+        # `tune: [density, {lambda: [0.5, 2.0]}]`: a bare name takes its default range.
+        if not isinstance(value, list):
+            return value
+        out: list[Any] = []
+        for item in value:
+            if isinstance(item, str):
+                if item not in TUNABLE:
+                    raise ValueError(f"unknown parameter {item!r}; tunable: {', '.join(TUNABLE)}")
+                low, high = TUNABLE[item][0]
+                out.append({"name": item, "low": low, "high": high})
+            elif isinstance(item, dict) and len(item) == 1:
+                (name, rng), = item.items()
+                if name not in TUNABLE:
+                    raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(TUNABLE)}")
+                if not (isinstance(rng, list | tuple) and len(rng) == 2
+                        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)):
+                    raise ValueError(f"{name}: range must be [low, high]")
+                if not rng[0] < rng[1]:
+                    raise ValueError(f"{name}: range must have low < high, got {list(rng)}")
+                out.append({"name": name, "low": float(rng[0]), "high": float(rng[1])})
+            else:
+                raise ValueError("each entry must be a parameter name or {name: [low, high]}")
+        names = [o["name"] for o in out]
+        if len(set(names)) != len(names):
+            raise ValueError("a parameter is listed twice")
+        return out
+
+    @field_validator("seeds")
+    @classmethod
+    def _seeds(cls, value: list[SeedName]) -> list[SeedName]:
+        if len(set(value)) != len(value):
+            raise ValueError("a baseline is listed twice")
+        if "greedy" in value and "singles" not in value:
+            raise ValueError("greedy is built from the single-checkpoint scores: add singles")
+        return value
+
+    @property
+    def layer_groups(self) -> int | None:
+        """K for `layers:K`, else None."""
+        match = _GRANULARITY.match(self.granularity)
+        return int(match.group(2)) if match and match.group(2) else None
+
+    @property
+    def baselines(self) -> list[str]:
+        """The seeds with `mwa` expanded into its two variants, in enqueue order."""
+        out: list[str] = []
+        for seed in self.seeds:
+            for name in (("mwa_loss", "mwa_step") if seed == "mwa" else (seed,)):
+                if name not in out:
+                    out.append(name)
+        return out
+
+
+class ObjectiveSpec(_Strict):
+    name: str
+    task: str
+    metric: str
+    # None: lm-eval's higher_is_better for the task's metric decides.
+    direction: Literal["maximize", "minimize"] | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _OBJECTIVE_NAME.match(value):
+            raise ValueError("must start with a letter or _ and hold only letters, digits, _ . -")
+        return value
+
+
+class EvalSpec(_Strict):
+    tasks_dir: Path | None = None
+    split: str = "dev"
+    limit: int | None = Field(default=None, ge=1)
+    batch_size: int = Field(default=32, ge=1)
+
+
+class ClusterSpec(_Strict):
+    address: str | None = None
+    shard_workers: int = Field(default=1, ge=1)
+    eval_workers: int = Field(default=1, ge=1)
+    gpus_per_worker: float = Field(default=0, ge=0)
+
+
+class StudySpec(_Strict):
+    name: str = Field(min_length=1)
+    storage: str = "sqlite:///recycler.db"
+    pool: PoolSpec
+    merge: MergeSpec = Field(default_factory=MergeSpec)
+    search: SearchSpec = Field(default_factory=SearchSpec)
+    objectives: list[ObjectiveSpec] = Field(min_length=1)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    cluster: ClusterSpec = Field(default_factory=ClusterSpec)
+    # The folder of the study file: the root of every relative path. Not a YAML key.
+    root: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("must be an Optuna storage URL, e.g. sqlite:///recycler.db")
+        if value.startswith("sqlite:") and value.rstrip("/") in ("sqlite:", "sqlite:///:memory:"):
+            raise ValueError("an in-memory SQLite database would lose the study; name a file")
+        return value
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> StudySpec:
+        names = [o.name for o in self.objectives]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise _KeyError("objectives", f"objective name {dup[0]!r} is used twice")
+        pairs = [(o.task, o.metric) for o in self.objectives]
+        if len(set(pairs)) != len(pairs):
+            raise _KeyError("objectives", "the same task and metric are listed twice")
+        method = self.merge.method
+        if method in METHODS_NEEDING_BASE and self.pool.base is None:
+            raise _KeyError("pool.base", f"required by merge.method {method}")
+        for tune in self.search.tune:
+            readers = TUNABLE[tune.name][1]
+            if method not in readers:
+                raise _KeyError("search.tune", f"{tune.name} is not a parameter of {method}")
+            if tune.name in self.merge.params:
+                raise _KeyError(
+                    "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
+                )
+        if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
+            raise _KeyError("search.bounds", "only used with weights: box")
+        if self.eval.split == "test":
+            # The front is re-scored on test: optimising on test would leave nothing held out.
+            raise _KeyError("eval.split", "the search must not optimise the test split; use dev")
+        return self
+
+    # -- resolved paths ---------------------------------------------------------------
+    @property
+    def storage_url(self) -> str:
+        """`storage` with a relative SQLite file made absolute against the study's folder."""
+        return resolve_storage_url(self.storage, self.root)
+
+    @property
+    def sqlite_path(self) -> Path | None:
+        """The SQLite file behind `storage`, or None for a server database."""
+        url = self.storage_url
+        if url.startswith("sqlite:///"):
+            return Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        return None
+
+    @property
+    def base_path(self) -> Path | None:
+        return None if self.pool.base is None else self.resolve(self.pool.base)
+
+    @property
+    def tasks_dir(self) -> Path | None:
+        return None if self.eval.tasks_dir is None else self.resolve(self.eval.tasks_dir)
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def objective_names(self) -> list[str]:
+        return [o.name for o in self.objectives]
+
+
+def resolve_storage_url(url: str, root: Path) -> str:
+    """sqlite:///rel.db → sqlite:////ROOT/rel.db; every other URL is left alone."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix):
+        return url
+    rest = url[len(prefix):]
+    if rest.startswith("/") or rest.startswith(":memory:"):
+        return url
+    return prefix + str((root / rest).resolve())
+
+
+class _KeyError(ValueError):
+    """A cross-field error that names its own key rather than the model's."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(message)
+        self.key = key
+        self.message = message
+
+
+def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
+    """One pydantic error → (dotted key, short message)."""
+    loc = ".".join(str(p) for p in error.get("loc", ()))
+    kind = error.get("type", "")
+    ctx = error.get("ctx") or {}
+    exc = ctx.get("error")
+    if isinstance(exc, _KeyError):
+        return exc.key, exc.message
+    if kind == "literal_error":
+        expected = str(ctx.get("expected", ""))
+        choices = ", ".join(re.findall(r"'([^']*)'", expected)) or expected
+        return loc, f"must be one of {choices}"
+    if kind == "extra_forbidden":
+        return loc, "unknown key"
+    if kind == "missing":
+        return loc, "required"
+    if kind == "value_error" and isinstance(exc, Exception):
+        return loc, str(exc)
+    message = str(error.get("msg", "invalid"))
+    return loc, message[:1].lower() + message[1:]
+
+
+def parse_study_spec(data: Any, path: Path) -> StudySpec:
+    """A parsed YAML document → StudySpec (paths resolved against `path`'s folder)."""
+    if not isinstance(data, dict):
+        raise RecyclerError(f"{path}: the study file must be a YAML mapping of keys")
+    if "root" in data:
+        raise RecyclerError(f"{path}: root: unknown key")
+    root = path.resolve().parent
+    try:
+        spec = StudySpec.model_validate({**data, "root": root})
+    except ValidationError as exc:
+        errors = exc.errors()
+        key, message = _describe(errors[0])
+        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        raise RecyclerError(f"{path}: {key}: {message}{more}") from None
+    tasks_dir = spec.tasks_dir
+    if tasks_dir is not None and not tasks_dir.is_dir():
+        raise RecyclerError(f"{path}: eval.tasks_dir: no such folder: {tasks_dir}")
+    sqlite = spec.sqlite_path
+    if sqlite is not None and not sqlite.parent.is_dir():
+        raise RecyclerError(f"{path}: storage: no such folder for the SQLite file: {sqlite.parent}")
+    return spec
+
+
+def load_study_spec(path: Path) -> StudySpec:
+    """Read and validate a study file; RecyclerError naming the key on any problem."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecyclerError(f"{path}: no such study file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise RecyclerError(f"{path}: cannot read the study file: {exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or "syntax error"
+        raise RecyclerError(f"{path}: not valid YAML{where}: {problem}") from None
+    return parse_study_spec(data, path)

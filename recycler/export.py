@@ -1,0 +1,339 @@
+"""Write a merge as an ordinary Hugging Face model directory, atomically and streamed.
+
+The directory is built beside OUT_DIR under a hidden name and renamed into place at
+the end, so a failure or a kill never leaves a half-written OUT_DIR. Tensors are
+merged one at a time and written by a second thread while the next is merged;
+shard headers are known up front (every shape and dtype is in the pool's index),
+so each shard is written in one sequential pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+from recycler import __version__
+from recycler.errors import RecyclerError
+from recycler.merge.engine import MergeStats, iter_merged
+from recycler.merge.recipe import Recipe
+from recycler.pool import Pool, TensorInfo
+from recycler.pool.hashing import sha256_files_async
+from recycler.pool.safetensors_file import CODE_FROM_DTYPE
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "vocab.txt",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+_TMP_TAG = ".recycler-tmp-"
+
+
+@dataclass(frozen=True)
+class _Shard:
+    filename: str
+    names: list[str]
+    header: bytes
+    nbytes: int
+
+
+def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[_Shard]:
+    """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    groups: list[list[str]] = [[]]
+    size = 0
+    for name, info in infos.items():
+        if groups[-1] and size + info.nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(name)
+        size += info.nbytes
+    shards = []
+    for i, names in enumerate(groups):
+        filename = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in names:
+            info = infos[name]
+            header[name] = {"dtype": CODE_FROM_DTYPE[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+            offset += info.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
+        shards.append(_Shard(filename, names, len(raw).to_bytes(8, "little") + raw, offset))
+    return shards
+
+
+class _StreamingWriter:
+    """Writes tensors, in plan order, on a thread of its own."""
+
+    def __init__(self, directory: Path, shards: list[_Shard]) -> None:
+        self._shards = shards
+        self._dir = directory
+        self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=2)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="recycler-writer", daemon=True)
+        self._thread.start()
+
+    def put(self, name: str, tensor: torch.Tensor) -> None:
+        while True:
+            if self._error is not None:
+                raise self._error
+            try:
+                self._queue.put((name, tensor), timeout=0.5)
+                return
+            except queue.Full:
+                continue
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+
+    def abort(self) -> None:
+        # Drain so the thread is not left blocked, then stop it.
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        try:
+            for shard in self._shards:
+                with open(self._dir / shard.filename, "wb") as f:
+                    f.write(shard.header)
+                    for expected in shard.names:
+                        item = self._queue.get()
+                        if item is None:
+                            return
+                        name, tensor = item
+                        if name != expected:
+                            raise RuntimeError(f"writer got {name}, expected {expected}")
+                        _write_tensor(f, tensor)
+            if self._queue.get() is not None:
+                raise RuntimeError("writer got more tensors than planned")
+        except BaseException as exc:
+            self._error = exc
+
+
+def _write_tensor(f: IO[bytes], tensor: torch.Tensor) -> None:
+    flat = tensor.detach().reshape(-1)
+    if flat.device.type != "cpu":
+        flat = flat.cpu()
+    if flat.numel():
+        f.write(flat.contiguous().view(torch.uint8).numpy().data)
+
+
+def write_model_dir(
+    out_dir: Path,
+    pool: Pool,
+    recipe: Recipe,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    card_extra: dict[str, Any] | None = None,
+    stats: MergeStats | None = None,
+) -> Path:
+    """Merge `pool` by `recipe` from disk and write a HF model dir at `out_dir`."""
+    out_dir = Path(out_dir)
+    _check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_tmp_dirs(out_dir)
+    tmp = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    inputs = [c for c in [pool.base, *pool.checkpoints] if c is not None]
+    hashes = sha256_files_async(f for c in inputs for f in c.files())
+    stats = stats if stats is not None else MergeStats()
+    try:
+        out_dtype = recipe.torch_dtype
+        infos = {n: _out_info(pool.info(n), out_dtype) for n in pool.tensor_names}
+        shards = plan_shards(infos, max_shard_bytes)
+        started = time.perf_counter()
+        writer = _StreamingWriter(tmp, shards)
+        try:
+            for name, tensor in _on_device(iter_merged(pool, recipe, device, stats)):
+                writer.put(name, tensor)
+            writer.close()
+        except BaseException:
+            writer.abort()
+            raise
+        stats.seconds = time.perf_counter() - started
+        if len(shards) > 1:
+            index = {
+                "metadata": {"total_size": sum(s.nbytes for s in shards)},
+                "weight_map": {n: s.filename for s in shards for n in s.names},
+            }
+            (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        _write_config(tmp, pool.config_dir, out_dtype)
+        _copy_tokenizer(tmp, _tokenizer_dir(pool, recipe))
+        resolved = _resolved_recipe(pool, recipe)
+        (tmp / "recipe.yaml").write_text(resolved.to_yaml())
+        file_hashes = hashes.result()
+        (tmp / "README.md").write_text(model_card(pool, resolved, file_hashes, card_extra))
+        _move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _on_device(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
+    # Tensors merged on a GPU are copied back here, one at a time, before writing.
+    for name, tensor in items:
+        yield name, tensor.cpu() if tensor.device.type != "cpu" else tensor
+
+
+def _out_info(info: TensorInfo, out_dtype: torch.dtype) -> TensorInfo:
+    return TensorInfo(info.shape, out_dtype if info.dtype.is_floating_point else info.dtype)
+
+
+def _check_out_dir(out_dir: Path, force: bool) -> None:
+    if out_dir.exists():
+        if not out_dir.is_dir():
+            raise RecyclerError(f"{out_dir}: exists and is not a directory")
+        if any(out_dir.iterdir()) and not force:
+            raise RecyclerError(f"{out_dir}: exists and is not empty (use --force to replace it)")
+
+
+def _remove_stale_tmp_dirs(out_dir: Path) -> None:
+    """Leftovers of a killed run (its pid no longer alive) are removed."""
+    for leftover in out_dir.parent.glob(f".{out_dir.name}{_TMP_TAG}*"):
+        pid = leftover.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _move_into_place(tmp: Path, out_dir: Path) -> None:
+    if out_dir.exists():
+        old = out_dir.parent / f".{out_dir.name}.recycler-old-{os.getpid()}"
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, out_dir)
+
+
+def _write_config(tmp: Path, config_dir: Path, dtype: torch.dtype) -> None:
+    config = json.loads((config_dir / "config.json").read_text())
+    name = str(dtype).removeprefix("torch.")
+    config["dtype"] = name
+    if "torch_dtype" in config:
+        config["torch_dtype"] = name
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+
+
+def _tokenizer_dir(pool: Pool, recipe: Recipe) -> Path:
+    source = recipe.tokenizer_source
+    if source in (None, "base"):
+        return pool.config_dir
+    path = Path(source)
+    if not path.is_dir():
+        raise RecyclerError(f"tokenizer_source: {source!r} is not a directory (use base or a model dir)")
+    return path
+
+
+def _copy_tokenizer(tmp: Path, source: Path) -> None:
+    for filename in TOKENIZER_FILES:
+        if (source / filename).is_file():
+            shutil.copy2(source / filename, tmp / filename)
+
+
+def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
+    """The recipe with every model as an absolute path, so it reproduces from anywhere."""
+    models = [type(spec)(str(c.path.resolve()), spec.weight, spec.density) for spec, c in zip(recipe.models, pool.checkpoints)]
+    base = str(pool.base.path.resolve()) if pool.base is not None and recipe.base_model is not None else recipe.base_model
+    return Recipe(
+        merge_method=recipe.merge_method,
+        models=models,
+        base_model=base,
+        parameters=dict(recipe.parameters),
+        dtype=recipe.dtype,
+        out_dtype=recipe.out_dtype,
+        tokenizer_source=recipe.tokenizer_source,
+        random_seed=recipe.random_seed,
+    )
+
+
+def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None) -> str:
+    """README.md: what was merged, how, from which exact bytes, and (from a search) how it scored."""
+    data = recipe.to_dict()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, recycler]",
+        "---",
+        "",
+        f"# Merged model ({recipe.merge_method})",
+        "",
+        f"Made by recycler {__version__} with `{recipe.merge_method}`; `recipe.yaml` beside this file reproduces it "
+        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        "",
+        "## Recipe",
+        "",
+        "| checkpoint | weight | density |",
+        "|---|---|---|",
+    ]
+    for entry, ckpt in zip(data["models"], pool.checkpoints):
+        params = entry.get("parameters", {})
+        lines.append(f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | {_fmt(params.get('density', '-'))} |")
+    lines += ["", f"- method: `{recipe.merge_method}`", f"- dtype: `{recipe.dtype}`"]
+    if recipe.base_model:
+        lines.append(f"- base model: `{recipe.base_model}`")
+    for key, value in data.get("parameters", {}).items():
+        lines.append(f"- {key}: `{value}`")
+    if extra:
+        lines += ["", "## Search", ""]
+        for key, value in extra.items():
+            if isinstance(value, dict):
+                lines += [f"**{key}**", "", "| name | value |", "|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in value.items()]
+                lines.append("")
+            else:
+                lines.append(f"- {key}: {_fmt(value)}")
+    lines += ["", "## Inputs", "", "| input | file | sha256 |", "|---|---|---|"]
+    for ckpt in [c for c in [pool.base, *pool.checkpoints] if c is not None]:
+        role = "base" if ckpt is pool.base else ckpt.name
+        for f in ckpt.files():
+            lines.append(f"| {role} | `{f.resolve()}` | `{hashes.get(f, '?')}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "per-tensor: " + ", ".join(
+            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}" for e in value
+        )
+    return str(value)

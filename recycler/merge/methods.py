@@ -1,0 +1,235 @@
+"""Merge methods: pure functions from one tensor's versions (and its base) to the merge.
+
+Every method accumulates in fp32, whatever the stored dtype, and casts once at the
+end. Notation: versions θ_1..θ_n, base θ_0, task vectors τ_i = θ_i − θ_0, weights
+w_i, per-model density d_i. Semantics follow mergekit where it has the method
+(`normalize` defaults included), so the same recipe gives the same tensors.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+# Elements per step of the chunked kernel: the fp32 accumulator (4 MiB) stays in
+# cache, so every input byte is read once from memory and every output byte
+# written once.
+CHUNK = 1 << 20
+
+
+class NonFiniteError(ArithmeticError):
+    """The merge of a tensor produced NaN or inf (a non-finite input, or an overflow)."""
+
+
+@dataclass(frozen=True)
+class MergeInputs:
+    """Everything a method needs for one tensor (or a block of its rows)."""
+
+    versions: Sequence[torch.Tensor]  # one per checkpoint, stored dtype, same shape
+    weights: Sequence[float]
+    base: torch.Tensor | None
+    out_dtype: torch.dtype
+    normalize: bool = False
+    lambda_: float = 1.0
+    densities: Sequence[float] = ()
+    # DARE: masks drawn from a generator keyed by (seed_key, model index, row block),
+    # so a merge reproduces bit for bit however the tensor's rows are split.
+    seed_key: str = ""
+    row_offset: int = 0
+    fishers: Sequence[torch.Tensor] = ()
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: Callable[[MergeInputs], torch.Tensor]
+    needs_base: bool
+    default_normalize: bool
+    # True where the method's kernel raises NonFiniteError itself; otherwise the
+    # engine tests the merged tensor.
+    checks_finite: bool = False
+
+
+def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ c_i x_i, accumulated in fp32 chunk by chunk and cast once: the fast kernel.
+
+    Inputs may mix dtypes; each is read once and converted inside the cache.
+    """
+    shape, device = tensors[0].shape, tensors[0].device
+    flats = [t.reshape(-1) for t in tensors]
+    n = flats[0].numel()
+    out = torch.empty(n, dtype=out_dtype, device=device)
+    if n == 0:
+        return out.view(shape)
+    step = n if device.type != "cpu" else CHUNK  # a GPU has the bandwidth to do it in one go
+    acc_buf = torch.empty(min(n, step), dtype=torch.float32, device=device)
+    for start in range(0, n, step):
+        end = min(n, start + step)
+        acc = acc_buf[: end - start]
+        acc.copy_(flats[0][start:end])
+        acc.mul_(coeffs[0])
+        for x, c in zip(flats[1:], coeffs[1:]):
+            acc.add_(x[start:end], alpha=c)
+        # A NaN or inf anywhere makes the sum non-finite: one cheap reduction while
+        # the chunk is in cache (the exact test runs only if it fires).
+        if not torch.isfinite(acc.sum()) and not bool(torch.isfinite(acc).all()):
+            raise NonFiniteError
+        out[start:end].copy_(acc)
+    return out.view(shape)
+
+
+def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
+    total = sum(weights)
+    if normalize:
+        if abs(total) < 1e-12:
+            raise ZeroDivisionError("weights sum to zero")
+        return [w / total for w in weights]
+    return list(weights)
+
+
+def linear(inp: MergeInputs) -> torch.Tensor:
+    """Weighted average (model soup; Wortsman et al. 2022): θ = Σ w_i θ_i [/ Σ w_i if normalize]."""
+    return linear_combination(inp.versions, _normalized(inp.weights, inp.normalize), inp.out_dtype)
+
+
+def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
+    """Task arithmetic (Ilharco et al. 2023): θ = θ_0 + λ Σ w_i τ_i [/ Σ w_i if normalize].
+
+    Computed as the equivalent linear combination (1 − λ Σ w_i) θ_0 + Σ λ w_i θ_i
+    with the chunked fp32 kernel, so no task vector is materialised.
+    """
+    assert inp.base is not None
+    w = [inp.lambda_ * x for x in _normalized(inp.weights, inp.normalize)]
+    return linear_combination([inp.base, *inp.versions], [1.0 - sum(w), *w], inp.out_dtype)
+
+
+def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
+    assert inp.base is not None
+    base = inp.base.float()
+    return [v.float() - base for v in inp.versions]
+
+
+def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the `density` fraction of entries with the largest magnitude (k = ⌊density · n⌋), zero the rest."""
+    if density >= 1.0:
+        return tau
+    flat = tau.reshape(-1)
+    k = int(density * flat.numel())
+    out = torch.zeros_like(flat)
+    if k > 0:
+        idx = torch.topk(flat.abs(), k, sorted=False).indices
+        out[idx] = flat[idx]
+    return out.view_as(tau)
+
+
+def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> torch.Tensor:
+    """A Bernoulli(density) keep-mask, drawn in fixed blocks of rows from seeded CPU generators.
+
+    Each block of rows has its own generator seeded from (key, block index), so any
+    split of the rows draws the same mask, on any device.
+    """
+    rows = shape[0] if len(shape) > 0 else 1
+    row_numel = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
+    rows_per_block = max(1, (1 << 20) // row_numel)
+    mask = torch.empty((rows, row_numel), dtype=torch.bool)
+    first_block = row_offset // rows_per_block
+    last_block = (row_offset + rows - 1) // rows_per_block
+    for block in range(first_block, last_block + 1):
+        block_start = block * rows_per_block
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+        gen = torch.Generator().manual_seed(seed)
+        drawn = torch.rand((rows_per_block, row_numel), generator=gen) < density
+        lo = max(row_offset, block_start)
+        hi = min(row_offset + rows, block_start + rows_per_block)
+        mask[lo - row_offset : hi - row_offset] = drawn[lo - block_start : hi - block_start]
+    return mask.view(shape)
+
+
+def dare_drop(tau: torch.Tensor, density: float, key: str, row_offset: int) -> torch.Tensor:
+    """DARE (Yu et al. 2023): drop each entry with p = 1 − density, rescale the kept by 1/density."""
+    if density >= 1.0:
+        return tau
+    mask = dare_mask(tau.shape, density, key, row_offset).to(tau.device)
+    return tau * mask / density
+
+
+def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torch.Tensor:
+    """TIES' elect + disjoint merge on (already trimmed) task vectors.
+
+    γ = sign(Σ w_i τ̂_i) (zero counts as +); keep the weighted entries whose sign
+    agrees with γ; with normalize divide by the sum of the agreeing weights.
+    """
+    assert inp.base is not None
+    weighted = torch.stack([w * t for w, t in zip(inp.weights, trimmed)])
+    elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
+    agree = weighted.sign() == elected
+    merged = (weighted * agree).sum(0)
+    if inp.normalize:
+        w = torch.tensor(list(inp.weights), dtype=torch.float32, device=merged.device).view(-1, *[1] * merged.dim())
+        divisor = (w * agree).sum(0)
+        divisor[divisor.abs() < 1e-8] = 1.0
+        merged /= divisor
+    return (inp.base.float() + inp.lambda_ * merged).to(inp.out_dtype)
+
+
+def _disjoint_free_merge(inp: MergeInputs, deltas: list[torch.Tensor]) -> torch.Tensor:
+    assert inp.base is not None
+    w = [inp.lambda_ * x for x in _normalized(inp.weights, inp.normalize)]
+    merged = inp.base.float()
+    for wi, d in zip(w, deltas):
+        merged.add_(d, alpha=wi)
+    return merged.to(inp.out_dtype)
+
+
+def ties(inp: MergeInputs) -> torch.Tensor:
+    """TIES-merging (Yadav et al. 2023): trim each τ_i to its top-density magnitudes, elect signs, disjoint mean."""
+    trimmed = [magnitude_trim(t, d) for t, d in zip(_task_vectors(inp), inp.densities)]
+    return _sign_consensus_merge(inp, trimmed)
+
+
+def _dare_deltas(inp: MergeInputs) -> list[torch.Tensor]:
+    return [
+        dare_drop(t, d, f"{inp.seed_key}:{i}", inp.row_offset)
+        for i, (t, d) in enumerate(zip(_task_vectors(inp), inp.densities))
+    ]
+
+
+def dare_linear(inp: MergeInputs) -> torch.Tensor:
+    """DARE then task arithmetic: θ_0 + λ Σ w_i DARE(τ_i)."""
+    return _disjoint_free_merge(inp, _dare_deltas(inp))
+
+
+def dare_ties(inp: MergeInputs) -> torch.Tensor:
+    """DARE then TIES' sign election and disjoint merge."""
+    return _sign_consensus_merge(inp, _dare_deltas(inp))
+
+
+def fisher(inp: MergeInputs) -> torch.Tensor:
+    """Fisher merging (Matena & Raffel 2021): θ_j = Σ_i w_i F_ij θ_ij / Σ_i w_i F_ij.
+
+    F_i is checkpoint i's diagonal Fisher, scaled to unit norm over the whole model
+    and floored at 1e-6 (their code's choices; see `fisher.py`). F = 1 is plain averaging.
+    """
+    num = torch.zeros(inp.versions[0].shape, dtype=torch.float32, device=inp.versions[0].device)
+    den = torch.zeros_like(num)
+    for v, w, f in zip(inp.versions, inp.weights, inp.fishers):
+        wf = f.float() * w
+        num.addcmul_(wf, v.float())
+        den.add_(wf)
+    return (num / den).to(inp.out_dtype)
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in [
+        MergeMethod("linear", linear, needs_base=False, default_normalize=True, checks_finite=True),
+        MergeMethod("task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True),
+        MergeMethod("ties", ties, needs_base=True, default_normalize=True),
+        MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False),
+        MergeMethod("dare_ties", dare_ties, needs_base=True, default_normalize=False),
+        MergeMethod("fisher", fisher, needs_base=False, default_normalize=False),
+    ]
+}

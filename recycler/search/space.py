@@ -1,0 +1,293 @@
+"""The search space: Optuna parameters ⇄ merge weights ⇄ a mergekit-style Recipe.
+
+`simplex` weights are sampled with Optuna's documented exponential trick: one
+u_i ~ suggest_float(0, 1) per checkpoint, x_i = -log(u_i), w_i = x_i / Σx. The sampler
+sees an unconstrained box while the weights are a flat Dirichlet; the normalised weights
+are what the trial stores. `box` weights are sampled directly inside `search.bounds`.
+
+Granularity: `model` gives one weight per checkpoint; `layers:K` one per checkpoint and
+per group of consecutive layers (plus one group for the tensors outside the layer stack:
+embeddings, final norm, head); `blocks` one per checkpoint for attention, MLP and the
+rest. Groups become mergekit `{filter, value}` weight lists, so an exported recipe.yaml
+reproduces the trial in mergekit too.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from recycler.config import StudySpec, TuneSpec
+from recycler.errors import RecyclerError
+
+# Where a transformer's layer index sits in a tensor name (Llama, GPT-2, GPT-NeoX, BERT...).
+_LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")
+# First filter present in the pool's names wins: attention, then MLP.
+_ATTN_FILTERS = ("self_attn", "attn", "attention")
+_MLP_FILTERS = ("mlp", "feed_forward", "ffn")
+OTHER = "other"
+
+
+class _Suggester(Protocol):
+    """The slice of optuna.Trial the space needs (a real Trial satisfies it)."""
+
+    def suggest_float(self, name: str, low: float, high: float) -> float: ...
+
+
+@dataclass(frozen=True)
+class Group:
+    """A set of tensors sharing one weight per checkpoint; no filters = every other tensor."""
+
+    name: str
+    filters: tuple[str, ...] = ()
+
+
+@dataclass
+class Proposal:
+    """One point of the space: weights[group][checkpoint index] and tuned method params."""
+
+    weights: dict[str, list[float]]
+    tuned: dict[str, float] = field(default_factory=dict)
+
+    def is_finite(self) -> bool:
+        values = [w for ws in self.weights.values() for w in ws] + list(self.tuned.values())
+        return all(math.isfinite(v) for v in values)
+
+
+class SearchSpace:
+    """Everything needed to turn trial parameters into a Recipe, and back for baselines."""
+
+    def __init__(
+        self,
+        spec: StudySpec,
+        checkpoint_names: Sequence[str],
+        checkpoint_paths: Sequence[str],
+        base_path: str | None,
+        tensor_names: Sequence[str],
+    ) -> None:
+        if len(checkpoint_names) != len(checkpoint_paths):
+            raise ValueError("one path per checkpoint name")
+        self.spec = spec
+        self.names = list(checkpoint_names)
+        self.paths = list(checkpoint_paths)
+        self.base_path = base_path
+        self.kind = spec.search.weights
+        self.bounds = spec.search.bounds
+        self.tune: list[TuneSpec] = list(spec.search.tune)
+        self.groups = _make_groups(spec.search.granularity, spec.search.layer_groups, tensor_names)
+
+    @classmethod
+    def from_pool(cls, spec: StudySpec, pool: Any) -> SearchSpace:
+        """From an opened recycler.pool.Pool (typed loosely: the search knows no tensors)."""
+        return cls(
+            spec,
+            [c.name for c in pool.checkpoints],
+            [str(c.path) for c in pool.checkpoints],
+            str(pool.base.path) if pool.base is not None else None,
+            list(pool.tensor_names),
+        )
+
+    # ---- parameter names ------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.names)
+
+    @property
+    def grouped(self) -> bool:
+        return len(self.groups) > 1
+
+    def weight_param(self, group: str, index: int) -> str:
+        name = self.names[index]
+        return f"w:{name}" if not self.grouped else f"w:{group}:{name}"
+
+    @staticmethod
+    def tune_param(name: str) -> str:
+        return f"p:{name}"
+
+    def param_names(self) -> list[str]:
+        out = [self.weight_param(g.name, i) for g in self.groups for i in range(self.n)]
+        return out + [self.tune_param(t.name) for t in self.tune]
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between runs of one study (Optuna would mix two spaces)."""
+        return {
+            "checkpoints": self.names,
+            "weights": self.kind,
+            "bounds": list(self.bounds) if self.kind == "box" else None,
+            "granularity": self.spec.search.granularity,
+            "groups": [g.name for g in self.groups],
+            "tune": [[t.name, t.low, t.high] for t in self.tune],
+            "method": self.spec.merge.method,
+        }
+
+    # ---- sampling ---------------------------------------------------------------------
+    def _range(self) -> tuple[float, float]:
+        return (0.0, 1.0) if self.kind == "simplex" else (float(self.bounds[0]), float(self.bounds[1]))
+
+    def suggest(self, trial: _Suggester) -> Proposal:
+        """Ask the trial for every parameter (enqueued trials answer with their fixed values)."""
+        low, high = self._range()
+        params: dict[str, float] = {}
+        for g in self.groups:
+            for i in range(self.n):
+                key = self.weight_param(g.name, i)
+                params[key] = trial.suggest_float(key, low, high)
+        for t in self.tune:
+            key = self.tune_param(t.name)
+            params[key] = trial.suggest_float(key, t.low, t.high)
+        return self.decode(params)
+
+    def decode(self, params: Mapping[str, float]) -> Proposal:
+        """Trial parameters → weights; simplex coordinates are normalised per group."""
+        weights: dict[str, list[float]] = {}
+        for g in self.groups:
+            raw = [float(params[self.weight_param(g.name, i)]) for i in range(self.n)]
+            weights[g.name] = _from_exponential(raw) if self.kind == "simplex" else raw
+        tuned = {t.name: float(params[self.tune_param(t.name)]) for t in self.tune}
+        return Proposal(weights, tuned)
+
+    def encode(self, weights: Sequence[float], tuned: Mapping[str, float] | None = None) -> dict[str, float] | None:
+        """Per-checkpoint weights (the same in every group) → trial params; None if outside the space.
+
+        Simplex: u_i = exp(-n w_i / Σw) gives x_i = -log u_i ∝ w_i, so decoding returns w
+        exactly; a zero weight is u = 1.
+        """
+        if len(weights) != self.n or any(not math.isfinite(w) for w in weights):
+            return None
+        values: list[float]
+        if self.kind == "simplex":
+            total = sum(weights)
+            if total <= 0 or any(w < 0 for w in weights):
+                return None
+            values = [math.exp(-self.n * w / total) for w in weights]
+        else:
+            low, high = self._range()
+            if any(not low <= w <= high for w in weights):
+                return None
+            values = [float(w) for w in weights]
+        params = {self.weight_param(g.name, i): values[i] for g in self.groups for i in range(self.n)}
+        for t in self.tune:
+            value = (tuned or {}).get(t.name, self.default_tuned(t))
+            if not t.low <= value <= t.high:
+                return None
+            params[self.tune_param(t.name)] = float(value)
+        return params
+
+    def default_tuned(self, t: TuneSpec) -> float:
+        """A tuned parameter's value for baselines: mergekit's default when inside the range."""
+        default = {"lambda": 1.0, "density": 1.0}.get(t.name, (t.low + t.high) / 2)
+        return default if t.low <= default <= t.high else (t.low + t.high) / 2
+
+    # ---- recipes ----------------------------------------------------------------------
+    def weights_by_checkpoint(self, proposal: Proposal) -> dict[str, Any]:
+        """The user attribute: {checkpoint: w} or {checkpoint: {group: w}}."""
+        if not self.grouped:
+            ws = proposal.weights[self.groups[0].name]
+            return {name: _round(ws[i]) for i, name in enumerate(self.names)}
+        return {
+            name: {g.name: _round(proposal.weights[g.name][i]) for g in self.groups}
+            for i, name in enumerate(self.names)
+        }
+
+    def recipe_dict(self, proposal: Proposal) -> dict[str, Any]:
+        """mergekit's YAML as a dict (models are the pool's checkpoint paths, in pool order)."""
+        models = []
+        for i, path in enumerate(self.paths):
+            weight: Any
+            if not self.grouped:
+                weight = proposal.weights[self.groups[0].name][i]
+            else:
+                weight = []
+                for g in self.groups:
+                    value = proposal.weights[g.name][i]
+                    if g.filters:
+                        weight.extend({"filter": f, "value": value} for f in g.filters)
+                    else:
+                        weight.append({"value": value})
+            models.append({"model": path, "parameters": {"weight": weight}})
+        parameters: dict[str, Any] = dict(self.spec.merge.params)
+        parameters.update(proposal.tuned)
+        out: dict[str, Any] = {"merge_method": self.spec.merge.method, "models": models}
+        if self.base_path is not None:
+            out["base_model"] = self.base_path
+        if parameters:
+            out["parameters"] = parameters
+        out["dtype"] = self.spec.merge.dtype
+        if self.spec.merge.method in ("dare_linear", "dare_ties"):
+            # DARE's random masks are seeded from the recipe, so a trial merges the same twice.
+            out["random_seed"] = int(self.spec.search.seed)
+        return out
+
+
+def _round(value: float) -> float:
+    return round(value, 6) if math.isfinite(value) else value
+
+
+def _from_exponential(us: list[float]) -> list[float]:
+    """u_i in [0, 1] → x_i = -log u_i → x / Σx (a flat Dirichlet for uniform u).
+
+    u = 0 gives an infinite coordinate: the weights come out non-finite and the trial
+    fails with that reason rather than being silently clipped. All u = 1 (Σx = 0) is the
+    limit of equal coordinates: the uniform weights.
+    """
+    xs = [-math.log(u) if u > 0 else math.inf for u in us]
+    total = sum(xs)
+    if total == 0:
+        return [1.0 / len(us)] * len(us)
+    if not math.isfinite(total):
+        return [math.nan] * len(us)
+    return [x / total for x in xs]
+
+
+def _make_groups(granularity: str, k: int | None, tensor_names: Sequence[str]) -> list[Group]:
+    # Layers come from the tensor names, not config.json: the tensors are what gets merged.
+    if granularity == "model":
+        return [Group("all")]
+    if granularity == "blocks":
+        attn = next((f for f in _ATTN_FILTERS if any(f in t for t in tensor_names)), None)
+        mlp = next((f for f in _MLP_FILTERS if any(f in t for t in tensor_names)), None)
+        if attn is None or mlp is None:
+            raise RecyclerError(
+                "search.granularity: blocks needs attention and MLP tensors; none named "
+                f"{'/'.join(_ATTN_FILTERS if attn is None else _MLP_FILTERS)} in the pool"
+            )
+        return [Group("attn", (attn,)), Group("mlp", (mlp,)), Group(OTHER)]
+    assert k is not None
+    # Layer index → the exact prefix its tensors share (e.g. "model.layers.3.").
+    prefixes: dict[int, str] = {}
+    for t in tensor_names:
+        m = _LAYER_PREFIX.match(t)
+        if m:
+            prefixes.setdefault(int(m.group(2)), m.group(1))
+    layers = sorted(prefixes)
+    if not layers:
+        raise RecyclerError("search.granularity: layers:K: no numbered layers found in the pool's tensor names")
+    if k > len(layers):
+        raise RecyclerError(f"search.granularity: layers:{k}: the pool has only {len(layers)} layers")
+    groups: list[Group] = []
+    size, extra = divmod(len(layers), k)
+    start = 0
+    for g in range(k):
+        stop = start + size + (1 if g < extra else 0)
+        members = layers[start:stop]
+        groups.append(Group(f"layers{members[0]}-{members[-1]}", tuple(prefixes[i] for i in members)))
+        start = stop
+    groups.append(Group(OTHER))
+    _check_filters(groups, tensor_names)
+    return groups
+
+
+def _check_filters(groups: Sequence[Group], tensor_names: Sequence[str]) -> None:
+    """mergekit's rule (first filter that is a substring wins) must select each layer's own group."""
+    for t in tensor_names:
+        m = _LAYER_PREFIX.match(t)
+        want = next((g.name for g in groups if m and m.group(1) in g.filters), OTHER)
+        got = next((g.name for g in groups if not g.filters or any(f in t for f in g.filters)), OTHER)
+        if want != got:
+            raise RecyclerError(
+                f"search.granularity: tensor {t} would be weighted as {got}, not {want}: "
+                "the layer names cannot be told apart by mergekit filters"
+            )
