@@ -178,7 +178,7 @@ def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torc
 def _disjoint_free_merge(inp: MergeInputs, deltas: list[torch.Tensor]) -> torch.Tensor:
     assert inp.base is not None
     w = [inp.lambda_ * x for x in _normalized(inp.weights, inp.normalize)]
-    merged = inp.base.float()
+    merged = inp.base.to(torch.float32, copy=True)  # never add into the caller's tensor
     for wi, d in zip(w, deltas):
         merged.add_(d, alpha=wi)
     return merged.to(inp.out_dtype)

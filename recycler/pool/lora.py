@@ -116,7 +116,7 @@ class LoraCheckpoint(Checkpoint):
         delta = b @ a
         if ad.embedding or self._fan_in_fan_out:
             delta = delta.T
-        return base.float().add_(delta, alpha=ad.scaling)
+        return base.to(torch.float32, copy=True).add_(delta, alpha=ad.scaling)  # copy: base may be an fp32 view of the file
 
     def release(self, name: str) -> None:
         self.base.release(name)

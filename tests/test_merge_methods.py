@@ -1,0 +1,134 @@
+"""The merge methods against their formulas, computed independently in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from recycler.errors import RecyclerError
+from recycler.merge import methods
+from recycler.merge.methods import (
+    METHODS,
+    MergeInputs,
+    NonFiniteError,
+    dare_mask,
+    linear_combination,
+)
+from recycler.merge.weights import mwa_weights_from_values, uniform_weights
+
+
+def _versions(n: int = 3, shape: tuple[int, ...] = (64, 48), dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(shape, generator=g)
+    return base.to(dtype), [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+
+
+def _inputs(versions: list[torch.Tensor], base: torch.Tensor | None, **kw: object) -> MergeInputs:
+    defaults: dict[str, object] = {"weights": [0.5, 0.3, 0.2], "out_dtype": torch.float32, "densities": [1.0] * len(versions)}
+    defaults.update(kw)
+    return MergeInputs(versions=versions, base=base, **defaults)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_is_the_weighted_average(normalize: bool) -> None:
+    _, vs = _versions()
+    w = [0.5, 0.3, 0.4]
+    got = METHODS["linear"].fn(_inputs(vs, None, weights=w, normalize=normalize))
+    want = sum(wi * v.double() for wi, v in zip(w, vs))
+    if normalize:
+        want = want / sum(w)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-6)
+
+
+def test_fp32_accumulation_then_one_rounding() -> None:
+    # bf16 inputs, bf16 output: the result is the exact average rounded once.
+    _, vs = _versions(n=4)
+    w = uniform_weights(4)
+    got = METHODS["linear"].fn(_inputs(vs, None, weights=w, normalize=True, out_dtype=torch.bfloat16))
+    exact = (sum(v.double() for v in vs) / 4).to(torch.bfloat16)
+    assert (got.float() - exact.float()).abs().max() <= exact.float().abs().max() * 2**-8
+
+
+def test_chunked_kernel_matches_one_pass_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(methods, "CHUNK", 1000)
+    g = torch.Generator().manual_seed(1)
+    xs = [torch.randn(3333, generator=g).to(torch.bfloat16), torch.randn(3333, generator=g)]
+    got = linear_combination(xs, [0.25, 0.75], torch.float32)
+    torch.testing.assert_close(got, 0.25 * xs[0].float() + 0.75 * xs[1], rtol=0, atol=1e-6)
+
+
+def test_task_arithmetic() -> None:
+    base, vs = _versions()
+    w, lam = [0.5, 0.3, 0.2], 0.8
+    got = METHODS["task_arithmetic"].fn(_inputs(vs, base, weights=w, lambda_=lam))
+    want = base.double() + lam * sum(wi * (v.double() - base.double()) for wi, v in zip(w, vs))
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5)
+
+
+def test_ties_by_hand() -> None:
+    base = torch.zeros(4)
+    # Task vectors; density 0.5 keeps the two largest magnitudes of each.
+    t1 = torch.tensor([3.0, -1.0, 0.5, 2.0])  # keeps 3, 2
+    t2 = torch.tensor([-4.0, 1.0, 0.2, 0.1])  # keeps -4, 1
+    inp = _inputs([t1, t2], base, weights=[1.0, 0.5], densities=[0.5, 0.5], normalize=True)
+    got = METHODS["ties"].fn(inp)
+    # weighted trimmed: [3, 0, 0, 2] and [-2, 0.5, 0, 0]; mass signs: [+, +, +(0), +]
+    # agreeing entries: [3 | w=1], [0.5 | w=0.5], [none], [2 | w=1]
+    torch.testing.assert_close(got, torch.tensor([3.0, 1.0, 0.0, 2.0]))
+
+
+def test_dare_reproduces_and_splits_by_rows_bit_for_bit() -> None:
+    base, vs = _versions(shape=(300, 5000), dtype=torch.float32)  # several mask blocks
+    kw = {"densities": [0.3, 0.5, 0.7], "seed_key": "0:w"}
+    full = METHODS["dare_ties"].fn(_inputs(vs, base, **kw))
+    again = METHODS["dare_ties"].fn(_inputs(vs, base, **kw))
+    assert torch.equal(full, again)
+    top = METHODS["dare_ties"].fn(_inputs([v[:123] for v in vs], base[:123], **kw))
+    bottom = METHODS["dare_ties"].fn(_inputs([v[123:] for v in vs], base[123:], row_offset=123, **kw))
+    assert torch.equal(torch.cat([top, bottom]), full)
+    other_seed = METHODS["dare_ties"].fn(_inputs(vs, base, densities=[0.3, 0.5, 0.7], seed_key="1:w"))
+    assert not torch.equal(full, other_seed)
+
+
+def test_dare_mask_density_and_rescale_keep_the_expected_delta() -> None:
+    mask = dare_mask(torch.Size([1000, 1000]), 0.1, "k", 0)
+    assert abs(mask.float().mean().item() - 0.1) < 0.005
+    base, vs = _versions(n=1, shape=(500, 500), dtype=torch.float32)
+    dropped = METHODS["dare_linear"].fn(_inputs(vs, base, weights=[1.0], densities=[0.5], seed_key="s"))
+    # Rescaling by 1/density keeps the delta's sum in expectation.
+    assert abs((dropped - base).sum() - (vs[0] - base).sum()) < 0.05 * (vs[0] - base).abs().sum()
+
+
+def test_dare_linear_at_density_one_is_task_arithmetic() -> None:
+    base, vs = _versions(dtype=torch.float32)
+    a = METHODS["dare_linear"].fn(_inputs(vs, base, lambda_=0.7))
+    b = METHODS["task_arithmetic"].fn(_inputs(vs, base, lambda_=0.7))
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+def test_fisher_with_flat_fisher_is_the_normalised_average_and_weighs_by_fisher() -> None:
+    _, vs = _versions(dtype=torch.float32)
+    ones = [torch.ones_like(v) for v in vs]
+    got = METHODS["fisher"].fn(_inputs(vs, None, weights=[1.0, 1.0, 2.0], fishers=ones))
+    torch.testing.assert_close(got, (vs[0] + vs[1] + 2 * vs[2]) / 4, rtol=0, atol=1e-6)
+    only_first = [torch.ones_like(vs[0]), torch.full_like(vs[1], 1e-6), torch.full_like(vs[2], 1e-6)]
+    got = METHODS["fisher"].fn(_inputs(vs, None, weights=[1.0, 1.0, 1.0], fishers=only_first))
+    torch.testing.assert_close(got, vs[0], rtol=0, atol=1e-4)
+
+
+def test_non_finite_input_is_detected() -> None:
+    _, vs = _versions(dtype=torch.float32)
+    vs[1][3, 4] = float("nan")
+    with pytest.raises(NonFiniteError):
+        METHODS["linear"].fn(_inputs(vs, None, normalize=True))
+
+
+def test_mwa_weights() -> None:
+    assert mwa_weights_from_values([2.0, 1.0, 0.5], "loss", 0.0) == pytest.approx([1 / 3] * 3)
+    by_loss = mwa_weights_from_values([2.0, 1.0, 0.5], "loss", 1.0)
+    assert by_loss == pytest.approx([0.5 / 3.5, 1 / 3.5, 2 / 3.5])
+    by_step = mwa_weights_from_values([100, 200, 300], "step", 1.0)
+    assert by_step == pytest.approx([1 / 6, 2 / 6, 3 / 6])
+    assert sum(mwa_weights_from_values([1e-3, 5.0], "loss", 50.0)) == pytest.approx(1.0)
+    with pytest.raises(RecyclerError):
+        mwa_weights_from_values([1.0, -1.0], "loss", 1.0)
