@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.merge import methods
+from recycler.merge import kernel
 from recycler.merge.methods import (
     METHODS,
     MergeInputs,
@@ -50,7 +50,8 @@ def test_fp32_accumulation_then_one_rounding() -> None:
 
 
 def test_chunked_kernel_matches_one_pass_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(methods, "CHUNK", 1000)
+    monkeypatch.setattr(kernel, "CHUNK", 1000)
+    monkeypatch.setattr(kernel, "_PARALLEL_MIN", 2000)
     g = torch.Generator().manual_seed(1)
     xs = [torch.randn(3333, generator=g).to(torch.bfloat16), torch.randn(3333, generator=g)]
     got = linear_combination(xs, [0.25, 0.75], torch.float32)

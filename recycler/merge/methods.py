@@ -14,14 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-# Elements per step of the chunked kernel: the fp32 accumulator (4 MiB) stays in
-# cache, so every input byte is read once from memory and every output byte
-# written once.
-CHUNK = 1 << 20
-
-
-class NonFiniteError(ArithmeticError):
-    """The merge of a tensor produced NaN or inf (a non-finite input, or an overflow)."""
+from recycler.merge.kernel import NonFiniteError, linear_combination
 
 
 @dataclass(frozen=True)
@@ -53,32 +46,7 @@ class MergeMethod:
     checks_finite: bool = False
 
 
-def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
-    """Σ c_i x_i, accumulated in fp32 chunk by chunk and cast once: the fast kernel.
-
-    Inputs may mix dtypes; each is read once and converted inside the cache.
-    """
-    shape, device = tensors[0].shape, tensors[0].device
-    flats = [t.reshape(-1) for t in tensors]
-    n = flats[0].numel()
-    out = torch.empty(n, dtype=out_dtype, device=device)
-    if n == 0:
-        return out.view(shape)
-    step = n if device.type != "cpu" else CHUNK  # a GPU has the bandwidth to do it in one go
-    acc_buf = torch.empty(min(n, step), dtype=torch.float32, device=device)
-    for start in range(0, n, step):
-        end = min(n, start + step)
-        acc = acc_buf[: end - start]
-        acc.copy_(flats[0][start:end])
-        acc.mul_(coeffs[0])
-        for x, c in zip(flats[1:], coeffs[1:]):
-            acc.add_(x[start:end], alpha=c)
-        # A NaN or inf anywhere makes the sum non-finite: one cheap reduction while
-        # the chunk is in cache (the exact test runs only if it fires).
-        if not torch.isfinite(acc.sum()) and not bool(torch.isfinite(acc).all()):
-            raise NonFiniteError
-        out[start:end].copy_(acc)
-    return out.view(shape)
+__all__ = ["METHODS", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
 
 
 def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
