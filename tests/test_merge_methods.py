@@ -133,3 +133,18 @@ def test_mwa_weights() -> None:
     assert sum(mwa_weights_from_values([1e-3, 5.0], "loss", 50.0)) == pytest.approx(1.0)
     with pytest.raises(RecyclerError):
         mwa_weights_from_values([1.0, -1.0], "loss", 1.0)
+
+
+def test_magnitude_trim_keeps_exactly_k_and_breaks_ties_by_index() -> None:
+    from recycler.merge.methods import magnitude_trim
+
+    tau = torch.tensor([1.0, -3.0, 2.0, -2.0, 2.0, 0.5])
+    # k = 3: |-3| and two of the three 2s, the lowest indices first.
+    assert magnitude_trim(tau, 0.5).tolist() == [0.0, -3.0, 2.0, -2.0, 0.0, 0.0]
+    assert magnitude_trim(tau, 0.1).tolist() == [0.0] * 6
+    assert torch.equal(magnitude_trim(tau, 1.0), tau)
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(10_000, generator=g).to(torch.bfloat16).float()  # many ties
+    trimmed = magnitude_trim(big, 0.3)
+    assert int((trimmed != 0).sum()) == 3000
+    assert trimmed.abs().min() == 0 and (big.abs() > trimmed[trimmed != 0].abs().min()).sum() <= 3000

@@ -81,16 +81,26 @@ def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
 
 
 def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
-    """Keep the `density` fraction of entries with the largest magnitude (k = ⌊density · n⌋), zero the rest."""
-    if density >= 1.0:
-        return tau
+    """Keep the k = ⌊density · n⌋ entries of largest magnitude, zero the rest.
+
+    Entries tied at the threshold are kept lowest index first (a stable descending
+    sort's order), so the same inputs trim the same way on every device.
+    """
     flat = tau.reshape(-1)
-    k = int(density * flat.numel())
-    out = torch.zeros_like(flat)
-    if k > 0:
-        idx = torch.topk(flat.abs(), k, sorted=False).indices
-        out[idx] = flat[idx]
-    return out.view_as(tau)
+    n = flat.numel()
+    k = int(density * n)
+    if k >= n:
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    magnitude = flat.abs()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    keep = magnitude > threshold
+    missing = k - int(keep.sum())
+    if missing > 0:
+        at_threshold = magnitude == threshold
+        keep |= at_threshold & (torch.cumsum(at_threshold, 0) <= missing)
+    return torch.where(keep, flat, 0.0).view_as(tau)
 
 
 def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> torch.Tensor:
