@@ -77,7 +77,11 @@ def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
 def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
     assert inp.base is not None
     base = inp.base.float()
-    return [v.float() - base for v in inp.versions]
+    taus = [v.float() - base for v in inp.versions]
+    # Trimming and dropping would hide a NaN rather than pass it on: test here.
+    if not all(bool(torch.isfinite(t).all()) for t in taus):
+        raise NonFiniteError
+    return taus
 
 
 def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
