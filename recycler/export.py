@@ -160,12 +160,12 @@ def write_model_dir(
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    inputs = [c for c in [pool.base, *pool.checkpoints] if c is not None]
-    hashes = sha256_files_async(f for c in inputs for f in c.files())
     stats = stats if stats is not None else MergeStats()
     try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        inputs = [c for c in [pool.base, *pool.checkpoints] if c is not None]
+        hashes = sha256_files_async(f for c in inputs for f in c.files())
         out_dtype = recipe.torch_dtype
         infos = {n: _out_info(pool.info(n), out_dtype) for n in pool.tensor_names}
         shards = plan_shards(infos, max_shard_bytes)
