@@ -10,14 +10,19 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from recycler.errors import RecyclerError
 from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
 from recycler.merge.recipe import Recipe
-from recycler.pool import Pool
+
+if TYPE_CHECKING:
+    from recycler.merge.fisher import FisherFile
+from recycler.pool import Checkpoint, Pool
 
 
 @dataclass
@@ -94,28 +99,54 @@ def iter_merged(
         assert pool.base is not None
         sources.append(pool.base)
     n_layers = pool.n_layers
-    for i, name in enumerate(names):
-        start = time.perf_counter()
-        if i + 1 < len(names):
-            for ckpt in sources:
-                ckpt.prefetch(names[i + 1])
-        tensors = [ckpt.read(name, device) for ckpt in sources]
-        versions, base = (tensors[:-1], tensors[-1]) if use_base else (tensors, None)
-        fishers = [f.read(name, device) for f in fisher_sources] if fisher_sources is not None else []
-        try:
-            merged = merge_tensor(recipe, name, versions, base, n_layers=n_layers, fishers=fishers)
-        except NonFiniteError:
-            raise RecyclerError(_non_finite_culprit(pool, name, versions, base)) from None
-        stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
-        stats.bytes_written += merged.numel() * merged.element_size()
-        stats.tensors += 1
-        del tensors, versions, base
-        for ckpt in sources:
-            ckpt.release(name)
-        elapsed = time.perf_counter() - start
-        stats.seconds += elapsed
-        stats.per_tensor[name] = elapsed
-        yield name, merged
+    # One reader thread maps the next tensor of every source while this one merges.
+    reader = ThreadPoolExecutor(1, thread_name_prefix="recycler-reader")
+    try:
+        ahead = reader.submit(_prefetch, sources, names[0]) if names else None
+        for i, name in enumerate(names):
+            start = time.perf_counter()
+            if ahead is not None:
+                ahead.result()
+            ahead = reader.submit(_prefetch, sources, names[i + 1]) if i + 1 < len(names) else None
+            merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats)
+            elapsed = time.perf_counter() - start
+            stats.seconds += elapsed
+            stats.per_tensor[name] = elapsed
+            yield name, merged
+    finally:
+        reader.shutdown(wait=True, cancel_futures=True)
+
+
+def _prefetch(sources: Sequence[Checkpoint], name: str) -> None:
+    for ckpt in sources:
+        ckpt.prefetch(name)
+
+
+def _merge_one(
+    pool: Pool,
+    recipe: Recipe,
+    name: str,
+    sources: Sequence[Checkpoint],
+    use_base: bool,
+    fisher_sources: Sequence[FisherFile] | None,
+    device: str | torch.device,
+    n_layers: int,
+    stats: MergeStats,
+) -> torch.Tensor:
+    tensors = [ckpt.read(name, device) for ckpt in sources]
+    versions, base = (tensors[:-1], tensors[-1]) if use_base else (tensors, None)
+    fishers = [f.read(name, device) for f in fisher_sources] if fisher_sources is not None else []
+    try:
+        merged = merge_tensor(recipe, name, versions, base, n_layers=n_layers, fishers=fishers)
+    except NonFiniteError:
+        raise RecyclerError(_non_finite_culprit(pool, name, versions, base)) from None
+    stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
+    stats.bytes_written += merged.numel() * merged.element_size()
+    stats.tensors += 1
+    del tensors, versions, base
+    for ckpt in sources:
+        ckpt.release(name)
+    return merged
 
 
 def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:

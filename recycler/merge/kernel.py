@@ -99,10 +99,9 @@ def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
         # A GPU has the bandwidth to do it in one pass of fused-enough ops.
         _combine_range(flats, coeffs, out, 0, n, n)
         return out.view(shape)
+    # Even a small tensor goes to the kernel threads: on this thread PyTorch's ops
+    # would be multi-threaded again.
     workers = _workers() if n >= _PARALLEL_MIN else 1
-    if workers == 1:
-        _combine_range(flats, coeffs, out, 0, n, CHUNK)
-        return out.view(shape)
     per_worker = -(-n // workers)
     per_worker = -(-per_worker // CHUNK) * CHUNK  # whole chunks, so every chunk is full but the last
     futures = [
