@@ -21,13 +21,19 @@ lint: $(STAMP)
 	$(BIN)/ruff check recycler tests experiments
 	$(BIN)/mypy
 
-test: lint
+# mergekit in a venv of its own, for the parity tests and the benchmark; where it
+# cannot be installed those compare against tests/reference_merge.py alone.
+MERGEKIT := .venv-mergekit/.mergekit-installed
+$(MERGEKIT):
+	bash experiments/mergekit_env.sh || echo "mergekit unavailable: comparing against the reference merge only"
+
+test: lint $(MERGEKIT)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/recycler demo
 
-bench: $(STAMP)
+bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
 
 clean:

@@ -131,7 +131,12 @@ def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> t
 
 
 def dare_drop(tau: torch.Tensor, density: float, key: str, row_offset: int) -> torch.Tensor:
-    """DARE (Yu et al. 2023): drop each entry with p = 1 − density, rescale the kept by 1/density."""
+    """DARE (Yu et al. 2023): drop each entry with p = 1 − density, rescale the kept by 1/density.
+
+    This is the paper's rescale, which keeps each entry's expectation. (mergekit
+    0.1.5 rescales instead so that each task vector keeps its L1 norm; the two agree
+    in expectation and differ per draw, as its masks do from ours anyway.)
+    """
     if density >= 1.0:
         return tau
     mask = dare_mask(tau.shape, density, key, row_offset).to(tau.device)

@@ -12,9 +12,11 @@
     dtype: bfloat16
 
 A parameter is a number, a gradient (a list of numbers interpolated across the
-layers) or a list of `{filter, value}` entries (the first whose filter is a
-substring of the tensor name wins; an entry without a filter matches every
-tensor). Model-level parameters override the top-level `parameters`. recycler's
+layers; tensors outside the layers take the first) or a list of `{filter, value}`
+entries (the first whose filter is a substring of the tensor name wins; no filter,
+or `"*"`, matches every tensor). A model's own parameter wins; where it is absent,
+or none of its filters matches, the top-level `parameters` entry applies, as in
+mergekit. recycler's
 own additions: `random_seed` (seeds DARE's masks), and the methods `fisher` and
 the weight schemes of `weights.py`.
 """
@@ -152,12 +154,15 @@ class Recipe:
             if value is not None and value not in DTYPES:
                 raise RecyclerError(f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})")
         for i, spec in enumerate(self.models):
-            for value in _values(self._model_param(spec, "density")):
+            for value in _values(spec.density):
                 if not 0.0 < value <= 1.0:
                     raise RecyclerError(f"{where}: models[{i}].parameters.density: must be in (0, 1], got {value}")
-            for value in _values(self._model_param(spec, "weight")):
+            for value in _values(spec.weight):
                 if not math.isfinite(value):
                     raise RecyclerError(f"{where}: models[{i}].parameters.weight: must be finite, got {value}")
+        for value in _values(self.parameters.get("density")):
+            if not 0.0 < value <= 1.0:
+                raise RecyclerError(f"{where}: parameters.density: must be in (0, 1], got {value}")
         lam = self.parameters.get("lambda", 1.0)
         if any(not math.isfinite(v) for v in _values(lam)):
             raise RecyclerError(f"{where}: parameters.lambda: must be finite")
@@ -176,18 +181,22 @@ class Recipe:
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.out_dtype or self.dtype]
 
-    def _model_param(self, spec: ModelSpec, key: str) -> Param | None:
-        own = getattr(spec, key)
-        return own if own is not None else self.parameters.get(key)
+    def _model_value(self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int) -> float:
+        for source in (getattr(spec, key), self.parameters.get(key)):
+            value = resolve(source, tensor_name, n_layers)
+            if value is not None:
+                return value
+        return 1.0  # weight, density and lambda all default to 1
 
     def weights_for(self, tensor_name: str, n_layers: int) -> list[float]:
-        return [resolve(self._model_param(s, "weight"), tensor_name, n_layers, default=1.0) for s in self.models]
+        return [self._model_value(s, "weight", tensor_name, n_layers) for s in self.models]
 
     def densities_for(self, tensor_name: str, n_layers: int) -> list[float]:
-        return [resolve(self._model_param(s, "density"), tensor_name, n_layers, default=1.0) for s in self.models]
+        return [self._model_value(s, "density", tensor_name, n_layers) for s in self.models]
 
     def lambda_for(self, tensor_name: str, n_layers: int) -> float:
-        return resolve(self.parameters.get("lambda"), tensor_name, n_layers, default=1.0)
+        value = resolve(self.parameters.get("lambda"), tensor_name, n_layers)
+        return 1.0 if value is None else value
 
     # ---- writing -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -218,33 +227,30 @@ class Recipe:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def resolve(value: Param | None, tensor_name: str, n_layers: int, *, default: float) -> float:
-    """The value of a parameter for one tensor."""
+def resolve(value: Param | None, tensor_name: str, n_layers: int) -> float | None:
+    """The value of a parameter for one tensor; None where it is unset or no filter matches."""
     if value is None:
-        return default
+        return None
     if isinstance(value, (int, float)):
         return float(value)
     if value and isinstance(value[0], FilterValue):
         for entry in value:
             assert isinstance(entry, FilterValue)
-            if entry.filter is None or entry.filter in tensor_name:
+            if entry.filter in (None, "*") or entry.filter in tensor_name:
                 return entry.value
-        return default
+        return None
     return _gradient([float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers)
 
 
 def _gradient(points: list[float], tensor_name: str, n_layers: int) -> float:
-    """A list of numbers spread evenly over the layers, linearly interpolated.
-
-    Tensors outside the layer stack take the first value (embeddings) or the last
-    (final norm, output head).
-    """
+    """A list of numbers spread evenly over the layers (t = layer / (L − 1)), linearly
+    interpolated; tensors outside the layer stack take t = 0, the first value."""
     if len(points) == 1:
         return points[0]
     match = _LAYER_INDEX.search(tensor_name)
     if match is None:
-        return points[0] if "embed" in tensor_name or "wte" in tensor_name else points[-1]
-    t = int(match.group(1)) / max(n_layers - 1, 1)
+        return points[0]
+    t = int(match.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
     x = t * (len(points) - 1)
     i = min(int(x), len(points) - 2)
     return points[i] + (points[i + 1] - points[i]) * (x - i)
@@ -265,8 +271,7 @@ def _weights_can_sum_to_zero(recipe: Recipe) -> bool:
     the engine checks each tensor again as it merges it.
     """
     probes = [""]
-    for spec in recipe.models:
-        w = recipe._model_param(spec, "weight")
+    for w in [*(spec.weight for spec in recipe.models), recipe.parameters.get("weight")]:
         if isinstance(w, tuple):
             probes += [e.filter for e in w if isinstance(e, FilterValue) and e.filter]
     return any(abs(sum(recipe.weights_for(p, 1))) < 1e-12 for p in probes)

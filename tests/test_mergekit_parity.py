@@ -1,0 +1,434 @@
+"""`recycler merge` gives mergekit's tensors for the same recipe YAML and inputs.
+
+A tiny Llama pool (base + 3 checkpoints: two bf16, one fp32; hidden 32, 2 layers,
+vocab 64) is written with transformers' save_pretrained. Every recipe below is
+merged by the real CLI (`python -m recycler.cli merge RECIPE OUT`) and checked:
+
+- always against tests/reference_merge.py, an independent float64 implementation
+  written from the papers (so the test never passes without checking anything);
+- when ./.venv-mergekit exists (experiments/mergekit_env.sh makes it), against
+  mergekit 0.1.5 itself, run as mergekit-yaml's own entry point in that venv; and
+  the reference against mergekit, so that the reference is known to be right when
+  mergekit is absent.
+
+Tolerances are in unit roundoffs u (2^-8 for bf16, 2^-24 for fp32) of S, the
+per-entry size of what a merge adds up (max_i |θ_i| · (1 + Σ |c_i|)); any order
+of summation stays within a few u·S, a wrong normalize / lambda / density / sign
+rule is off by a large fraction of S (`test_tolerance_rejects_wrong_semantics`
+checks that). mergekit computes in the recipe's dtype (bf16 task vectors) while
+recycler accumulates in fp32, so bf16 recipes compare to mergekit at bf16 rounding.
+TIES entries at a magnitude tie of the k-th largest task-vector entry, or whose
+sign election is a near-tie, may legitimately differ and are left out (few %).
+DARE masks come from different RNGs: each merged entry must equal the merge for
+SOME keep/drop pattern, with each model kept at its density, and the merge must be
+unbiased with the variance DARE predicts; mergekit is held to the same statistics.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+MERGEKIT_VENV = Path(os.environ.get("RECYCLER_MERGEKIT_VENV", ROOT / ".venv-mergekit"))
+MERGEKIT_PYTHON = MERGEKIT_VENV / "bin" / "python"
+
+
+def _load(name: str, path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(name, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+ref_mod = _load("reference_merge", ROOT / "tests" / "reference_merge.py")
+pool_mod = _load("make_pool", ROOT / "experiments" / "make_pool.py")
+
+U = {torch.bfloat16: 2.0**-8, torch.float32: 2.0**-24}
+DTYPES = ("bfloat16", "bfloat16", "float32")
+WEIGHTS = (0.6, 0.4, 0.7)
+DENSITIES = (0.5, 0.3, 0.7)
+
+
+def _models(ckpts: list[str], weights: tuple[Any, ...] = WEIGHTS,
+            densities: tuple[float, ...] | None = None) -> list[dict[str, Any]]:
+    out = []
+    for i, (c, w) in enumerate(zip(ckpts, weights)):
+        params: dict[str, Any] = {"weight": w}
+        if densities is not None:
+            params["density"] = densities[i]
+        out.append({"model": c, "parameters": params})
+    return out
+
+
+def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
+    r: dict[str, dict[str, Any]] = {}
+    for dt in ("bfloat16", "float32"):
+        r[f"linear-{dt}"] = {"merge_method": "linear", "models": _models(ckpts), "dtype": dt}
+        r[f"ta-{dt}"] = {"merge_method": "task_arithmetic", "base_model": base,
+                         "models": _models(ckpts), "parameters": {"lambda": 0.8}, "dtype": dt}
+        r[f"ties-{dt}"] = {"merge_method": "ties", "base_model": base,
+                           "models": _models(ckpts, densities=DENSITIES), "dtype": dt}
+    r["linear-nonorm-bfloat16"] = {"merge_method": "linear", "models": _models(ckpts),
+                                   "parameters": {"normalize": False}, "dtype": "bfloat16"}
+    # gradients: interpolated over t = layer / (n_layers - 1); t = 0 outside the layers
+    r["linear-gradient-bfloat16"] = {
+        "merge_method": "linear",
+        "models": _models(ckpts, weights=([0.1, 0.9], [1.0, 0.5, 0.2], 0.5)),
+        "dtype": "bfloat16",
+    }
+    # filters: the first entry whose filter is absent, "*" or a substring of the tensor name
+    r["linear-filter-bfloat16"] = {
+        "merge_method": "linear",
+        "models": _models(ckpts, weights=(0.6, [{"filter": "mlp", "value": 0.7}, {"filter": "*", "value": 0.2}],
+                                          [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}])),
+        "dtype": "bfloat16",
+    }
+    r["ta-normalize-bfloat16"] = {"merge_method": "task_arithmetic", "base_model": base,
+                                  "models": _models(ckpts),
+                                  "parameters": {"normalize": True, "lambda": 1.5}, "dtype": "bfloat16"}
+    # density for every model from the recipe-level parameters
+    r["ties-nonorm-bfloat16"] = {"merge_method": "ties", "base_model": base, "models": _models(ckpts),
+                                 "parameters": {"normalize": False, "lambda": 1.2, "density": 0.4},
+                                 "dtype": "bfloat16"}
+    r["dare_linear-bfloat16"] = {"merge_method": "dare_linear", "base_model": base,
+                                 "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
+    r["dare_ties-bfloat16"] = {"merge_method": "dare_ties", "base_model": base,
+                               "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
+    return r
+
+
+DETERMINISTIC = [
+    "linear-bfloat16", "linear-float32", "linear-nonorm-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16",
+    "ta-bfloat16", "ta-float32", "ta-normalize-bfloat16",
+    "ties-bfloat16", "ties-float32", "ties-nonorm-bfloat16",
+]
+DARE = ["dare_linear-bfloat16", "dare_ties-bfloat16"]
+
+# mergekit-yaml's own click entry point, once per recipe, in one process of the
+# mergekit venv (one interpreter start instead of one per recipe keeps this fast).
+MERGEKIT_DRIVER = """
+import json, sys
+from mergekit.scripts.run_yaml import main
+for config, out in json.loads(sys.argv[1]):
+    main([config, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+          "--random-seed", "0"], standalone_mode=False)
+"""
+
+
+@dataclass
+class Runs:
+    root: Path
+    recipes: dict[str, dict[str, Any]]
+    ours: dict[str, Path]
+    ours_again: dict[str, Path]
+    mergekit: dict[str, Path] | None
+    mergekit_skip_reason: str
+    errors: dict[str, str]  # job name -> why its command failed
+
+    def out(self, who: str, name: str) -> Path:
+        """The output dir of one run; fails the calling test if that run failed."""
+        if who == "mergekit":
+            assert self.mergekit is not None
+            if "mergekit" in self.errors:
+                pytest.fail(self.errors["mergekit"], pytrace=False)
+            return self.mergekit[name]
+        key = name if who == "ours" else f"{name} (again)"
+        if key in self.errors:
+            pytest.fail(self.errors[key], pytrace=False)
+        return (self.ours if who == "ours" else self.ours_again)[name]
+
+
+def _run(cmd: list[str], what: str) -> str | None:
+    """Run a command; None on success, else why it failed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    if proc.returncode != 0:
+        return f"{what} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
+    return None
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
+    root = tmp_path_factory.mktemp("parity")
+    spec = pool_mod.PoolSpec(shape=pool_mod.SHAPES["tiny"], n_checkpoints=3, with_base=True,
+                             checkpoint_dtypes=DTYPES, delta_scale=0.5, seed=1)
+    pool = pool_mod.build_pool(root / "pool", spec)
+    assert pool.base is not None
+    recipes = build_recipes(str(pool.base), [str(c) for c in pool.checkpoints])
+    for name, recipe in recipes.items():
+        (root / f"{name}.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+
+    jobs: list[tuple[str, list[str], str]] = []  # (job name, command, description)
+    ours = {n: root / "ours" / n for n in recipes}
+    ours_again = {n: root / "ours-again" / n for n in DARE}
+    for label, outs in (("", ours), (" (again)", ours_again)):
+        for name, out in outs.items():
+            cmd = [sys.executable, "-m", "recycler.cli", "merge", str(root / f"{name}.yaml"), str(out)]
+            jobs.append((name + label, cmd, f"recycler merge {name}.yaml"))
+
+    mergekit: dict[str, Path] | None = None
+    reason = ""
+    if MERGEKIT_PYTHON.is_file():
+        mergekit = {n: root / "mergekit" / n for n in recipes}
+        pairs = [[str(root / f"{n}.yaml"), str(p)] for n, p in mergekit.items()]
+        cmd = [str(MERGEKIT_PYTHON), "-c", MERGEKIT_DRIVER, json.dumps(pairs)]
+        jobs.insert(0, ("mergekit", cmd, "mergekit-yaml (its entry point, in the mergekit venv)"))
+    else:
+        reason = (f"mergekit venv not found at {MERGEKIT_VENV} (run experiments/mergekit_env.sh); "
+                  "checked against tests/reference_merge.py only")
+
+    with ThreadPoolExecutor(max_workers=2) as ex:
+        results = list(ex.map(lambda job: _run(job[1], job[2]), jobs))
+    errors = {job[0]: err for job, err in zip(jobs, results) if err is not None}
+    return Runs(root, recipes, ours, ours_again, mergekit, reason, errors)
+
+
+def _tensors(path: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = ref_mod.load_checkpoint(path)
+    return out
+
+
+def _ulp_out(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """One unit in the last place of `dtype` at |x| (a cast to dtype is off by <= 0.5)."""
+    tiny = torch.finfo(dtype).tiny
+    return torch.finfo(dtype).eps * torch.exp2(torch.floor(torch.log2(x.abs().clamp_min(tiny))))
+
+
+@dataclass
+class Check:
+    worst: float  # max |diff| / tol over compared entries
+    where: str
+    ambiguous_fraction: float
+    compared: int
+
+
+def compare(got: dict[str, torch.Tensor], want: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+            names: list[str]) -> Check:
+    """want(name) -> (expected float64, tolerance per entry, mask of entries to leave out)."""
+    worst, where, amb, total = 0.0, "", 0, 0
+    for name in names:
+        expected, tol, skip = want(name)
+        actual = got[name].to(torch.float64)
+        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        ratio = ((actual - expected).abs() / tol)[~skip]
+        amb += int(skip.sum())
+        total += skip.numel()
+        if ratio.numel() and float(ratio.max()) > worst:
+            i = int(torch.argmax(torch.where(skip, torch.zeros_like(actual), (actual - expected).abs() / tol)))
+            worst = float(ratio.max())
+            where = (f"{name}[flat {i}]: got {actual.reshape(-1)[i].item():.8g}, "
+                     f"want {expected.reshape(-1)[i].item():.8g}, tol {tol.reshape(-1)[i].item():.3g}")
+    return Check(worst, where, amb / max(total, 1), total - amb)
+
+
+def _reference(runs: Runs, name: str) -> Any:
+    return ref_mod.ReferenceMerge(runs.recipes[name])
+
+
+def _dtype(runs: Runs, name: str) -> torch.dtype:
+    dt: torch.dtype = getattr(torch, runs.recipes[name]["dtype"])
+    return dt
+
+
+# --------------------------------------------------------------------------- deterministic
+
+
+def _ours_vs_reference(ref: Any, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    res = ref.merge(name, tie_rel=1e-6, sign_rel=1e-5)
+    tol = _ulp_out(res.out, dtype) + 16 * U[torch.float32] * ref.coefficient_scale(name)
+    return res.out, tol, res.ambiguous
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_matches_reference(runs: Runs, name: str) -> None:
+    ref = _reference(runs, name)
+    dtype = _dtype(runs, name)
+    got = _tensors(runs.out("ours", name))
+    assert sorted(got) == sorted(ref.names), "recycler's output has other tensors than its inputs"
+    bad = {k: v.dtype for k, v in got.items() if v.dtype != dtype}
+    assert not bad, f"recipe dtype {dtype}, but got {bad}"
+    check = compare(got, lambda n: _ours_vs_reference(ref, dtype, n), ref.names)
+    assert check.ambiguous_fraction < 0.05, check
+    assert check.worst <= 1.0, f"{name}: recycler differs from the reference: {check.where}"
+
+
+def _wrong(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """Plausible misreadings of a recipe, each of which the tolerance must reject."""
+    out = []
+    method = recipe["merge_method"]
+    params = dict(recipe.get("parameters") or {})
+    normalize = params.get("normalize", ref_mod.NORMALIZE_DEFAULT[method])
+    out.append(("normalize flipped", {**recipe, "parameters": {**params, "normalize": not normalize}}))
+    if method != "linear":
+        out.append(("lambda * 1.1", {**recipe, "parameters": {**params, "lambda": 1.1 * params.get("lambda", 1.0)}}))
+    if method == "ties":
+        if "density" in params:
+            out.append(("density + 0.05", {**recipe, "parameters": {**params, "density": params["density"] + 0.05}}))
+        else:
+            models = [{**m, "parameters": {**m["parameters"], "density": m["parameters"]["density"] + 0.05}}
+                      for m in recipe["models"]]
+            out.append(("density + 0.05", {**recipe, "models": models}))
+        out.append(("task_arithmetic instead", {**recipe, "merge_method": "task_arithmetic"}))
+    return out
+
+
+@pytest.mark.parametrize("name", ["linear-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16", "ta-bfloat16",
+                                  "ties-bfloat16", "ties-nonorm-bfloat16"])
+def test_tolerance_rejects_wrong_semantics(runs: Runs, name: str) -> None:
+    """The comparison can fail: each misreading of the recipe is far outside it."""
+    ref = _reference(runs, name)
+    dtype = _dtype(runs, name)
+    for what, wrong in _wrong(runs.recipes[name]):
+        wrong_ref = ref_mod.ReferenceMerge(wrong)
+        as_if = {n: wrong_ref.merge(n).out.to(dtype) for n in ref.names}
+        check = compare(as_if, lambda n: _ours_vs_reference(ref, dtype, n), ref.names)
+        assert check.worst > 4.0, f"{name}: a merge with {what} would pass ({check.worst:.2f})"
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_matches_mergekit(runs: Runs, name: str) -> None:
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    ref = _reference(runs, name)
+    dtype = _dtype(runs, name)
+    got = _tensors(runs.out("ours", name))
+    mk = _tensors(runs.out("mergekit", name))
+    assert sorted(mk) == sorted(got)
+
+    def want(n: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        exact = ref.merge(n, tie_rel=1e-6, sign_rel=1e-5)
+        emulated = ref.merge(n, compute_dtype=dtype, tie_rel=1e-6, sign_rel=2.0**-6)
+        # entries where rounding the task vectors to the recipe dtype (as mergekit does)
+        # changes a TIES decision are not comparable between fp32 and bf16 arithmetic
+        differs = (exact.decisions != emulated.decisions).any(0) if exact.decisions.numel() else \
+            torch.zeros_like(exact.ambiguous)
+        skip = exact.ambiguous | emulated.ambiguous | differs
+        tol = 6 * U[dtype] * ref.coefficient_scale(n) + _ulp_out(exact.out, dtype)
+        return mk[n].to(torch.float64), tol, skip
+
+    check = compare(got, want, ref.names)
+    assert check.ambiguous_fraction < 0.08, check
+    assert check.worst <= 1.0, f"{name}: recycler differs from mergekit: {check.where}"
+
+
+@pytest.mark.parametrize("name", DETERMINISTIC)
+def test_reference_matches_mergekit(runs: Runs, name: str) -> None:
+    """The reference computes what mergekit computes (mergekit rounds to the recipe dtype)."""
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    ref = _reference(runs, name)
+    dtype = _dtype(runs, name)
+    mk = _tensors(runs.out("mergekit", name))
+
+    def want(n: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        res = ref.merge(n, compute_dtype=dtype, tie_rel=1e-6, sign_rel=2.0**-6)
+        return res.out, 4 * U[dtype] * ref.coefficient_scale(n), res.ambiguous
+
+    check = compare(mk, want, ref.names)
+    assert check.ambiguous_fraction < 0.05, check
+    assert check.worst <= 1.0, f"{name}: mergekit differs from the reference: {check.where}"
+
+
+# --------------------------------------------------------------------------- DARE
+
+
+@pytest.mark.parametrize("name", DARE)
+def test_dare_is_some_mask(runs: Runs, name: str) -> None:
+    """Each entry is the merge for one keep/drop pattern (kept entries × 1/density), and
+    each model is kept at its density (binomial, 5 sigma)."""
+    ref = _reference(runs, name)
+    dtype = _dtype(runs, name)
+    got = _tensors(runs.out("ours", name))
+    kept = torch.zeros(len(DENSITIES))
+    decided = torch.zeros(len(DENSITIES))
+    worst, where = 0.0, ""
+    for n in ref.names:
+        cands, patterns = ref.dare_candidates(n)
+        actual = got[n].to(torch.float64)
+        tol = _ulp_out(actual, dtype) + 16 * U[torch.float32] * ref.coefficient_scale(n)
+        dist = (cands - actual).abs() / tol
+        best = dist.amin(0)
+        if float(best.max()) > worst:
+            worst, where = float(best.max()), n
+        match = dist <= 1.0  # [patterns, *shape]
+        flat = match.reshape(match.shape[0], -1)
+        for i in range(len(DENSITIES)):
+            # entries where every matching pattern agrees on model i's keep/drop
+            kept_i = flat[patterns[:, i]].any(0)
+            dropped_i = flat[~patterns[:, i]].any(0)
+            sure = kept_i ^ dropped_i
+            kept[i] += float((kept_i & sure).sum())
+            decided[i] += float(sure.sum())
+    assert worst <= 1.0, f"{name}: an entry of {where} is no keep/drop pattern's merge ({worst:.2f} tol)"
+    for i, d in enumerate(DENSITIES):
+        n_i = float(decided[i])
+        assert n_i > 5000, f"model {i}: only {n_i} entries decide the mask"
+        frac = float(kept[i]) / n_i
+        sigma = math.sqrt(d * (1 - d) / n_i)
+        assert abs(frac - d) < 5 * sigma + 1e-3, f"model {i}: kept {frac:.4f}, density {d}"
+
+
+def _dare_z(ref: Any, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    zs = []
+    for n in ref.names:
+        mean, var = ref.expected_dare(n)
+        ok = var > 0
+        zs.append((tensors[n].to(torch.float64) - mean)[ok] / var[ok].sqrt())
+    return torch.cat(zs)
+
+
+def test_dare_linear_statistics(runs: Runs) -> None:
+    """E[merge] = task arithmetic and Var = Σ (c_i τ_i)² (1 − d)/d: recycler, and mergekit."""
+    name = "dare_linear-bfloat16"
+    ref = _reference(runs, name)
+    sources = {"recycler": runs.out("ours", name)}
+    if runs.mergekit is not None:
+        sources["mergekit"] = runs.out("mergekit", name)
+    for who, path in sources.items():
+        z = _dare_z(ref, _tensors(path))
+        assert z.numel() > 20000
+        assert abs(float(z.mean())) < 0.05, f"{who}: DARE merge is biased (mean z {float(z.mean()):.3f})"
+        assert abs(float(z.var()) - 1) < 0.1, f"{who}: DARE variance off (var z {float(z.var()):.3f})"
+
+
+def test_dare_ties_like_mergekit(runs: Runs) -> None:
+    """Same statistics as mergekit's dare_ties: spread of the merged deltas, entries left at base."""
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    name = "dare_ties-bfloat16"
+    ref = _reference(runs, name)
+    ours, mk = _tensors(runs.out("ours", name)), _tensors(runs.out("mergekit", name))
+    assert ref.base is not None
+    d_ours = torch.cat([(ours[n].double() - ref.base[n].double()).reshape(-1) for n in ref.names])
+    d_mk = torch.cat([(mk[n].double() - ref.base[n].double()).reshape(-1) for n in ref.names])
+    ratio = float(d_ours.std() / d_mk.std())
+    assert abs(ratio - 1) < 0.1, f"std of merged deltas: recycler / mergekit = {ratio:.3f}"
+    same_ours = float((d_ours == 0).double().mean())
+    same_mk = float((d_mk == 0).double().mean())
+    assert abs(same_ours - same_mk) < 0.03, f"entries left at base: {same_ours:.3f} vs {same_mk:.3f}"
+
+
+@pytest.mark.parametrize("name", DARE)
+def test_dare_reproduces(runs: Runs, name: str) -> None:
+    """The same recipe gives the same tensors, bit for bit."""
+    a, b = _tensors(runs.out("ours", name)), _tensors(runs.ours_again[name])
+    assert sorted(a) == sorted(b)
+    for n in a:
+        assert torch.equal(a[n], b[n]), f"{name}: {n} differs between two runs"
