@@ -12,6 +12,7 @@ import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from recycler.merge.kernel import NonFiniteError, linear_combination
@@ -98,13 +99,22 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(tau)
     magnitude = flat.abs()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    threshold = _kth_largest(magnitude, k)
     keep = magnitude > threshold
     missing = k - int(keep.sum())
     if missing > 0:
         at_threshold = magnitude == threshold
         keep |= at_threshold & (torch.cumsum(at_threshold, 0) <= missing)
     return torch.where(keep, flat, 0.0).view_as(tau)
+
+
+def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
+    """The k-th largest entry. On the CPU numpy's introselect is several times
+    faster than torch.kthvalue, which dominated TIES there."""
+    n = values.numel()
+    if values.device.type == "cpu" and values.dtype == torch.float32:
+        return torch.tensor(np.partition(values.numpy(), n - k)[n - k])
+    return torch.kthvalue(values, n - k + 1).values
 
 
 def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> torch.Tensor:
