@@ -38,8 +38,12 @@ _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
 
 
-def _single_threaded_ops() -> None:
-    torch.set_num_threads(1)
+def _on_kernel_thread(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int, step: int) -> None:
+    # PyTorch sets a thread's OpenMP width lazily, from the process-wide default, at
+    # the thread's first op; checked on every task so no first op can undo it.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    _combine_range(flats, coeffs, out, start, end, step)
 
 
 def _workers() -> int:
@@ -50,11 +54,7 @@ def _executor() -> ThreadPoolExecutor:
     global _pool
     with _pool_lock:
         if _pool is None:
-            threads = torch.get_num_threads()
-            _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="recycler-kernel", initializer=_single_threaded_ops)
-            # The initializer also set the process-wide default and MKL's; give them back.
-            list(_pool.map(lambda _: None, range(_workers())))
-            torch.set_num_threads(threads)
+            _pool = ThreadPoolExecutor(_workers(), thread_name_prefix="recycler-kernel")
         return _pool
 
 
@@ -104,10 +104,14 @@ def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
     workers = _workers() if n >= _PARALLEL_MIN else 1
     per_worker = -(-n // workers)
     per_worker = -(-per_worker // CHUNK) * CHUNK  # whole chunks, so every chunk is full but the last
+    threads = torch.get_num_threads()
     futures = [
-        _executor().submit(_combine_range, flats, coeffs, out, lo, min(n, lo + per_worker), CHUNK)
+        _executor().submit(_on_kernel_thread, flats, coeffs, out, lo, min(n, lo + per_worker), CHUNK)
         for lo in range(0, n, per_worker)
     ]
     for f in futures:
         f.result()
+    if torch.get_num_threads() != threads:
+        # set_num_threads on a kernel thread also moved the process-wide default.
+        torch.set_num_threads(threads)
     return out.view(shape)
