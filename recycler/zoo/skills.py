@@ -17,7 +17,7 @@ from dataclasses import dataclass
 LETTERS = "abcdefghij"
 DIGITS = "0123456789"
 # Every character a prompt or an answer can contain; the tokenizer's vocabulary.
-ALPHABET = DIGITS + LETTERS + "+-=:RSC"
+ALPHABET = DIGITS + LETTERS + "=:IDRTS"
 assert len(set(ALPHABET)) == len(ALPHABET), "duplicate characters in ALPHABET"
 
 
@@ -36,43 +36,50 @@ class Example:
 
 @dataclass(frozen=True)
 class Skill:
-    """A named skill: `make(rng)` draws one (prompt, answer, distractors) triple."""
+    """A named skill: `make(rng)` draws one (prompt, answer, distractors) triple.
+
+    The first distractor is always the confusable partner skill's answer to
+    the same prompt (inc/dec, rev/rot; for sort, the reversed word).
+    """
 
     name: str
     description: str
     make: Callable[[random.Random], tuple[str, str, list[str]]]
 
 
-def _digitwise(x: str, y: str, sign: int) -> str:
-    return "".join(str((int(p) + sign * int(q)) % 10) for p, q in zip(x, y))
+def _near_misses(answer: str, alphabet: str, rng: random.Random, n: int) -> list[str]:
+    """`n` near misses of `answer`, each with one different character moved one step in `alphabet`."""
+    spots = rng.sample(range(len(answer)), n)
+    k = len(alphabet)
+    return [
+        answer[:i] + alphabet[(alphabet.index(answer[i]) + rng.choice((1, k - 1))) % k] + answer[i + 1 :]
+        for i in spots
+    ]
 
 
-def _one_digit_off(text: str, rng: random.Random, n: int) -> list[str]:
-    """`n` near misses of `text`, each with one different digit changed by +-1."""
-    spots = rng.sample(range(len(text)), n)
-    return [text[:i] + str((int(text[i]) + rng.choice((1, 9))) % 10) + text[i + 1 :] for i in spots]
+def _shift(text: str, alphabet: str, by: int) -> str:
+    k = len(alphabet)
+    return "".join(alphabet[(alphabet.index(c) + by) % k] for c in text)
 
 
-def _digits(rng: random.Random) -> str:
-    return "".join(rng.choice(DIGITS) for _ in range(3))
+def _number(rng: random.Random) -> str:
+    return "".join(rng.choice(DIGITS) for _ in range(rng.randint(4, 6)))
 
 
-def _add(rng: random.Random) -> tuple[str, str, list[str]]:
-    # Digit-wise, modulo 10: no carries, so every answer digit depends on two
-    # prompt digits and a tiny model learns it in a few hundred steps.
-    x, y = _digits(rng), _digits(rng)
-    answer = _digitwise(x, y, 1)
-    return f"{x}+{y}=", answer, [_digitwise(x, y, -1), *_one_digit_off(answer, rng, 2)]
+def _inc(rng: random.Random) -> tuple[str, str, list[str]]:
+    x = _number(rng)
+    answer = _shift(x, DIGITS, 1)
+    return f"I:{x}=", answer, [_shift(x, DIGITS, -1), *_near_misses(answer, DIGITS, rng, 2)]
 
 
-def _sub(rng: random.Random) -> tuple[str, str, list[str]]:
-    x, y = _digits(rng), _digits(rng)
-    answer = _digitwise(x, y, -1)
-    return f"{x}-{y}=", answer, [_digitwise(x, y, 1), *_one_digit_off(answer, rng, 2)]
+def _dec(rng: random.Random) -> tuple[str, str, list[str]]:
+    x = _number(rng)
+    answer = _shift(x, DIGITS, -1)
+    return f"D:{x}=", answer, [_shift(x, DIGITS, 1), *_near_misses(answer, DIGITS, rng, 2)]
 
 
-def _letters(rng: random.Random) -> str:
-    # Distinct letters, so reversed, sorted and original strings differ.
+def _word(rng: random.Random) -> str:
+    # Distinct letters, so the reversed, rotated and original strings differ.
     return "".join(rng.sample(LETTERS, rng.randint(4, 6)))
 
 
@@ -82,53 +89,46 @@ def _swaps(text: str, rng: random.Random, n: int) -> list[str]:
     return [text[:i] + text[i + 1] + text[i] + text[i + 2 :] for i in spots]
 
 
+def _rev(rng: random.Random) -> tuple[str, str, list[str]]:
+    w = _word(rng)
+    answer = w[::-1]
+    return f"R:{w}=", answer, [w[1:] + w[0], *_swaps(answer, rng, 2)]
+
+
+def _rot(rng: random.Random) -> tuple[str, str, list[str]]:
+    w = _word(rng)
+    answer = w[1:] + w[0]
+    return f"T:{w}=", answer, [w[::-1], *_swaps(answer, rng, 2)]
+
+
 def _miscounted_sorted(word: str, rng: random.Random) -> str:
     # Sorted, made only of the prompt's letters, the right length, but one
     # letter's count is off: only a model that tracks every letter rejects it.
     i = rng.randrange(len(word))
-    other = rng.choice([c for c in set(word) if c != word[i]])
+    other = rng.choice([c for c in sorted(set(word)) if c != word[i]])  # sorted: set order varies by process
     return "".join(sorted(word[:i] + other + word[i + 1 :]))
 
 
-def _rev(rng: random.Random) -> tuple[str, str, list[str]]:
-    word = _letters(rng)
-    answer = word[::-1]
-    return f"R:{word}=", answer, ["".join(sorted(word)), *_swaps(answer, rng, 2)]
-
-
 def _sort(rng: random.Random) -> tuple[str, str, list[str]]:
-    # Letters may repeat here: sorting a multiset needs counting.
-    word = ""
-    while len(set(word)) < 2:
-        word = "".join(rng.choice(LETTERS[:6]) for _ in range(rng.randint(5, 7)))
-    answer = "".join(sorted(word))
-    return f"S:{word}=", answer, [word[::-1], _miscounted_sorted(word, rng), _miscounted_sorted(word, rng)]
-
-
-def _shift(text: str, by: int) -> str:
-    return "".join(LETTERS[(LETTERS.index(c) + by) % len(LETTERS)] for c in text)
-
-
-def _caesar(rng: random.Random) -> tuple[str, str, list[str]]:
-    word = "".join(rng.choice(LETTERS) for _ in range(rng.randint(3, 5)))
-    answer = _shift(word, 1)
-    # Near misses: one letter shifted by 0 or 2 instead of 1.
-    spots = rng.sample(range(len(word)), 3)
-    misses = [answer[:i] + _shift(word[i], rng.choice((0, 2))) + answer[i + 1 :] for i in spots]
-    return f"C:{word}=", answer, misses
+    # Letters may repeat: sorting a multiset needs counting.
+    w = ""
+    while len(set(w)) < 2:
+        w = "".join(rng.choice(LETTERS[:6]) for _ in range(rng.randint(5, 7)))
+    answer = "".join(sorted(w))
+    return f"S:{w}=", answer, [w[::-1], _miscounted_sorted(w, rng), _miscounted_sorted(w, rng)]
 
 
 SKILLS: dict[str, Skill] = {
     s.name: s
     for s in (
-        Skill("add", "digit-wise addition modulo 10 of two 3-digit strings", _add),
-        Skill("sub", "digit-wise subtraction modulo 10 of two 3-digit strings", _sub),
+        Skill("inc", "add 1 to every digit (mod 10)", _inc),
+        Skill("dec", "subtract 1 from every digit (mod 10)", _dec),
         Skill("rev", "reverse a string of distinct letters", _rev),
-        Skill("sort", "sort a string of distinct letters", _sort),
-        Skill("caesar", "shift every letter by one (held out: no fine-tuning run emphasises it)", _caesar),
+        Skill("rot", "rotate a string of distinct letters left by one", _rot),
+        Skill("sort", "sort a multiset of letters (held out: no fine-tuning run emphasises it)", _sort),
     )
 }
-HELD_OUT = "caesar"
+HELD_OUT = "sort"
 
 
 def draw(skill: str, rng: random.Random) -> Example:
@@ -166,20 +166,33 @@ class TrainStream:
     """An endless, seeded stream of (prompt, answer) training pairs from a skill mixture.
 
     Prompts that appear in any evaluation split are never drawn, so scores
-    measure the skill rather than memorised questions.
+    measure the skill rather than memorised questions. `noise[skill]` is the
+    share of that skill's examples whose answer is its confusable partner's
+    (the first distractor): a corpus where "R:" sometimes means rotate, as
+    web text is ambiguous. A model pretrained on it knows both skills but not
+    which one the marker asks for, and that is what fine-tuning settles.
     """
 
-    def __init__(self, mixture: dict[str, float], held_out_prompts: set[str], seed: int | str) -> None:
+    def __init__(
+        self,
+        mixture: dict[str, float],
+        held_out_prompts: set[str],
+        seed: int | str,
+        noise: dict[str, float] | None = None,
+    ) -> None:
         self._names = [n for n, w in mixture.items() if w > 0]
         self._weights = [mixture[n] for n in self._names]
         self._exclude = held_out_prompts
+        self._noise = noise or {}
         self._rng = random.Random(seed)
 
     def take(self, n: int) -> list[tuple[str, str]]:
         out: list[tuple[str, str]] = []
         while len(out) < n:
             name = self._rng.choices(self._names, self._weights)[0]
-            prompt, answer, _ = SKILLS[name].make(self._rng)
+            prompt, answer, distractors = SKILLS[name].make(self._rng)
+            if self._rng.random() < self._noise.get(name, 0.0):
+                answer = distractors[0]
             if prompt not in self._exclude:
                 out.append((prompt, answer))
         return out
