@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives experiments clean
+.PHONY: install lint test demo bench exp-mwa exp-fisher clean
 
 $(STAMP): pyproject.toml
 	$(MAKE) install
@@ -35,6 +35,14 @@ demo: $(STAMP)
 
 bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
+
+# Experiments (issue 6): each builds what it needs, scores on the test split, and
+# writes CSV, Markdown and PNG to experiments/results/.
+exp-mwa: $(STAMP)
+	$(BIN)/python experiments/exp_mwa.py
+
+exp-fisher: $(STAMP)
+	$(BIN)/python experiments/exp_fisher.py
 
 clean:
 	rm -rf $(VENV) .venv-mergekit .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,151 @@
+"""Shared plumbing for the experiments on the demo pool (exp_mwa.py, exp_fisher.py).
+
+- `ensure_pool`: build (or reuse) `recycler zoo build` pools under the work dir.
+- `TestScorer`: one resident float32 model scoring weight sets on the zoo's
+  TEST split (the zoo's own `Scorer`, so the numbers agree with scores.json).
+- `linear_merge`: recycler's merge engine, `linear` with `normalize: true`,
+  with the zoo's base opened too so LoRA adapter dirs read as base + delta.
+- `one_thread`: the zoo's single-thread policy (tiny matrices, shared CPU).
+- small statistics / formatting helpers for the result tables.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import sys
+import time
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from recycler.merge.engine import merge_state_dict
+from recycler.merge.recipe import ModelSpec, Recipe
+from recycler.pool import Pool
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "experiments" / "results"
+DEFAULT_WORKDIR = ROOT / "experiments" / "_pools"  # git-ignored
+TRAINED = ("inc", "dec", "rev", "rot")
+HELD_OUT = "sort"
+
+
+class Clock:
+    """Progress lines with the seconds since start, on stdout."""
+
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def __call__(self, message: str) -> None:
+        print(f"[{self.elapsed():7.1f}s] {message}", flush=True)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """One torch thread and no transformers progress bars (as the zoo build does)."""
+    from transformers.utils import logging as hf_logging
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def ensure_pool(workdir: Path, size: str, seed: int, say: Clock) -> Path:
+    """The demo pool of this size and seed under `workdir`, built on first use (cached afterwards)."""
+    from recycler.zoo.build import build_zoo, read_marker
+
+    out = Path(workdir) / f"zoo-{size}-seed{seed}"
+    if read_marker(out) is None:
+        say(f"building pool {out} (size {size}, seed {seed}; ~2 min for small)")
+    return build_zoo(out, size=size, seed=seed, quiet=True)
+
+
+def runs_in(zoo: Path, sub: str) -> dict[str, list[Path]]:
+    """run name -> its checkpoint dirs under zoo/sub (sorted by step)."""
+    out: dict[str, list[Path]] = {}
+    for d in sorted((zoo / sub).iterdir()):
+        if d.is_dir() and "-step" in d.name:
+            out.setdefault(d.name.rsplit("-step", 1)[0], []).append(d)
+    for dirs in out.values():
+        dirs.sort(key=lambda d: int(d.name.rsplit("-step", 1)[1]))
+    return out
+
+
+def linear_merge(paths: Sequence[Path], weights: Sequence[float], base: Path | None) -> dict[str, torch.Tensor]:
+    """Σ w_i θ_i / Σ w_i in float32 through recycler's engine; adapters read as base + delta."""
+    return merge(paths, weights, base, "linear", {"normalize": True})
+
+
+def merge(
+    paths: Sequence[Path], weights: Sequence[float], base: Path | None, method: str, parameters: Mapping[str, Any]
+) -> dict[str, torch.Tensor]:
+    recipe = Recipe(
+        merge_method=method,
+        models=[ModelSpec(model=str(p), weight=float(w)) for p, w in zip(paths, weights)],
+        parameters=dict(parameters),
+        dtype="float32",
+    )
+    pool = Pool.from_paths(list(paths), base=base)
+    try:
+        return merge_state_dict(pool, recipe)
+    finally:
+        pool.close()
+
+
+class TestScorer:
+    """Scores weight sets on the zoo's TEST split: skill -> acc, plus the means the experiments report."""
+
+    def __init__(self, zoo: Path) -> None:
+        from recycler.zoo.scoring import Scorer
+
+        self.scorer = Scorer(zoo)
+        self.evaluations = 0
+
+    def score(self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = ()) -> dict[str, float]:
+        """inc..sort accuracies, `mean4` (the four trained skills), `zoo_mean` (all five, the zoo group),
+        and `own_mean` (the skills in `own`, e.g. the run's training mixture)."""
+        out = self.scorer.score(weights, splits=("test",))["test"]
+        self.evaluations += 1
+        acc = {skill: out[f"zoo_{skill}"]["acc"] for skill in (*TRAINED, HELD_OUT)}
+        row = dict(acc)
+        row["mean4"] = statistics.fmean(acc[s] for s in TRAINED)
+        row["zoo_mean"] = statistics.fmean(acc.values())
+        if own:
+            row["own_mean"] = statistics.fmean(acc[s] for s in own)
+        return row
+
+
+def mean_std(values: Sequence[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    vals = list(values)
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """'mean ± std' in percent (accuracy points)."""
+    m, s = mean_std(values)
+    return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine_note(seconds: float, n_seeds: int, built: int) -> str:
+    import os
+
+    return (
+        f"Measured: {seconds:.0f} s wall for {n_seeds} seed(s) on this machine ({os.cpu_count()} cores, shared), "
+        f"{built} pool(s) built during the run; one torch thread. Command: `{' '.join(sys.argv)}`."
+    )
