@@ -25,10 +25,8 @@ from pydantic import (
 
 from recycler.errors import RecyclerError
 
-METHOD_NAMES = ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher")
 # Methods that add task vectors to a base model: without `pool.base` they mean nothing.
 METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
-SAMPLER_NAMES = ("tpe", "nsga2", "gp", "random", "cmaes")
 SeedName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
 DEFAULT_SEEDS: tuple[SeedName, ...] = ("uniform", "singles", "mwa", "greedy")
 
@@ -184,7 +182,7 @@ class ObjectiveSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    tasks_dir: Path | None = None
+    tasks_dir: Path  # lm-eval's include_path: the folder of task YAMLs
     split: str = "dev"
     limit: int | None = Field(default=None, ge=1)
     batch_size: int = Field(default=32, ge=1)
@@ -204,7 +202,7 @@ class StudySpec(_Strict):
     merge: MergeSpec = Field(default_factory=MergeSpec)
     search: SearchSpec = Field(default_factory=SearchSpec)
     objectives: list[ObjectiveSpec] = Field(min_length=1)
-    eval: EvalSpec = Field(default_factory=EvalSpec)
+    eval: EvalSpec
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     # The folder of the study file: the root of every relative path. Not a YAML key.
     root: Path = Field(default=Path("."), exclude=True)
@@ -264,8 +262,8 @@ class StudySpec(_Strict):
         return None if self.pool.base is None else self.resolve(self.pool.base)
 
     @property
-    def tasks_dir(self) -> Path | None:
-        return None if self.eval.tasks_dir is None else self.resolve(self.eval.tasks_dir)
+    def tasks_dir(self) -> Path:
+        return self.resolve(self.eval.tasks_dir)
 
     def resolve(self, path: str | Path) -> Path:
         p = Path(path).expanduser()
@@ -333,7 +331,7 @@ def parse_study_spec(data: Any, path: Path) -> StudySpec:
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise RecyclerError(f"{path}: {key}: {message}{more}") from None
     tasks_dir = spec.tasks_dir
-    if tasks_dir is not None and not tasks_dir.is_dir():
+    if not tasks_dir.is_dir():
         raise RecyclerError(f"{path}: eval.tasks_dir: no such folder: {tasks_dir}")
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.parent.is_dir():

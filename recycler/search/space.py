@@ -233,7 +233,8 @@ def _from_exponential(us: list[float]) -> list[float]:
     fails with that reason rather than being silently clipped. All u = 1 (Σx = 0) is the
     limit of equal coordinates: the uniform weights.
     """
-    xs = [-math.log(u) if u > 0 else math.inf for u in us]
+    # 0.0 - log(1) is +0.0, where -log(1) would print as -0.0.
+    xs = [0.0 - math.log(u) if u > 0 else math.inf for u in us]
     total = sum(xs)
     if total == 0:
         return [1.0 / len(us)] * len(us)

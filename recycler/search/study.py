@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -41,6 +42,8 @@ MACRO = "macro"
 # A trial of another host is presumed dead once its heartbeat is this old (seconds).
 HEARTBEAT_INTERVAL = 30.0
 STALE_AFTER = 300.0
+# A trial nobody stamped as its owner within this many seconds of its start was orphaned.
+OWNERLESS_AFTER = 60.0
 
 
 @dataclass(frozen=True)
@@ -153,7 +156,10 @@ def open_study(
         else ["maximize" if o.maximize else "minimize" for o in objectives]
     )
     study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, directions=directions)
-    study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
+    with warnings.catch_warnings():
+        # Experimental since Optuna 3.2 and still the only way to name the objectives.
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
     study.set_user_attr(ATTR_OBJECTIVES, [o.as_dict() for o in objectives])
     study.set_user_attr(ATTR_SPACE, space_fingerprint)
     return StudyHandle(study, storage, created=True)
@@ -188,19 +194,21 @@ def _check_matches(
 # ---- trials left RUNNING by a process that died ------------------------------------------
 
 def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
+    """Why a RUNNING trial is presumed abandoned, or None while it may still be running."""
     owner = trial.user_attrs.get("owner")
+    started = trial.datetime_start.timestamp() if trial.datetime_start is not None else now
     if isinstance(owner, str):
         alive = _owner_alive(owner)
-        if alive is False:
-            return f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
-        if alive is True:
-            return None
-    beat = trial.user_attrs.get("heartbeat")
-    last = float(beat) if isinstance(beat, int | float) else (
-        trial.datetime_start.timestamp() if trial.datetime_start is not None else now
-    )
-    if now - last > STALE_AFTER:
-        return f"stale: no heartbeat for {now - last:.0f} s"
+        if alive is not None:  # an owner on this host: its process is alive or it is not
+            return None if alive else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+        beat = trial.user_attrs.get("heartbeat")
+        last = float(beat) if isinstance(beat, int | float) else started
+        if now - last > STALE_AFTER:
+            return f"stale: no heartbeat from {owner.rsplit(':', 2)[0]} for {now - last:.0f} s"
+        return None
+    # No owner yet: the process died between asking for the trial and stamping it.
+    if now - started > OWNERLESS_AFTER:
+        return f"stale: never claimed by a process ({now - started:.0f} s)"
     return None
 
 
@@ -228,7 +236,7 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
             continue  # another process finished or failed it first
         failed.append(trial.number)
         if trial.params:
-            attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline",)}
+            attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "greedy_members")}
             attrs["rerun_of"] = trial.number
             study.enqueue_trial(dict(trial.params), user_attrs=attrs)
     return failed
@@ -260,6 +268,8 @@ class TrialRecord:
     test_error: str | None = None
     cache_hit: int | None = None
     completed_at: float | None = None
+    user_members: list[str] | None = None  # a greedy-soup step's checkpoints
+    vector_dev: list[float] | None = None  # the objectives on dev, in the study's order
 
     def vector(self, objectives: Sequence[Objective], split: str = "dev") -> list[float] | None:
         src = self.objectives if split == "dev" else self.test_objectives
@@ -277,7 +287,7 @@ class StudyView:
 
     @property
     def complete(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.state == "COMPLETE" and t.vector(self.objectives) is not None]
+        return [t for t in self.trials if t.state == "COMPLETE" and t.vector_dev is not None]
 
     @property
     def maximize(self) -> list[bool]:
@@ -313,7 +323,10 @@ def view_of(study: optuna.Study) -> StudyView:
             test_error=test.get("error"),
             cache_hit=ua.get("cache_hit"),
             completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
+            user_members=ua.get("greedy_members"),
         ))
+    for r in records:
+        r.vector_dev = r.vector(objectives, "dev")
     return StudyView(study.study_name, objectives, records, attrs)
 
 

@@ -29,7 +29,7 @@ def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
             "sampler": "tpe",
             "n_trials": 40 if spec.size == "small" else 12,
             "seed": 0,
-            "seeds": ["uniform", "singles", "mwa"],
+            "seeds": ["uniform", "singles", "mwa", "greedy"],
         },
         "objectives": [{"name": s, "task": t, "metric": "acc"} for s, t in zip(skills, task_names)],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": None, "batch_size": spec.eval_batch_size},

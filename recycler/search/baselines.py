@@ -1,0 +1,131 @@
+"""Baseline trials, enqueued first so they live in the study and on the dashboard.
+
+- `uniform`: w_i = 1/n (the uniform soup).
+- `singles`: each checkpoint alone (one-hot weights).
+- `mwa_loss`, `mwa_step`: metric-weighted averaging from trainer_state.json
+  (w_i ∝ (1/loss_i)^p or step_i^p, recycler.merge.weights), with p = 0.65 for loss and
+  p = 1.0 for steps: the middle of the ranges Yu & Choi report as best.
+- `greedy`: the greedy soup (Wortsman et al. 2022): checkpoints sorted by their single
+  score (the macro-average of the objectives), each added to the soup only if the soup's
+  score does not drop. Its steps depend on scores, so they are enqueued one at a time as
+  the scores arrive; the state is recomputed from the stored trials, so a resumed search
+  picks up where the killed one stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from recycler.errors import RecyclerError
+from recycler.search.study import Objective, TrialRecord, macro_average
+
+MWA_PENALTY = {"loss": 0.65, "step": 1.0}
+SINGLE = "single:"
+GREEDY = "greedy"
+
+
+@dataclass(frozen=True)
+class Baseline:
+    label: str
+    weights: list[float]
+
+
+def fixed_baselines(names: Sequence[str], checkpoints: Sequence[Any], wanted: Sequence[str]) -> tuple[list[Baseline], list[str]]:
+    """The baselines whose weights are known before any score: (baselines, notes on skipped ones).
+
+    `checkpoints` are recycler.pool Checkpoints (for trainer_state.json), in pool order.
+    """
+    from recycler.merge.weights import mwa_weights, uniform_weights
+
+    n = len(names)
+    out: list[Baseline] = []
+    notes: list[str] = []
+    for label in wanted:
+        if label == "uniform":
+            out.append(Baseline("uniform", uniform_weights(n)))
+        elif label == "singles":
+            out.extend(Baseline(f"{SINGLE}{name}", [1.0 if j == i else 0.0 for j in range(n)]) for i, name in enumerate(names))
+        elif label in ("mwa_loss", "mwa_step"):
+            metric: Literal["loss", "step"] = "loss" if label == "mwa_loss" else "step"
+            try:
+                out.append(Baseline(label, mwa_weights(checkpoints, metric, MWA_PENALTY[metric])))
+            except RecyclerError as exc:
+                notes.append(f"baseline {label} skipped: {exc}")
+    return out, notes
+
+
+def is_final_baseline(record: TrialRecord, greedy_soup: int | None) -> bool:
+    """Baselines a front is compared with: every seeded trial but the greedy soup's trial steps."""
+    if record.number == greedy_soup:
+        return True
+    return record.baseline is not None and record.baseline != GREEDY
+
+
+def baseline_name(record: TrialRecord, greedy_soup: int | None) -> str | None:
+    if record.number == greedy_soup:
+        return "greedy_soup" if record.baseline in (None, GREEDY) else f"{record.baseline} (= greedy_soup)"
+    if record.baseline == GREEDY:
+        return None
+    return record.baseline
+
+
+@dataclass
+class GreedyState:
+    """Where the greedy soup stands. `next_members` is the next soup to evaluate."""
+
+    done: bool
+    blocked: bool = False
+    next_members: list[str] | None = None
+    soup_trial: int | None = None
+
+
+def greedy_state(records: Sequence[TrialRecord], names: Sequence[str], objectives: Sequence[Objective]) -> GreedyState:
+    """Replay the greedy soup over the stored trials."""
+    singles: dict[str, TrialRecord] = {}
+    for r in records:
+        if r.baseline and r.baseline.startswith(SINGLE):
+            name = r.baseline[len(SINGLE):]
+            if not _rerun(r):
+                singles[name] = r
+    scored: list[tuple[float, int, str, int]] = []
+    for i, name in enumerate(names):
+        single = singles.get(name)
+        if single is None or single.state in ("WAITING", "RUNNING"):
+            return GreedyState(done=False, blocked=True)
+        if single.state == "COMPLETE" and single.vector_dev is not None:
+            scored.append((macro_average(single.objectives, objectives), i, name, single.number))
+    if not scored:
+        return GreedyState(done=True)
+    scored.sort(key=lambda s: (-s[0], s[1]))
+    steps: dict[frozenset[str], TrialRecord] = {}
+    for r in records:
+        members = r.user_members
+        if r.baseline == GREEDY and members is not None and not _rerun(r):
+            steps[frozenset(members)] = r
+    best_score, _, first, soup_trial = scored[0]
+    soup = [first]
+    for _, _, name, _ in scored[1:]:
+        candidate = [n for n in names if n in soup or n == name]
+        step = steps.get(frozenset(candidate))
+        if step is None:
+            return GreedyState(done=False, next_members=candidate)
+        if step.state in ("WAITING", "RUNNING"):
+            return GreedyState(done=False, blocked=True)
+        if step.state == "COMPLETE" and step.vector_dev is not None:
+            score = macro_average(step.objectives, objectives)
+            if score >= best_score:
+                best_score, soup, soup_trial = score, candidate, step.number
+    return GreedyState(done=True, soup_trial=soup_trial)
+
+
+def _rerun(r: TrialRecord) -> bool:
+    """A trial failed because its process went away: its re-run (a later trial) counts instead."""
+    return r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted"))
+
+
+def members_weights(names: Sequence[str], members: Sequence[str]) -> list[float]:
+    """The uniform soup of `members`, as weights over all checkpoints."""
+    share = 1.0 / len(members)
+    return [share if n in members else 0.0 for n in names]

@@ -1,0 +1,257 @@
+"""The search end to end on the micro pool: real Optuna on SQLite, a real local Ray, real lm-eval.
+
+One Ray cluster serves every test here (RayEvaluator reuses an initialised Ray); the
+SIGKILL test runs `recycler search` as a subprocess, which starts its own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+
+from recycler.cli import main
+from recycler.config import load_study_spec
+from recycler.search.run import prepare, run_search
+from recycler.search.study import TEST_PREFIX
+
+OBJECTIVES = [{"name": "inc", "task": "zoo_inc", "metric": "acc"}, {"name": "rev", "task": "zoo_rev", "metric": "acc"}]
+
+
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(namespace="recycler", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    yield
+    ray.shutdown()
+
+
+def study_file(tmp_path: Path, zoo: Path, *, tasks_dir: Path | None = None, **sections: dict[str, Any]) -> Path:
+    """The zoo's study with absolute paths into the (read-only) zoo and its storage in tmp_path."""
+    data = yaml.safe_load((zoo / "study.yaml").read_text())
+    data["name"] = "e2e"
+    data["storage"] = "sqlite:///study.db"
+    data["pool"] = {"base": str(zoo / "base"), "checkpoints": [str(zoo / "checkpoints" / "*")]}
+    data["objectives"] = OBJECTIVES
+    data["eval"]["tasks_dir"] = str(tasks_dir or zoo / "tasks")
+    for key, value in sections.items():
+        data[key] = {**data.get(key, {}), **value}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def load(path: Path) -> optuna.Study:
+    spec = load_study_spec(path)
+    return optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+
+
+def finished(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
+    return [t for t in study.get_trials() if t.state.is_finished()]
+
+
+def cli(*argv: str | Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_search_front_export_report_and_resume(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 9, "seeds": ["uniform", "singles", "greedy"]})
+    started = time.perf_counter()
+    assert cli("search", study_path, capsys=capsys)[0] == 0
+    print(f"search of 9 trials: {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    study = load(study_path)
+    names = sorted(p.name for p in (micro_zoo / "checkpoints").iterdir())
+    trials = study.get_trials()
+    assert len(trials) == 9 and all(t.state.name == "COMPLETE" for t in trials)
+    assert study.metric_names == ["inc", "rev"]
+    # Baselines come first, with their exact weights, then the greedy soup's steps.
+    assert [t.user_attrs.get("baseline") for t in trials[:1 + len(names)]] == ["uniform", *(f"single:{n}" for n in names)]
+    assert trials[1].user_attrs["weights"] == {n: (1.0 if i == 0 else 0.0) for i, n in enumerate(names)}
+    assert any(t.user_attrs.get("baseline") == "greedy" for t in trials)
+    for t in trials:
+        ua = t.user_attrs
+        assert set(ua["weights"]) == set(names) and math.isclose(sum(ua["weights"].values()), 1.0, abs_tol=1e-5)
+        assert set(ua["dev"]) == {"zoo_inc", "zoo_rev"} and ua["objectives"] == {"inc": t.values[0], "rev": t.values[1]}
+        assert ua["dev"]["zoo_inc"]["acc"] == t.values[0]
+        assert ua["merge_seconds"] >= 0 and ua["eval_seconds"] >= 0
+        assert ua["recipe"]["merge_method"] == "linear"
+    fresh = [t for t in trials if "cache_hit" not in t.user_attrs]
+    assert all(t.user_attrs["eval_seconds"] > 0 for t in fresh)
+
+    # front --format json: the Pareto set by brute force over the dev scores, each re-scored on test.
+    code, out, _ = cli("front", study_path, "--format", "json", capsys=capsys)
+    assert code == 0
+    front = json.loads(out)
+    values = {t.number: t.values for t in trials}
+    brute = {n for n, v in values.items()
+             if not any(all(w[k] >= v[k] for k in range(2)) and w != v for w in values.values())}
+    assert {m["trial"] for m in front["front"]} == brute
+    assert front["knee"] in brute and front["hypervolume"] >= 0
+    for m in front["front"]:
+        test = study.user_attrs[f"{TEST_PREFIX}{m['trial']}"]
+        assert set(test["objectives"]) == {"inc", "rev"} and set(test["metrics"]) == {"zoo_inc", "zoo_rev"}
+    code, out, _ = cli("front", study_path, "--split", "test", "--format", "csv", capsys=capsys)
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert code == 0 and {int(r["trial"]) for r in rows if r["role"] == "front"} == brute
+    for r in rows:
+        assert r["inc"] != "" and r["rev"] != ""  # baselines were re-scored on test too
+    code, out, _ = cli("front", study_path, capsys=capsys)
+    assert code == 0 and "Pareto set of study e2e" in out and "hypervolume on dev" in out
+
+    # export the knee; the exported model, evaluated again, scores what its trial scored.
+    out_dir = tmp_path / "knee"
+    code, out, _ = cli("export", study_path, out_dir, capsys=capsys)
+    assert code == 0 and f"exported trial {front['knee']}" in out
+    from recycler.evaluate.model import ResidentModel
+    from recycler.evaluate.runner import evaluate_tasks
+
+    rescored = evaluate_tasks(ResidentModel(out_dir, dtype=__import__("torch").float32), micro_zoo / "tasks",
+                              ["zoo_inc", "zoo_rev"], "dev", batch_size=64)
+    stored = study.trials[front["knee"]].user_attrs["dev"]
+    assert {t: m["acc"] for t, m in rescored.items()} == {t: m["acc"] for t, m in stored.items()}
+    card = (out_dir / "README.md").read_text()
+    assert f"trial: {front['knee']}" in card and "scores on dev" in card and "scores on test" in card
+    assert (out_dir / "recipe.yaml").is_file()
+    code, _, err = cli("export", study_path, tmp_path / "best", "--pick", "best:rev", capsys=capsys)
+    assert code == 0, err
+    best_rev = max(trials, key=lambda t: (t.values[1], -t.number)).number
+    assert f"trial: {best_rev}" in (tmp_path / "best" / "README.md").read_text()
+
+    # report: HTML and the three plots.
+    code, _, err = cli("report", study_path, tmp_path / "report", capsys=capsys)
+    assert code == 0, err
+    html = (tmp_path / "report" / "index.html").read_text()
+    for png in ("pareto.png", "hypervolume.png", "weights.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 5000 and png in html
+
+    # Resume to 11 in total: the first 9 stay as they were.
+    run_search(study_path, 11)
+    again = load(study_path).get_trials()
+    assert len(finished(load(study_path))) == 11
+    assert [(t.params, t.values) for t in again[:9]] == [(t.params, t.values) for t in trials]
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # A test split whose last question has no choices: lm-eval builds the task (it checks the
+    # first question only), the search on dev works, and scoring test fails inside lm-eval.
+    tasks = tmp_path / "tasks"
+    shutil.copytree(micro_zoo / "tasks", tasks)
+    data = tasks / "data" / "rev.test.jsonl"
+    rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
+    rows[-1]["choices"] = []
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    study_path = study_file(tmp_path, micro_zoo, tasks_dir=tasks, search={"n_trials": 3, "seeds": ["uniform"]})
+    prepared = prepare(load_study_spec(study_path))
+    # A proposal whose simplex coordinate is 0 gives -log(0) = inf: non-finite weights.
+    bad = {name: 0.0 for name in prepared.space.param_names()}
+    prepared.handle.study.enqueue_trial(bad, user_attrs={"note": "bad"})
+    assert cli("search", study_path, capsys=capsys)[0] == 0
+    study = load(study_path)
+    states = [t.state.name for t in study.get_trials()]
+    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    assert study.trials[1].user_attrs["fail_reason"].startswith("non-finite weights")
+    errors = [v["error"] for k, v in study.user_attrs.items() if k.startswith(TEST_PREFIX)]
+    assert errors and all(e.startswith("ValueError: ") for e in errors)
+    code, out, _ = cli("front", study_path, "--split", "test", capsys=capsys)
+    assert code == 0 and "n/a" in out
+
+    # A merge that overflows: every trial fails in the worker with the tensor named, none is lost.
+    other = tmp_path / "overflow"
+    other.mkdir()
+    path = study_file(other, micro_zoo, merge={"dtype": "float16", "params": {"normalize": False}},
+                      search={"weights": "box", "bounds": [1.0e6, 2.0e6], "n_trials": 2, "seeds": ["uniform"],
+                              "sampler": "random"})
+    assert cli("search", path, capsys=capsys)[0] == 0
+    failed = load(path).get_trials()
+    assert [t.state.name for t in failed] == ["FAIL", "FAIL"]
+    assert all("non-finite values" in t.user_attrs["fail_reason"] for t in failed)
+    code, _, err = cli("front", path, capsys=capsys)
+    assert code == 2 and err.startswith("recycler: error: study 'e2e' has no completed trial yet")
+
+
+def _states(db_url: str) -> list[str]:
+    """Trial states; a running trial counts once its process has stamped it as its own."""
+    try:
+        study = optuna.load_study(study_name="e2e", storage=db_url)
+    except Exception:  # the subprocess has not created it yet
+        return []
+    return [
+        "CLAIMING" if t.state.name == "RUNNING" and "owner" not in t.user_attrs else t.state.name
+        for t in study.get_trials(deepcopy=False)
+    ]
+
+
+def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray_cluster: None) -> None:
+    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 6, "seeds": ["uniform", "singles"]})
+    url = load_study_spec(study_path).storage_url
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            states = _states(url)
+            if states.count("COMPLETE") >= 2 and "RUNNING" in states:
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.1)
+        else:
+            pytest.fail(f"no trial running after 300 s: {_states(url)}")
+        os.kill(proc.pid, signal.SIGKILL)  # the driver, at a moment a trial is in flight
+        proc.wait(timeout=30)
+    finally:
+        # Ray's own processes of that driver (same session) are left behind by a SIGKILL: clean up.
+        with __import__("contextlib").suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = optuna.load_study(study_name="e2e", storage=url).get_trials()
+    complete_before = {t.number: (t.params, t.values) for t in before if t.state.name == "COMPLETE"}
+    running = [t for t in before if t.state.name == "RUNNING"]
+    assert len(running) == 1 and len(complete_before) >= 2
+
+    run_search(study_path, None)  # resume in this process (the shared Ray)
+    after = optuna.load_study(study_name="e2e", storage=url).get_trials()
+    for number, (params, values) in complete_before.items():
+        assert (after[number].params, after[number].values) == (params, values)  # nothing completed is lost
+    stale = after[running[0].number]
+    assert stale.state.name == "FAIL" and stale.user_attrs["fail_reason"].startswith("stale: the process")
+    reruns = [t for t in after if t.user_attrs.get("rerun_of") == stale.number]
+    assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE" and reruns[0].params == stale.params
+    counted = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get("stale"))]
+    assert len(counted) == 6 and all(t.state.name == "COMPLETE" for t in counted)
+
+
+def test_demo_on_the_micro_pool(tmp_path: Path, micro_zoo: Path, ray_cluster: None,
+                                capsys: pytest.CaptureFixture[str]) -> None:
+    # The demo reuses a complete pool in its work folder: give it a copy of the shared one.
+    shutil.copytree(micro_zoo, tmp_path / "zoo-micro")
+    code, out, err = cli("demo", "--workdir", tmp_path, "--size", "micro", "--n-trials", "8", capsys=capsys)
+    assert code == 0, err
+    assert "the micro pool in" in err and "Pareto set of study zoo-micro" in out
+    assert (tmp_path / "knee-model" / "config.json").is_file()
+    assert (tmp_path / "report" / "index.html").is_file()
+    assert "recycler dashboard" in out and "demo done in" in out
+    assert len(finished(load(tmp_path / "zoo-micro" / "study.yaml"))) == 8
