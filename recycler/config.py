@@ -13,7 +13,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -24,6 +23,7 @@ from pydantic import (
 )
 
 from recycler.errors import RecyclerError
+from recycler.yaml_file import load_yaml
 
 # Methods that add task vectors to a base model: without `pool.base` they mean nothing.
 METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
@@ -341,17 +341,4 @@ def parse_study_spec(data: Any, path: Path) -> StudySpec:
 
 def load_study_spec(path: Path) -> StudySpec:
     """Read and validate a study file; RecyclerError naming the key on any problem."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise RecyclerError(f"{path}: no such study file") from None
-    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
-        raise RecyclerError(f"{path}: cannot read the study file: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or "syntax error"
-        raise RecyclerError(f"{path}: not valid YAML{where}: {problem}") from None
-    return parse_study_spec(data, path)
+    return parse_study_spec(load_yaml(path, "study"), path)

@@ -128,7 +128,7 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
          "study.yaml: pool.base: required by merge.method ties"),
         (merged(pool={"checkpoints": []}), "study.yaml: pool.checkpoints: list should have at least 1 item"),
         ([1, 2], "study.yaml: the study file must be a YAML mapping of keys"),
-        ("name: [unclosed\n", "study.yaml: not valid YAML at line 2"),
+        ("name: [unclosed\n", "study.yaml: YAML syntax error at line 2"),
     ],
 )
 def test_bad_study_files_name_the_key(tmp_path: Path, data: Any, expected: str) -> None:

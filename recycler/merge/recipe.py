@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.yaml_file import load_yaml
 
 DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -80,18 +81,7 @@ class Recipe:
     # ---- reading -----------------------------------------------------------------
     @classmethod
     def from_yaml_file(cls, path: Path) -> Recipe:
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise RecyclerError(f"{path}: cannot read: {exc.strerror or exc}") from None
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or "invalid YAML"
-            raise RecyclerError(f"{path}: YAML syntax error{where}: {problem}") from None
-        return cls.from_dict(data, where=str(path))
+        return cls.from_dict(load_yaml(path, "recipe"), where=str(path))
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "recipe") -> Recipe:
