@@ -57,13 +57,28 @@ def start_ray(address: str | None) -> bool:
 
 
 class RayEvaluator:
-    def __init__(self, cfg: WorkerConfig, *, address: str | None, n_workers: int, gpus_per_worker: float) -> None:
+    def __init__(
+        self,
+        cfg: WorkerConfig,
+        *,
+        address: str | None,
+        n_workers: int,
+        gpus_per_worker: float,
+        shard_workers: int = 1,
+        merge_method: str = "linear",
+        max_piece_bytes: int | None = None,
+    ) -> None:
+        """`shard_workers` > 1: the pool lives in that many ShardWorker actors, split by a
+        shard plan for `merge_method` (`max_piece_bytes` caps a piece, else a fair share);
+        the evaluation workers then hold only the model."""
         import ray
 
         self._idle: list[Any] = []
         self._pending: dict[Any, tuple[int, Any]] = {}
+        self._shards: list[Any] = []
         self._started = start_ray(address)
-        self.cfg = cfg
+        sharded = shard_workers > 1
+        self.cfg = WorkerConfig(**{**cfg.__dict__, "hold_pool": False}) if sharded else cfg
         self.n_workers = n_workers
         resources = ray.cluster_resources()
         cpus = float(resources.get("CPU", 1.0))
@@ -71,25 +86,53 @@ class RayEvaluator:
         # than CPUs, so that they all start). Torch gets one thread fewer than the share:
         # the driver, Ray and lm-eval's Python need a core, and an oversubscribed torch
         # spins: on 2 busy cores a small model scored in 25 s with 2 threads, 1.4 s with 1.
-        share = cpus / n_workers
+        actors = n_workers + (shard_workers if sharded else 0)
+        share = cpus / actors
         self.cpus_per_worker: float = float(int(share)) if share >= 1 else share
         self.threads = max(1, int(share) - 1)
         self.gpus_per_worker = gpus_per_worker
         gpus = float(resources.get("GPU", 0.0))
-        if gpus_per_worker * n_workers > gpus and address is None:
+        if gpus_per_worker * actors > gpus and address is None:
             # A local cluster never grows: the workers would wait for GPUs forever.
             self.close()
             raise RecyclerError(
-                f"cluster.gpus_per_worker: {n_workers} worker(s) × {gpus_per_worker} GPU need "
-                f"{gpus_per_worker * n_workers:g} GPUs; this machine's Ray sees {gpus:g}"
+                f"cluster.gpus_per_worker: {actors} worker(s) × {gpus_per_worker} GPU need "
+                f"{gpus_per_worker * actors:g} GPUs; this machine's Ray sees {gpus:g}"
             )
         self._remote = ray.remote(TrialWorker)
         try:
+            if sharded:
+                self._shards, self.shard_infos = self._start_shards(shard_workers, merge_method, max_piece_bytes)
             self._idle = [self._spawn() for _ in range(n_workers)]
             self.infos = self._wait_ready(self._idle)
         except BaseException:
             self.close()
             raise
+
+    def _start_shards(
+        self, n_shards: int, merge_method: str, max_piece_bytes: int | None
+    ) -> tuple[list[Any], list[dict[str, Any]]]:
+        import ray
+
+        from recycler.cluster.shard_worker import ShardConfig, ShardWorker
+        from recycler.cluster.shards import plan_shards, pool_sizes
+        from recycler.pool import Pool
+
+        pool = Pool.open(list(self.cfg.checkpoints), self.cfg.base)  # headers only
+        self.plan = plan_shards(pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes)
+        remote: Any = ray.remote(ShardWorker)
+        shards: list[Any] = [
+            remote.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker).remote(
+                ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
+            )
+            for pieces in self.plan.shards
+        ]
+        try:
+            return shards, list(ray.get([s.ready.remote() for s in shards]))
+        except ray.exceptions.RayActorError as exc:
+            for s in shards:
+                ray.kill(s)
+            raise RecyclerError(f"a shard worker could not start: {_cause(exc)}") from None
 
     @classmethod
     def from_spec(cls, spec: Any, pool: Any, objectives: Sequence[Any]) -> RayEvaluator:
@@ -107,7 +150,10 @@ class RayEvaluator:
             dtype=spec.merge.dtype,
             device="cuda" if gpus > 0 else "cpu",
         )
-        return cls(cfg, address=spec.cluster.address, n_workers=spec.cluster.eval_workers, gpus_per_worker=gpus)
+        return cls(
+            cfg, address=spec.cluster.address, n_workers=spec.cluster.eval_workers, gpus_per_worker=gpus,
+            shard_workers=spec.cluster.shard_workers, merge_method=spec.merge.method,
+        )
 
     def _spawn(self) -> Any:
         cfg = WorkerConfig(**{**self.cfg.__dict__, "threads": self.threads})
@@ -134,7 +180,13 @@ class RayEvaluator:
         if not self._idle:
             raise RuntimeError("submit with every worker busy: the caller keeps one trial per worker")
         actor = self._idle.pop()
-        ref = actor.evaluate.remote(recipe, split)
+        if self._shards:
+            # Every shard worker merges its pieces; the evaluation worker fetches them (nested
+            # refs, so it sees a failed shard as its own error and fetches one shard at a time).
+            pieces = [s.merge.remote(recipe) for s in self._shards]
+            ref = actor.evaluate_pieces.remote(pieces, split)
+        else:
+            ref = actor.evaluate.remote(recipe, split)
         self._pending[ref] = (ticket, actor)
 
     def wait(self) -> list[tuple[int, EvalResult]]:
@@ -166,10 +218,10 @@ class RayEvaluator:
 
         if not ray.is_initialized():
             return
-        for actor in [*self._idle, *(a for _, a in self._pending.values())]:
+        for actor in [*self._idle, *(a for _, a in self._pending.values()), *self._shards]:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor)
-        self._idle, self._pending = [], {}
+        self._idle, self._pending, self._shards = [], {}, []
         if self._started:
             ray.shutdown()
             self._started = False

@@ -14,6 +14,7 @@ Pure functions on names, shapes and byte counts: no Ray, no tensors.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -83,7 +84,7 @@ def plan_shards(
             row_bytes = t.nbytes // rows
             bounds = [rows * k // n_blocks for k in range(n_blocks + 1)]
             pieces += [
-                Piece(t.name, lo, hi, (hi - lo) * row_bytes, whole=False) for lo, hi in zip(bounds, bounds[1:])
+                Piece(t.name, lo, hi, (hi - lo) * row_bytes, whole=False) for lo, hi in itertools.pairwise(bounds)
             ]
         else:
             pieces.append(Piece(t.name, 0, rows, t.nbytes))

@@ -40,6 +40,7 @@ class WorkerConfig:
     dtype: str  # the merge's dtype: the resident model is kept in it
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
+    hold_pool: bool = True  # False: the pool lives in shard workers (evaluate_pieces), only the model here
 
 
 class ResidentShard:
@@ -118,8 +119,10 @@ class TrialWorker:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
         start = time.perf_counter()
-        self.pool = Pool.open(list(cfg.checkpoints), cfg.base)
-        self.shard = ResidentShard(self.pool, self.pool.tensor_names, cfg.device)
+        self.shard: ResidentShard | None = None
+        if cfg.hold_pool:
+            self.pool = Pool.open(list(cfg.checkpoints), cfg.base)
+            self.shard = ResidentShard(self.pool, self.pool.tensor_names, cfg.device)
         from pathlib import Path
 
         self.model = ResidentModel(Path(cfg.model_dir), device=cfg.device, dtype=DTYPES[cfg.dtype])
@@ -129,8 +132,8 @@ class TrialWorker:
         """Called once after start: proves the worker is up and says what it holds."""
         return {
             "pid": os.getpid(),
-            "tensors": len(self.shard.names),
-            "resident_bytes": self.shard.nbytes,
+            "tensors": len(self.shard.names) if self.shard is not None else 0,
+            "resident_bytes": self.shard.nbytes if self.shard is not None else 0,
             "start_seconds": round(self.start_seconds, 3),
         }
 
@@ -138,17 +141,58 @@ class TrialWorker:
         """Merge, load into the resident model, score with lm-eval. Never raises: failures are results."""
         merge_seconds = eval_seconds = 0.0
         try:
-            from pathlib import Path
-
-            from recycler.evaluate.runner import evaluate_tasks
             from recycler.merge.recipe import Recipe
 
+            if self.shard is None:
+                raise RuntimeError("this evaluation worker holds no pool: use evaluate_pieces")
             start = time.perf_counter()
             recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
             merged = self.shard.merge(recipe)
             self.model.load_tensors(merged)
             del merged
             merge_seconds = time.perf_counter() - start
+            return self._score(split, merge_seconds)
+        except BaseException as exc:  # the study goes on whatever one trial did
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
+
+    def evaluate_pieces(self, piece_refs: list[Any], split: str) -> EvalResult:
+        """Score a merge done by the shard workers: `piece_refs` are their `merge` results
+        (Ray ObjectRefs, each a list of MergedPiece); the pieces are copied into the
+        resident model in place. Never raises: failures are results."""
+        merge_seconds = 0.0
+        try:
+            import ray
+
+            from recycler.cluster.shard_worker import assemble, check_complete
+
+            start = time.perf_counter()
+            written: set[str] = set()
+            # One shard's pieces at a time: each is released before the next is fetched.
+            for ref in piece_refs:
+                try:
+                    pieces = ray.get(ref)
+                except ray.exceptions.RayTaskError as exc:
+                    raise (exc.cause if isinstance(exc.cause, BaseException) else exc) from None
+                written |= assemble(self.model, pieces)
+                del pieces
+            check_complete(self.model, sorted(written))
+            merge_seconds = time.perf_counter() - start
+            return self._score(split, merge_seconds)
+        except BaseException as exc:  # the study goes on whatever one trial did
+            if isinstance(exc, KeyboardInterrupt | SystemExit):
+                raise
+            return EvalResult(ok=False, merge_seconds=merge_seconds, error=describe_failure(exc))
+
+    def _score(self, split: str, merge_seconds: float) -> EvalResult:
+        """lm-eval on the resident model as it is now."""
+        eval_seconds = 0.0
+        try:
+            from pathlib import Path
+
+            from recycler.evaluate.runner import evaluate_tasks
+
             start = time.perf_counter()
             metrics = evaluate_tasks(
                 self.model, Path(self.cfg.tasks_dir), list(self.cfg.tasks), split,
