@@ -250,3 +250,40 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path,
             got = piece.tensor()
             expect = ref[piece.name][piece.start : piece.start + got.shape[0]].cpu()
             assert torch.equal(got, expect), piece.name
+
+
+@pytest.mark.parametrize("victim", ["evaluation", "shard"])
+def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_zoo: Path, ray_cluster: None) -> None:
+    import os
+    import signal
+
+    import ray
+
+    from recycler.cluster.evaluator import RayEvaluator
+    from recycler.cluster.worker import WorkerConfig
+
+    ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
+    cfg = WorkerConfig(
+        checkpoints=ckpts, base=str(micro_zoo / "base"), model_dir=str(micro_zoo / "base"),
+        tasks_dir=str(micro_zoo / "tasks"), tasks=("zoo_inc",), limit=24, batch_size=64, dtype="bfloat16",
+    )
+    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, merge_method="linear")
+    try:
+        recipe = recipe_dict(micro_zoo, "linear", "bfloat16")
+        ev.submit(0, recipe, "dev")
+        [(_, before)] = ev.wait()
+        assert before.ok, before.error
+        pid = ev.infos[0]["pid"] if victim == "evaluation" else ev.shard_infos[0]["pid"]
+        ev.submit(1, recipe, "dev")
+        os.kill(pid, signal.SIGKILL)  # while it serves trial 1
+        [(ticket, after)] = ev.wait()
+        # Restarted, its part reloaded, the trial retried: the same scores as before.
+        assert ticket == 1 and after.ok, after.error
+        assert after.metrics == before.metrics
+        actor = ev._idle[0] if victim == "evaluation" else ev._shards[0]
+        assert ray.get(actor.ready.remote())["pid"] != pid
+        ev.submit(2, recipe, "dev")
+        [(_, again)] = ev.wait()
+        assert again.ok and again.metrics == before.metrics
+    finally:
+        ev.close()

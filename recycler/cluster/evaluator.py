@@ -122,7 +122,11 @@ class RayEvaluator:
         self.plan = plan_shards(pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes)
         remote: Any = ray.remote(ShardWorker)
         shards: list[Any] = [
-            remote.options(num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker).remote(
+            # A shard worker that dies is restarted (reloading its pieces) and the merge it
+            # was serving is retried once, like an evaluation worker's trial.
+            remote.options(
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1
+            ).remote(
                 ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
             )
             for pieces in self.plan.shards
