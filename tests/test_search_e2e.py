@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import io
+import itertools
 import json
 import logging
 import math
@@ -255,3 +256,20 @@ def test_demo_on_the_micro_pool(tmp_path: Path, micro_zoo: Path, ray_cluster: No
     assert (tmp_path / "report" / "index.html").is_file()
     assert "recycler dashboard" in out and "demo done in" in out
     assert len(finished(load(tmp_path / "zoo-micro" / "study.yaml"))) == 8
+
+
+def test_search_with_two_evaluation_and_two_shard_workers(tmp_path: Path, micro_zoo: Path, ray_cluster: None) -> None:
+    """The same study end to end with the pool sharded and two trials in flight."""
+    study_path = study_file(
+        tmp_path, micro_zoo,
+        cluster={"shard_workers": 2, "eval_workers": 2},
+        search={"n_trials": 8, "seeds": ["uniform"]},
+        eval={"limit": 16},
+    )
+    run_search(study_path, None)
+    trials = finished(load(study_path))
+    assert len(trials) == 8
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
+    # Two workers overlapped: some trial started before the one before it finished.
+    ordered = sorted(trials, key=lambda t: t.datetime_start)
+    assert any(b.datetime_start < a.datetime_complete for a, b in itertools.pairwise(ordered))
