@@ -35,6 +35,7 @@ demo: $(STAMP)
 
 bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
+	$(BIN)/python experiments/bench_ray.py
 
 # Experiments (issue 6): each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.
