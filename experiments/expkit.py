@@ -11,11 +11,10 @@
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +23,7 @@ import torch
 from recycler.merge.engine import merge_state_dict
 from recycler.merge.recipe import ModelSpec, Recipe
 from recycler.pool import Pool
+from recycler.zoo.build import quiet_libraries
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -45,18 +45,8 @@ class Clock:
         print(f"[{self.elapsed():7.1f}s] {message}", flush=True)
 
 
-@contextlib.contextmanager
-def one_thread() -> Iterator[None]:
-    """One torch thread and no transformers progress bars (as the zoo build does)."""
-    from transformers.utils import logging as hf_logging
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+# The zoo's own policy: one torch thread, no transformers progress bars, restored after.
+one_thread = quiet_libraries
 
 
 def ensure_pool(workdir: Path, size: str, seed: int, say: Clock) -> Path:

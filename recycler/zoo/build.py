@@ -136,7 +136,7 @@ class _Progress:
 
 
 @contextlib.contextmanager
-def _quiet_libraries() -> Iterator[None]:
+def quiet_libraries() -> Iterator[None]:
     """One torch thread, no transformers progress bars; restored afterwards.
 
     One thread: the zoo's matrices are tiny, so a second thread mostly adds
@@ -179,7 +179,7 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
         seconds[stage] = round(now - clock, 2)
         clock = now
 
-    with _quiet_libraries():
+    with quiet_libraries():
         data = eval_sets(seed, spec.eval_per_split)
         exclude = {e.prompt for splits in data.values() for exs in splits.values() for e in exs}
         task_names = write_tasks(out_dir / "tasks", data)
