@@ -148,3 +148,11 @@ def test_magnitude_trim_keeps_exactly_k_and_breaks_ties_by_index() -> None:
     trimmed = magnitude_trim(big, 0.3)
     assert int((trimmed != 0).sum()) == 3000
     assert trimmed.abs().min() == 0 and (big.abs() > trimmed[trimmed != 0].abs().min()).sum() <= 3000
+
+
+def test_overflow_in_the_output_dtype_is_detected() -> None:
+    # Finite in the fp32 accumulator, infinite once cast to fp16.
+    xs = [torch.full((10,), 60000.0), torch.full((10,), 60000.0)]
+    with pytest.raises(NonFiniteError):
+        linear_combination(xs, [1.0, 1.0], torch.float16)
+    assert torch.isfinite(linear_combination(xs, [1.0, 1.0], torch.float32)).all()

@@ -80,11 +80,13 @@ def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: 
             else:
                 tmp.copy_(x[lo:hi])
                 acc.add_(tmp, alpha=c)
-        # A NaN or inf anywhere makes the sum non-finite: one cheap reduction while
-        # the chunk is in cache (the exact test runs only if it fires).
-        if not torch.isfinite(acc.sum()) and not bool(torch.isfinite(acc).all()):
+        chunk = out[lo:hi]
+        chunk.copy_(acc)
+        # Tested after the cast, which can overflow (fp16 tops out at 65504). A NaN or
+        # inf anywhere makes the sum non-finite: one cheap reduction while the chunk is
+        # in cache (the exact test runs only if it fires).
+        if not torch.isfinite(chunk.sum()) and not bool(torch.isfinite(chunk).all()):
             raise NonFiniteError
-        out[lo:hi].copy_(acc)
 
 
 def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
