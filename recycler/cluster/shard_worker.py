@@ -137,7 +137,6 @@ class ShardWorker:
         return [to_piece(p.name, p.start, p.whole, t) for p, t in self.merge_tensors(recipe_dict)]
 
     def merge_tensors(self, recipe_dict: dict[str, Any]) -> list[tuple[Piece, torch.Tensor]]:
-        import torch
 
         from recycler.errors import RecyclerError
         from recycler.merge.engine import merge_tensor
@@ -157,14 +156,13 @@ class ShardWorker:
         out: list[tuple[Piece, torch.Tensor]] = []
         for p in self.pieces:
             try:
-                merged: torch.Tensor | None = merge_tensor(
+                merged = merge_tensor(
                     recipe, p.name, self.versions[p], base.get(p),
                     n_layers=self.pool.n_layers, fishers=fishers.get(p, ()), row_offset=p.start,
                 )
             except NonFiniteError:
-                merged = None
-            if merged is None or (merged.dtype.is_floating_point and not bool(torch.isfinite(merged).all())):
-                raise RecyclerError(f"tensor {p.name}: the merge has non-finite values (NaN or inf)")
+                # merge_tensor's guarantee: what it returns is finite, so no second pass here.
+                raise RecyclerError(f"tensor {p.name}: the merge has non-finite values (NaN or inf)") from None
             out.append((p, merged))
         return out
 

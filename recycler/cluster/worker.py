@@ -79,7 +79,6 @@ class ResidentShard:
 
     def merge(self, recipe: Any) -> dict[str, Any]:
         """The merged tensors for `recipe` (a recycler Recipe), in the recipe's dtype."""
-        import torch
 
         from recycler.errors import RecyclerError
         from recycler.merge.engine import merge_tensor
@@ -98,9 +97,8 @@ class ResidentShard:
                     n_layers=self.pool.n_layers, fishers=fishers.get(name, ()),
                 )
             except NonFiniteError:
-                merged = None
-            if merged is None or (merged.dtype.is_floating_point and not bool(torch.isfinite(merged).all())):
-                raise RecyclerError(f"tensor {name}: the merge has non-finite values (NaN or inf)")
+                # merge_tensor's guarantee: what it returns is finite, so no second pass here.
+                raise RecyclerError(f"tensor {name}: the merge has non-finite values (NaN or inf)") from None
             out[name] = merged
         return out
 
