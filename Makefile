@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench exp-mwa exp-fisher clean
+.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives clean
 
 $(STAMP): pyproject.toml
 	$(MAKE) install
@@ -39,6 +39,17 @@ bench: $(STAMP) $(MERGEKIT)
 
 # Experiments (issue 6): each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.
+# Experiments 1, 4 and 5 share their searches (experiments/searchkit.py, stored under
+# experiments/_runs/): the first target run pays for them, the others read them back.
+exp-recycle: $(STAMP)
+	$(BIN)/python experiments/exp_recycle.py
+
+exp-samplers: $(STAMP)
+	$(BIN)/python experiments/exp_samplers.py
+
+exp-objectives: $(STAMP)
+	$(BIN)/python experiments/exp_objectives.py
+
 exp-mwa: $(STAMP)
 	$(BIN)/python experiments/exp_mwa.py
 

@@ -108,6 +108,7 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         (merged(merge={"params": {"normalize": 1}}), "study.yaml: merge.params: normalize: must be true or false"),
         (merged(search={"n_trials": 0}), "study.yaml: search.n_trials: input should be greater than or equal to 1"),
         (merged(search={"seeds": ["greedy"]}), "study.yaml: search.seeds: greedy is built from the single-checkpoint scores"),
+        (merged(search={"sampler": "cmaes", "objective": "pareto"}), "study.yaml: search.objective: cmaes optimises one value"),
         (merged(search={"seeds": ["uniform", "uniform"]}), "study.yaml: search.seeds: a baseline is listed twice"),
         (merged(search={"seeds": ["best"]}), "study.yaml: search.seeds.0: must be one of uniform, singles"),
         (merged(objectives=[]), "study.yaml: objectives: list should have at least 1 item"),

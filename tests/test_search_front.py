@@ -130,11 +130,14 @@ class ToyEvaluator:
         pass
 
 
-def toy_study(tmp_path: Path, sampler: str = "tpe", n: int = 3) -> Prepared:
+def toy_study(tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str | None = None) -> Prepared:
+    search: dict[str, object] = {"sampler": sampler, "seed": 1, "seeds": ["uniform", "singles"]}
+    if objective is not None:
+        search["objective"] = objective
     data = {
         "name": "toy", "storage": "sqlite:///toy.db",
         "pool": {"checkpoints": [f"c{i}" for i in range(n)]},
-        "search": {"sampler": sampler, "seed": 1, "seeds": ["uniform", "singles"]},
+        "search": search,
         "eval": {"tasks_dir": "."},
         "objectives": [{"name": "quality", "task": "toy_q", "metric": "acc", "direction": "maximize"},
                        {"name": "cost", "task": "toy_c", "metric": "loss", "direction": "minimize"}],
@@ -206,9 +209,12 @@ def test_resumed_study_continues_to_the_total(tmp_path: Path) -> None:
     assert all(t.params not in first for t in trials[6:])
 
 
-def test_cmaes_optimises_the_macro_average_and_keeps_every_objective(tmp_path: Path) -> None:
+@pytest.mark.parametrize(("sampler", "objective"), [("cmaes", None), ("tpe", "macro_average")])
+def test_scalarised_study_optimises_the_macro_average_and_keeps_every_objective(
+    tmp_path: Path, sampler: str, objective: str | None
+) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    prepared = toy_study(tmp_path, sampler="cmaes")
+    prepared = toy_study(tmp_path, sampler=sampler, objective=objective)
     with SearchDriver(prepared, ToyEvaluator, capacity=1) as driver:
         driver.run(10)
     study = prepared.handle.study

@@ -287,3 +287,38 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_z
         assert again.ok and again.metrics == before.metrics
     finally:
         ev.close()
+
+
+def test_placement_group_holds_every_worker_and_is_released(micro_zoo: Path, ray_cluster: None) -> None:
+    import ray
+    from ray.util.placement_group import placement_group_table
+
+    from recycler.cluster.evaluator import RayEvaluator
+    from recycler.cluster.worker import WorkerConfig
+
+    ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
+    cfg = WorkerConfig(
+        checkpoints=ckpts, base=str(micro_zoo / "base"), model_dir=str(micro_zoo / "base"),
+        tasks_dir=str(micro_zoo / "tasks"), tasks=("zoo_inc",), limit=24, batch_size=64, dtype="bfloat16",
+    )
+    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, placement="strict_pack")
+    try:
+        group = ev._placement_group
+        facts = [*ev.shard_infos, *ev.infos]
+        # Every worker (2 shard + 1 evaluation) runs in its own bundle of the one group.
+        assert {f["placement_group"] for f in facts} == {group.id.hex()}
+        assert len({f["node_id"] for f in facts}) == 1
+        table = placement_group_table(group)
+        assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 3
+        ev.submit(0, recipe_dict(micro_zoo, "linear", "bfloat16"), "dev")
+        [(_, result)] = ev.wait()
+        assert result.ok, result.error
+    finally:
+        ev.close()
+    assert placement_group_table(group)["state"] == "REMOVED"
+    assert ray.is_initialized()  # the test's cluster is left running
+
+    # Two workers on two different nodes cannot be placed on this one-node cluster.
+    with pytest.raises(RecyclerError, match=r"cluster.placement: Ray could not place 2 worker\(s\).*strict_spread"):
+        RayEvaluator(cfg, address=None, n_workers=2, gpus_per_worker=0, placement="strict_spread", placement_timeout_s=2)
+    assert all(t["state"] == "REMOVED" for t in placement_group_table().values())

@@ -8,6 +8,13 @@ left running on close.
 A worker whose process dies is restarted by Ray (`max_restarts`) and the call it was
 serving is retried once (`max_task_retries`); if that fails too the trial fails with
 the reason and a fresh worker takes the slot, so the study goes on.
+
+`cluster.placement` other than `none` reserves one Ray placement group for all the
+workers of the search (one bundle per shard and evaluation worker) with that strategy:
+`pack`/`strict_pack` keep the pool's shards next to the models they feed (the merged
+tensors then move through one node's shared-memory object store, not the network),
+`spread`/`strict_spread` put them on different nodes. A replacement worker takes the
+dead one's bundle.
 """
 
 from __future__ import annotations
@@ -24,6 +31,10 @@ from recycler.errors import RecyclerError
 from recycler.search.evaluator import EvalResult
 
 RAY_NAMESPACE = "recycler"
+PLACEMENTS = ("none", "pack", "strict_pack", "spread", "strict_spread")
+# How long to wait for a placement group's resources before giving up: a cluster that
+# autoscales may need minutes to add a node; one that cannot fit the group never will.
+PLACEMENT_TIMEOUT_S = 600.0
 
 
 def start_ray(address: str | None) -> bool:
@@ -67,15 +78,21 @@ class RayEvaluator:
         shard_workers: int = 1,
         merge_method: str = "linear",
         max_piece_bytes: int | None = None,
+        placement: str = "none",
+        placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
     ) -> None:
         """`shard_workers` > 1: the pool lives in that many ShardWorker actors, split by a
         shard plan for `merge_method` (`max_piece_bytes` caps a piece, else a fair share);
-        the evaluation workers then hold only the model."""
+        the evaluation workers then hold only the model. `placement`: see the module doc."""
         import ray
 
+        if placement not in PLACEMENTS:
+            raise RecyclerError(f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self._idle: list[Any] = []
         self._pending: dict[Any, tuple[int, Any]] = {}
         self._shards: list[Any] = []
+        self._placement_group: Any = None
+        self._bundle_of: dict[Any, int] = {}  # evaluation worker → its bundle in the placement group
         self._started = start_ray(address)
         sharded = shard_workers > 1
         self.cfg = WorkerConfig(**{**cfg.__dict__, "hold_pool": False}) if sharded else cfg
@@ -100,10 +117,13 @@ class RayEvaluator:
                 f"{gpus_per_worker * actors:g} GPUs; this machine's Ray sees {gpus:g}"
             )
         self._remote = ray.remote(TrialWorker)
+        n_shards = shard_workers if sharded else 0
         try:
+            if placement != "none":
+                self._placement_group = self._reserve(placement, actors, placement_timeout_s)
             if sharded:
                 self._shards, self.shard_infos = self._start_shards(shard_workers, merge_method, max_piece_bytes)
-            self._idle = [self._spawn() for _ in range(n_workers)]
+            self._idle = [self._spawn(n_shards + i) for i in range(n_workers)]
             self.infos = self._wait_ready(self._idle)
         except BaseException:
             self.close()
@@ -125,11 +145,12 @@ class RayEvaluator:
             # A shard worker that dies is restarted (reloading its pieces) and the merge it
             # was serving is retried once, like an evaluation worker's trial.
             remote.options(
-                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1
+                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1,
+                **self._placed(i),
             ).remote(
                 ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
             )
-            for pieces in self.plan.shards
+            for i, pieces in enumerate(self.plan.shards)
         ]
         try:
             return shards, list(ray.get([s.ready.remote() for s in shards]))
@@ -157,16 +178,46 @@ class RayEvaluator:
         return cls(
             cfg, address=spec.cluster.address, n_workers=spec.cluster.eval_workers, gpus_per_worker=gpus,
             shard_workers=spec.cluster.shard_workers, merge_method=spec.merge.method,
+            placement=spec.cluster.placement,
         )
 
-    def _spawn(self) -> Any:
+    def _reserve(self, placement: str, n_bundles: int, timeout_s: float) -> Any:
+        """A placement group of one bundle per worker, ready, or a RecyclerError."""
+        import ray
+        from ray.util.placement_group import placement_group, remove_placement_group
+
+        bundle = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
+        group = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=placement.upper())
+        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
+        if not ready:
+            remove_placement_group(group)
+            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
+            raise RecyclerError(
+                f"cluster.placement: Ray could not place {n_bundles} worker(s) of {bundle} with strategy "
+                f"{placement} within {timeout_s:g} s (the cluster has {have}, nodes: {len(ray.nodes())})"
+            )
+        return group
+
+    def _placed(self, bundle_index: int) -> dict[str, Any]:
+        """Actor options that put a worker in its bundle of the placement group, if there is one."""
+        if self._placement_group is None:
+            return {}
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
+            placement_group=self._placement_group, placement_group_bundle_index=bundle_index)}
+
+    def _spawn(self, bundle_index: int) -> Any:
         cfg = WorkerConfig(**{**self.cfg.__dict__, "threads": self.threads})
-        return self._remote.options(
+        actor = self._remote.options(
             num_cpus=self.cpus_per_worker,
             num_gpus=self.gpus_per_worker,
             max_restarts=2,
             max_task_retries=1,
+            **self._placed(bundle_index),
         ).remote(cfg)
+        self._bundle_of[actor] = bundle_index
+        return actor
 
     def _wait_ready(self, actors: list[Any]) -> list[dict[str, Any]]:
         import ray
@@ -209,7 +260,7 @@ class RayEvaluator:
             except ray.exceptions.RayActorError as exc:
                 result = EvalResult(ok=False, error=f"evaluation worker died: {_cause(exc)}")
                 ray.kill(actor, no_restart=True)
-                actor = self._spawn()
+                actor = self._spawn(self._bundle_of.pop(actor))
                 self._wait_ready([actor])
             except ray.exceptions.RayError as exc:
                 result = EvalResult(ok=False, error=f"{type(exc).__name__}: {_cause(exc)}")
@@ -226,6 +277,12 @@ class RayEvaluator:
             with contextlib.suppress(Exception):  # already gone
                 ray.kill(actor)
         self._idle, self._pending, self._shards = [], {}, []
+        if self._placement_group is not None:
+            from ray.util.placement_group import remove_placement_group
+
+            with contextlib.suppress(Exception):  # the cluster may be gone already
+                remove_placement_group(self._placement_group)
+            self._placement_group = None
         if self._started:
             ray.shutdown()
             self._started = False

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from recycler.cluster.shards import ROW_SPLITTABLE, Piece
+from recycler.cluster.worker import placement_facts
 
 if TYPE_CHECKING:
     import numpy as np
@@ -112,6 +113,7 @@ class ShardWorker:
             "pieces": len(self.pieces),
             "resident_bytes": self.nbytes,
             "start_seconds": round(self.load_seconds, 3),
+            **placement_facts(),
         }
 
     @property

@@ -26,6 +26,14 @@ from typing import Any
 from recycler.search.evaluator import EvalResult
 
 
+def placement_facts() -> dict[str, Any]:
+    """Where Ray placed the calling actor: its node and placement group (None outside one)."""
+    import ray
+
+    context = ray.get_runtime_context()
+    return {"node_id": context.get_node_id(), "placement_group": context.get_placement_group_id()}
+
+
 @dataclass(frozen=True)
 class WorkerConfig:
     """Everything a worker needs, as plain data that pickles to any node."""
@@ -133,6 +141,7 @@ class TrialWorker:
             "tensors": len(self.shard.names) if self.shard is not None else 0,
             "resident_bytes": self.shard.nbytes if self.shard is not None else 0,
             "start_seconds": round(self.start_seconds, 3),
+            **placement_facts(),
         }
 
     def evaluate(self, recipe_dict: dict[str, Any], split: str) -> EvalResult:

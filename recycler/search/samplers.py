@@ -11,10 +11,6 @@ import optuna
 
 from recycler.errors import RecyclerError
 
-# CMA-ES is single-objective: the study then optimises the macro-average of the
-# objectives (the setting of Khalifa et al. 2024) and keeps every objective as user attrs.
-SINGLE_OBJECTIVE_SAMPLERS = frozenset({"cmaes"})
-
 
 def effective_seed(seed: int, n_existing_trials: int) -> int:
     """The seed for a sampler created when the study already holds `n_existing_trials`."""
@@ -37,6 +33,8 @@ def make_sampler(name: str, seed: int, *, n_objectives: int) -> optuna.samplers.
         return optuna.samplers.RandomSampler(seed=seed)
     if name == "cmaes":
         if n_objectives != 1:
+            # The study then optimises the macro-average (search.objective) and keeps every
+            # objective as user attrs.
             raise RecyclerError("search.sampler: cmaes optimises one value (the macro-average)")
         try:
             import cmaes  # noqa: F401  (Optuna's CmaEsSampler needs it at the first proposal)

@@ -31,7 +31,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
-from recycler.search.samplers import SINGLE_OBJECTIVE_SAMPLERS, effective_seed, make_sampler
+from recycler.search.samplers import effective_seed, make_sampler
 
 ATTR_OBJECTIVES = "recycler:objectives"
 ATTR_SPACE = "recycler:space"
@@ -84,7 +84,7 @@ def macro_average(values: dict[str, float], objectives: Sequence[Objective]) -> 
 
 
 def single_objective(spec: StudySpec) -> bool:
-    return spec.search.sampler in SINGLE_OBJECTIVE_SAMPLERS
+    return spec.search.scalarised
 
 
 def owner_id() -> str:
@@ -186,8 +186,8 @@ def _check_matches(
     n_values = 1 if single_objective(spec) else len(objectives)
     if len(study.directions) != n_values:
         raise RecyclerError(
-            f"search.sampler: study {spec.name!r} holds {len(study.directions)} objective value(s), "
-            f"sampler {spec.search.sampler} needs {n_values}; use a new study name"
+            f"search.objective: study {spec.name!r} holds {len(study.directions)} objective value(s), "
+            f"this study file asks for {n_values}; use a new study name"
         )
 
 
