@@ -1,4 +1,4 @@
-"""Smoke test of experiments/exp_mwa.py and exp_fisher.py on the micro pool (1 seed, tiny sweep).
+"""Smoke tests of the experiments on the micro pool (1 seed, tiny sweeps and searches).
 
 The scripts find their pool as WORKDIR/zoo-<size>-seed<N>; the shared micro zoo is
 copied there (it is small) because the Fisher experiment writes fisher.safetensors
@@ -8,6 +8,7 @@ beside the checkpoints while it merges, and the shared fixture is read-only.
 from __future__ import annotations
 
 import csv
+import itertools
 import shutil
 import sys
 from pathlib import Path
@@ -60,3 +61,40 @@ def test_exp_fisher_smoke(workdir: Path) -> None:
     # The merge's Fisher files are removed again: the pool is left as it was built.
     assert not list((workdir / "zoo-micro-seed0").rglob("fisher.safetensors"))
     assert (out / "exp_fisher.png").stat().st_size > 0
+
+
+def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
+    """Experiments 1, 4 and 5 on the micro pool with 4-trial searches (real Ray, lm-eval, SQLite)."""
+    import exp_objectives
+    import exp_recycle
+    import exp_samplers
+    import ray
+
+    common = ["--seeds", "0", "--size", "micro", "--workdir", str(workdir), "--runs-dir", str(tmp_path / "runs"),
+              "--budget", "4"]
+    out = tmp_path / "results"
+    try:
+        assert exp_recycle.main([*common, "--out", str(out)]) == 0
+        rows = {r["kind"]: r for r in _rows(out / "exp_recycle.csv")}
+        assert set(rows) == {kind for _, kind in exp_recycle.MODELS}
+        # The greedy soup starts from the best single checkpoint and keeps only what helps on dev.
+        assert float(rows["greedy"]["dev_mean4"]) >= float(rows["single"]["dev_mean4"])
+        assert all(int(rows[f"tuned:{m}"]["evaluations"]) == 4 for m in ("task_arithmetic", "ties", "dare_ties"))
+        assert all(0.0 <= float(r["mean4"]) <= 1.0 for r in rows.values())
+
+        # The samplers' experiment reads back the searches it shares and runs the rest.
+        assert exp_samplers.main([*common, "--out", str(out)]) == 0
+        runs = _rows(out / "exp_samplers.csv")
+        assert {r["run"] for r in runs} == set(exp_samplers.KEYS) and all(r["trials"] == "4" for r in runs)
+        hv = [[float(r[f"hv@{k}"]) for k in exp_samplers.CHECKPOINTS] for r in runs]
+        assert all(0.0 <= a <= b <= 1.0 + 1e-9 for h in hv for a, b in itertools.pairwise(h))
+        assert max(h[-1] for h in hv) > 0.0
+
+        assert exp_objectives.main([*common, "--out", str(out)]) == 0
+        for r in _rows(out / "exp_objectives.csv"):
+            if int(r["opt_dominated_by_front"]) > 0:
+                assert float(r["front_best_dev_mean4"]) >= float(r["opt_dev_mean4"])
+        for name in ("exp_recycle", "exp_samplers", "exp_objectives"):
+            assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.md").read_text().startswith("# Experiment")
+    finally:
+        ray.shutdown()  # the experiments started a local cluster in this process
