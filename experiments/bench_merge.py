@@ -253,6 +253,36 @@ def tool_command(tool: str, recipe: Path, out: Path) -> list[str]:
     return [str(MERGEKIT_YAML), str(recipe), str(out), "--no-copy-tokenizer", "--quiet"]
 
 
+def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
+    """Best seconds for one read-only pass over every input tensor through recycler's own
+    memory maps (prefetch, a sum over the tensor's bytes on torch's threads, release): the
+    least time a merge that reads its inputs once from the page cache can take here."""
+    import torch
+
+    from recycler.pool import Pool
+
+    pool = Pool.from_paths(list(checkpoints), base=None)
+    best = float("inf")
+    try:
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            for name in pool.tensor_names:
+                for ckpt in pool.checkpoints:
+                    ckpt.prefetch(name)
+                    flat = ckpt.read(name, "cpu").reshape(-1)
+                    try:
+                        words = flat.view(torch.int64)  # 8 bytes per element summed: memory-bound
+                    except RuntimeError:  # a size or offset that is not a multiple of 8
+                        words = flat.view(torch.uint8)
+                    words.sum()
+                    del flat, words
+                    ckpt.release(name)
+            best = min(best, time.perf_counter() - t0)
+    finally:
+        pool.close()
+    return best
+
+
 def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any) -> list[Run]:
     shape = make_pool.SHAPES[size]
     spec = make_pool.PoolSpec(shape=shape, n_checkpoints=4, with_base=False, base_dtype="bfloat16",
@@ -297,6 +327,10 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
             shutil.rmtree(out, ignore_errors=True)
             timings.unlink(missing_ok=True)
             os.sync()
+    read_pass = read_pass_seconds(pool.checkpoints)
+    log(f"[{size}] read-only pass over the mapped inputs: {read_pass:.3f} s ({bytes_read / read_pass / 1e9:.2f} GB/s)")
+    for run in results:
+        run.extra["read_pass_s"] = round(read_pass, 4)
     return results
 
 
@@ -338,6 +372,11 @@ def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
                            bw_fraction_merge=round(moved / m / 1e9 / bandwidth, 3),
                            gbs_merge_best=round(moved / min(merges) / 1e9, 3),
                            bw_fraction_merge_best=round(moved / min(merges) / 1e9 / bandwidth, 3))
+            read_pass = ok[0].extra.get("read_pass_s")
+            if read_pass:
+                row.update(read_pass_s=read_pass, read_pass_gbs=round(ok[0].bytes_read / read_pass / 1e9, 2))
+                if merges:
+                    row["merge_over_read_pass"] = round(min(merges) / read_pass, 2)
         rows.append(row)
     for row in rows:
         other = next((r for r in rows if r["size"] == row["size"] and r["tool"] == "mergekit"), None)
@@ -433,6 +472,19 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
             f"| {_fmt(r.get('merge_min_s'), '.2f')} | {_fmt(r.get('gbs_merge_best'), '.2f')} | {best_frac} "
             f"| {best_speed} |"
         )
+    floors = [r for r in rows if "merge_over_read_pass" in r]
+    if floors:
+        lines += [
+            "",
+            "Reading the inputs alone: one read-only pass over every input tensor through recycler's memory "
+            "maps (prefetch, a sum over its bytes on torch's threads, release), best of 3, against the best "
+            "in-process merge, which also computes and writes the output:",
+            "",
+            "| size | input bytes | read-only pass s | its GB/s | min merge s | merge / read-only pass |",
+            "|---|---|---|---|---|---|",
+        ]
+        lines += [f"| {r['size']} | {r['bytes_read']:,} | {r['read_pass_s']:.3f} | {r['read_pass_gbs']:.2f} "
+                  f"| {r['merge_min_s']:.3f} | {r['merge_over_read_pass']:.2f}x |" for r in floors]
     cores = info["logical_cores"] or 1
     load = max([*info["loadavg_start"][:1], *info.get("loadavg_end", [])[:1]])
     if load > 0.5 * cores:

@@ -61,6 +61,8 @@ MODELS = (
     ("search: TPE + baseline seeds, knee", "knee:tpe-seeded"),
     ("search: TPE + baseline seeds, best dev mean", "best:tpe-seeded"),
     ("search: CMA-ES on the mean (paper)", "best:cmaes"),
+    ("search: TPE, task arithmetic (weights + λ), knee", "knee:tpe-ta"),
+    ("search: TPE, task arithmetic (weights + λ), best dev mean", "best:tpe-ta"),
 )
 
 
@@ -152,7 +154,7 @@ def table(rows: list[dict[str, Any]]) -> str:
 
 def active_table(seeds: Sequence[int], say: Clock) -> str:
     body = []
-    for key in ("tpe", "tpe-seeded", "tpe-macro", "nsga2", "random", "gp"):
+    for key in ("tpe", "tpe-seeded", "tpe-macro", "tpe-ta", "nsga2", "random", "gp"):
         per_seed = [active_counts(key, s, say) for s in seeds]
         counts = [c for cs in per_seed for c in cs]
         n = len(ensure_run(RUNS[key], seeds[0], say).complete[0].weights)

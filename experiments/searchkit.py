@@ -80,6 +80,8 @@ class RunSpec:
     granularity: str = "model"
     objective: str = "pareto"  # or macro_average
     seeds: tuple[str, ...] = ()  # recycler's baseline seeds enqueued before the sampler's trials
+    method: str = "linear"
+    tune: tuple[tuple[str, float, float], ...] = ()  # method parameters searched with the weights
     capacity: int = EVAL_WORKERS
 
     def n_trials(self, n_checkpoints: int) -> int:
@@ -101,6 +103,8 @@ RUNS: dict[str, RunSpec] = {r.key: r for r in (
     RunSpec("gp", "gp"),
     RunSpec("random", "random"),
     RunSpec("tpe-layers2", "tpe", granularity="layers:2"),
+    # Simplex weights times a searched λ: the merge may scale the task vectors beyond their mean.
+    RunSpec("tpe-ta", "tpe", method="task_arithmetic", tune=(("lambda", 0.5, 3.0),)),
 )}
 
 
@@ -113,10 +117,11 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
         "name": f"{run.key}-seed{seed}",
         "storage": "sqlite:///study.db",
         "pool": {"base": str(zoo / "base"), "checkpoints": [str(zoo / "checkpoints" / "*")]},
-        "merge": {"method": "linear", "dtype": "float32", "params": {}},
+        "merge": {"method": run.method, "dtype": "float32", "params": {}},
         "search": {
             "weights": "simplex", "granularity": run.granularity, "sampler": run.sampler, "objective": run.objective,
             "n_trials": run.n_trials(n_checkpoints), "seeds": list(run.seeds), "seed": seed,
+            **({"tune": [{name: [low, high]} for name, low, high in run.tune]} if run.tune else {}),
         },
         "objectives": [{"name": s, "task": f"zoo_{s}", "metric": "acc"} for s in TRAINED],
         "eval": {"tasks_dir": str(zoo / "tasks"), "split": "dev", "batch_size": 64},

@@ -163,16 +163,17 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     rows[-1]["choices"] = []
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    study_path = study_file(tmp_path, micro_zoo, tasks_dir=tasks, search={"n_trials": 3, "seeds": ["uniform"]})
+    study_path = study_file(tmp_path, micro_zoo, tasks_dir=tasks,
+                            search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "seeds": ["uniform"]})
     prepared = prepare(load_study_spec(study_path))
-    # A proposal whose simplex coordinate is 0 gives -log(0) = inf: non-finite weights.
+    # All-zero box weights: linear's normalize has nothing to divide by.
     bad = {name: 0.0 for name in prepared.space.param_names()}
     prepared.handle.study.enqueue_trial(bad, user_attrs={"note": "bad"})
     assert cli("search", study_path, capsys=capsys)[0] == 0
     study = load(study_path)
     states = [t.state.name for t in study.get_trials()]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert study.trials[1].user_attrs["fail_reason"].startswith("non-finite weights")
+    assert "the weights sum to zero" in study.trials[1].user_attrs["fail_reason"]
     errors = [v["error"] for k, v in study.user_attrs.items() if k.startswith(TEST_PREFIX)]
     assert errors and all(e.startswith("ValueError: ") for e in errors)
     code, out, _ = cli("front", study_path, "--split", "test", capsys=capsys)

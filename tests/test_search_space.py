@@ -74,10 +74,15 @@ def test_encode_round_trips_baselines_exactly(tmp_path: Path) -> None:
     assert space.encode([0.0, 0.0, 0.0]) is None
 
 
-def test_zero_coordinate_gives_non_finite_weights_and_all_ones_uniform(tmp_path: Path) -> None:
-    space = space_of(tmp_path, n=2)
-    assert not space.decode({"w:k0": 0.0, "w:k1": 0.5}).is_finite()
-    assert space.decode({"w:k0": 1.0, "w:k1": 1.0}).weights["all"] == [0.5, 0.5]
+def test_zero_coordinates_take_the_limit_and_all_ones_give_uniform(tmp_path: Path) -> None:
+    space = space_of(tmp_path, n=3)
+    # u → 0 sends x = -log u to infinity: the limit is that checkpoint alone, or an equal
+    # soup of those at 0 (GP and CMA-ES do propose the boundary; it must not fail the trial).
+    assert space.decode({"w:k0": 0.0, "w:k1": 0.5, "w:k2": 0.9}).weights["all"] == [1.0, 0.0, 0.0]
+    assert space.decode({"w:k0": 0.0, "w:k1": 0.5, "w:k2": 0.0}).weights["all"] == [0.5, 0.0, 0.5]
+    near = space.decode({"w:k0": 1e-300, "w:k1": 0.5, "w:k2": 0.9}).weights["all"]
+    assert near[0] > 0.99 and sum(near) == pytest.approx(1.0)
+    assert space.decode({"w:k0": 1.0, "w:k1": 1.0, "w:k2": 1.0}).weights["all"] == [1 / 3] * 3
 
 
 def test_box_weights_and_tuned_parameters(tmp_path: Path) -> None:
@@ -207,3 +212,12 @@ def test_greedy_soup_replays_from_stored_trials() -> None:
     state = greedy_state(steps, names, objs)
     assert state.done and state.soup_trial == 5
     assert members_weights(names, ["x", "y"]) == [0.5, 0.5, 0.0]
+
+
+def test_nsga2_evolves_within_a_small_budget() -> None:
+    from recycler.search.samplers import nsga2_population
+
+    sampler = make_sampler("nsga2", 0, n_objectives=2, n_trials=50)
+    assert isinstance(sampler, optuna.samplers.NSGAIISampler)
+    # Five generations of 10 in 50 trials; never below 8 nor above Optuna's default of 50.
+    assert (nsga2_population(50), nsga2_population(10), nsga2_population(1000)) == (10, 8, 50)

@@ -278,7 +278,7 @@ class SearchDriver:
         proposal = self.p.space.suggest(trial)
         trial.set_user_attr("weights", _json_safe(self.p.space.weights_by_checkpoint(proposal)))
         if not proposal.is_finite():
-            self._fail(trial, "non-finite weights (a simplex coordinate u = 0 gives -log(0) = inf)")
+            self._fail(trial, "non-finite weights")
             return None
         recipe = self.p.space.recipe_dict(proposal)
         trial.set_user_attr("recipe", recipe)

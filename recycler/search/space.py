@@ -229,17 +229,21 @@ def _round(value: float) -> float:
 def _from_exponential(us: list[float]) -> list[float]:
     """u_i in [0, 1] → x_i = -log u_i → x / Σx (a flat Dirichlet for uniform u).
 
-    u = 0 gives an infinite coordinate: the weights come out non-finite and the trial
-    fails with that reason rather than being silently clipped. All u = 1 (Σx = 0) is the
-    limit of equal coordinates: the uniform weights.
+    u = 0 makes x_i infinite; the weights are then their limit as those coordinates grow
+    together: equal shares for the checkpoints at u = 0, nothing for the rest. Samplers
+    that model the space (GP, CMA-ES) do propose the boundary, and it is a meaningful
+    point (a single checkpoint, or a soup of a few). All u = 1 (Σx = 0) is the limit of
+    equal coordinates: the uniform weights.
     """
+    at_zero = [u <= 0 for u in us]
+    if any(at_zero):
+        share = 1.0 / sum(at_zero)
+        return [share if z else 0.0 for z in at_zero]
     # 0.0 - log(1) is +0.0, where -log(1) would print as -0.0.
-    xs = [0.0 - math.log(u) if u > 0 else math.inf for u in us]
+    xs = [0.0 - math.log(u) for u in us]
     total = sum(xs)
     if total == 0:
         return [1.0 / len(us)] * len(us)
-    if not math.isfinite(total):
-        return [math.nan] * len(us)
     return [x / total for x in xs]
 
 

@@ -146,7 +146,10 @@ def open_study(
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
         n_existing = len(probe.get_trials(deepcopy=False))
-    sampler = make_sampler(spec.search.sampler, effective_seed(spec.search.seed, n_existing), n_objectives=n_values)
+    sampler = make_sampler(
+        spec.search.sampler, effective_seed(spec.search.seed, n_existing), n_objectives=n_values,
+        n_trials=spec.search.n_trials,
+    )
     if exists:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
         _check_matches(spec, study, space_fingerprint, objectives)
