@@ -57,7 +57,7 @@ def test_defaults_and_paths_resolved_against_the_study_folder(tmp_path: Path, mo
     assert spec.merge.method == "linear" and spec.merge.dtype == "bfloat16"
     s = spec.search
     assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == ("simplex", "model", "tpe", 50, 0)
-    assert s.baselines == ["uniform", "singles", "mwa_loss", "mwa_step", "greedy"]
+    assert s.baselines == ["uniform", "singles"]
     assert spec.eval.split == "dev" and spec.eval.batch_size == 32 and spec.eval.limit is None
     assert spec.cluster.address is None and spec.cluster.eval_workers == 1
 

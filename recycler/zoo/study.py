@@ -23,13 +23,16 @@ def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
         "pool": {"base": "base", "checkpoints": ["checkpoints/*"]},
         # float32: the zoo's deltas are small, and it is how scores.json was measured.
         "merge": {"method": "linear", "dtype": "float32", "params": {}},
+        # The defaults experiments 1 and 4 chose (experiments/README.md): TPE, 50 trials, the
+        # uniform soup and single checkpoints as baselines, one weight per checkpoint and
+        # layer half on the small pool (the micro pool, for tests, keeps one per checkpoint).
         "search": {
             "weights": "simplex",
-            "granularity": "model",
+            "granularity": "layers:2" if spec.size == "small" else "model",
             "sampler": "tpe",
-            "n_trials": 40 if spec.size == "small" else 12,
+            "n_trials": 50 if spec.size == "small" else 12,
             "seed": 0,
-            "seeds": ["uniform", "singles", "mwa", "greedy"],
+            "seeds": ["uniform", "singles"],
         },
         "objectives": [{"name": s, "task": t, "metric": "acc"} for s, t in zip(skills, task_names)],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": None, "batch_size": spec.eval_batch_size},
