@@ -170,7 +170,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    fig, ax = plt.subplots(figsize=(11, 5.5))
     shown = [(label, kind) for label, kind in MODELS if _by(rows, kind=kind)]
     for i, (_, kind) in enumerate(shown):
         sel = _by(rows, kind=kind)
@@ -180,8 +180,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.scatter(100 * statistics.fmean(r["mean4"] for r in sel), i, color="C0", s=80, marker="|")
     ax.set_yticks(range(len(shown)), [label for label, _ in shown])
     ax.invert_yaxis()
-    ax.set_xlabel("test accuracy, % (dots: mean of the 4 trained skills per seed; x: held-out sort)")
-    ax.set_title("Experiment 1: recycling, chosen on dev, scored on test (3 pool seeds)")
+    ax.set_xlabel("test accuracy, %: dots, mean of the 4 trained skills per seed (bar: their mean); x, held-out sort")
+    ax.set_title("Experiment 1: models chosen on dev, scored on test")
     ax.grid(axis="x", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
