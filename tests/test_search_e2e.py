@@ -241,7 +241,12 @@ def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray
     stale = after[running[0].number]
     assert stale.state.name == "FAIL" and stale.user_attrs["fail_reason"].startswith("stale: the process")
     reruns = [t for t in after if t.user_attrs.get("rerun_of") == stale.number]
-    assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE" and reruns[0].params == stale.params
+    # The re-run has every parameter of the killed trial, even those the kill kept from
+    # being stored (Optuna stores them one call at a time): an enqueued trial's from its
+    # record, a sampled one's from the trial plus the sampler for the rest.
+    intended = stale.user_attrs.get("enqueued_params") or stale.params
+    assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE"
+    assert reruns[0].params.items() >= intended.items() and len(reruns[0].params) == len(after[0].params)
     counted = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get("stale"))]
     assert len(counted) == 6 and all(t.state.name == "COMPLETE" for t in counted)
 

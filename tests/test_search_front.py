@@ -226,3 +226,32 @@ def test_scalarised_study_optimises_the_macro_average_and_keeps_every_objective(
     values = np.array([r.vector_dev for r in view_of(study).complete])
     assert {m.record.number for m in summary.members} == {
         r.number for i, r in enumerate(view_of(study).complete) if i in brute_force_front(values, [True, False])}
+
+
+def test_a_trial_killed_while_its_parameters_were_stored_is_rerun_whole(tmp_path: Path) -> None:
+    """Optuna stores suggested parameters one call at a time: a kill in between leaves some."""
+    import socket
+
+    from recycler.search.study import enqueue, fail_stale_trials
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_study(tmp_path)  # enqueues uniform + 3 singles
+    study = prepared.handle.study
+    names = prepared.space.param_names()
+    intended = {name: float(i == 1) for i, name in enumerate(names)}
+    enqueue(study, intended, {"baseline": "single:c1"})
+    for _ in range(4):  # the toy's own baselines, told at once
+        t = study.ask()
+        for name in names:
+            t.suggest_float(name, 0.0, 1.0)
+        study.tell(t, [0.5, 0.5])
+    killed = study.ask()
+    killed.suggest_float(names[0], 0.0, 1.0)  # the process died after storing one parameter
+    killed.set_user_attr("owner", f"{socket.gethostname()}:999999999:1.00")  # a pid that cannot exist
+    assert fail_stale_trials(prepared.handle) == [killed.number]
+    [rerun] = [t for t in study.get_trials() if t.user_attrs.get("rerun_of") == killed.number]
+    assert rerun.state.name == "WAITING" and rerun.user_attrs["baseline"] == "single:c1"
+    assert rerun.user_attrs["enqueued_params"] == intended  # every parameter, not the one stored
+    again = study.ask()
+    assert again.number == rerun.number
+    assert {name: again.suggest_float(name, 0.0, 1.0) for name in names} == intended

@@ -37,10 +37,12 @@ from recycler.search.study import (
     Objective,
     StudyHandle,
     counts_toward_budget,
+    enqueue,
     fail_stale_trials,
     macro_average,
     open_study,
     owner_id,
+    rerun_attrs,
     resolve_objectives,
     single_objective,
     view_of,
@@ -131,7 +133,7 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
                 notes.append(f"baseline {b.label} skipped: its weights are outside the search space")
                 continue
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
-            study.enqueue_trial(params, user_attrs={"baseline": b.label}, skip_if_exists=True)
+            enqueue(study, params, {"baseline": b.label}, skip_if_exists=True)
         study.set_user_attr(ATTR_SEEDED, True)
     return Prepared(spec, pool, space, objectives, handle, notes)
 
@@ -381,9 +383,7 @@ class SearchDriver:
                 f.trial.set_user_attr("fail_reason", reason)
                 f.trial.set_user_attr("stale", True)
                 self.study.tell(f.trial, state=TrialState.FAIL)
-                attrs = {k: v for k, v in f.trial.user_attrs.items() if k in ("baseline", "greedy_members")}
-                attrs["rerun_of"] = f.trial.number
-                self.study.enqueue_trial(dict(f.trial.params), user_attrs=attrs)
+                enqueue(self.study, dict(f.trial.params), rerun_attrs(f.trial))
             except Exception:  # the storage may be what failed; the next start cleans up
                 pass
 
@@ -403,7 +403,7 @@ class SearchDriver:
         if params is None:
             self.study.set_user_attr(ATTR_GREEDY, None)
             return
-        self.study.enqueue_trial(params, user_attrs={"baseline": GREEDY, "greedy_members": state.next_members})
+        enqueue(self.study, params, {"baseline": GREEDY, "greedy_members": state.next_members})
 
     def _settle_greedy(self, soup_trial: int | None = None) -> None:
         """Record the greedy soup's trial once every step has a score."""

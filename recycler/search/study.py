@@ -215,6 +215,26 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     return None
 
 
+ATTR_ENQUEUED = "enqueued_params"
+
+
+def enqueue(study: optuna.Study, params: dict[str, float], attrs: dict[str, Any], *, skip_if_exists: bool = False) -> None:
+    """Queue a trial with fixed parameters, also kept as a user attribute.
+
+    Optuna stores a trial's parameters one call at a time as they are suggested, so a
+    process killed in between leaves only some on the trial; its re-run needs them all.
+    """
+    study.enqueue_trial(params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists)
+
+
+def rerun_attrs(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
+    """The user attributes a re-run of `trial` keeps: what it is (a baseline, a greedy
+    step) and which trial it repeats."""
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "greedy_members")}
+    attrs["rerun_of"] = trial.number
+    return attrs
+
+
 def fail_stale_trials(handle: StudyHandle) -> list[int]:
     """Fail the RUNNING trials whose process is gone and enqueue their parameters again.
 
@@ -238,10 +258,11 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
         except optuna.exceptions.UpdateFinishedTrialError:
             continue  # another process finished or failed it first
         failed.append(trial.number)
-        if trial.params:
-            attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "greedy_members")}
-            attrs["rerun_of"] = trial.number
-            study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+        # An enqueued trial is re-run with all its parameters; a sampled one killed mid-way
+        # with those it had (the sampler proposes the rest).
+        params = dict(trial.user_attrs.get(ATTR_ENQUEUED) or trial.params)
+        if params:
+            enqueue(study, params, rerun_attrs(trial))
     return failed
 
 
