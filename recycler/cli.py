@@ -8,6 +8,8 @@ each command so that `recycler --help` and argument errors are instant.
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -188,10 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Terminated(SystemExit):
+    """SIGTERM, as an exception: it unwinds through every `finally`, so a terminated run
+    removes its temporary output like any other failure."""
+
+
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    # A SystemExit unwinds through every `finally`, so a terminated run removes its
-    # temporary output like any other failure.
-    raise SystemExit(128 + signum)
+    raise _Terminated(128 + signum)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -205,6 +210,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("recycler: interrupted", file=sys.stderr)
         return 130
+    except _Terminated as exc:
+        # Every `finally` has run. Leave at once: a worker thread that the signal caught
+        # while its pool was starting it is known to no pool, and the interpreter's exit
+        # would wait for it forever.
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(int(exc.code or 1))
     return 0
 
 

@@ -99,9 +99,7 @@ def iter_merged(
         assert pool.base is not None
         sources.append(pool.base)
     n_layers = pool.n_layers
-    # One reader thread maps the next tensor of every source while this one merges, and
-    # then unmaps this one's pages (in the background too: dropping them costs a tenth of
-    # a merge's time).
+    # One reader thread maps the next tensor of every source while this one merges.
     reader = ThreadPoolExecutor(1, thread_name_prefix="recycler-reader")
     try:
         ahead = reader.submit(_prefetch, sources, names[0]) if names else None
@@ -111,7 +109,6 @@ def iter_merged(
                 ahead.result()
             ahead = reader.submit(_prefetch, sources, names[i + 1]) if i + 1 < len(names) else None
             merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats)
-            reader.submit(_release, sources, name)
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
             stats.per_tensor[name] = elapsed
@@ -123,11 +120,6 @@ def iter_merged(
 def _prefetch(sources: Sequence[Checkpoint], name: str) -> None:
     for ckpt in sources:
         ckpt.prefetch(name)
-
-
-def _release(sources: Sequence[Checkpoint], name: str) -> None:
-    for ckpt in sources:
-        ckpt.release(name)
 
 
 def _merge_one(
@@ -151,6 +143,9 @@ def _merge_one(
     stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
     stats.bytes_written += merged.numel() * merged.element_size()
     stats.tensors += 1
+    del tensors, versions, base
+    for ckpt in sources:
+        ckpt.release(name)
     return merged
 
 
