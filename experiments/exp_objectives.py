@@ -22,7 +22,6 @@ Writes experiments/results/exp_objectives.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import HELD_OUT, RESULTS, Clock, md_table, mean_std, one_thread
+from expkit import HELD_OUT, RESULTS, Clock, md_table, one_thread, pm, write_rows_csv
 from searchkit import RUNS, SETTINGS, RecipeScores, add_arguments, configure, dev_macro, ensure_run
 
 from recycler.search import front as pareto
@@ -70,11 +69,6 @@ def run_seed(seed: int, say: Clock) -> list[dict[str, Any]]:
     return rows
 
 
-def _pm(vals: Sequence[float]) -> str:
-    m, s = mean_std(vals)
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
-
-
 def per_seed_table(rows: list[dict[str, Any]]) -> str:
     body = [[
         r["seed"], LABELS[r["single"]], f"{100 * r['opt_dev_mean4']:.1f}", f"{100 * r['front_best_dev_mean4']:.1f}",
@@ -92,8 +86,8 @@ def summary_table(rows: list[dict[str, Any]]) -> str:
                               ("TPE front: knee", "knee")):
             delta = [r[f"{prefix}_test_mean4"] - r["opt_test_mean4"] for r in sel]
             body.append([
-                label, _pm([r[f"{prefix}_dev_mean4"] for r in sel]), _pm([r[f"{prefix}_test_mean4"] for r in sel]),
-                _pm([r[f"{prefix}_test_sort"] for r in sel]),
+                label, pm([r[f"{prefix}_dev_mean4"] for r in sel]), pm([r[f"{prefix}_test_mean4"] for r in sel]),
+                pm([r[f"{prefix}_test_sort"] for r in sel]),
                 "" if prefix == "opt" else f"{100 * statistics.fmean(delta):+.1f} ({sum(d > 0 for d in delta)}/{len(delta)})",
             ])
     return md_table(["model", "dev mean (4)", "test mean (4)", "test sort (held out)",
@@ -139,10 +133,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for seed in args.seeds:
             rows += run_seed(seed, say)
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "exp_objectives.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_rows_csv(rows, args.out / "exp_objectives.csv")
     plot(rows, args.out / "exp_objectives.png")
     (args.out / "exp_objectives.md").write_text("\n".join([
         "# Experiment 5: one objective (the mean) or four (the Pareto front)?",

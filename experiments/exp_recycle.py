@@ -22,7 +22,6 @@ set's members. Writes experiments/results/exp_recycle.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import HELD_OUT, RESULTS, TRAINED, Clock, md_table, mean_std, one_thread
+from expkit import HELD_OUT, RESULTS, TRAINED, Clock, md_table, one_thread, pm, write_rows_csv
 from searchkit import (
     RUNS,
     SETTINGS,
@@ -125,11 +124,6 @@ def _paired(rows: list[dict[str, Any]], kind: str, ref: str, col: str) -> list[f
     return [r[col] - refs[r["seed"]] for r in _by(rows, kind=kind) if r["seed"] in refs]
 
 
-def _pm(vals: Sequence[float]) -> str:
-    m, s = mean_std(vals)
-    return f"{100 * m:.1f} ± {100 * s:.1f}"
-
-
 def _delta(vals: Sequence[float]) -> str:
     return f"{100 * statistics.fmean(vals):+.1f} ({sum(v > 0 for v in vals)}/{len(vals)})"
 
@@ -143,7 +137,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         body.append([
             label, f"{statistics.fmean(r['evaluations'] for r in sel):.0f}",
             f"{statistics.fmean(r['active'] for r in sel):.1f}",
-            *(_pm([r[c] for r in sel]) for c in COLS),
+            *(pm([r[c] for r in sel]) for c in COLS),
             _delta(_paired(rows, kind, "single", "mean4")) if kind != "single" else "",
             _delta(_paired(rows, kind, "uniform", "mean4")) if kind != "uniform" else "",
         ])
@@ -201,10 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             rows += run_seed(seed, say)
         active = active_table(args.seeds, say)
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "exp_recycle.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_rows_csv(rows, args.out / "exp_recycle.csv")
     plot(rows, args.out / "exp_recycle.png")
     (args.out / "exp_recycle.md").write_text("\n".join([
         "# Experiment 1: recycling checkpoints, searched merge vs the usual merges",

@@ -20,7 +20,6 @@ Writes experiments/results/exp_samplers.{csv,md,png}.
 from __future__ import annotations
 
 import argparse
-import csv
 import statistics
 import sys
 from collections.abc import Sequence
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import HELD_OUT, RESULTS, Clock, md_table, mean_std, one_thread
+from expkit import HELD_OUT, RESULTS, Clock, md_table, one_thread, pm, write_rows_csv
 from searchkit import RUNS, SETTINGS, RecipeScores, add_arguments, configure, dev_macro, ensure_run
 
 from recycler.search import front as pareto
@@ -92,19 +91,14 @@ def run_seed(seed: int, say: Clock) -> tuple[list[dict[str, Any]], dict[str, lis
     return rows, curves
 
 
-def _pm(vals: Sequence[float], scale: float = 1.0, digits: int = 3) -> str:
-    m, s = mean_std(vals)
-    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
-
-
 def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for key in KEYS:
         sel = [r for r in rows if r["run"] == key]
         body.append([
-            LABELS[key], *(_pm([r[f"hv@{k}"] for r in sel]) for k in CHECKPOINTS),
-            _pm([r["best_dev_mean4"] for r in sel], 100, 1), _pm([r["test_mean4"] for r in sel], 100, 1),
-            _pm([r["test_sort"] for r in sel], 100, 1), f"{statistics.fmean(r['trial_of_best'] for r in sel):.0f}",
+            LABELS[key], *(pm([r[f"hv@{k}"] for r in sel], 1, 3) for k in CHECKPOINTS),
+            pm([r["best_dev_mean4"] for r in sel], 100, 1), pm([r["test_mean4"] for r in sel], 100, 1),
+            pm([r["test_sort"] for r in sel], 100, 1), f"{statistics.fmean(r['trial_of_best'] for r in sel):.0f}",
         ])
     return md_table(["sampler", *(f"HV @ {k}" for k in CHECKPOINTS), "best dev mean (4)",
                      "its test mean (4)", "its test sort (held out)", "trial that found it"], body)
@@ -159,10 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             seed_rows, curves[seed] = run_seed(seed, say)
             rows += seed_rows
     args.out.mkdir(parents=True, exist_ok=True)
-    with (args.out / "exp_samplers.csv").open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+    write_rows_csv(rows, args.out / "exp_samplers.csv")
     plot(curves, args.out / "exp_samplers.png")
     (args.out / "exp_samplers.md").write_text("\n".join([
         "# Experiment 4: samplers and weight granularity",

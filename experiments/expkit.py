@@ -126,6 +126,16 @@ def pm(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
     return f"{m * scale:.{digits}f} ± {s * scale:.{digits}f}"
 
 
+def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
+    """Rows (all with the first row's keys) as CSV, floats to 4 decimals."""
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
