@@ -100,10 +100,11 @@ class TestScorer:
         self.scorer = Scorer(zoo)
         self.evaluations = 0
 
-    def score(self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = ()) -> dict[str, float]:
+    def score(self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = (), split: str = "test") -> dict[str, float]:
         """inc..sort accuracies, `mean4` (the four trained skills), `zoo_mean` (all five, the zoo group),
-        and `own_mean` (the skills in `own`, e.g. the run's training mixture)."""
-        out = self.scorer.score(weights, splits=("test",))["test"]
+        and `own_mean` (the skills in `own`, e.g. the run's training mixture); on the test split
+        unless told (the searches' experiments also choose on dev)."""
+        out = self.scorer.score(weights, splits=(split,))[split]
         self.evaluations += 1
         acc = {skill: out[f"zoo_{skill}"]["acc"] for skill in (*TRAINED, HELD_OUT)}
         row = dict(acc)

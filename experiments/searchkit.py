@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -31,7 +30,7 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import DEFAULT_WORKDIR, HELD_OUT, ROOT, TRAINED, Clock, ensure_pool, one_thread
+from expkit import DEFAULT_WORKDIR, ROOT, TRAINED, Clock, TestScorer, ensure_pool, one_thread
 
 from recycler.config import load_study_spec
 from recycler.search.samplers import effective_seed
@@ -173,14 +172,14 @@ def checkpoint_weights(record: Any) -> dict[str, float]:
 
 class RecipeScores:
     """Scores of recipes on one pool (skill → acc, plus `mean4` and `zoo_mean`), computed
-    in-process by the zoo's scorer (the search's own lm-eval path) and cached on disk."""
+    in-process by `expkit.TestScorer` (the search's own lm-eval path) and cached on disk."""
 
     def __init__(self, seed: int, say: Clock) -> None:
         self.zoo = SETTINGS.zoo(seed, say)
         self.path = SETTINGS.folder(seed) / "recipe_scores.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, dict[str, float]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
-        self._scorer: Any = None
+        self._scorer: TestScorer | None = None
 
     def score(self, recipe: Mapping[str, Any], split: str = "test") -> dict[str, float]:
         from recycler.merge.engine import merge_state_dict
@@ -198,13 +197,8 @@ class RecipeScores:
             finally:
                 pool.close()
             if self._scorer is None:
-                from recycler.zoo.scoring import Scorer
-
-                self._scorer = Scorer(self.zoo)
-            out = self._scorer.score(weights, splits=(split,))[split]
-            row = {s: float(out[f"zoo_{s}"]["acc"]) for s in (*TRAINED, HELD_OUT)}
-            row["mean4"] = statistics.fmean(row[s] for s in TRAINED)
-            row["zoo_mean"] = statistics.fmean(row[s] for s in (*TRAINED, HELD_OUT))
+                self._scorer = TestScorer(self.zoo)
+            row = self._scorer.score(weights, split=split)
             self.cache[key] = row
             tmp = self.path.with_suffix(".tmp")
             tmp.write_text(json.dumps(self.cache, indent=1, sort_keys=True))
