@@ -8,7 +8,8 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives clean
 
-$(STAMP): pyproject.toml
+# setup.py and the C kernel too: an edited kernel is rebuilt before the tests run.
+$(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
 	$(MAKE) install
 
 install:

@@ -1,10 +1,14 @@
 """Write a merge as an ordinary Hugging Face model directory, atomically and streamed.
 
 The directory is built beside OUT_DIR under a hidden name and renamed into place at
-the end, so a failure or a kill never leaves a half-written OUT_DIR. Tensors are
-merged one at a time and written by a second thread while the next is merged;
-shard headers are known up front (every shape and dtype is in the pool's index),
-so each shard is written in one sequential pass.
+the end, so a failure or a kill never leaves a half-written OUT_DIR. Shard headers
+are known up front (every shape and dtype is in the pool's index), so each shard
+file is created at its full size and every tensor is written at its own offset:
+
+- on the CPU, tensors whose merge is one linear combination of stored tensors go
+  file to file through the C kernel (`engine.FileMerger`);
+- the rest are merged one at a time (`engine.iter_merged`) and written by a second
+  thread while the next is merged.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 
 from recycler import __version__
 from recycler.errors import RecyclerError
-from recycler.merge.engine import MergeStats, iter_merged
+from recycler.merge.engine import FileJob, FileMerger, MergeStats, iter_merged
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool, TensorInfo
 from recycler.pool.hashing import sha256_files_async
@@ -52,6 +56,7 @@ class _Shard:
     names: list[str]
     header: bytes
     nbytes: int
+    tensor_nbytes: list[int]
 
 
 def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[_Shard]:
@@ -75,16 +80,79 @@ def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[_Sha
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
-        shards.append(_Shard(filename, names, len(raw).to_bytes(8, "little") + raw, offset))
+        shards.append(_Shard(filename, names, len(raw).to_bytes(8, "little") + raw, offset, [infos[n].nbytes for n in names]))
     return shards
 
 
-class _StreamingWriter:
-    """Writes tensors, in plan order, on a thread of its own."""
+class _ShardFiles:
+    """The output shards, created at their full size with their headers; each tensor
+    is written at its planned offset, in any order."""
 
     def __init__(self, directory: Path, shards: list[_Shard]) -> None:
-        self._shards = shards
-        self._dir = directory
+        self._slots: dict[str, tuple[int, int, int, Path]] = {}  # name -> fd, offset, bytes, path
+        self._fds: list[int] = []
+        self._unwritten: set[str] = set()
+        try:
+            for shard in shards:
+                path = directory / shard.filename
+                try:
+                    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                    self._fds.append(fd)
+                    os.ftruncate(fd, len(shard.header) + shard.nbytes)
+                except OSError as exc:
+                    raise RecyclerError(f"{path}: cannot write: {exc.strerror or exc}") from None
+                self._pwrite(fd, shard.header, 0, path)
+                offset = len(shard.header)
+                for name, nbytes in zip(shard.names, shard.tensor_nbytes):
+                    self._slots[name] = (fd, offset, nbytes, path)
+                    offset += nbytes
+                self._unwritten.update(shard.names)
+        except BaseException:
+            self.close()
+            raise
+
+    def slot(self, name: str) -> tuple[int, int, Path]:
+        """(fd, offset, path) where `name`'s bytes go; the caller writes them there."""
+        fd, offset, _, path = self._slots[name]
+        self._unwritten.discard(name)
+        return fd, offset, path
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        flat = tensor.detach().reshape(-1)
+        if flat.device.type != "cpu":
+            flat = flat.cpu()
+        nbytes = self._slots[name][2]
+        if flat.numel() * flat.element_size() != nbytes:
+            raise RuntimeError(f"tensor {name}: {flat.numel() * flat.element_size()} bytes, planned {nbytes}")
+        fd, offset, path = self.slot(name)
+        if nbytes:
+            self._pwrite(fd, flat.contiguous().view(torch.uint8).numpy().data, offset, path)
+
+    def check_complete(self) -> None:
+        if self._unwritten:
+            raise RuntimeError(f"{len(self._unwritten)} tensors were never written, e.g. {min(self._unwritten)}")
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+
+    @staticmethod
+    def _pwrite(fd: int, data: bytes | memoryview, offset: int, path: Path) -> None:
+        view = memoryview(data)
+        try:
+            while view:
+                written = os.pwrite(fd, view, offset)
+                view, offset = view[written:], offset + written
+        except OSError as exc:
+            raise RecyclerError(f"{path}: cannot write: {exc.strerror or exc}") from None
+
+
+class _WriterThread:
+    """Writes merged tensors to their slots on a thread of its own."""
+
+    def __init__(self, files: _ShardFiles) -> None:
+        self._files = files
         self._queue: queue.Queue[tuple[str, torch.Tensor] | None] = queue.Queue(maxsize=2)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="recycler-writer", daemon=True)
@@ -118,29 +186,10 @@ class _StreamingWriter:
 
     def _run(self) -> None:
         try:
-            for shard in self._shards:
-                with open(self._dir / shard.filename, "wb") as f:
-                    f.write(shard.header)
-                    for expected in shard.names:
-                        item = self._queue.get()
-                        if item is None:
-                            return
-                        name, tensor = item
-                        if name != expected:
-                            raise RuntimeError(f"writer got {name}, expected {expected}")
-                        _write_tensor(f, tensor)
-            if self._queue.get() is not None:
-                raise RuntimeError("writer got more tensors than planned")
+            while (item := self._queue.get()) is not None:
+                self._files.write(*item)
         except BaseException as exc:
             self._error = exc
-
-
-def _write_tensor(f: IO[bytes], tensor: torch.Tensor) -> None:
-    flat = tensor.detach().reshape(-1)
-    if flat.device.type != "cpu":
-        flat = flat.cpu()
-    if flat.numel():
-        f.write(flat.contiguous().view(torch.uint8).numpy().data)
 
 
 def write_model_dir(
@@ -170,14 +219,20 @@ def write_model_dir(
         infos = {n: _out_info(pool.info(n), out_dtype) for n in pool.tensor_names}
         shards = plan_shards(infos, max_shard_bytes)
         started = time.perf_counter()
-        writer = _StreamingWriter(tmp, shards)
+        files = _ShardFiles(tmp, shards)
         try:
-            for name, tensor in _on_device(iter_merged(pool, recipe, device, stats)):
-                writer.put(name, tensor)
-            writer.close()
-        except BaseException:
-            writer.abort()
-            raise
+            rest = _merge_file_to_file(pool, recipe, files, stats) if device == "cpu" else pool.tensor_names
+            writer = _WriterThread(files)
+            try:
+                for name, tensor in _on_device(iter_merged(pool, recipe, device, stats, names=rest)):
+                    writer.put(name, tensor)
+                writer.close()
+            except BaseException:
+                writer.abort()
+                raise
+            files.check_complete()
+        finally:
+            files.close()
         stats.seconds = time.perf_counter() - started
         if len(shards) > 1:
             index = {
@@ -196,6 +251,23 @@ def write_model_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _merge_file_to_file(pool: Pool, recipe: Recipe, files: _ShardFiles, stats: MergeStats) -> list[str]:
+    """Merge every tensor that `FileMerger` can straight into its slot; the names left."""
+    merger = FileMerger(pool, recipe)
+    jobs, rest = [], []
+    for name in pool.tensor_names:
+        terms = merger.plan(name)
+        if terms is None:
+            rest.append(name)
+        else:
+            jobs.append(FileJob(name, terms, *files.slot(name)))
+    try:
+        merger.merge(jobs, stats)
+    finally:
+        merger.close()
+    return rest
 
 
 def _on_device(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:

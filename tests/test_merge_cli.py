@@ -184,10 +184,12 @@ def _damage_missing_checkpoint(root: Path) -> str:
         _damage_missing_checkpoint,
     ],
 )
-def test_bad_pool_fails_cleanly(damage: Callable[[Path], str], pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+# ties merges tensors in memory; linear goes file to file through the C kernel.
+@pytest.mark.parametrize("method", ["ties", "linear"])
+def test_bad_pool_fails_cleanly(damage: Callable[[Path], str], method: str, pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     fragment = damage(pool)
     out = tmp_path / "out"
-    code, err = run_merge(capsys, str(write_recipe(pool)), str(out))
+    code, err = run_merge(capsys, str(write_recipe(pool, merge_method=method)), str(out))
     assert_clean_error(code, err, out, fragment)
 
 

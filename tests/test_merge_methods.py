@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.merge import kernel
 from recycler.merge.methods import (
     METHODS,
     MergeInputs,
@@ -47,15 +46,6 @@ def test_fp32_accumulation_then_one_rounding() -> None:
     got = METHODS["linear"].fn(_inputs(vs, None, weights=w, normalize=True, out_dtype=torch.bfloat16))
     exact = (sum(v.double() for v in vs) / 4).to(torch.bfloat16)
     assert (got.float() - exact.float()).abs().max() <= exact.float().abs().max() * 2**-8
-
-
-def test_chunked_kernel_matches_one_pass_across_chunk_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(kernel, "CHUNK", 1000)
-    monkeypatch.setattr(kernel, "_PARALLEL_MIN", 2000)
-    g = torch.Generator().manual_seed(1)
-    xs = [torch.randn(3333, generator=g).to(torch.bfloat16), torch.randn(3333, generator=g)]
-    got = linear_combination(xs, [0.25, 0.75], torch.float32)
-    torch.testing.assert_close(got, 0.25 * xs[0].float() + 0.75 * xs[1], rtol=0, atol=1e-6)
 
 
 def test_task_arithmetic() -> None:

@@ -1,28 +1,37 @@
 """The merge engine: a pool and a recipe in, merged tensors out, one tensor at a time.
 
-Only one tensor's versions are in memory at once (plus the next one's being read
-ahead), so peak memory stays near (number of checkpoints × largest tensor), never
-the whole pool. The same `merge_tensor` serves the streaming export, the in-memory
-merge of a search trial and the Ray shard workers.
+Two paths, the same bits:
+
+- `iter_merged` yields merged tensors. Only one tensor's versions are in memory at
+  once (plus the next one's being read ahead), so peak memory stays near (number of
+  checkpoints × largest tensor), never the whole pool. `merge_tensor` serves it, the
+  in-memory merge of a search trial and the Ray shard workers.
+- `FileMerger` writes a tensor's merge straight from the input files into the output
+  file, where the method is one linear combination of stored tensors (linear, task
+  arithmetic): the C kernel reads, combines and writes chunks on its threads, and no
+  tensor is ever mapped or allocated. The export uses it on the CPU wherever it can.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 
 from recycler.errors import RecyclerError
+from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
 from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
 from recycler.merge.recipe import Recipe
 
 if TYPE_CHECKING:
     from recycler.merge.fisher import FisherFile
-from recycler.pool import Checkpoint, Pool
+from recycler.pool import Checkpoint, Pool, StoredTensor
 
 
 @dataclass
@@ -67,7 +76,7 @@ def merge_tensor(
     try:
         merged = method.fn(inputs)
     except ZeroDivisionError:
-        raise RecyclerError(f"tensor {name}: the weights sum to zero, which normalize cannot divide by") from None
+        raise RecyclerError(_zero_weights(name)) from None
     if not method.checks_finite and not bool(torch.isfinite(merged).all()):
         raise NonFiniteError(name)
     return merged
@@ -152,6 +161,115 @@ def _merge_one(
 def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
     """The whole merged model in memory (a search trial's merge; nothing touches the disk)."""
     return dict(iter_merged(pool, recipe, device))
+
+
+def _zero_weights(name: str) -> str:
+    return f"tensor {name}: the weights sum to zero, which normalize cannot divide by"
+
+
+@dataclass(frozen=True)
+class StoredTerms:
+    """A tensor's merge as Σ c_i x_i over stored tensors (the base first, where it has a term)."""
+
+    inputs: list[StoredTensor]
+    coeffs: list[float]
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One tensor for `FileMerger.merge`: its terms and where its merge goes."""
+
+    name: str
+    terms: StoredTerms
+    out_fd: int
+    out_offset: int
+    out_path: Path
+
+    @property
+    def numel(self) -> int:
+        return self.terms.inputs[0].info.numel
+
+
+class FileMerger:
+    """Merges tensors from the pool's files straight into an output file (see the module doc)."""
+
+    def __init__(self, pool: Pool, recipe: Recipe) -> None:
+        self._pool = pool
+        self._recipe = recipe
+        self._n_layers = pool.n_layers
+        self._fds: dict[Path, int] = {}
+
+    def plan(self, name: str) -> StoredTerms | None:
+        """`name`'s merge as stored terms, or None where it goes through `iter_merged`."""
+        recipe, pool = self._recipe, self._pool
+        terms_of = METHODS[recipe.merge_method].terms
+        if terms_of is None:
+            return None
+        try:
+            terms = terms_of(recipe.weights_for(name, self._n_layers), recipe.normalize, recipe.lambda_for(name, self._n_layers))
+        except ZeroDivisionError:
+            raise RecyclerError(_zero_weights(name)) from None
+        sources = list(pool.checkpoints)
+        coeffs = list(terms.versions)
+        if terms.base is not None:
+            assert pool.base is not None
+            sources.insert(0, pool.base)
+            coeffs.insert(0, terms.base)
+        stored = [c.locate(name) for c in sources]
+        inputs = [s for s in stored if s is not None]
+        if len(inputs) < len(stored) or not fused_dtypes([recipe.torch_dtype, *(s.info.dtype for s in inputs)]):
+            return None
+        return StoredTerms(inputs, coeffs)
+
+    def merge(self, jobs: Sequence[FileJob], stats: MergeStats) -> None:
+        """Write every job's merge into its slot; all are queued at once, so the kernel
+        threads never wait at a tensor's end for the next to be handed out."""
+        started = time.perf_counter()
+        out_dtype = self._recipe.torch_dtype
+        pending = [
+            combine_files(
+                job.out_fd, job.out_offset, out_dtype, [(self._fd(s.path), s.offset, s.info.dtype) for s in job.terms.inputs], job.terms.coeffs, job.numel
+            )
+            for job in jobs
+        ]
+        try:
+            for job, ranges in zip(jobs, pending):
+                self._wait(job, ranges)
+                done = time.perf_counter()
+                stats.per_tensor[job.name] = done - started  # time since the previous tensor was done
+                started = done
+                stats.bytes_read += sum(s.info.nbytes for s in job.terms.inputs)
+                stats.bytes_written += job.numel * out_dtype.itemsize
+                stats.tensors += 1
+        finally:
+            for ranges in pending:
+                ranges.cancel()
+
+    def _wait(self, job: FileJob, ranges: Ranges) -> None:
+        try:
+            finite = ranges.wait()
+        except OSError as exc:
+            index = exc.filename if isinstance(exc.filename, int) else -1
+            where = f"{job.terms.inputs[index].path}: tensor {job.name}: cannot read" if index >= 0 else f"{job.out_path}: cannot write"
+            raise RecyclerError(f"{where}: {exc.strerror or exc}") from None
+        if not finite:
+            versions = [c.read(job.name) for c in self._pool.checkpoints]
+            base = self._pool.base.read(job.name) if self._pool.base is not None else None
+            raise RecyclerError(_non_finite_culprit(self._pool, job.name, versions, base))
+
+    def _fd(self, path: Path) -> int:
+        fd = self._fds.get(path)
+        if fd is None:
+            try:
+                fd = self._fds[path] = os.open(path, os.O_RDONLY)
+            except OSError as exc:
+                raise RecyclerError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        return fd
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
 
 def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None) -> str:

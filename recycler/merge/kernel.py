@@ -1,49 +1,60 @@
 """The fast kernel: Σ c_i x_i over tensors of any float dtypes, fp32 accumulation, one cast.
 
 Most merges (linear, task arithmetic, weight schemes) are one linear combination
-per tensor, so this loop decides how fast a merge runs. On the CPU it is bound by
-memory bandwidth, and three things keep it there:
+per tensor, so this loop decides how fast a merge runs. On the CPU it runs in C
+(`_fused.c`): each element is loaded once, combined in registers and stored once,
+and the work is cut into ranges that the kernel threads take in turn, so a core
+slowed by other work on a shared machine holds no one up. Two entry points:
 
-- it works in chunks whose fp32 accumulator stays in cache, so each input byte is
-  read from memory once and each output byte written once;
-- each input chunk is widened to fp32 with a plain copy first (PyTorch's fused
-  mixed-dtype add is several times slower than copy + add);
-- it runs the chunks on its own threads with single-threaded PyTorch ops. PyTorch's
-  OpenMP parallelism spins at its barriers when the cores are shared, which on a
-  busy two-core machine made these ops ten times slower; plain threads that each
-  own a range of the tensor do not wait on each other.
+- `linear_combination`: tensors in memory (a search trial's merge, a Ray shard);
+- `combine_files`: stored tensors straight from their files to the output file
+  (`recycler merge`), with no tensor ever mapped or allocated.
+
+Where the C kernel cannot serve (a GPU, float64 or float8 inputs, or an install
+without a C compiler) the same sum runs as chunked PyTorch ops, which on the CPU
+are several times slower: each chunk is widened to fp32 with a copy, added, and
+cast, each a pass with PyTorch's per-op overhead.
 """
 
 from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 
-# Elements per step: two fp32 buffers of this size per thread stay in cache.
+# The dtypes the C kernel takes, by its codes; empty where it was not built.
+_FUSED_CODES: dict[torch.dtype, int] = {}
+try:
+    from recycler.merge import _fused
+except ImportError:  # built without a C compiler (setup.py marks the extension optional)
+    pass
+else:
+    _FUSED_CODES = {torch.float32: _fused.F32, torch.bfloat16: _fused.BF16}
+    if _fused.HAVE_F16:
+        _FUSED_CODES[torch.float16] = _fused.F16
+
+# Elements per task of the kernel threads: small enough to balance two busy cores,
+# large enough that handing a task over (~20 µs) costs under 1 %.
+TASK = 1 << 20
+# Elements per step of the PyTorch fallback: two fp32 buffers of this size stay in cache.
 CHUNK = 1 << 18
-# Below this many elements a tensor is not worth spreading over threads.
-_PARALLEL_MIN = 1 << 21
 
 
 class NonFiniteError(ArithmeticError):
     """The merge of a tensor produced NaN or inf (a non-finite input, or an overflow)."""
 
 
+def fused_dtypes(dtypes: Sequence[torch.dtype]) -> bool:
+    """Whether the C kernel takes these dtypes (inputs and output alike)."""
+    return bool(_FUSED_CODES) and all(d in _FUSED_CODES for d in dtypes)
+
+
 _local = threading.local()
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
-
-
-def _on_kernel_thread(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int, step: int) -> None:
-    # PyTorch sets a thread's OpenMP width lazily, from the process-wide default, at
-    # the thread's first op; checked on every task so no first op can undo it.
-    if torch.get_num_threads() != 1:
-        torch.set_num_threads(1)
-    _combine_range(flats, coeffs, out, start, end, step)
 
 
 def _workers() -> int:
@@ -58,6 +69,122 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
+class Ranges:
+    """The ranges of one tensor, submitted to the kernel threads."""
+
+    def __init__(self, n: int, task: Callable[[int, int], bool]) -> None:
+        self._futures = [_executor().submit(task, lo, min(n, lo + TASK)) for lo in range(0, n, TASK)]
+
+    def wait(self) -> bool:
+        """True if every range's result was finite; re-raises a range's error."""
+        # Every range is waited for, failed or not, so none still writes once this returns.
+        errors = [f.exception() for f in self._futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return all(f.result() for f in self._futures)
+
+    def cancel(self) -> None:
+        """Drop the ranges not yet started and wait for the running ones."""
+        for f in self._futures:
+            f.cancel()
+        wait(self._futures)
+
+
+def _run_ranges(n: int, task: Callable[[int, int], bool], *, small_here: bool = True) -> bool:
+    """`task(lo, hi)` over [0, n) in TASK-sized ranges on the kernel threads; True if all were.
+
+    A tensor of one range runs on the calling thread unless `small_here` is False.
+    """
+    if n <= TASK and small_here:
+        return task(0, n)
+    return Ranges(n, task).wait()
+
+
+def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+    """Σ c_i x_i in fp32, returned in `out_dtype`; inputs may mix dtypes and must share a shape."""
+    shape, device = tensors[0].shape, tensors[0].device
+    flats = [t.reshape(-1).contiguous() for t in tensors]
+    n = flats[0].numel()
+    out = torch.empty(n, dtype=out_dtype, device=device)
+    if n == 0:
+        return out.view(shape)
+    if device.type == "cpu" and fused_dtypes([out_dtype, *(f.dtype for f in flats)]):
+        addrs = [f.data_ptr() for f in flats]
+        codes = [_FUSED_CODES[f.dtype] for f in flats]
+        out_addr, out_code = out.data_ptr(), _FUSED_CODES[out_dtype]
+        finite = _run_ranges(n, lambda lo, hi: _fused.combine(out_addr, out_code, addrs, codes, coeffs, lo, hi))
+    else:
+        finite = _torch_combine(flats, coeffs, out)
+    if not finite:
+        raise NonFiniteError
+    return out.view(shape)
+
+
+def combine_files(
+    out_fd: int,
+    out_offset: int,
+    out_dtype: torch.dtype,
+    inputs: Sequence[tuple[int, int, torch.dtype]],
+    coeffs: Sequence[float],
+    numel: int,
+) -> Ranges:
+    """Start writing Σ c_i x_i for `numel` elements at `out_offset` of `out_fd`, each x_i
+    read at (fd, offset, dtype) of `inputs`. Needs the C kernel (`fused_dtypes`).
+
+    Returns at once, so the caller can queue the next tensors behind this one and keep
+    every kernel thread busy across tensor boundaries. `wait()` returns False for a
+    non-finite result and raises OSError whose `filename` is the failing input's
+    index (-1 for the output).
+    """
+    fds = [fd for fd, _, _ in inputs]
+    offsets = [offset for _, offset, _ in inputs]
+    codes = [_FUSED_CODES[dtype] for _, _, dtype in inputs]
+    out_code = _FUSED_CODES[out_dtype]
+
+    def task(lo: int, hi: int) -> bool:
+        return _fused.combine_files(out_fd, out_offset, out_code, fds, offsets, codes, coeffs, lo, hi, _scratch(len(inputs)))
+
+    return Ranges(numel, task)
+
+
+def _scratch(k: int) -> bytearray:
+    """This thread's buffer for `combine_files`: a chunk of each input and of the output."""
+    need = (k + 1) * _fused.FILE_STEP * 4
+    buf: bytearray | None = getattr(_local, "scratch", None)
+    if buf is None or len(buf) < need:
+        buf = _local.scratch = bytearray(need)
+    return buf
+
+
+# ------------------------------------------------------------------ PyTorch fallback
+
+
+def _torch_combine(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor) -> bool:
+    n = out.numel()
+    if out.device.type != "cpu":
+        # A GPU has the bandwidth to do it in one pass of fused-enough ops.
+        return _combine_range(flats, coeffs, out, 0, n)
+    # Even a small tensor goes to the kernel threads: on this thread PyTorch's ops
+    # would be multi-threaded, and PyTorch's OpenMP threads spin at their barriers
+    # when the cores are shared (ten times slower on a busy two-core machine).
+    threads = torch.get_num_threads()
+    try:
+        return _run_ranges(n, lambda lo, hi: _on_kernel_thread(flats, coeffs, out, lo, hi), small_here=False)
+    finally:
+        if torch.get_num_threads() != threads:
+            # set_num_threads on a kernel thread also moved the process-wide default.
+            torch.set_num_threads(threads)
+
+
+def _on_kernel_thread(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
+    # PyTorch sets a thread's OpenMP width lazily, from the process-wide default, at
+    # the thread's first op; checked on every task so no first op can undo it.
+    if torch.get_num_threads() != 1:
+        torch.set_num_threads(1)
+    return _combine_range(flats, coeffs, out, start, end)
+
+
 def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (n, device)
     cached = getattr(_local, "buffers", None)
@@ -67,8 +194,9 @@ def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     return cached[1], cached[2]
 
 
-def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int, step: int) -> None:
-    acc_buf, tmp_buf = _buffers(min(step, end - start), out.device)
+def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
+    step = min(CHUNK, end - start) if out.device.type == "cpu" else end - start
+    acc_buf, tmp_buf = _buffers(step, out.device)
     for lo in range(start, end, step):
         hi = min(end, lo + step)
         acc, tmp = acc_buf[: hi - lo], tmp_buf[: hi - lo]
@@ -86,34 +214,5 @@ def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: 
         # inf anywhere makes the sum non-finite: one cheap reduction while the chunk is
         # in cache (the exact test runs only if it fires).
         if not torch.isfinite(chunk.sum()) and not bool(torch.isfinite(chunk).all()):
-            raise NonFiniteError
-
-
-def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
-    """Σ c_i x_i in fp32, returned in `out_dtype`; inputs may mix dtypes and must share a shape."""
-    shape, device = tensors[0].shape, tensors[0].device
-    flats = [t.reshape(-1) for t in tensors]
-    n = flats[0].numel()
-    out = torch.empty(n, dtype=out_dtype, device=device)
-    if n == 0:
-        return out.view(shape)
-    if device.type != "cpu":
-        # A GPU has the bandwidth to do it in one pass of fused-enough ops.
-        _combine_range(flats, coeffs, out, 0, n, n)
-        return out.view(shape)
-    # Even a small tensor goes to the kernel threads: on this thread PyTorch's ops
-    # would be multi-threaded again.
-    workers = _workers() if n >= _PARALLEL_MIN else 1
-    per_worker = -(-n // workers)
-    per_worker = -(-per_worker // CHUNK) * CHUNK  # whole chunks, so every chunk is full but the last
-    threads = torch.get_num_threads()
-    futures = [
-        _executor().submit(_on_kernel_thread, flats, coeffs, out, lo, min(n, lo + per_worker), CHUNK)
-        for lo in range(0, n, per_worker)
-    ]
-    for f in futures:
-        f.result()
-    if torch.get_num_threads() != threads:
-        # set_num_threads on a kernel thread also moved the process-wide default.
-        torch.set_num_threads(threads)
-    return out.view(shape)
+            return False
+    return True

@@ -37,6 +37,22 @@ class MergeInputs:
 
 
 @dataclass(frozen=True)
+class LinearTerms:
+    """A merge that is one linear combination: Σ c_i θ_i (+ c_0 θ_0 when `base` is set)."""
+
+    versions: list[float]
+    base: float | None = None
+
+    def apply(self, versions: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+        # The base comes first, in every path (export and in-memory merges alike), so
+        # both sum in the same order and give the same bits.
+        if self.base is None:
+            return linear_combination(versions, self.versions, out_dtype)
+        assert base is not None
+        return linear_combination([base, *versions], [self.base, *self.versions], out_dtype)
+
+
+@dataclass(frozen=True)
 class MergeMethod:
     name: str
     fn: Callable[[MergeInputs], torch.Tensor]
@@ -45,9 +61,13 @@ class MergeMethod:
     # True where the method's kernel raises NonFiniteError itself; otherwise the
     # engine tests the merged tensor.
     checks_finite: bool = False
+    # For a method that is one linear combination per tensor: its coefficients from
+    # (weights, normalize, lambda). The export then combines the stored tensors
+    # file to file (`engine.FileMerger`) instead of calling `fn`.
+    terms: Callable[[Sequence[float], bool, float], LinearTerms] | None = None
 
 
-__all__ = ["METHODS", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
+__all__ = ["METHODS", "LinearTerms", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
 
 
 def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
@@ -59,20 +79,27 @@ def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
     return list(weights)
 
 
-def linear(inp: MergeInputs) -> torch.Tensor:
+def linear_terms(weights: Sequence[float], normalize: bool, lambda_: float) -> LinearTerms:
     """Weighted average (model soup; Wortsman et al. 2022): θ = Σ w_i θ_i [/ Σ w_i if normalize]."""
-    return linear_combination(inp.versions, _normalized(inp.weights, inp.normalize), inp.out_dtype)
+    return LinearTerms(_normalized(weights, normalize))
+
+
+def task_arithmetic_terms(weights: Sequence[float], normalize: bool, lambda_: float) -> LinearTerms:
+    """Task arithmetic (Ilharco et al. 2023): θ = θ_0 + λ Σ w_i τ_i [/ Σ w_i if normalize].
+
+    Computed as the equivalent linear combination (1 − λ Σ w_i) θ_0 + Σ λ w_i θ_i,
+    so no task vector is materialised.
+    """
+    w = [lambda_ * x for x in _normalized(weights, normalize)]
+    return LinearTerms(w, base=1.0 - sum(w))
+
+
+def linear(inp: MergeInputs) -> torch.Tensor:
+    return linear_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, None, inp.out_dtype)
 
 
 def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
-    """Task arithmetic (Ilharco et al. 2023): θ = θ_0 + λ Σ w_i τ_i [/ Σ w_i if normalize].
-
-    Computed as the equivalent linear combination (1 − λ Σ w_i) θ_0 + Σ λ w_i θ_i
-    with the chunked fp32 kernel, so no task vector is materialised.
-    """
-    assert inp.base is not None
-    w = [inp.lambda_ * x for x in _normalized(inp.weights, inp.normalize)]
-    return linear_combination([inp.base, *inp.versions], [1.0 - sum(w), *w], inp.out_dtype)
+    return task_arithmetic_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, inp.base, inp.out_dtype)
 
 
 def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
@@ -222,8 +249,10 @@ def fisher(inp: MergeInputs) -> torch.Tensor:
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
-        MergeMethod("linear", linear, needs_base=False, default_normalize=True, checks_finite=True),
-        MergeMethod("task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True),
+        MergeMethod("linear", linear, needs_base=False, default_normalize=True, checks_finite=True, terms=linear_terms),
+        MergeMethod(
+            "task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True, terms=task_arithmetic_terms
+        ),
         MergeMethod("ties", ties, needs_base=True, default_normalize=True),
         MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False),
         MergeMethod("dare_ties", dare_ties, needs_base=True, default_normalize=False),

@@ -34,6 +34,15 @@ class TrainerState:
     loss: float | None
 
 
+@dataclass(frozen=True)
+class StoredTensor:
+    """A tensor stored raw in a file: `info.nbytes` bytes from `offset`, little-endian, C order."""
+
+    path: Path
+    offset: int
+    info: TensorInfo
+
+
 class Checkpoint(ABC):
     """One member of a pool (or its base)."""
 
@@ -76,6 +85,11 @@ class Checkpoint(ABC):
         """One tensor in its stored dtype (a LoRA adapter's: base + delta in fp32)."""
         tensor = self._read(self.aliases.get(name, name))
         return tensor if str(device) == "cpu" else tensor.to(device, non_blocking=True)
+
+    def locate(self, name: str) -> StoredTensor | None:
+        """Where the tensor `read` returns lies as is in a file; None where it is computed
+        or unpickled (a LoRA target, a `.bin` checkpoint)."""
+        return None
 
     def prefetch(self, name: str) -> None:  # noqa: B027 - optional hook
         """Start reading a tensor ahead of its use, where the storage allows it."""
@@ -141,6 +155,12 @@ class SafetensorsCheckpoint(Checkpoint):
 
     def _read(self, name: str) -> torch.Tensor:
         return self._where[name].read(name)
+
+    def locate(self, name: str) -> StoredTensor | None:
+        name = self.aliases.get(name, name)
+        sf = self._where[name]
+        loc = sf.tensors[name]
+        return StoredTensor(sf.path, loc.begin, loc.info)
 
     def prefetch(self, name: str) -> None:
         name = self.aliases.get(name, name)

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.pool.checkpoint import Checkpoint
+from recycler.pool.checkpoint import Checkpoint, StoredTensor
 from recycler.pool.safetensors_file import SafetensorsFile, TensorInfo
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -117,6 +117,15 @@ class LoraCheckpoint(Checkpoint):
         if ad.embedding or self._fan_in_fan_out:
             delta = delta.T
         return base.to(torch.float32, copy=True).add_(delta, alpha=ad.scaling)  # copy: base may be an fp32 view of the file
+
+    def locate(self, name: str) -> StoredTensor | None:
+        name = self.aliases.get(name, name)
+        if name in self._adapters:
+            return None
+        if name in self._replaced:
+            loc = self._file.tensors[self._replaced[name]]
+            return StoredTensor(self._file.path, loc.begin, loc.info)
+        return self.base.locate(name)
 
     def release(self, name: str) -> None:
         self.base.release(name)
