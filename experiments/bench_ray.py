@@ -97,10 +97,11 @@ def merge_in_one_process(zoo: Path, dtype: str, repeats: int) -> float:
     from recycler.merge.engine import merge_state_dict
     from recycler.merge.recipe import DTYPES, Recipe
     from recycler.pool import Pool
+    from recycler.pool.safetensors_file import torch_dtype
 
     recipe = Recipe.from_dict(uniform_recipe(zoo, dtype))
     pool = Pool.open([m.model for m in recipe.models])
-    model = ResidentModel(zoo / "base", dtype=DTYPES[dtype])
+    model = ResidentModel(zoo / "base", dtype=torch_dtype(DTYPES[dtype]))
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()

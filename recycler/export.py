@@ -22,9 +22,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from recycler import __version__
 from recycler.errors import RecyclerError
@@ -32,7 +30,10 @@ from recycler.merge.engine import FileJob, FileMerger, MergeStats, iter_merged
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool, TensorInfo
 from recycler.pool.hashing import sha256_files_async
-from recycler.pool.safetensors_file import CODE_FROM_DTYPE
+from recycler.pool.safetensors_file import dtype_name
+
+if TYPE_CHECKING:
+    import torch
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -76,7 +77,7 @@ def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[_Sha
         offset = 0
         for name in names:
             info = infos[name]
-            header[name] = {"dtype": CODE_FROM_DTYPE[info.dtype], "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+            header[name] = {"dtype": info.code, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
@@ -118,6 +119,8 @@ class _ShardFiles:
         return fd, offset, path
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
+        import torch
+
         flat = tensor.detach().reshape(-1)
         if flat.device.type != "cpu":
             flat = flat.cpu()
@@ -215,8 +218,8 @@ def write_model_dir(
         tmp.mkdir()
         inputs = [c for c in [pool.base, *pool.checkpoints] if c is not None]
         hashes = sha256_files_async(f for c in inputs for f in c.files())
-        out_dtype = recipe.torch_dtype
-        infos = {n: _out_info(pool.info(n), out_dtype) for n in pool.tensor_names}
+        out_code = recipe.out_code
+        infos = {n: _out_info(pool.info(n), out_code) for n in pool.tensor_names}
         shards = plan_shards(infos, max_shard_bytes)
         started = time.perf_counter()
         files = _ShardFiles(tmp, shards)
@@ -240,7 +243,7 @@ def write_model_dir(
                 "weight_map": {n: s.filename for s in shards for n in s.names},
             }
             (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        _write_config(tmp, pool.config_dir, out_dtype)
+        _write_config(tmp, pool.config_dir, out_code)
         _copy_tokenizer(tmp, _tokenizer_dir(pool, recipe))
         resolved = _resolved_recipe(pool, recipe)
         (tmp / "recipe.yaml").write_text(resolved.to_yaml())
@@ -276,8 +279,8 @@ def _on_device(items: Iterator[tuple[str, torch.Tensor]]) -> Iterator[tuple[str,
         yield name, tensor.cpu() if tensor.device.type != "cpu" else tensor
 
 
-def _out_info(info: TensorInfo, out_dtype: torch.dtype) -> TensorInfo:
-    return TensorInfo(info.shape, out_dtype if info.dtype.is_floating_point else info.dtype)
+def _out_info(info: TensorInfo, out_code: str) -> TensorInfo:
+    return TensorInfo(info.shape, out_code if info.is_floating_point else info.code)
 
 
 def _check_out_dir(out_dir: Path, force: bool) -> None:
@@ -316,9 +319,9 @@ def _move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _write_config(tmp: Path, config_dir: Path, dtype: torch.dtype) -> None:
+def _write_config(tmp: Path, config_dir: Path, code: str) -> None:
     config = json.loads((config_dir / "config.json").read_text())
-    name = str(dtype).removeprefix("torch.")
+    name = dtype_name(code)
     config["dtype"] = name
     if "torch_dtype" in config:
         config["torch_dtype"] = name

@@ -18,7 +18,7 @@ from recycler.merge.engine import FileMerger, merge_state_dict
 from recycler.merge.kernel import NonFiniteError, combine_files, linear_combination
 from recycler.merge.recipe import ModelSpec, Recipe
 from recycler.pool import Pool
-from recycler.pool.safetensors_file import SafetensorsFile
+from recycler.pool.safetensors_file import SafetensorsFile, code_of
 
 FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 # Half a unit in the last place of each output dtype, relative to the value (at most).
@@ -40,7 +40,7 @@ def _without_c_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_c_kernel_is_built() -> None:
     # setup.py builds it optionally; without it merges fall back to PyTorch, several times slower.
-    assert kernel.fused_dtypes(FLOATS), "recycler/merge/_fused.c was not compiled (is a C compiler installed?)"
+    assert kernel.fused_dtypes([code_of(d) for d in FLOATS]), "recycler/merge/_fused.c was not compiled (is a C compiler installed?)"
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
@@ -110,12 +110,12 @@ def test_non_finite_results_are_caught(values: list[float], out_dtype: torch.dty
         linear_combination(xs, [1.0, 1.0], out_dtype)
 
 
-def _stored(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, tuple[int, int, torch.dtype]]]:
+def _stored(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, tuple[int, int, str]]]:
     path = tmp_path / "inputs.safetensors"
     save_file(tensors, str(path))
     fd = os.open(path, os.O_RDONLY)
     sf = SafetensorsFile(path)
-    return fd, {name: (fd, loc.begin, loc.info.dtype) for name, loc in sf.tensors.items()}
+    return fd, {name: (fd, loc.begin, loc.info.code) for name, loc in sf.tensors.items()}
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
@@ -127,7 +127,7 @@ def test_combine_files_writes_what_linear_combination_returns(out_dtype: torch.d
     out_fd = os.open(out_path, os.O_RDWR | os.O_CREAT)
     try:
         os.pwrite(out_fd, b"header", 0)
-        assert combine_files(out_fd, 6, out_dtype, [where[f"x{i}"] for i in range(3)], coeffs, 200_003).wait()
+        assert combine_files(out_fd, 6, code_of(out_dtype), [where[f"x{i}"] for i in range(3)], coeffs, 200_003).wait()
     finally:
         os.close(out_fd)
         os.close(fd)
@@ -142,7 +142,7 @@ def test_combine_files_names_the_input_that_ends_early(tmp_path: Path) -> None:
     out_fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
     try:
         with pytest.raises(OSError) as caught:
-            combine_files(out_fd, 0, torch.float32, [where["a"], where["b"]], [0.5, 0.5], 2000).wait()  # twice the stored length
+            combine_files(out_fd, 0, "F32", [where["a"], where["b"]], [0.5, 0.5], 2000).wait()  # twice the stored length
     finally:
         os.close(out_fd)
         os.close(fd)
@@ -187,4 +187,27 @@ def test_a_lora_member_sends_only_its_targets_through_memory(tmp_path: Path) -> 
     assert in_memory_only and all("q_proj" in name for name in in_memory_only)
     write_model_dir(tmp_path / "out", pool, recipe)
     written, in_memory = load_state(tmp_path / "out"), merge_state_dict(pool, recipe)
+    assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
+
+
+def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
+    # File to file, the merge needs no tensor: PyTorch's import (~2 s) is skipped.
+    import subprocess
+    import sys
+
+    import yaml
+
+    dirs = make_pool(tmp_path / "pool")
+    recipe = tmp_path / "recipe.yaml"
+    models = [{"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in ("c0", "c1", "c2")]
+    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "bfloat16"}))
+    out = tmp_path / "out"
+    check = (
+        "import sys; from recycler.cli import main; code = main(['merge', sys.argv[1], sys.argv[2]]); "
+        "assert code == 0, code; assert 'torch' not in sys.modules, 'PyTorch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", check, str(recipe), str(out)], check=True, timeout=120)
+    pool = Pool.open([dirs["c0"], dirs["c1"], dirs["c2"]])
+    in_memory = merge_state_dict(pool, Recipe.from_dict(yaml.safe_load(recipe.read_text())))
+    written = load_state(out)
     assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)

@@ -106,5 +106,5 @@ def pool_sizes(pool: Pool) -> list[TensorSize]:
     for name in pool.tensor_names:
         info = pool.info(name)
         shape = tuple(int(s) for s in info.shape)
-        out.append(TensorSize(name, shape, math.prod(shape) * info.dtype.itemsize))
+        out.append(TensorSize(name, shape, math.prod(shape) * info.itemsize))
     return out

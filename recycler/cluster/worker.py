@@ -120,6 +120,7 @@ class TrialWorker:
         from recycler.evaluate.model import ResidentModel
         from recycler.merge.recipe import DTYPES
         from recycler.pool import Pool
+        from recycler.pool.safetensors_file import torch_dtype
 
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
@@ -131,7 +132,7 @@ class TrialWorker:
             self.shard = ResidentShard(self.pool, self.pool.tensor_names, cfg.device)
         from pathlib import Path
 
-        self.model = ResidentModel(Path(cfg.model_dir), device=cfg.device, dtype=DTYPES[cfg.dtype])
+        self.model = ResidentModel(Path(cfg.model_dir), device=cfg.device, dtype=torch_dtype(DTYPES[cfg.dtype]))
         self.start_seconds = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:

@@ -22,16 +22,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from recycler.errors import RecyclerError
 from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
 from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
 from recycler.merge.recipe import Recipe
 
 if TYPE_CHECKING:
+    import torch
+
     from recycler.merge.fisher import FisherFile
 from recycler.pool import Checkpoint, Pool, StoredTensor
+from recycler.pool.safetensors_file import itemsize
 
 
 @dataclass
@@ -56,6 +57,8 @@ def merge_tensor(
     row_offset: int = 0,
 ) -> torch.Tensor:
     """Merge one tensor (or a block of its rows starting at `row_offset`) as the recipe says."""
+    import torch
+
     out_dtype = recipe.torch_dtype
     if not versions[0].dtype.is_floating_point:
         # Integer buffers (position ids, masks) are not merged: the reference's copy is kept.
@@ -217,7 +220,7 @@ class FileMerger:
             coeffs.insert(0, terms.base)
         stored = [c.locate(name) for c in sources]
         inputs = [s for s in stored if s is not None]
-        if len(inputs) < len(stored) or not fused_dtypes([recipe.torch_dtype, *(s.info.dtype for s in inputs)]):
+        if len(inputs) < len(stored) or not fused_dtypes([recipe.out_code, *(s.info.code for s in inputs)]):
             return None
         return StoredTerms(inputs, coeffs)
 
@@ -225,10 +228,10 @@ class FileMerger:
         """Write every job's merge into its slot; all are queued at once, so the kernel
         threads never wait at a tensor's end for the next to be handed out."""
         started = time.perf_counter()
-        out_dtype = self._recipe.torch_dtype
+        out_code = self._recipe.out_code
         pending = [
             combine_files(
-                job.out_fd, job.out_offset, out_dtype, [(self._fd(s.path), s.offset, s.info.dtype) for s in job.terms.inputs], job.terms.coeffs, job.numel
+                job.out_fd, job.out_offset, out_code, [(self._fd(s.path), s.offset, s.info.code) for s in job.terms.inputs], job.terms.coeffs, job.numel
             )
             for job in jobs
         ]
@@ -239,7 +242,7 @@ class FileMerger:
                 stats.per_tensor[job.name] = done - started  # time since the previous tensor was done
                 started = done
                 stats.bytes_read += sum(s.info.nbytes for s in job.terms.inputs)
-                stats.bytes_written += job.numel * out_dtype.itemsize
+                stats.bytes_written += job.numel * itemsize(out_code)
                 stats.tensors += 1
         finally:
             for ranges in pending:
@@ -273,6 +276,8 @@ class FileMerger:
 
 
 def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None) -> str:
+    import torch
+
     for ckpt, v in zip(pool.checkpoints, versions):
         if not bool(torch.isfinite(v).all()):
             return f"{ckpt.path}: tensor {name}: has non-finite values (NaN or inf)"

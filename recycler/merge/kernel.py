@@ -14,6 +14,9 @@ Where the C kernel cannot serve (a GPU, float64 or float8 inputs, or an install
 without a C compiler) the same sum runs as chunked PyTorch ops, which on the CPU
 are several times slower: each chunk is widened to fp32 with a copy, added, and
 cast, each a pass with PyTorch's per-op overhead.
+
+PyTorch is imported where a tensor is touched, not with the module: the file-to-file
+path runs without it.
 """
 
 from __future__ import annotations
@@ -22,19 +25,24 @@ import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor, wait
+from typing import TYPE_CHECKING
 
-import torch
+from recycler.pool.safetensors_file import code_of
 
-# The dtypes the C kernel takes, by its codes; empty where it was not built.
-_FUSED_CODES: dict[torch.dtype, int] = {}
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> the C kernel's code, for the dtypes it takes; empty where
+# it was not built.
+_FUSED_CODES: dict[str, int] = {}
 try:
     from recycler.merge import _fused
 except ImportError:  # built without a C compiler (setup.py marks the extension optional)
     pass
 else:
-    _FUSED_CODES = {torch.float32: _fused.F32, torch.bfloat16: _fused.BF16}
+    _FUSED_CODES = {"F32": _fused.F32, "BF16": _fused.BF16}
     if _fused.HAVE_F16:
-        _FUSED_CODES[torch.float16] = _fused.F16
+        _FUSED_CODES["F16"] = _fused.F16
 
 # Elements per task of the kernel threads: small enough to balance two busy cores,
 # large enough that handing a task over (~20 µs) costs under 1 %.
@@ -47,9 +55,9 @@ class NonFiniteError(ArithmeticError):
     """The merge of a tensor produced NaN or inf (a non-finite input, or an overflow)."""
 
 
-def fused_dtypes(dtypes: Sequence[torch.dtype]) -> bool:
-    """Whether the C kernel takes these dtypes (inputs and output alike)."""
-    return bool(_FUSED_CODES) and all(d in _FUSED_CODES for d in dtypes)
+def fused_dtypes(codes: Sequence[str]) -> bool:
+    """Whether the C kernel takes these dtypes (safetensors codes; inputs and output alike)."""
+    return bool(_FUSED_CODES) and all(c in _FUSED_CODES for c in codes)
 
 
 _local = threading.local()
@@ -103,16 +111,18 @@ def _run_ranges(n: int, task: Callable[[int, int], bool], *, small_here: bool = 
 
 def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
     """Σ c_i x_i in fp32, returned in `out_dtype`; inputs may mix dtypes and must share a shape."""
+    import torch
+
     shape, device = tensors[0].shape, tensors[0].device
     flats = [t.reshape(-1).contiguous() for t in tensors]
     n = flats[0].numel()
     out = torch.empty(n, dtype=out_dtype, device=device)
     if n == 0:
         return out.view(shape)
-    if device.type == "cpu" and fused_dtypes([out_dtype, *(f.dtype for f in flats)]):
+    if device.type == "cpu" and fused_dtypes([code_of(out_dtype), *(code_of(f.dtype) for f in flats)]):
         addrs = [f.data_ptr() for f in flats]
-        codes = [_FUSED_CODES[f.dtype] for f in flats]
-        out_addr, out_code = out.data_ptr(), _FUSED_CODES[out_dtype]
+        codes = [_FUSED_CODES[code_of(f.dtype)] for f in flats]
+        out_addr, out_code = out.data_ptr(), _FUSED_CODES[code_of(out_dtype)]
         finite = _run_ranges(n, lambda lo, hi: _fused.combine(out_addr, out_code, addrs, codes, coeffs, lo, hi))
     else:
         finite = _torch_combine(flats, coeffs, out)
@@ -124,13 +134,13 @@ def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
 def combine_files(
     out_fd: int,
     out_offset: int,
-    out_dtype: torch.dtype,
-    inputs: Sequence[tuple[int, int, torch.dtype]],
+    out_code: str,
+    inputs: Sequence[tuple[int, int, str]],
     coeffs: Sequence[float],
     numel: int,
 ) -> Ranges:
     """Start writing Σ c_i x_i for `numel` elements at `out_offset` of `out_fd`, each x_i
-    read at (fd, offset, dtype) of `inputs`. Needs the C kernel (`fused_dtypes`).
+    read at (fd, offset, dtype code) of `inputs`. Needs the C kernel (`fused_dtypes`).
 
     Returns at once, so the caller can queue the next tensors behind this one and keep
     every kernel thread busy across tensor boundaries. `wait()` returns False for a
@@ -139,11 +149,11 @@ def combine_files(
     """
     fds = [fd for fd, _, _ in inputs]
     offsets = [offset for _, offset, _ in inputs]
-    codes = [_FUSED_CODES[dtype] for _, _, dtype in inputs]
-    out_code = _FUSED_CODES[out_dtype]
+    codes = [_FUSED_CODES[code] for _, _, code in inputs]
+    out_kernel_code = _FUSED_CODES[out_code]
 
     def task(lo: int, hi: int) -> bool:
-        return _fused.combine_files(out_fd, out_offset, out_code, fds, offsets, codes, coeffs, lo, hi, _scratch(len(inputs)))
+        return _fused.combine_files(out_fd, out_offset, out_kernel_code, fds, offsets, codes, coeffs, lo, hi, _scratch(len(inputs)))
 
     return Ranges(numel, task)
 
@@ -161,6 +171,8 @@ def _scratch(k: int) -> bytearray:
 
 
 def _torch_combine(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor) -> bool:
+    import torch
+
     n = out.numel()
     if out.device.type != "cpu":
         # A GPU has the bandwidth to do it in one pass of fused-enough ops.
@@ -180,12 +192,16 @@ def _torch_combine(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: 
 def _on_kernel_thread(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
     # PyTorch sets a thread's OpenMP width lazily, from the process-wide default, at
     # the thread's first op; checked on every task so no first op can undo it.
+    import torch
+
     if torch.get_num_threads() != 1:
         torch.set_num_threads(1)
     return _combine_range(flats, coeffs, out, start, end)
 
 
 def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    import torch
+
     key = (n, device)
     cached = getattr(_local, "buffers", None)
     if cached is None or cached[0] != key:
@@ -195,6 +211,8 @@ def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
+    import torch
+
     step = min(CHUNK, end - start) if out.device.type == "cpu" else end - start
     acc_buf, tmp_buf = _buffers(step, out.device)
     for lo in range(start, end, step):

@@ -4,6 +4,9 @@ Every method accumulates in fp32, whatever the stored dtype, and casts once at t
 end. Notation: versions θ_1..θ_n, base θ_0, task vectors τ_i = θ_i − θ_0, weights
 w_i, per-model density d_i. Semantics follow mergekit where it has the method
 (`normalize` defaults included), so the same recipe gives the same tensors.
+
+PyTorch is imported inside the functions that need it, not with the module: the
+registry is read by recipe checks and by file-to-file merges that run without it.
 """
 
 from __future__ import annotations
@@ -11,11 +14,12 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-
-import numpy as np
-import torch
+from typing import TYPE_CHECKING
 
 from recycler.merge.kernel import NonFiniteError, linear_combination
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -103,6 +107,8 @@ def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
 
 
 def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
+    import torch
+
     assert inp.base is not None
     base = inp.base.float()
     taus = [v.float() - base for v in inp.versions]
@@ -118,6 +124,8 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     Entries tied at the threshold are kept lowest index first (a stable descending
     sort's order), so the same inputs trim the same way on every device.
     """
+    import torch
+
     flat = tau.reshape(-1)
     n = flat.numel()
     k = int(density * n)
@@ -138,6 +146,9 @@ def magnitude_trim(tau: torch.Tensor, density: float) -> torch.Tensor:
 def _kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     """The k-th largest entry. On the CPU numpy's introselect is several times
     faster than torch.kthvalue, which dominated TIES there."""
+    import numpy as np
+    import torch
+
     n = values.numel()
     if values.device.type == "cpu" and values.dtype == torch.float32:
         return torch.tensor(np.partition(values.numpy(), n - k)[n - k])
@@ -150,6 +161,8 @@ def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> t
     Each block of rows has its own generator seeded from (key, block index), so any
     split of the rows draws the same mask, on any device.
     """
+    import torch
+
     rows = shape[0] if len(shape) > 0 else 1
     row_numel = max(1, int(torch.Size(shape[1:]).numel())) if len(shape) > 1 else 1
     rows_per_block = max(1, (1 << 20) // row_numel)
@@ -186,6 +199,8 @@ def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torc
     γ = sign(Σ w_i τ̂_i) (zero counts as +); keep the weighted entries whose sign
     agrees with γ; with normalize divide by the sum of the agreeing weights.
     """
+    import torch
+
     assert inp.base is not None
     weighted = torch.stack([w * t for w, t in zip(inp.weights, trimmed)])
     elected = torch.where(weighted.sum(0) >= 0, 1.0, -1.0)
@@ -200,6 +215,8 @@ def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torc
 
 
 def _disjoint_free_merge(inp: MergeInputs, deltas: list[torch.Tensor]) -> torch.Tensor:
+    import torch
+
     assert inp.base is not None
     w = [inp.lambda_ * x for x in _normalized(inp.weights, inp.normalize)]
     merged = inp.base.to(torch.float32, copy=True)  # never add into the caller's tensor
@@ -237,6 +254,8 @@ def fisher(inp: MergeInputs) -> torch.Tensor:
     F_i is checkpoint i's diagonal Fisher, scaled to unit norm over the whole model
     and floored at 1e-6 (their code's choices; see `fisher.py`). F = 1 is plain averaging.
     """
+    import torch
+
     num = torch.zeros(inp.versions[0].shape, dtype=torch.float32, device=inp.versions[0].device)
     den = torch.zeros_like(num)
     for v, w, f in zip(inp.versions, inp.weights, inp.fishers):

@@ -27,21 +27,25 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "fp32": torch.float32,
-    "float16": torch.float16,
-    "fp16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "bf16": torch.bfloat16,
+if TYPE_CHECKING:
+    import torch
+
+# A recipe's dtype names -> safetensors dtype codes.
+DTYPES: dict[str, str] = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
 }
 _TOP_LEVEL_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "random_seed", "name"}
 _MODEL_PARAMS = {"weight", "density"}
@@ -168,8 +172,13 @@ class Recipe:
         return bool(self.parameters.get("normalize", default))
 
     @property
-    def torch_dtype(self) -> torch.dtype:
+    def out_code(self) -> str:
+        """The merged tensors' safetensors dtype code."""
         return DTYPES[self.out_dtype or self.dtype]
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return torch_dtype(self.out_code)
 
     def _model_value(self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int) -> float:
         for source in (getattr(spec, key), self.parameters.get(key)):

@@ -59,10 +59,10 @@ def merge_recipe_file(
 
 
 def _check_device(device: str) -> None:
-    import torch
-
     if device == "cpu":
         return
+    import torch
+
     if not device.startswith("cuda"):
         raise RecyclerError(f"--device: unknown device {device!r} (cpu, cuda or cuda:N)")
     if not torch.cuda.is_available():

@@ -3,7 +3,8 @@
 A checkpoint is a Hugging Face model dir (one `model.safetensors`, or shards with
 `model.safetensors.index.json`), a bare `.safetensors` file, a PEFT LoRA adapter dir
 (see `lora.py`), or, only when allowed, a pickled `.bin` checkpoint. Opening one
-reads headers only; tensors are read lazily, one at a time.
+reads headers only; tensors are read lazily, one at a time. PyTorch is imported only
+where a tensor is made (see safetensors_file.py).
 """
 
 from __future__ import annotations
@@ -13,14 +14,17 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from recycler.errors import RecyclerError
 from recycler.pool.safetensors_file import SafetensorsFile, TensorInfo
 
+if TYPE_CHECKING:
+    import torch
+
 SAFETENSORS_INDEX = "model.safetensors.index.json"
+# What makes a dir a PEFT LoRA adapter (lora.py reads it).
+ADAPTER_CONFIG = "adapter_config.json"
 PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Files in a model dir that hold something other than the model's own weights.
 _NOT_WEIGHTS = {"adapter_model.safetensors", "fisher.safetensors"}
@@ -182,6 +186,8 @@ class PickleCheckpoint(Checkpoint):
     """A pickled `pytorch_model.bin` checkpoint, loaded with `torch.load(weights_only=True)`."""
 
     def __init__(self, path: Path, files: list[Path]) -> None:
+        import torch
+
         super().__init__(path)
         self._files = files
         self._tensors: dict[str, torch.Tensor] = {}
@@ -199,7 +205,7 @@ class PickleCheckpoint(Checkpoint):
 
     def _info(self, name: str) -> TensorInfo:
         t = self._tensors[name]
-        return TensorInfo(tuple(t.shape), t.dtype)
+        return TensorInfo.of(t.shape, t.dtype)
 
     def _read(self, name: str) -> torch.Tensor:
         return self._tensors[name]
@@ -210,8 +216,6 @@ class PickleCheckpoint(Checkpoint):
 
 def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) -> Checkpoint:
     """Recognise what `path` holds and open it (headers only)."""
-    from recycler.pool.lora import LoraCheckpoint, is_lora_dir
-
     if not path.exists():
         raise RecyclerError(f"{path}: no such file or directory")
     if path.is_file():
@@ -222,7 +226,9 @@ def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) 
             return PickleCheckpoint(path, [path])
         raise RecyclerError(f"{path}: not a checkpoint (expected a dir, .safetensors or .bin file)")
 
-    if is_lora_dir(path):
+    if (path / ADAPTER_CONFIG).is_file():
+        from recycler.pool.lora import LoraCheckpoint  # imports PyTorch
+
         if base is None:
             raise RecyclerError(f"{path}: a LoRA adapter needs the pool's base model (set base)")
         return LoraCheckpoint(path, base)

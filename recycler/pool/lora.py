@@ -20,19 +20,14 @@ from typing import Any
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.pool.checkpoint import Checkpoint, StoredTensor
+from recycler.pool.checkpoint import ADAPTER_CONFIG, Checkpoint, StoredTensor
 from recycler.pool.safetensors_file import SafetensorsFile, TensorInfo
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _PREFIX = "base_model.model."
 _LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[A-Za-z0-9_]+")
-
-
-def is_lora_dir(path: Path) -> bool:
-    return (path / ADAPTER_CONFIG).is_file()
 
 
 @dataclass
@@ -99,7 +94,7 @@ class LoraCheckpoint(Checkpoint):
     def _info(self, name: str) -> TensorInfo:
         base_info = self.base.info(name)
         if name in self._adapters:
-            return TensorInfo(base_info.shape, torch.float32)
+            return TensorInfo(base_info.shape, "F32")
         if name in self._replaced:
             return self._file.tensors[self._replaced[name]].info
         return base_info

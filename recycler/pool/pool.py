@@ -144,5 +144,5 @@ def _check_against(ckpt: Checkpoint, reference: Checkpoint, names: list[str]) ->
             raise RecyclerError(
                 f"{ckpt.path}: tensor {name}: shape {list(got.shape)} but {reference.path} has {list(want.shape)}{hint}"
             )
-        if got.dtype.is_floating_point != want.dtype.is_floating_point:
-            raise RecyclerError(f"{ckpt.path}: tensor {name}: dtype {got.dtype} cannot merge with {want.dtype} of {reference.path}")
+        if got.is_floating_point != want.is_floating_point:
+            raise RecyclerError(f"{ckpt.path}: tensor {name}: dtype {got.code} cannot merge with {want.code} of {reference.path}")

@@ -5,6 +5,10 @@ The header is parsed here rather than through `safetensors.safe_open` so that a
 truncated file or a corrupt header becomes one clear error naming the file and the
 tensor, and so that the merge can release each tensor's pages once it is merged
 (peak memory stays near one tensor per checkpoint, not the whole pool).
+
+Dtypes are kept as safetensors' codes ("BF16", "F32", ...) and PyTorch is imported
+only to make a tensor: opening and checking a pool, and a merge that goes file to
+file, run without PyTorch's import (about 2 s, most of a small merge's time).
 """
 
 from __future__ import annotations
@@ -16,27 +20,51 @@ import struct
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from recycler.errors import RecyclerError
 
-# safetensors dtype codes ↔ torch dtypes.
-DTYPE_FROM_CODE: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
+if TYPE_CHECKING:
+    import torch
+
+# safetensors dtype code -> (PyTorch's name for it, bytes per element, floating point).
+_DTYPES: dict[str, tuple[str, int, bool]] = {
+    "F64": ("float64", 8, True),
+    "F32": ("float32", 4, True),
+    "F16": ("float16", 2, True),
+    "BF16": ("bfloat16", 2, True),
+    "F8_E4M3": ("float8_e4m3fn", 1, True),
+    "F8_E5M2": ("float8_e5m2", 1, True),
+    "I64": ("int64", 8, False),
+    "I32": ("int32", 4, False),
+    "I16": ("int16", 2, False),
+    "I8": ("int8", 1, False),
+    "U8": ("uint8", 1, False),
+    "BOOL": ("bool", 1, False),
 }
-CODE_FROM_DTYPE: dict[torch.dtype, str] = {v: k for k, v in DTYPE_FROM_CODE.items()}
+_CODE_FROM_NAME = {name: code for code, (name, _, _) in _DTYPES.items()}
+
+
+def dtype_name(code: str) -> str:
+    """PyTorch's (and config.json's) name of a safetensors dtype code: "BF16" -> "bfloat16"."""
+    return _DTYPES[code][0]
+
+
+def itemsize(code: str) -> int:
+    return _DTYPES[code][1]
+
+
+def torch_dtype(code: str) -> torch.dtype:
+    import torch
+
+    dtype = getattr(torch, dtype_name(code))
+    assert isinstance(dtype, torch.dtype)
+    return dtype
+
+
+def code_of(dtype: torch.dtype) -> str:
+    """The safetensors code of a PyTorch dtype."""
+    return _CODE_FROM_NAME[str(dtype).removeprefix("torch.")]
 
 # A header larger than this is not a real safetensors header (the format caps it at 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
@@ -51,7 +79,24 @@ class TensorInfo:
     """What a tensor is, without its data."""
 
     shape: tuple[int, ...]
-    dtype: torch.dtype
+    code: str  # the safetensors dtype code
+
+    @classmethod
+    def of(cls, shape: tuple[int, ...] | torch.Size, dtype: torch.dtype) -> TensorInfo:
+        return cls(tuple(shape), code_of(dtype))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """As a PyTorch dtype (imports PyTorch)."""
+        return torch_dtype(self.code)
+
+    @property
+    def itemsize(self) -> int:
+        return itemsize(self.code)
+
+    @property
+    def is_floating_point(self) -> bool:
+        return _DTYPES[self.code][2]
 
     @property
     def numel(self) -> int:
@@ -62,7 +107,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * self.dtype.itemsize
+        return self.numel * self.itemsize
 
 
 @dataclass(frozen=True)
@@ -83,6 +128,8 @@ class SafetensorsFile:
 
     def read(self, name: str) -> torch.Tensor:
         """A zero-copy view of one tensor; valid until `release` drops its pages."""
+        import torch
+
         loc = self.tensors[name]
         if loc.info.numel == 0:
             return torch.empty(loc.info.shape, dtype=loc.info.dtype)
@@ -160,12 +207,14 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]
     tensors: dict[str, TensorLocation] = {}
     for name, entry in header.items():
         try:
-            dtype = DTYPE_FROM_CODE[entry["dtype"]]
+            code = str(entry["dtype"])
             shape = tuple(int(d) for d in entry["shape"])
             begin, end = (int(x) for x in entry["data_offsets"])
         except (KeyError, TypeError, ValueError):
             raise RecyclerError(f"{path}: tensor {name}: corrupt header entry {entry!r}") from None
-        info = TensorInfo(shape, dtype)
+        if code not in _DTYPES:
+            raise RecyclerError(f"{path}: tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})")
+        info = TensorInfo(shape, code)
         if any(d < 0 for d in shape) or end - begin != info.nbytes or begin < 0:
             raise RecyclerError(f"{path}: tensor {name}: header says {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
         if data_start + end > size:
