@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("fisher", _cmd_fisher, "Estimate a checkpoint's diagonal Fisher from a text/jsonl file; writes fisher.safetensors beside it.")
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
-    p.add_argument("--data", required=True, help="a .txt (one example per line) or .jsonl file with a 'text' field")
+    p.add_argument("--data", required=True, help="a .txt file (a text per line) or a .jsonl file (a 'text' field, or 'prompt' and 'completion': then only the completion's tokens are scored)")
     p.add_argument("--n-examples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--device", default="cpu")

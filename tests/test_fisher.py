@@ -55,7 +55,12 @@ def test_fisher_is_estimated_then_weights_the_merge(pool: dict[str, Path], tmp_p
 
 @pytest.mark.parametrize(
     ("content", "fragment"),
-    [(None, "cannot read"), ('{"txt": "x"}\n', "line 1: expected a JSON object with a 'text' field"), ("", "no examples")],
+    [
+        (None, "cannot read"),
+        ('{"txt": "x"}\n', "line 1: expected a JSON object with a 'text' field"),
+        ('{"text": "abc"}\n{"prompt": "x"}\n', "line 2: expected a JSON object with a 'text' field, or 'prompt' and 'completion'"),
+        ("", "no examples"),
+    ],
 )
 def test_bad_fisher_data_fails_cleanly(content: str | None, fragment: str, pool: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     data = tmp_path / "data.jsonl"
@@ -65,3 +70,32 @@ def test_bad_fisher_data_fails_cleanly(content: str | None, fragment: str, pool:
     err = capsys.readouterr().err.strip()
     assert err.startswith("recycler: error: ") and fragment in err and len(err.splitlines()) == 1
     assert not (pool["c2"] / "fisher.safetensors").exists()
+
+
+def test_a_prompt_is_context_and_only_the_completion_is_scored(pool: dict[str, Path], tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from recycler.merge.fisher import Example, estimate_fisher, read_examples
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"prompt": "abcdef", "completion": "ghij"}) + "\n")
+    examples = read_examples(data, 10)
+    assert examples == [Example("abcdef", "ghij")]
+    got = estimate_fisher(pool["c0"], examples)
+
+    # The same from transformers' own loss: labels -100 on the prompt, so only the
+    # completion's tokens count; the squared gradient of its sum is the Fisher.
+    tokenizer = AutoTokenizer.from_pretrained(pool["c0"])
+    model = AutoModelForCausalLM.from_pretrained(pool["c0"], dtype=torch.float32)
+    ids = tokenizer("abcdefghij", return_tensors="pt")["input_ids"]
+    labels = ids.clone()
+    labels[:, :6] = -100
+    loss = model(input_ids=ids, labels=labels).loss * 4  # the mean over the 4 completion tokens, as a sum
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None
+        torch.testing.assert_close(got[name], p.grad.square(), rtol=1e-4, atol=1e-12)
+
+    # Scoring the prompt too gives another Fisher.
+    whole = estimate_fisher(pool["c0"], [Example("", "abcdefghij")])
+    assert any(not torch.allclose(whole[n], got[n]) for n in got)

@@ -2,7 +2,10 @@
 
 F_j = mean over examples of (∂ log p(y | x) / ∂θ_j)², with y the observed next
 tokens (the empirical Fisher, default) or tokens sampled from the model (the exact
-Fisher). One example at a time, so the square is of a per-example gradient. The
+Fisher). One example at a time, so the square is of a per-example gradient. An
+example is a text (every token after the first is a target) or a prompt and its
+completion (only the completion's tokens are: the Fisher of the task's answers,
+not of its questions). The
 result is stored as `fisher.safetensors` beside the checkpoint, with its global L2
 norm in the metadata; the merge scales each Fisher to unit norm and floors it at
 1e-6, as the paper's code does.
@@ -13,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,37 +53,53 @@ def open_fishers(pool: Pool) -> list[FisherFile]:
     return [FisherFile(c) for c in pool.checkpoints]
 
 
-def read_examples(path: Path, limit: int) -> list[str]:
-    """Texts from a .txt file (one per line) or a .jsonl file (its "text" field)."""
+@dataclass(frozen=True)
+class Example:
+    """A text to score: its tokens after `prompt` are the targets."""
+
+    prompt: str
+    completion: str
+
+
+def read_examples(path: Path, limit: int) -> list[Example]:
+    """Examples from a .txt file (a text per line) or a .jsonl file (objects with a
+    "text" field, or "prompt" and "completion" fields)."""
     try:
         lines = [line for line in path.read_text().splitlines() if line.strip()]
     except OSError as exc:
         raise RecyclerError(f"{path}: cannot read: {exc.strerror or exc}") from None
     if path.suffix == ".jsonl":
-        texts = []
-        for i, line in enumerate(lines, 1):
-            try:
-                record = json.loads(line)
-                texts.append(str(record["text"]))
-            except (ValueError, KeyError, TypeError):
-                raise RecyclerError(f"{path}: line {i}: expected a JSON object with a 'text' field") from None
+        examples = [_example(line, f"{path}: line {i}") for i, line in enumerate(lines, 1)]
     else:
-        texts = lines
-    if not texts:
+        examples = [Example("", line) for line in lines]
+    if not examples:
         raise RecyclerError(f"{path}: no examples")
-    return texts[:limit]
+    return examples[:limit]
+
+
+def _example(line: str, where: str) -> Example:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        record = None
+    if isinstance(record, dict):
+        if isinstance(record.get("prompt"), str) and isinstance(record.get("completion"), str):
+            return Example(record["prompt"], record["completion"])
+        if "text" in record and "prompt" not in record:
+            return Example("", str(record["text"]))
+    raise RecyclerError(f"{where}: expected a JSON object with a 'text' field, or 'prompt' and 'completion' strings")
 
 
 def estimate_fisher(
     model_dir: Path,
-    texts: list[str],
+    examples: list[Example],
     *,
     max_length: int = 256,
     device: str = "cpu",
     empirical: bool = True,
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
-    """The diagonal Fisher of the model in `model_dir` over `texts` (fp32, by parameter name)."""
+    """The diagonal Fisher of the model in `model_dir` over `examples` (fp32, by parameter name)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.manual_seed(seed)
@@ -91,9 +111,13 @@ def estimate_fisher(
     params = dict(model.named_parameters(remove_duplicate=False))
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     counted = 0
-    for text in texts:
-        ids = tokenizer(text, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)
-        if ids.shape[1] < 2:
+    for example in examples:
+        ids = tokenizer(example.prompt + example.completion, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)
+        # Targets are tokens 1.. of the sequence; those inside the prompt are not scored.
+        # (The prompt's own tokenisation gives its length, special tokens included.)
+        prompt_len = len(tokenizer(example.prompt)["input_ids"]) if example.prompt else 1
+        scored = torch.arange(1, ids.shape[1], device=ids.device) >= prompt_len
+        if not bool(scored.any()):
             continue
         model.zero_grad(set_to_none=True)
         logits = model(input_ids=ids).logits[:, :-1].float()
@@ -102,14 +126,14 @@ def estimate_fisher(
             targets = ids[:, 1:]
         else:
             targets = torch.distributions.Categorical(logits=logits.detach()).sample()
-        log_likelihood = log_probs.gather(-1, targets.unsqueeze(-1)).sum()
+        log_likelihood = (log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1) * scored).sum()
         log_likelihood.backward()
         for name, p in params.items():
             if p.grad is not None:
                 fisher[name].add_(p.grad.float().square())
         counted += 1
     if counted == 0:
-        raise RecyclerError("fisher: no example has two or more tokens")
+        raise RecyclerError("fisher: no example has a token to score (a text of two or more tokens, or a non-empty completion)")
     return {name: f / counted for name, f in fisher.items()}
 
 
@@ -128,20 +152,20 @@ def estimate_fisher_file(
 
     if not (checkpoint / "config.json").is_file():
         raise RecyclerError(f"{checkpoint}: not a Hugging Face model dir (no config.json); LoRA adapters must be merged first")
-    texts = read_examples(data, n_examples)
-    fisher = estimate_fisher(checkpoint, texts, max_length=max_length, device=device, empirical=empirical, seed=seed)
+    examples = read_examples(data, n_examples)
+    fisher = estimate_fisher(checkpoint, examples, max_length=max_length, device=device, empirical=empirical, seed=seed)
     stored = Pool.open([checkpoint]).reference.stored_names()
     fisher = {name: fisher[name] for name in stored if name in fisher}
     # The norm over the tensors the checkpoint stores: a tied head counts once.
     norm = math.sqrt(sum(float(f.double().square().sum()) for f in fisher.values()))
     out = checkpoint / "fisher.safetensors"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    metadata = {"norm": repr(norm), "n_examples": str(len(texts)), "kind": "empirical" if empirical else "sampled", "data": str(data)}
+    metadata = {"norm": repr(norm), "n_examples": str(len(examples)), "kind": "empirical" if empirical else "sampled", "data": str(data)}
     try:
         save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {out} ({len(texts)} examples, norm {norm:.4g})")
+    print(f"wrote {out} ({len(examples)} examples, norm {norm:.4g})")
     return out
 
