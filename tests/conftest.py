@@ -1,13 +1,15 @@
 """Shared fixtures. `micro_zoo`: the micro demo pool, built once and reused across test runs.
 
 The pool lives in tests/.cache/ (git-ignored) under a name that hashes the
-zoo's source code, so editing recycler/zoo/ rebuilds it and nothing else does.
-build_zoo locks the directory, so parallel test processes wait for one build.
+zoo's source code, so editing recycler/zoo/ rebuilds it and nothing else does; the
+pools of older sources are removed then. build_zoo locks the directory, so parallel
+test processes wait for one build.
 """
 
 from __future__ import annotations
 
 import hashlib
+import shutil
 from pathlib import Path
 
 import pytest
@@ -32,4 +34,9 @@ def micro_zoo() -> Path:
     """
     from recycler.zoo.build import build_zoo
 
-    return build_zoo(CACHE / f"zoo-micro-{_zoo_source_hash()}", size="micro", seed=0, quiet=True)
+    current = CACHE / f"zoo-micro-{_zoo_source_hash()}"
+    zoo = build_zoo(current, size="micro", seed=0, quiet=True)
+    for stale in CACHE.glob("zoo-micro-*"):
+        if stale != current:
+            shutil.rmtree(stale, ignore_errors=True)
+    return zoo
