@@ -177,7 +177,6 @@ def assemble(model: ResidentModel, pieces: Iterable[MergedPiece]) -> set[str]:
 
     pieces = list(pieces)
     names = {p.name for p in pieces}
-    aliases = model._aliases
     whole: dict[str, torch.Tensor] = {}
     blocks: list[MergedPiece] = []
     for piece in pieces:
@@ -188,7 +187,7 @@ def assemble(model: ResidentModel, pieces: Iterable[MergedPiece]) -> set[str]:
     model.load_tensors(whole, strict=False)
     slots = model.state_dict()
     for piece in blocks:
-        owner = aliases.get(piece.name, piece.name)
+        owner = model.owner(piece.name)
         if owner != piece.name and owner in names:
             continue  # a tied alias: the owner's own value wins (as in load_tensors)
         if owner not in slots:
@@ -206,6 +205,6 @@ def check_complete(model: ResidentModel, names: Sequence[str]) -> None:
     """RecyclerError unless every tensor of the model was written."""
     from recycler.errors import RecyclerError
 
-    given = {model._aliases.get(n, n) for n in names}
+    given = {model.owner(n) for n in names}
     if missing := [n for n in model.tensor_names if n not in given]:
         raise RecyclerError(f"missing tensors for the model in {model.model_dir}: {', '.join(missing[:3])}")

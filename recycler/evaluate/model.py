@@ -73,6 +73,10 @@ class ResidentModel:
         """The names `load_tensors` needs (tied aliases left out), in the model's order."""
         return list(self._slots)
 
+    def owner(self, name: str) -> str:
+        """The tensor `name` is stored as: a tied alias's owner (lm_head.weight -> the embedding), else itself."""
+        return self._aliases.get(name, name)
+
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
         """Copy `tensors` into the resident model (cast to its dtype, moved to its device).
 
@@ -85,7 +89,7 @@ class ResidentModel:
         plan: list[tuple[torch.Tensor, torch.Tensor]] = []
         given: set[str] = set()
         for name, value in tensors.items():
-            owner = self._aliases.get(name, name)
+            owner = self.owner(name)
             if owner not in self._slots:
                 raise RecyclerError(f"tensor {name!r} is not a tensor of the model in {self.model_dir}")
             if owner != name and owner in tensors:
