@@ -94,10 +94,7 @@ def iter_merged(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the recipe's dtype), in the pool's tensor order."""
     method = METHODS[recipe.merge_method]
-    if len(recipe.models) != len(pool.checkpoints):
-        raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
-    if method.needs_base and pool.base is None:
-        raise RecyclerError(f"{recipe.merge_method} needs a base model")
+    _check_fits(pool, recipe)
     fisher_sources = None
     if recipe.merge_method == "fisher":
         from recycler.merge.fisher import open_fishers
@@ -166,6 +163,13 @@ def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "c
     return dict(iter_merged(pool, recipe, device))
 
 
+def _check_fits(pool: Pool, recipe: Recipe) -> None:
+    if len(recipe.models) != len(pool.checkpoints):
+        raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
+    if METHODS[recipe.merge_method].needs_base and pool.base is None:
+        raise RecyclerError(f"{recipe.merge_method} needs a base model")
+
+
 def _zero_weights(name: str) -> str:
     return f"tensor {name}: the weights sum to zero, which normalize cannot divide by"
 
@@ -197,6 +201,7 @@ class FileMerger:
     """Merges tensors from the pool's files straight into an output file (see the module doc)."""
 
     def __init__(self, pool: Pool, recipe: Recipe) -> None:
+        _check_fits(pool, recipe)
         self._pool = pool
         self._recipe = recipe
         self._n_layers = pool.n_layers
@@ -215,7 +220,7 @@ class FileMerger:
         sources = list(pool.checkpoints)
         coeffs = list(terms.versions)
         if terms.base is not None:
-            assert pool.base is not None
+            assert pool.base is not None  # _check_fits: a method with a base term needs one
             sources.insert(0, pool.base)
             coeffs.insert(0, terms.base)
         stored = [c.locate(name) for c in sources]
