@@ -56,6 +56,7 @@ from expkit import (  # the helper beside this script
     one_thread,
     pm,
     runs_in,
+    save_figure,
 )
 
 DATA_KINDS = ("own", "shared")
@@ -268,9 +269,7 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.legend(fontsize=8)
     n_seeds = len({r["seed"] for r in rows})
     fig.suptitle(f"Fisher merging vs plain averaging, equal weights (test split, mean ± std over {n_seeds} pool seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:

@@ -50,6 +50,7 @@ from expkit import (  # the helper beside this script
     one_thread,
     pm,
     runs_in,
+    save_figure,
 )
 
 PENALTIES = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 4.0, 8.0)
@@ -281,9 +282,7 @@ def plot(rows: list[dict[str, Any]], penalties: Sequence[float], path: Path) -> 
             ax.legend(fontsize=8)
     n_seeds = len({r["seed"] for r in rows})
     fig.suptitle(f"Metric-weighted averaging on the demo pool (test split, mean ± std over {n_seeds} pool seeds)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def write_md(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, built: int, path: Path) -> None:

@@ -21,7 +21,6 @@ Writes experiments/results/exp_objectives.{csv,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -30,8 +29,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import HELD_OUT, RESULTS, Clock, md_table, one_thread, pm, write_rows_csv
-from searchkit import RUNS, SETTINGS, RecipeScores, add_arguments, configure, dev_macro, ensure_run
+from expkit import HELD_OUT, Clock, md_table, one_thread, pm, save_figure, write_rows_csv
+from searchkit import RUNS, SETTINGS, RecipeScores, dev_macro, ensure_run, experiment_args
 
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
@@ -116,17 +115,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_title("Experiment 5: single macro-average objective vs the Pareto front")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    configure(args)
+    args = experiment_args(__doc__, argv)
     say = Clock()
     rows: list[dict[str, Any]] = []
     with one_thread():

@@ -21,7 +21,6 @@ set's members. Writes experiments/results/exp_recycle.{csv,md,png}.
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 from collections.abc import Sequence
@@ -30,17 +29,16 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import HELD_OUT, RESULTS, TRAINED, Clock, md_table, one_thread, pm, write_rows_csv
+from expkit import HELD_OUT, TRAINED, Clock, md_table, one_thread, pm, save_figure, write_rows_csv
 from searchkit import (
     RUNS,
     SETTINGS,
     RecipeScores,
-    add_arguments,
     checkpoint_weights,
-    configure,
     dev_macro,
     ensure_run,
     ensure_tuned,
+    experiment_args,
 )
 
 from recycler.search.analysis import analyse
@@ -177,17 +175,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     ax.set_xlabel("test accuracy, %: dots, mean of the 4 trained skills per seed (bar: their mean); x, held-out sort")
     ax.set_title("Experiment 1: models chosen on dev, scored on test")
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    add_arguments(ap)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
-    configure(args)
+    args = experiment_args(__doc__, argv)
     say = Clock()
     rows: list[dict[str, Any]] = []
     with one_thread():

@@ -137,6 +137,15 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
         w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
 
 
+def save_figure(fig: Any, path: Path) -> None:
+    """Write a results figure (PNG, the experiments' one size) and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]

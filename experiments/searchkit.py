@@ -30,7 +30,16 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from expkit import DEFAULT_WORKDIR, ROOT, TRAINED, Clock, TestScorer, ensure_pool, one_thread
+from expkit import (
+    DEFAULT_WORKDIR,
+    RESULTS,
+    ROOT,
+    TRAINED,
+    Clock,
+    TestScorer,
+    ensure_pool,
+    one_thread,
+)
 
 from recycler.config import load_study_spec
 from recycler.search.samplers import effective_seed
@@ -68,6 +77,17 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
 
 def configure(args: argparse.Namespace) -> None:
     SETTINGS.size, SETTINGS.workdir, SETTINGS.runs_dir, SETTINGS.budget = args.size, args.workdir, args.runs_dir, args.budget
+
+
+def experiment_args(doc: str, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The command line of an experiment over the shared searches: the settings above
+    plus --out (the results folder), parsed and applied."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    add_arguments(ap)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    configure(args)
+    return args
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,16 @@ import math
 import random
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 import torch
 
 from recycler.cluster.shards import ROW_SPLITTABLE, Piece, ShardPlan, TensorSize, plan_shards
 from recycler.errors import RecyclerError
+
+if TYPE_CHECKING:
+    from recycler.cluster.worker import WorkerConfig
 
 # --- the plan (pure) ---------------------------------------------------------------
 
@@ -129,6 +132,17 @@ def recipe_dict(zoo: Path, method: str, dtype: str) -> dict[str, Any]:
 RECIPES = [("linear", "bfloat16"), ("dare_linear", "float32")]
 
 
+def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> WorkerConfig:
+    """A WorkerConfig over the micro zoo's checkpoints, scoring `tasks` on 24 examples."""
+    from recycler.cluster.worker import WorkerConfig
+
+    ckpts = tuple(str(p) for p in sorted((zoo / "checkpoints").iterdir()))
+    return WorkerConfig(
+        checkpoints=ckpts, base=str(zoo / "base"), model_dir=str(zoo / "base"),
+        tasks_dir=str(zoo / "tasks"), tasks=tasks, limit=24, batch_size=64, dtype="bfloat16",
+    )
+
+
 def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> None:
     import ray
 
@@ -193,14 +207,8 @@ def test_row_split_plan_refuses_ties(micro_zoo: Path) -> None:
 
 def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.cluster.worker import WorkerConfig
 
-    ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
-    cfg = WorkerConfig(
-        checkpoints=ckpts, base=str(micro_zoo / "base"), model_dir=str(micro_zoo / "base"),
-        tasks_dir=str(micro_zoo / "tasks"), tasks=("zoo_inc", "zoo_rev"), limit=24, batch_size=64,
-        dtype="bfloat16",
-    )
+    cfg = micro_worker_config(micro_zoo, tasks=("zoo_inc", "zoo_rev"))
     recipes = [recipe_dict(micro_zoo, m, "bfloat16") for m, _ in RECIPES]
     scores: dict[int, list[dict[str, dict[str, float]]]] = {}
     for n_shards in (1, 2, 3):
@@ -260,13 +268,8 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_z
     import ray
 
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.cluster.worker import WorkerConfig
 
-    ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
-    cfg = WorkerConfig(
-        checkpoints=ckpts, base=str(micro_zoo / "base"), model_dir=str(micro_zoo / "base"),
-        tasks_dir=str(micro_zoo / "tasks"), tasks=("zoo_inc",), limit=24, batch_size=64, dtype="bfloat16",
-    )
+    cfg = micro_worker_config(micro_zoo)
     ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, merge_method="linear")
     try:
         recipe = recipe_dict(micro_zoo, "linear", "bfloat16")
@@ -294,13 +297,8 @@ def test_placement_group_holds_every_worker_and_is_released(micro_zoo: Path, ray
     from ray.util.placement_group import placement_group_table
 
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.cluster.worker import WorkerConfig
 
-    ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
-    cfg = WorkerConfig(
-        checkpoints=ckpts, base=str(micro_zoo / "base"), model_dir=str(micro_zoo / "base"),
-        tasks_dir=str(micro_zoo / "tasks"), tasks=("zoo_inc",), limit=24, batch_size=64, dtype="bfloat16",
-    )
+    cfg = micro_worker_config(micro_zoo)
     ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, placement="strict_pack")
     try:
         group = ev._placement_group
