@@ -38,7 +38,7 @@ bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
 	$(BIN)/python experiments/bench_ray.py
 
-# Experiments (issue 6): each builds what it needs, scores on the test split, and
+# Experiments: each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.
 # Experiments 1, 4 and 5 share their searches (experiments/searchkit.py, stored under
 # experiments/_runs/): the first target run pays for them, the others read them back.

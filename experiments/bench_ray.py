@@ -34,7 +34,8 @@ from typing import Any
 
 import psutil
 import torch
-import yaml
+
+from recycler.config import load_study_spec
 
 ROOT = Path(__file__).resolve().parent.parent
 POOLS = ROOT / "experiments" / "_pools"
@@ -136,21 +137,21 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
 
 def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None) -> dict[str, Any]:
     """One search from scratch; its SQLite file in its own folder, or in `storage_dir`."""
-    from recycler.search.run import run_search
+    from recycler.commands.search import run_search
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     db = (storage_dir or work) / f"bench-ray-{os.getpid()}-{eval_workers}.db"
     try:
-        data = yaml.safe_load((zoo / "study.yaml").read_text())
-        data["name"] = f"bench-{eval_workers}"
-        data["storage"] = f"sqlite:///{db}"
-        data["pool"] = {k: (str(zoo / v) if isinstance(v, str) else [str(zoo / x) for x in v]) for k, v in data["pool"].items()}
-        data["eval"]["tasks_dir"] = str(zoo / data["eval"]["tasks_dir"])
-        data["search"]["n_trials"] = trials
-        data["search"]["seeds"] = ["uniform"]
-        data.setdefault("cluster", {})["eval_workers"] = eval_workers
-        study = work / "study.yaml"
-        study.write_text(yaml.safe_dump(data))
+        # The zoo's study, read from the temporary folder: paths absolute, storage and budget its own.
+        zoo_study = load_study_spec(zoo / "study.yaml").relocated()
+        bench = zoo_study.model_copy(update={
+            "name": f"bench-{eval_workers}",
+            "storage": f"sqlite:///{db}",
+            "eval": zoo_study.eval.model_copy(update={"tasks_dir": zoo_study.tasks_dir}),
+            "search": zoo_study.search.model_copy(update={"n_trials": trials, "baselines": ["uniform"]}),
+            "cluster": zoo_study.cluster.model_copy(update={"eval_workers": eval_workers}),
+        })
+        study = bench.write(work / "study.yaml")
         with TreeWrites() as writes:
             start = time.perf_counter()
             run_search(study, trials)
@@ -184,7 +185,7 @@ def main() -> int:
     rows: list[dict[str, Any]] = []
     for size in args.sizes:
         zoo = build_zoo(POOLS / f"zoo-{size}-seed0", size=size, seed=0, quiet=True)
-        dtype = yaml.safe_load((zoo / "study.yaml").read_text())["merge"].get("dtype", "float32")
+        dtype = load_study_spec(zoo / "study.yaml").merge.dtype
         row: dict[str, Any] = {"size": size, "dtype": dtype}
         row["merge_one_process_s"] = round(merge_in_one_process(zoo, dtype, args.repeats), 4)
         for shards in (1, 2):

@@ -33,7 +33,7 @@ from expkit import HELD_OUT, Clock, md_table, one_thread, pm, save_figure, write
 from searchkit import RUNS, SETTINGS, RecipeScores, dev_macro, ensure_run, experiment_args
 
 from recycler.search import front as pareto
-from recycler.search.study import StudyView
+from recycler.search.stored import StudyView
 
 KEYS = ("tpe", "nsga2", "gp", "random", "cmaes", "tpe-macro", "tpe-layers2")
 LABELS = {

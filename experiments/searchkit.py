@@ -26,8 +26,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from expkit import (
@@ -41,9 +39,10 @@ from expkit import (
     one_thread,
 )
 
-from recycler.config import load_study_spec
+from recycler.config import load_study_spec, parse_study_spec
 from recycler.search.samplers import effective_seed
-from recycler.search.study import StudyView, macro_average, view_of
+from recycler.search.stored import StudyView, view_of
+from recycler.search.study import macro_average
 
 EVAL_WORKERS = 2
 
@@ -98,7 +97,7 @@ class RunSpec:
     sampler: str
     granularity: str = "model"
     objective: str = "pareto"  # or macro_average
-    seeds: tuple[str, ...] = ()  # recycler's baseline seeds enqueued before the sampler's trials
+    baselines: tuple[str, ...] = ()  # recycler's baselines, enqueued before the sampler's trials
     method: str = "linear"
     tune: tuple[tuple[str, float, float], ...] = ()  # method parameters searched with the weights
     capacity: int = EVAL_WORKERS
@@ -113,11 +112,11 @@ class RunSpec:
 RUNS: dict[str, RunSpec] = {r.key: r for r in (
     # The baselines of recycler's search, alone: uniform soup, every single checkpoint and the
     # greedy soup (one trial at a time, so the greedy steps are not interleaved with random ones).
-    RunSpec("baselines", "random", seeds=("uniform", "singles", "greedy"), capacity=1),
+    RunSpec("baselines", "random", baselines=("uniform", "singles", "greedy"), capacity=1),
     RunSpec("tpe", "tpe"),
     RunSpec("cmaes", "cmaes", objective="macro_average"),
     RunSpec("tpe-macro", "tpe", objective="macro_average"),
-    RunSpec("tpe-seeded", "tpe", seeds=("uniform", "singles", "mwa", "greedy")),
+    RunSpec("tpe-seeded", "tpe", baselines=("uniform", "singles", "mwa", "greedy")),
     RunSpec("nsga2", "nsga2"),
     RunSpec("gp", "gp"),
     RunSpec("random", "random"),
@@ -139,7 +138,7 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
         "merge": {"method": run.method, "dtype": "float32", "params": {}},
         "search": {
             "weights": "simplex", "granularity": run.granularity, "sampler": run.sampler, "objective": run.objective,
-            "n_trials": run.n_trials(n_checkpoints), "seeds": list(run.seeds), "seed": seed,
+            "n_trials": run.n_trials(n_checkpoints), "baselines": list(run.baselines), "seed": seed,
             **({"tune": [{name: [low, high]} for name, low, high in run.tune]} if run.tune else {}),
         },
         "objectives": [{"name": s, "task": f"zoo_{s}", "metric": "acc"} for s in TRAINED],
@@ -147,10 +146,7 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
         "cluster": {"eval_workers": run.capacity},
     }
     path = folder / "study.yaml"
-    text = yaml.safe_dump(data, sort_keys=False)
-    if not path.is_file() or path.read_text() != text:
-        path.write_text(text)
-    return path
+    return parse_study_spec(data, path).write(path)
 
 
 def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:

@@ -8,16 +8,20 @@ a study runs the same from any working directory.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
+    field_serializer,
     field_validator,
     model_validator,
 )
@@ -27,12 +31,14 @@ from recycler.yaml_file import load_yaml
 
 # Methods that add task vectors to a base model: without `pool.base` they mean nothing.
 METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
-SeedName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
+BaselineName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
 # The uniform soup and every single checkpoint: n + 1 evaluations that let `front` say
 # which baselines the search beats. Not by default (experiments 1 and 2): MWA, which did
 # not beat the uniform soup, and the greedy soup, n - 1 more evaluations that every
 # search of the same budget beat.
-DEFAULT_SEEDS: tuple[SeedName, ...] = ("uniform", "singles")
+DEFAULT_BASELINES: tuple[BaselineName, ...] = ("uniform", "singles")
+# Keys renamed since a release: old name -> new name, both read, the old with a note.
+_RENAMED_SEARCH_KEYS = {"seeds": "baselines"}
 
 # Method parameters that `search.tune` may search, their default range, and the methods
 # that read them (mergekit's semantics: density trims/drops task vectors, lambda scales them).
@@ -101,7 +107,21 @@ class SearchSpec(_Strict):
     objective: Literal["pareto", "macro_average"] | None = None
     n_trials: int = Field(default=50, ge=1)
     seed: int = 0
-    seeds: list[SeedName] = Field(default_factory=lambda: list(DEFAULT_SEEDS))
+    baselines: list[BaselineName] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        for old, new in _RENAMED_SEARCH_KEYS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise _KeyError(f"search.{old}", f"renamed to search.{new}, which is also given: keep one")
+            _note_once(f"search.{old} is now called search.{new}; the study file still reads as before")
+            data = {(new if k == old else k): v for k, v in data.items()}
+        return data
 
     @field_validator("granularity")
     @classmethod
@@ -148,9 +168,9 @@ class SearchSpec(_Strict):
             raise ValueError("a parameter is listed twice")
         return out
 
-    @field_validator("seeds")
+    @field_validator("baselines")
     @classmethod
-    def _seeds(cls, value: list[SeedName]) -> list[SeedName]:
+    def _baselines(cls, value: list[BaselineName]) -> list[BaselineName]:
         if len(set(value)) != len(value):
             raise ValueError("a baseline is listed twice")
         if "greedy" in value and "singles" not in value:
@@ -168,12 +188,17 @@ class SearchSpec(_Strict):
         match = _GRANULARITY.match(self.granularity)
         return int(match.group(2)) if match and match.group(2) else None
 
+    @field_serializer("tune")
+    def _tune_as_written(self, tune: list[TuneSpec]) -> list[dict[str, list[float]]]:
+        # The form the study file gives it in: {name: [low, high]}.
+        return [{t.name: [t.low, t.high]} for t in tune]
+
     @property
-    def baselines(self) -> list[str]:
-        """The seeds with `mwa` expanded into its two variants, in enqueue order."""
+    def enqueued_baselines(self) -> list[str]:
+        """The baselines with `mwa` expanded into its two variants, in enqueue order."""
         out: list[str] = []
-        for seed in self.seeds:
-            for name in (("mwa_loss", "mwa_step") if seed == "mwa" else (seed,)):
+        for baseline in self.baselines:
+            for name in (("mwa_loss", "mwa_step") if baseline == "mwa" else (baseline,)):
                 if name not in out:
                     out.append(name)
         return out
@@ -291,6 +316,50 @@ class StudySpec(_Strict):
     def objective_names(self) -> list[str]:
         return [o.name for o in self.objectives]
 
+    def missing_folders(self) -> list[tuple[str, Path]]:
+        """(key, folder) for each folder the study names that is not on this machine."""
+        missing = []
+        if not self.tasks_dir.is_dir():
+            missing.append(("eval.tasks_dir", self.tasks_dir))
+        sqlite = self.sqlite_path
+        if sqlite is not None and not sqlite.parent.is_dir():
+            missing.append(("storage", sqlite.parent))
+        return missing
+
+    # -- writing ----------------------------------------------------------------------
+    def relocated(self) -> StudySpec:
+        """This study as read from another folder (a Ray job's working_dir): the pool, a
+        SQLite storage and a tasks folder outside the study's folder become absolute paths;
+        a tasks folder inside it stays relative, since it travels with the study file."""
+
+        def absolute(text: str) -> str:
+            if Path(text).is_absolute() or text.startswith("~"):
+                return text
+            return os.path.normpath(self.root / text)
+
+        pool = self.pool.model_copy(update={
+            "checkpoints": [absolute(c) for c in self.pool.checkpoints],
+            **({} if self.pool.base is None else {"base": Path(absolute(str(self.pool.base)))}),
+        })
+        update: dict[str, Any] = {"pool": pool}
+        if self.storage_url != self.storage:
+            update["storage"] = self.storage_url
+        tasks = str(self.eval.tasks_dir)
+        if absolute(tasks) != tasks and Path(os.path.normpath(tasks)).parts[:1] == ("..",):
+            update["eval"] = self.eval.model_copy(update={"tasks_dir": Path(absolute(tasks))})
+        return self.model_copy(update=update)
+
+    def to_yaml(self, header: str = "") -> str:
+        """The study file's text: the keys it was given (defaults left out), after `header`."""
+        return header + yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+
+    def write(self, path: Path, header: str = "") -> Path:
+        """Write the study file; an identical file is left untouched (its time stamp too)."""
+        text = self.to_yaml(header)
+        if not path.is_file() or path.read_text(encoding="utf-8") != text:
+            path.write_text(text, encoding="utf-8")
+        return path
+
 
 def resolve_storage_url(url: str, root: Path) -> str:
     """sqlite:///rel.db → sqlite:////ROOT/rel.db; every other URL is left alone."""
@@ -301,6 +370,16 @@ def resolve_storage_url(url: str, root: Path) -> str:
     if rest.startswith("/") or rest.startswith(":memory:"):
         return url
     return prefix + str((root / rest).resolve())
+
+
+_noted: set[str] = set()
+
+
+def _note_once(message: str) -> None:
+    """A note on stderr, once per process however often a study file is read."""
+    if message not in _noted:
+        _noted.add(message)
+        print(f"recycler: note: {message}", file=sys.stderr)
 
 
 class _KeyError(ValueError):
@@ -334,8 +413,11 @@ def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
     return loc, message[:1].lower() + message[1:]
 
 
-def parse_study_spec(data: Any, path: Path) -> StudySpec:
-    """A parsed YAML document → StudySpec (paths resolved against `path`'s folder)."""
+def parse_study_spec(data: Any, path: Path, *, check_folders: bool = True) -> StudySpec:
+    """A parsed YAML document → StudySpec (paths resolved against `path`'s folder).
+
+    `check_folders`: also require the tasks folder and the SQLite file's folder here.
+    """
     if not isinstance(data, dict):
         raise RecyclerError(f"{path}: the study file must be a YAML mapping of keys")
     if "root" in data:
@@ -348,12 +430,10 @@ def parse_study_spec(data: Any, path: Path) -> StudySpec:
         key, message = _describe(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise RecyclerError(f"{path}: {key}: {message}{more}") from None
-    tasks_dir = spec.tasks_dir
-    if not tasks_dir.is_dir():
-        raise RecyclerError(f"{path}: eval.tasks_dir: no such folder: {tasks_dir}")
-    sqlite = spec.sqlite_path
-    if sqlite is not None and not sqlite.parent.is_dir():
-        raise RecyclerError(f"{path}: storage: no such folder for the SQLite file: {sqlite.parent}")
+    if check_folders:
+        for key, folder in spec.missing_folders():
+            what = "no such folder" if key == "eval.tasks_dir" else "no such folder for the SQLite file"
+            raise RecyclerError(f"{path}: {key}: {what}: {folder}")
     return spec
 
 

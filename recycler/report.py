@@ -1,4 +1,4 @@
-"""`recycler report`: an HTML page and PNGs of a study.
+"""A study as an HTML page and PNGs.
 
 - pareto.png: every completed trial, the Pareto set, the knee, the single checkpoints
   and the other baselines (one panel per pair of objectives);
@@ -19,12 +19,14 @@ from itertools import combinations
 from pathlib import Path
 from typing import Any
 
-from recycler.config import StudySpec, load_study_spec
+from matplotlib.figure import Figure
+
+from recycler.config import StudySpec
+from recycler.errors import RecyclerError
 from recycler.search import front as pareto
-from recycler.search.analysis import FrontSummary, analyse
+from recycler.search.analysis import FrontSummary, analyse, format_weights
 from recycler.search.baselines import SINGLE
-from recycler.search.show import format_weights
-from recycler.search.study import StudyView, load_view
+from recycler.search.stored import StudyView
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -34,8 +36,6 @@ def _save(fig: Any, path: Path) -> None:
 
 
 def plot_front(view: StudyView, s: FrontSummary, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     names = s.objectives
     pairs = list(combinations(range(len(names)), 2)) or [(0, 0)]
     # One panel per pair of objectives, three panels to a row.
@@ -88,8 +88,6 @@ def plot_front(view: StudyView, s: FrontSummary, path: Path) -> None:
 
 
 def plot_hypervolume(view: StudyView, s: FrontSummary, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     complete = sorted(view.complete, key=lambda r: r.number)
     fig = Figure(figsize=(6.5, 4))
     ax = fig.subplots()
@@ -126,8 +124,6 @@ def _flat_weights(weights: dict[str, Any]) -> dict[str, float]:
 
 
 def plot_weights(s: FrontSummary, path: Path) -> None:
-    from matplotlib.figure import Figure
-
     members = s.members
     names = sorted({n for m in members for n in m.record.weights})
     grouped = any(isinstance(w, dict) for m in members for w in m.record.weights.values())
@@ -172,16 +168,8 @@ def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, with_weigh
     return "\n".join(out)
 
 
-def write_report(study_path: Path, out_dir: Path) -> Path:
-    """`recycler report STUDY.yaml OUT_DIR`: index.html + pareto.png, hypervolume.png, weights.png."""
-    spec = load_study_spec(study_path)
-    view = load_view(spec)
-    return write_report_for(spec, view, out_dir)
-
-
-def write_report_for(spec: StudySpec, view: StudyView, out_dir: Path) -> Path:
-    from recycler.errors import RecyclerError
-
+def write_report(spec: StudySpec, view: StudyView, out_dir: Path) -> Path:
+    """index.html + pareto.png, hypervolume.png, weights.png in `out_dir`; the page's path."""
     summary = analyse(view, "dev")
     if not summary.members:
         raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
@@ -220,5 +208,4 @@ sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
     tmp = out_dir / ".index.html.tmp"
     tmp.write_text(page, encoding="utf-8")
     os.replace(tmp, index)
-    print(f"report written to {index}")
     return index

@@ -3,7 +3,7 @@
 Nothing here imports recycler: it reads a mergekit-style recipe (a plain dict
 from YAML) and the checkpoints' safetensors files itself and computes each merged
 tensor in float64, so that the engine (fp32 accumulation) and mergekit can both
-be checked against it. Sources (see shared/METHODS.md):
+be checked against it. Sources:
 
 - linear / model soup (Wortsman et al. 2022): θ = Σ w_i θ_i, / Σ w_i when normalize.
 - task arithmetic (Ilharco et al. 2023): θ = θ_0 + λ Σ w_i τ_i, τ_i = θ_i − θ_0

@@ -152,7 +152,7 @@ def test_combine_files_names_the_input_that_ends_early(tmp_path: Path) -> None:
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_the_export_writes_the_in_memory_merge_bit_for_bit(method: str, tmp_path: Path) -> None:
     # The export combines file to file; a search trial merges in memory: same bits.
-    from recycler.export import write_model_dir
+    from recycler.export.model_dir import write_model_dir
 
     dirs = make_pool(tmp_path / "pool")  # bf16, sharded fp32 and fp16 checkpoints, an fp32 base
     pool = Pool.open([dirs["c0"], dirs["c1"], dirs["c2"]], dirs["base"])
@@ -170,7 +170,7 @@ def test_the_export_writes_the_in_memory_merge_bit_for_bit(method: str, tmp_path
 def test_a_lora_member_sends_only_its_targets_through_memory(tmp_path: Path) -> None:
     from peft import LoraConfig, get_peft_model
 
-    from recycler.export import write_model_dir
+    from recycler.export.model_dir import write_model_dir
 
     dirs = make_pool(tmp_path / "pool")
     base = AutoModelForCausalLM.from_pretrained(dirs["base"])

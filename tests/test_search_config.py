@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
+from recycler import config
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
 
@@ -77,7 +78,7 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         "merge": {"method": "ties", "dtype": "float32", "params": {"normalize": True}},
         "search": {"weights": "box", "bounds": [0.0, 2.0], "granularity": "layers:4",
                    "tune": ["density", {"lambda": [0.5, 2.0]}], "sampler": "nsga2", "n_trials": 7,
-                   "seed": 3, "seeds": ["uniform", "mwa_step"]},
+                   "seed": 3, "baselines": ["uniform", "mwa_step"]},
         "objectives": [{"name": "a", "task": "t1", "metric": "acc", "direction": "maximize"},
                        {"name": "ppl", "task": "t2", "metric": "word_perplexity", "direction": "minimize"}],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": 10, "batch_size": 4},
@@ -107,10 +108,10 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         (merged(merge={"params": {"weight": 1.0}}), "study.yaml: merge.params: weight: unknown parameter"),
         (merged(merge={"params": {"normalize": 1}}), "study.yaml: merge.params: normalize: must be true or false"),
         (merged(search={"n_trials": 0}), "study.yaml: search.n_trials: input should be greater than or equal to 1"),
-        (merged(search={"seeds": ["greedy"]}), "study.yaml: search.seeds: greedy is built from the single-checkpoint scores"),
+        (merged(search={"baselines": ["greedy"]}), "study.yaml: search.baselines: greedy is built from the single-checkpoint scores"),
         (merged(search={"sampler": "cmaes", "objective": "pareto"}), "study.yaml: search.objective: cmaes optimises one value"),
-        (merged(search={"seeds": ["uniform", "uniform"]}), "study.yaml: search.seeds: a baseline is listed twice"),
-        (merged(search={"seeds": ["best"]}), "study.yaml: search.seeds.0: must be one of uniform, singles"),
+        (merged(search={"baselines": ["uniform", "uniform"]}), "study.yaml: search.baselines: a baseline is listed twice"),
+        (merged(search={"baselines": ["best"]}), "study.yaml: search.baselines.0: must be one of uniform, singles"),
         (merged(objectives=[]), "study.yaml: objectives: list should have at least 1 item"),
         (merged(objectives=[{"name": "a", "task": "t", "metric": "acc"}, {"name": "a", "task": "u", "metric": "acc"}]),
          "study.yaml: objectives: objective name 'a' is used twice"),
@@ -140,3 +141,54 @@ def test_bad_study_files_name_the_key(tmp_path: Path, data: Any, expected: str) 
 def test_missing_file(tmp_path: Path) -> None:
     with pytest.raises(RecyclerError, match="no such study file"):
         load_study_spec(tmp_path / "absent.yaml")
+
+
+def test_the_old_name_of_baselines_is_read_with_a_note(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config._noted.clear()
+    for _ in range(2):
+        spec = load_study_spec(write(tmp_path, merged(search={"seeds": ["uniform", "mwa"]})))
+        assert spec.search.baselines == ["uniform", "mwa"]
+        assert spec.search.enqueued_baselines == ["uniform", "mwa_loss", "mwa_step"]
+    notes = [line for line in capsys.readouterr().err.splitlines() if "search.seeds" in line]
+    assert notes == ["recycler: note: search.seeds is now called search.baselines; the study file still reads as before"]
+    message = error_of(tmp_path, merged(search={"seeds": ["uniform"], "baselines": ["singles"]}))
+    assert "study.yaml: search.seeds: renamed to search.baselines, which is also given" in message
+
+
+def test_a_written_study_reads_back_the_same(tmp_path: Path) -> None:
+    (tmp_path / "tasks").mkdir()
+    data = merged(eval={"tasks_dir": "tasks"}, search={"tune": [{"lambda": [0.5, 2.0]}], "baselines": ["uniform"]},
+                  merge={"method": "task_arithmetic"})
+    spec = load_study_spec(write(tmp_path, data))
+    copy = tmp_path / "copy" / "study.yaml"
+    copy.parent.mkdir()
+    (copy.parent / "tasks").mkdir()
+    spec.write(copy, header="# a copy\n")
+    assert copy.read_text().startswith("# a copy\n")
+    again = load_study_spec(copy)
+    assert again.model_dump() == spec.model_dump()
+    assert set(yaml.safe_load(copy.read_text())) == set(data)  # only the keys given: defaults stay defaults
+
+
+def test_relocated_study_reads_from_any_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "study"
+    (folder / "tasks").mkdir(parents=True)
+    (tmp_path / "shared-tasks").mkdir()
+    spec = load_study_spec(_write_in(folder, merged(
+        pool={"base": "zoo/base", "checkpoints": ["zoo/checkpoints/*", "/abs/c"]},
+        eval={"tasks_dir": "../shared-tasks"},
+    )))
+    moved = spec.relocated()
+    root = folder.resolve()
+    assert moved.pool.checkpoints == [str(root / "zoo" / "checkpoints" / "*"), "/abs/c"]
+    assert moved.pool.base == root / "zoo" / "base"
+    assert moved.storage == f"sqlite:///{root / 'recycler.db'}"
+    assert moved.eval.tasks_dir == tmp_path.resolve() / "shared-tasks"
+    inside = _write_in(folder, merged(eval={"tasks_dir": "tasks"}))
+    assert load_study_spec(inside).relocated().eval.tasks_dir == Path("tasks")  # travels with the study file
+
+
+def _write_in(folder: Path, data: dict[str, Any]) -> Path:
+    path = folder / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -27,9 +27,10 @@ import pytest
 import yaml
 
 from recycler.cli import main
+from recycler.commands.search import run_search
 from recycler.config import load_study_spec
-from recycler.search.run import prepare, run_search
-from recycler.search.study import TEST_PREFIX
+from recycler.search.run import prepare
+from recycler.search.stored import StudyKey, TrialKey
 
 OBJECTIVES = [{"name": "inc", "task": "zoo_inc", "metric": "acc"}, {"name": "rev", "task": "zoo_rev", "metric": "acc"}]
 
@@ -76,7 +77,7 @@ def cli(*argv: str | Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 def test_search_front_export_report_and_resume(
     tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 9, "seeds": ["uniform", "singles", "greedy"]})
+    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 9, "baselines": ["uniform", "singles", "greedy"]})
     started = time.perf_counter()
     assert cli("search", study_path, capsys=capsys)[0] == 0
     print(f"search of 9 trials: {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -86,18 +87,18 @@ def test_search_front_export_report_and_resume(
     assert len(trials) == 9 and all(t.state.name == "COMPLETE" for t in trials)
     assert study.metric_names == ["inc", "rev"]
     # Baselines come first, with their exact weights, then the greedy soup's steps.
-    assert [t.user_attrs.get("baseline") for t in trials[:1 + len(names)]] == ["uniform", *(f"single:{n}" for n in names)]
-    assert trials[1].user_attrs["weights"] == {n: (1.0 if i == 0 else 0.0) for i, n in enumerate(names)}
-    assert any(t.user_attrs.get("baseline") == "greedy" for t in trials)
+    assert [t.user_attrs.get(TrialKey.BASELINE) for t in trials[:1 + len(names)]] == ["uniform", *(f"single:{n}" for n in names)]
+    assert trials[1].user_attrs[TrialKey.WEIGHTS] == {n: (1.0 if i == 0 else 0.0) for i, n in enumerate(names)}
+    assert any(t.user_attrs.get(TrialKey.BASELINE) == "greedy" for t in trials)
     for t in trials:
         ua = t.user_attrs
-        assert set(ua["weights"]) == set(names) and math.isclose(sum(ua["weights"].values()), 1.0, abs_tol=1e-5)
+        assert set(ua[TrialKey.WEIGHTS]) == set(names) and math.isclose(sum(ua[TrialKey.WEIGHTS].values()), 1.0, abs_tol=1e-5)
         assert set(ua["dev"]) == {"zoo_inc", "zoo_rev"} and ua["objectives"] == {"inc": t.values[0], "rev": t.values[1]}
         assert ua["dev"]["zoo_inc"]["acc"] == t.values[0]
         assert ua["merge_seconds"] >= 0 and ua["eval_seconds"] >= 0
         assert ua["recipe"]["merge_method"] == "linear"
-    fresh = [t for t in trials if "cache_hit" not in t.user_attrs]
-    assert all(t.user_attrs["eval_seconds"] > 0 for t in fresh)
+    fresh = [t for t in trials if TrialKey.CACHE_HIT not in t.user_attrs]
+    assert all(t.user_attrs[TrialKey.EVAL_SECONDS] > 0 for t in fresh)
 
     # front --format json: the Pareto set by brute force over the dev scores, each re-scored on test.
     code, out, _ = cli("front", study_path, "--format", "json", capsys=capsys)
@@ -109,7 +110,7 @@ def test_search_front_export_report_and_resume(
     assert {m["trial"] for m in front["front"]} == brute
     assert front["knee"] in brute and front["hypervolume"] >= 0
     for m in front["front"]:
-        test = study.user_attrs[f"{TEST_PREFIX}{m['trial']}"]
+        test = study.user_attrs[f"{StudyKey.TEST_PREFIX}{m['trial']}"]
         assert set(test["objectives"]) == {"inc", "rev"} and set(test["metrics"]) == {"zoo_inc", "zoo_rev"}
     code, out, _ = cli("front", study_path, "--split", "test", "--format", "csv", capsys=capsys)
     rows = list(csv.DictReader(io.StringIO(out)))
@@ -128,7 +129,7 @@ def test_search_front_export_report_and_resume(
 
     rescored = evaluate_tasks(ResidentModel(out_dir, dtype=__import__("torch").float32), micro_zoo / "tasks",
                               ["zoo_inc", "zoo_rev"], "dev", batch_size=64)
-    stored = study.trials[front["knee"]].user_attrs["dev"]
+    stored = study.trials[front["knee"]].user_attrs[TrialKey.DEV]
     assert {t: m["acc"] for t, m in rescored.items()} == {t: m["acc"] for t, m in stored.items()}
     card = (out_dir / "README.md").read_text()
     assert f"trial: {front['knee']}" in card and "scores on dev" in card and "scores on test" in card
@@ -164,7 +165,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     rows[-1]["choices"] = []
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     study_path = study_file(tmp_path, micro_zoo, tasks_dir=tasks,
-                            search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "seeds": ["uniform"]})
+                            search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "baselines": ["uniform"]})
     prepared = prepare(load_study_spec(study_path))
     # All-zero box weights: linear's normalize has nothing to divide by.
     bad = {name: 0.0 for name in prepared.space.param_names()}
@@ -173,8 +174,8 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     study = load(study_path)
     states = [t.state.name for t in study.get_trials()]
     assert states == ["COMPLETE", "FAIL", "COMPLETE"]
-    assert "the weights sum to zero" in study.trials[1].user_attrs["fail_reason"]
-    errors = [v["error"] for k, v in study.user_attrs.items() if k.startswith(TEST_PREFIX)]
+    assert "the weights sum to zero" in study.trials[1].user_attrs[TrialKey.FAIL_REASON]
+    errors = [v["error"] for k, v in study.user_attrs.items() if k.startswith(StudyKey.TEST_PREFIX)]
     assert errors and all(e.startswith("ValueError: ") for e in errors)
     code, out, _ = cli("front", study_path, "--split", "test", capsys=capsys)
     assert code == 0 and "n/a" in out
@@ -183,12 +184,12 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     other = tmp_path / "overflow"
     other.mkdir()
     path = study_file(other, micro_zoo, merge={"dtype": "float16", "params": {"normalize": False}},
-                      search={"weights": "box", "bounds": [1.0e6, 2.0e6], "n_trials": 2, "seeds": ["uniform"],
+                      search={"weights": "box", "bounds": [1.0e6, 2.0e6], "n_trials": 2, "baselines": ["uniform"],
                               "sampler": "random"})
     assert cli("search", path, capsys=capsys)[0] == 0
     failed = load(path).get_trials()
     assert [t.state.name for t in failed] == ["FAIL", "FAIL"]
-    assert all("non-finite values" in t.user_attrs["fail_reason"] for t in failed)
+    assert all("non-finite values" in t.user_attrs[TrialKey.FAIL_REASON] for t in failed)
     code, _, err = cli("front", path, capsys=capsys)
     assert code == 2 and err.startswith("recycler: error: study 'e2e' has no completed trial yet")
 
@@ -200,13 +201,13 @@ def _states(db_url: str) -> list[str]:
     except Exception:  # the subprocess has not created it yet
         return []
     return [
-        "CLAIMING" if t.state.name == "RUNNING" and "owner" not in t.user_attrs else t.state.name
+        "CLAIMING" if t.state.name == "RUNNING" and TrialKey.OWNER not in t.user_attrs else t.state.name
         for t in study.get_trials(deepcopy=False)
     ]
 
 
 def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray_cluster: None) -> None:
-    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 6, "seeds": ["uniform", "singles"]})
+    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 6, "baselines": ["uniform", "singles"]})
     url = load_study_spec(study_path).storage_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
@@ -239,15 +240,15 @@ def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray
     for number, (params, values) in complete_before.items():
         assert (after[number].params, after[number].values) == (params, values)  # nothing completed is lost
     stale = after[running[0].number]
-    assert stale.state.name == "FAIL" and stale.user_attrs["fail_reason"].startswith("stale: the process")
-    reruns = [t for t in after if t.user_attrs.get("rerun_of") == stale.number]
+    assert stale.state.name == "FAIL" and stale.user_attrs[TrialKey.FAIL_REASON].startswith("stale: the process")
+    reruns = [t for t in after if t.user_attrs.get(TrialKey.RERUN_OF) == stale.number]
     # The re-run has every parameter of the killed trial, even those the kill kept from
     # being stored (Optuna stores them one call at a time): an enqueued trial's from its
     # record, a sampled one's from the trial plus the sampler for the rest.
-    intended = stale.user_attrs.get("enqueued_params") or stale.params
+    intended = stale.user_attrs.get(TrialKey.ENQUEUED_PARAMS) or stale.params
     assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE"
     assert reruns[0].params.items() >= intended.items() and len(reruns[0].params) == len(after[0].params)
-    counted = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get("stale"))]
+    counted = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get(TrialKey.STALE))]
     assert len(counted) == 6 and all(t.state.name == "COMPLETE" for t in counted)
 
 
@@ -269,7 +270,7 @@ def test_search_with_two_evaluation_and_two_shard_workers(tmp_path: Path, micro_
     study_path = study_file(
         tmp_path, micro_zoo,
         cluster={"shard_workers": 2, "eval_workers": 2},
-        search={"n_trials": 8, "seeds": ["uniform"]},
+        search={"n_trials": 8, "baselines": ["uniform"]},
         eval={"limit": 16},
     )
     run_search(study_path, None)

@@ -17,7 +17,8 @@ from recycler.search.analysis import analyse
 from recycler.search.evaluator import EvalResult
 from recycler.search.run import Prepared, SearchDriver, study_fingerprint
 from recycler.search.space import SearchSpace
-from recycler.search.study import open_study, resolve_objectives, view_of
+from recycler.search.stored import TrialKey, queued_attrs, view_of
+from recycler.search.study import open_study, resolve_objectives
 
 
 def brute_force_front(values: np.ndarray, maximize: list[bool]) -> set[int]:
@@ -131,7 +132,7 @@ class ToyEvaluator:
 
 
 def toy_study(tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str | None = None) -> Prepared:
-    search: dict[str, object] = {"sampler": sampler, "seed": 1, "seeds": ["uniform", "singles"]}
+    search: dict[str, object] = {"sampler": sampler, "seed": 1, "baselines": ["uniform", "singles"]}
     if objective is not None:
         search["objective"] = objective
     data = {
@@ -150,7 +151,7 @@ def toy_study(tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str |
     for label, w in [("uniform", [1 / n] * n), *((f"single:c{i}", [float(i == j) for j in range(n)]) for i in range(n))]:
         params = space.encode(w)
         assert params is not None
-        handle.study.enqueue_trial(params, user_attrs={"baseline": label})
+        handle.study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label})
     return Prepared(spec, None, space, objectives, handle, [])
 
 
@@ -165,11 +166,11 @@ def test_toy_study_front_matches_brute_force_and_optuna(tmp_path: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 24 and all(t.state.name == "COMPLETE" for t in trials)
     # Baselines first, in order, with exactly their weights.
-    assert [t.user_attrs.get("baseline") for t in trials[:4]] == ["uniform", "single:c0", "single:c1", "single:c2"]
-    assert trials[2].user_attrs["weights"] == {"c0": 0.0, "c1": 1.0, "c2": 0.0}
+    assert [t.user_attrs.get(TrialKey.BASELINE) for t in trials[:4]] == ["uniform", "single:c0", "single:c1", "single:c2"]
+    assert trials[2].user_attrs[TrialKey.WEIGHTS] == {"c0": 0.0, "c1": 1.0, "c2": 0.0}
     for t in trials:  # simplex weights
-        assert sum(t.user_attrs["weights"].values()) == pytest.approx(1.0, abs=1e-5)
-        assert min(t.user_attrs["weights"].values()) >= 0
+        assert sum(t.user_attrs[TrialKey.WEIGHTS].values()) == pytest.approx(1.0, abs=1e-5)
+        assert min(t.user_attrs[TrialKey.WEIGHTS].values()) >= 0
     view = view_of(study)
     summary = analyse(view, "dev")
     values = np.array([r.vector_dev for r in view.complete])
@@ -220,7 +221,7 @@ def test_scalarised_study_optimises_the_macro_average_and_keeps_every_objective(
     study = prepared.handle.study
     assert study.metric_names == ["macro"] and len(study.directions) == 1
     for t in study.get_trials():
-        q, c = t.user_attrs["objectives"]["quality"], t.user_attrs["objectives"]["cost"]
+        q, c = t.user_attrs[TrialKey.OBJECTIVES]["quality"], t.user_attrs[TrialKey.OBJECTIVES]["cost"]
         assert t.values == [pytest.approx((q - c) / 2)]  # cost is minimised: it enters negated
     summary = analyse(view_of(study), "dev")
     values = np.array([r.vector_dev for r in view_of(study).complete])
@@ -239,7 +240,7 @@ def test_a_trial_killed_while_its_parameters_were_stored_is_rerun_whole(tmp_path
     study = prepared.handle.study
     names = prepared.space.param_names()
     intended = {name: float(i == 1) for i, name in enumerate(names)}
-    enqueue(study, intended, {"baseline": "single:c1"})
+    enqueue(study, intended, queued_attrs(intended, baseline="single:c1"))
     for _ in range(4):  # the toy's own baselines, told at once
         t = study.ask()
         for name in names:
@@ -247,11 +248,11 @@ def test_a_trial_killed_while_its_parameters_were_stored_is_rerun_whole(tmp_path
         study.tell(t, [0.5, 0.5])
     killed = study.ask()
     killed.suggest_float(names[0], 0.0, 1.0)  # the process died after storing one parameter
-    killed.set_user_attr("owner", f"{socket.gethostname()}:999999999:1.00")  # a pid that cannot exist
+    killed.set_user_attr(TrialKey.OWNER, f"{socket.gethostname()}:999999999:1.00")  # a pid that cannot exist
     assert fail_stale_trials(prepared.handle) == [killed.number]
-    [rerun] = [t for t in study.get_trials() if t.user_attrs.get("rerun_of") == killed.number]
-    assert rerun.state.name == "WAITING" and rerun.user_attrs["baseline"] == "single:c1"
-    assert rerun.user_attrs["enqueued_params"] == intended  # every parameter, not the one stored
+    [rerun] = [t for t in study.get_trials() if t.user_attrs.get(TrialKey.RERUN_OF) == killed.number]
+    assert rerun.state.name == "WAITING" and rerun.user_attrs[TrialKey.BASELINE] == "single:c1"
+    assert rerun.user_attrs[TrialKey.ENQUEUED_PARAMS] == intended  # every parameter, not the one stored
     again = study.ask()
     assert again.number == rerun.number
     assert {name: again.suggest_float(name, 0.0, 1.0) for name in names} == intended

@@ -21,7 +21,7 @@ from recycler.search.baselines import greedy_state, members_weights
 from recycler.search.cache import ResultCache, recipe_key
 from recycler.search.samplers import effective_seed, make_sampler
 from recycler.search.space import SearchSpace
-from recycler.search.study import Objective, TrialRecord
+from recycler.search.stored import Objective, TrialRecord
 
 LLAMA_NAMES = [
     "model.embed_tokens.weight",

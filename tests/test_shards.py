@@ -1,4 +1,4 @@
-"""Issue 5's shards: the shard plan (pure), and merges through 1, 2 and 3 ShardWorker actors
+"""Shards: the shard plan (pure), and merges through 1, 2 and 3 ShardWorker actors
 on a real local Ray: the same tensors bit for bit, and the same lm-eval scores.
 
 One Ray cluster serves every Ray test here (RayEvaluator reuses an initialised Ray).

@@ -30,7 +30,7 @@ import psutil
 import pytest
 import yaml
 
-from recycler.cluster.jobs import DEFAULT_EXCLUDES, plan_job, staged_working_dir
+from recycler.cluster.job_plan import DEFAULT_EXCLUDES, plan_job, staged_working_dir
 from recycler.errors import RecyclerError
 
 pytestmark = pytest.mark.timeout(600)

@@ -10,10 +10,11 @@ comparable between trials of one study, not between studies.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from recycler.search import front as pareto
 from recycler.search.baselines import baseline_name, is_final_baseline
-from recycler.search.study import StudyView, TrialRecord
+from recycler.search.stored import StudyView, TrialRecord
 
 
 @dataclass
@@ -100,3 +101,26 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
         n_failed=sum(1 for r in view.trials if r.state == "FAIL"),
         n_trials=len(view.trials),
     )
+
+
+def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:
+    """{a: 0.5, b: 0.5, c: 0} → 'a=0.50 b=0.50'; grouped weights → 'a=0.50/0.40/0.10 ...'.
+
+    Weights that round to 0.00 are left out (a single checkpoint reads as one name).
+    """
+    parts = []
+    for name, w in weights.items():
+        if isinstance(w, dict):
+            values = [v for v in w.values() if isinstance(v, int | float)]
+            if drop_zero and values and all(abs(v) < 0.005 for v in values):
+                continue
+            parts.append(f"{name}=" + "/".join(format_number(v, 2) for v in w.values()))
+        else:
+            if drop_zero and isinstance(w, int | float) and abs(w) < 0.005:
+                continue
+            parts.append(f"{name}={format_number(w, 2)}")
+    return " ".join(parts) or "-"
+
+
+def format_number(value: Any, digits: int = 4) -> str:
+    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from recycler.errors import RecyclerError
-from recycler.search.study import Objective, TrialRecord, macro_average
+from recycler.search.stored import Objective, TrialRecord
+from recycler.search.study import macro_average
 
 MWA_PENALTY = {"loss": 0.65, "step": 1.0}
 SINGLE = "single:"

@@ -1,4 +1,4 @@
-"""`recycler search`: run, or resume, a study until it holds `n_trials` finished trials.
+"""The search: run, or resume, a study until it holds `n_trials` finished trials.
 
 The loop is ask → recipe → (cache or evaluator) → tell, with up to `capacity` trials in
 flight and a new one asked for as soon as any finishes (no generation barrier). Every
@@ -16,25 +16,35 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from recycler.config import StudySpec, load_study_spec
+from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.merge.recipe import Recipe
+from recycler.pool import Pool
 from recycler.search import front as pareto
+from recycler.search.analysis import analyse
 from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
 from recycler.search.cache import CachedResult, ResultCache
 from recycler.search.evaluator import EvalResult, Evaluator, lookup_metric
 from recycler.search.space import SearchSpace
-from recycler.search.study import (
-    ATTR_GREEDY,
-    ATTR_SEEDED,
-    HEARTBEAT_INTERVAL,
-    TEST_PREFIX,
+from recycler.search.stored import (
     Objective,
+    TrialWriter,
+    baselines_enqueued,
+    greedy_soup_settled,
+    mark_baselines_enqueued,
+    queued_attrs,
+    rerun_attrs,
+    settle_greedy_soup,
+    view_of,
+    write_test_result,
+)
+from recycler.search.study import (
+    HEARTBEAT_INTERVAL,
     StudyHandle,
     counts_toward_budget,
     enqueue,
@@ -42,10 +52,8 @@ from recycler.search.study import (
     macro_average,
     open_study,
     owner_id,
-    rerun_attrs,
     resolve_objectives,
     single_objective,
-    view_of,
 )
 
 TEST_SPLIT = "test"
@@ -56,7 +64,7 @@ class Prepared:
     """A study ready to run: the pool indexed, the space built, the study opened."""
 
     spec: StudySpec
-    pool: Any  # recycler.pool.Pool
+    pool: Pool
     space: SearchSpace
     objectives: list[Objective]
     handle: StudyHandle
@@ -78,8 +86,7 @@ def objective_directions(spec: StudySpec) -> Callable[[str, str], bool | None]:
 
     tasks = list(dict.fromkeys(o.task for o in spec.objectives))
     try:
-        with _quiet_lm_eval():
-            directions = metric_directions(spec.tasks_dir, tasks)
+        directions = metric_directions(spec.tasks_dir, tasks)
     except RecyclerError as exc:
         raise RecyclerError(f"objectives: {exc}") from None
     for i, o in enumerate(spec.objectives):
@@ -97,44 +104,25 @@ def objective_directions(spec: StudySpec) -> Callable[[str, str], bool | None]:
     return lookup
 
 
-@contextmanager
-def _quiet_lm_eval() -> Iterator[None]:
-    """Building tasks logs lm-eval's defaults and draws datasets' bars: not news to a user."""
-    import io
-    import logging
-
-    logger = logging.getLogger("lm_eval")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        with contextlib.redirect_stderr(io.StringIO()):
-            yield
-    finally:
-        logger.setLevel(level)
-
-
 def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
-    """Index the pool (headers only), build the space, open or create the study, seed it."""
-    from recycler.pool import Pool
-
-    # Optuna logs every trial at INFO; the progress bar and `recycler front` say it better.
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    """Index the pool (headers only), build the space, open or create the study, enqueue
+    the baselines."""
     pool = Pool.open(spec.pool.checkpoints, spec.base_path, root=spec.root)
     space = SearchSpace.from_pool(spec, pool)
     objectives = resolve_objectives(spec, objective_directions(spec))
     handle = open_study(spec, study_fingerprint(spec, space), objectives, create=create)
     notes: list[str] = []
     study = handle.study
-    if create and not study.user_attrs.get(ATTR_SEEDED):
-        baselines, notes = fixed_baselines(space.names, pool.checkpoints, spec.search.baselines)
+    if create and not baselines_enqueued(study.user_attrs):
+        baselines, notes = fixed_baselines(space.names, pool.checkpoints, spec.search.enqueued_baselines)
         for b in baselines:
             params = space.encode(b.weights)
             if params is None:
                 notes.append(f"baseline {b.label} skipped: its weights are outside the search space")
                 continue
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
-            enqueue(study, params, {"baseline": b.label}, skip_if_exists=True)
-        study.set_user_attr(ATTR_SEEDED, True)
+            enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
+        mark_baselines_enqueued(study)
     return Prepared(spec, pool, space, objectives, handle, notes)
 
 
@@ -158,7 +146,7 @@ class SearchDriver:
         capacity: int,
         on_progress: Callable[[int, int, float | None, float | None], None] | None = None,
     ) -> None:
-        self.p = prepared
+        self.prepared = prepared
         self.study = prepared.handle.study
         self.make_evaluator = make_evaluator
         self.capacity = max(1, capacity)
@@ -193,7 +181,7 @@ class SearchDriver:
 
     # ---- the search -----------------------------------------------------------------
     def run(self, target: int) -> None:
-        self.stale = fail_stale_trials(self.p.handle)
+        self.stale = fail_stale_trials(self.prepared.handle)
         self._seed_cache()
         done = sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
         self._report(done, target)
@@ -220,8 +208,6 @@ class SearchDriver:
 
         Returns how many evaluations ran (cache hits excluded).
         """
-        from recycler.search.analysis import analyse
-
         if self.split == TEST_SPLIT:
             return 0
         view = view_of(self.study)
@@ -275,25 +261,23 @@ class SearchDriver:
 
     def _prepare_trial(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """Suggest, record and check the trial's recipe; None when it is already finished."""
-        trial.set_user_attr("owner", self.owner)
-        trial.set_user_attr("heartbeat", time.time())
-        proposal = self.p.space.suggest(trial)
-        trial.set_user_attr("weights", _json_safe(self.p.space.weights_by_checkpoint(proposal)))
+        writer = TrialWriter.of(trial)
+        writer.claim(self.owner)
+        proposal = self.prepared.space.suggest(trial)
+        writer.proposal(self.prepared.space.weights_by_checkpoint(proposal))
         if not proposal.is_finite():
             self._fail(trial, "non-finite weights")
             return None
-        recipe = self.p.space.recipe_dict(proposal)
-        trial.set_user_attr("recipe", recipe)
+        recipe = self.prepared.space.recipe_dict(proposal)
+        writer.recipe(recipe)
         try:
-            from recycler.merge.recipe import Recipe
-
             Recipe.from_dict(recipe, where=f"trial {trial.number}")
         except RecyclerError as exc:
             self._fail(trial, str(exc))
             return None
         hit = self.cache.get(recipe, self.split)
         if hit is not None:
-            trial.set_user_attr("cache_hit", hit.trial_number)
+            writer.cache_hit(hit.trial_number)
             self._complete(trial, recipe, EvalResult(ok=True, metrics=hit.metrics), cached=True)
             return None
         return recipe
@@ -325,7 +309,7 @@ class SearchDriver:
 
     def _objective_values(self, metrics: dict[str, dict[str, float]]) -> dict[str, float] | str:
         values: dict[str, float] = {}
-        for o in self.p.objectives:
+        for o in self.prepared.objectives:
             task_metrics = metrics.get(o.task)
             if task_metrics is None:
                 return f"lm-eval returned no results for task {o.task} (got: {', '.join(sorted(metrics)) or 'none'})"
@@ -342,34 +326,32 @@ class SearchDriver:
         if isinstance(values, str):
             self._fail(trial, values, result)
             return
-        trial.set_user_attr("dev", _json_safe(result.metrics))
-        trial.set_user_attr("objectives", values)
-        trial.set_user_attr("merge_seconds", round(result.merge_seconds, 3))
-        trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
-        told = [macro_average(values, self.p.objectives)] if single_objective(self.p.spec) else [
-            values[o.name] for o in self.p.objectives
+        writer = TrialWriter.of(trial)
+        writer.scores(result.metrics, values)
+        writer.timings(result.merge_seconds, result.eval_seconds)
+        told = [macro_average(values, self.prepared.objectives)] if single_objective(self.prepared.spec) else [
+            values[o.name] for o in self.prepared.objectives
         ]
         self.study.tell(trial, told)
         if not cached:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
 
     def _fail(self, trial: optuna.Trial, reason: str, result: EvalResult | None = None) -> None:
-        trial.set_user_attr("fail_reason", reason[:2000])
+        writer = TrialWriter.of(trial)
+        writer.failure(reason)
         if result is not None:
-            trial.set_user_attr("merge_seconds", round(result.merge_seconds, 3))
-            trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
+            writer.timings(result.merge_seconds, result.eval_seconds)
         self.study.tell(trial, state=TrialState.FAIL)
 
     def _store_test(self, number: int, result: EvalResult) -> None:
-        entry: dict[str, Any]
-        if result.ok:
-            values = self._objective_values(result.metrics)
-            entry = {"error": values} if isinstance(values, str) else {
-                "objectives": values, "metrics": _json_safe(result.metrics)
-            }
+        if not result.ok:
+            write_test_result(self.study, number, error=result.error or "evaluation failed")
+            return
+        values = self._objective_values(result.metrics)
+        if isinstance(values, str):
+            write_test_result(self.study, number, error=values)
         else:
-            entry = {"error": (result.error or "evaluation failed")[:2000]}
-        self.study.set_user_attr(f"{TEST_PREFIX}{number}", entry)
+            write_test_result(self.study, number, objectives=values, metrics=result.metrics)
 
     def _abandon_flights(self, reason: str) -> None:
         """Fail what is in flight and queue it again, so the next start re-runs it."""
@@ -380,41 +362,45 @@ class SearchDriver:
             if f.kind != "dev" or f.trial is None:
                 continue
             try:
-                f.trial.set_user_attr("fail_reason", reason)
-                f.trial.set_user_attr("stale", True)
+                TrialWriter.of(f.trial).failure(reason, stale=True)
                 self.study.tell(f.trial, state=TrialState.FAIL)
-                enqueue(self.study, dict(f.trial.params), rerun_attrs(f.trial))
+                params = dict(f.trial.params)
+                enqueue(self.study, params, rerun_attrs(f.trial.number, f.trial.user_attrs, params))
             except Exception:  # the storage may be what failed; the next start cleans up
                 pass
 
     # ---- baselines that depend on scores --------------------------------------------
     def _maybe_enqueue_greedy(self) -> None:
-        if "greedy" not in self.p.spec.search.baselines or ATTR_GREEDY in self.study.user_attrs:
+        if not self._greedy_pending():
             return
         if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return
-        state = greedy_state(view_of(self.study).trials, self.p.space.names, self.p.objectives)
+        state = greedy_state(view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives)
         if state.done:
             self._settle_greedy(state.soup_trial)
             return
         if state.blocked or state.next_members is None:
             return
-        params = self.p.space.encode(members_weights(self.p.space.names, state.next_members))
+        params = self.prepared.space.encode(members_weights(self.prepared.space.names, state.next_members))
         if params is None:
-            self.study.set_user_attr(ATTR_GREEDY, None)
+            settle_greedy_soup(self.study, None)
             return
-        enqueue(self.study, params, {"baseline": GREEDY, "greedy_members": state.next_members})
+        enqueue(self.study, params, queued_attrs(params, baseline=GREEDY, greedy_members=state.next_members))
 
     def _settle_greedy(self, soup_trial: int | None = None) -> None:
         """Record the greedy soup's trial once every step has a score."""
-        if "greedy" not in self.p.spec.search.baselines or ATTR_GREEDY in self.study.user_attrs:
+        if not self._greedy_pending():
             return
         if soup_trial is None:
-            state = greedy_state(view_of(self.study).trials, self.p.space.names, self.p.objectives)
+            state = greedy_state(view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives)
             if not state.done:
                 return
             soup_trial = state.soup_trial
-        self.study.set_user_attr(ATTR_GREEDY, soup_trial)
+        settle_greedy_soup(self.study, soup_trial)
+
+    def _greedy_pending(self) -> bool:
+        """The study asks for the greedy soup and has not settled it yet."""
+        return "greedy" in self.prepared.spec.search.baselines and not greedy_soup_settled(self.study.user_attrs)
 
     # ---- bookkeeping ----------------------------------------------------------------
     def _seed_cache(self) -> None:
@@ -447,7 +433,7 @@ class SearchDriver:
                     trials = [f.trial for f in self._flights.values() if f.trial is not None]
                 for t in trials:
                     with contextlib.suppress(Exception):  # finished meanwhile: nothing to stamp
-                        t.set_user_attr("heartbeat", time.time())
+                        TrialWriter.of(t).heartbeat()
 
         thread = threading.Thread(target=beat, name="recycler-heartbeat", daemon=True)
         thread.start()
@@ -457,69 +443,3 @@ class SearchDriver:
             stop.set()
             thread.join(timeout=5)
 
-
-def _json_safe(value: Any) -> Any:
-    """User attributes are JSON: NaN/inf become None, tuples lists."""
-    if isinstance(value, float):
-        return value if value == value and value not in (float("inf"), float("-inf")) else None
-    if isinstance(value, dict):
-        return {str(k): _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def run_search(study_path: Path, n_trials: int | None) -> None:
-    """`recycler search STUDY.yaml [--n-trials N]`."""
-    from rich.console import Console
-
-    spec = load_study_spec(study_path)
-    target = spec.search.n_trials if n_trials is None else n_trials
-    if target < 1:
-        raise RecyclerError(f"--n-trials: must be at least 1, got {target}")
-    console = Console(stderr=True)
-    prepared = prepare(spec)
-    for note in prepared.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    search_and_rescore(prepared, target, console)
-    from recycler.search.show import summary_line
-
-    print(summary_line(view_of(prepared.handle.study), prepared.spec))
-
-
-def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
-    """Run the search to `target` trials with a progress bar, then re-score the front on test."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-    from recycler.cluster.evaluator import RayEvaluator
-
-    spec = prepared.spec
-    with Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("trials · HV {task.fields[hv]} · {task.fields[spt]} s/trial"),
-        TimeElapsedColumn(),
-        console=console,
-        transient=False,
-    ) as progress:
-        task_id = progress.add_task(f"study {spec.name}", total=target, hv="-", spt="-")
-
-        def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
-            progress.update(
-                task_id, completed=min(done, total), total=total,
-                hv="-" if hv is None else f"{hv:.4g}",
-                spt="-" if per_trial is None else f"{per_trial:.1f}",
-            )
-
-        with SearchDriver(
-            prepared,
-            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
-            capacity=spec.cluster.eval_workers,
-            on_progress=on_progress,
-        ) as driver:
-            driver.run(target)
-            if driver.stale:
-                console.print(f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}")
-            progress.update(task_id, description=f"study {spec.name}: test split")
-            driver.rescore_front()

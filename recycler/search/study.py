@@ -1,61 +1,42 @@
-"""The Optuna study behind a study file: create or resume it, and read it back as plain records.
-
-What lives in the storage (so the dashboard, `front`, `export` and a resumed search all
-read one source of truth):
-
-- the study: objective names (`set_metric_names`), directions, and user attributes
-  `recycler:objectives` / `recycler:space` (a resume with a different space or objective
-  list is refused rather than mixed in), `recycler:seeded` (baselines were enqueued),
-  and `test:<trial number>` (the Pareto set's test-split scores: Optuna forbids changing
-  a finished trial, so they are kept on the study, keyed by trial);
-- each trial: `weights` (by checkpoint name), `recipe` (the mergekit dict that was
-  merged), `objectives` and `dev` (every metric of every task), `merge_seconds`,
-  `eval_seconds`, `baseline` for seeded trials, `cache_hit` when the result was reused,
-  `fail_reason` for failures, `owner` and `heartbeat` (who runs it; used to fail
-  trials left RUNNING by a killed process).
+"""The Optuna study behind a study file: create or resume it, fail what a dead process left
+running, and load it back as records. What it stores, and under which keys, is `stored`'s.
 """
 
 from __future__ import annotations
 
-import math
 import os
 import socket
 import time
 import warnings
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import optuna
+import psutil
 from optuna.trial import FrozenTrial, TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.search.samplers import effective_seed, make_sampler
+from recycler.search.stored import (
+    Objective,
+    StudyView,
+    TrialWriter,
+    read_trial,
+    rerun_attrs,
+    stored_objectives,
+    stored_space,
+    view_of,
+    write_identity,
+)
 
-ATTR_OBJECTIVES = "recycler:objectives"
-ATTR_SPACE = "recycler:space"
-ATTR_SEEDED = "recycler:seeded"
-ATTR_GREEDY = "recycler:greedy_soup"
-TEST_PREFIX = "test:"
 MACRO = "macro"
 # A trial of another host is presumed dead once its heartbeat is this old (seconds).
 HEARTBEAT_INTERVAL = 30.0
 STALE_AFTER = 300.0
 # A trial nobody stamped as its owner within this many seconds of its start was orphaned.
 OWNERLESS_AFTER = 60.0
-
-
-@dataclass(frozen=True)
-class Objective:
-    name: str
-    task: str
-    metric: str
-    maximize: bool
-
-    def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "metric": self.metric,
-                "direction": "maximize" if self.maximize else "minimize"}
 
 
 def resolve_objectives(
@@ -89,16 +70,12 @@ def single_objective(spec: StudySpec) -> bool:
 
 def owner_id() -> str:
     """host:pid:process start time — unique for a process even after pid reuse."""
-    import psutil
-
     created = psutil.Process(os.getpid()).create_time()
     return f"{socket.gethostname()}:{os.getpid()}:{created:.2f}"
 
 
 def _owner_alive(owner: str) -> bool | None:
     """True/False for an owner on this host; None for another host (unknowable here)."""
-    import psutil
-
     try:
         host, pid_text, created_text = owner.rsplit(":", 2)
         pid, created = int(pid_text), float(created_text)
@@ -163,28 +140,27 @@ def open_study(
         # Experimental since Optuna 3.2 and still the only way to name the objectives.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
-    study.set_user_attr(ATTR_OBJECTIVES, [o.as_dict() for o in objectives])
-    study.set_user_attr(ATTR_SPACE, space_fingerprint)
+    write_identity(study, objectives, space_fingerprint)
     return StudyHandle(study, storage, created=True)
 
 
 def _check_matches(
     spec: StudySpec, study: optuna.Study, space_fingerprint: dict[str, Any], objectives: Sequence[Objective]
 ) -> None:
-    stored_obj = study.user_attrs.get(ATTR_OBJECTIVES)
-    if stored_obj is None:
+    stored = stored_objectives(study.user_attrs)
+    if stored is None:
         raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another name")
-    if stored_obj != [o.as_dict() for o in objectives]:
+    if stored != list(objectives):
+        created = ", ".join(o.name + "/" + ("maximize" if o.maximize else "minimize") for o in stored)
         raise RecyclerError(
-            f"objectives: differ from those study {spec.name!r} was created with "
-            f"({', '.join(o['name'] + '/' + o['direction'] for o in stored_obj)}); use a new study name"
+            f"objectives: differ from those study {spec.name!r} was created with ({created}); use a new study name"
         )
-    stored_space = study.user_attrs.get(ATTR_SPACE, {})
+    space = stored_space(study.user_attrs)
     for key, value in space_fingerprint.items():
-        if stored_space.get(key) != value:
+        if space.get(key) != value:
             raise RecyclerError(
                 f"study {spec.name!r} was created with a different {key} "
-                f"({stored_space.get(key)!r}, now {value!r}); use a new study name"
+                f"({space.get(key)!r}, now {value!r}); use a new study name"
             )
     n_values = 1 if single_objective(spec) else len(objectives)
     if len(study.directions) != n_values:
@@ -198,14 +174,14 @@ def _check_matches(
 
 def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     """Why a RUNNING trial is presumed abandoned, or None while it may still be running."""
-    owner = trial.user_attrs.get("owner")
+    record = read_trial(trial)
+    owner = record.owner
     started = trial.datetime_start.timestamp() if trial.datetime_start is not None else now
-    if isinstance(owner, str):
+    if owner is not None:
         alive = _owner_alive(owner)
         if alive is not None:  # an owner on this host: its process is alive or it is not
             return None if alive else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
-        beat = trial.user_attrs.get("heartbeat")
-        last = float(beat) if isinstance(beat, int | float) else started
+        last = record.heartbeat if record.heartbeat is not None else started
         if now - last > STALE_AFTER:
             return f"stale: no heartbeat from {owner.rsplit(':', 2)[0]} for {now - last:.0f} s"
         return None
@@ -215,24 +191,10 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     return None
 
 
-ATTR_ENQUEUED = "enqueued_params"
-
-
-def enqueue(study: optuna.Study, params: dict[str, float], attrs: dict[str, Any], *, skip_if_exists: bool = False) -> None:
-    """Queue a trial with fixed parameters, also kept as a user attribute.
-
-    Optuna stores a trial's parameters one call at a time as they are suggested, so a
-    process killed in between leaves only some on the trial; its re-run needs them all.
-    """
-    study.enqueue_trial(params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists)
-
-
-def rerun_attrs(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
-    """The user attributes a re-run of `trial` keeps: what it is (a baseline, a greedy
-    step) and which trial it repeats."""
-    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("baseline", "greedy_members")}
-    attrs["rerun_of"] = trial.number
-    return attrs
+def enqueue(study: optuna.Study, params: Mapping[str, float], attrs: dict[str, Any], *,
+            skip_if_exists: bool = False) -> None:
+    """Queue a trial with fixed parameters; `attrs` from `stored.queued_attrs`."""
+    study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=skip_if_exists)
 
 
 def fail_stale_trials(handle: StudyHandle) -> list[int]:
@@ -251,8 +213,7 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
             continue
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
         try:
-            storage.set_trial_user_attr(trial_id, "fail_reason", reason)
-            storage.set_trial_user_attr(trial_id, "stale", True)
+            TrialWriter.in_storage(storage, trial_id).failure(reason, stale=True)
             if not storage.set_trial_state_values(trial_id, TrialState.FAIL):
                 continue
         except optuna.exceptions.UpdateFinishedTrialError:
@@ -260,9 +221,9 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
         failed.append(trial.number)
         # An enqueued trial is re-run with all its parameters; a sampled one killed mid-way
         # with those it had (the sampler proposes the rest).
-        params = dict(trial.user_attrs.get(ATTR_ENQUEUED) or trial.params)
+        params = dict(read_trial(trial).enqueued_params or trial.params)
         if params:
-            enqueue(study, params, rerun_attrs(trial))
+            enqueue(study, params, rerun_attrs(trial.number, trial.user_attrs, params))
     return failed
 
 
@@ -270,89 +231,10 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
     """Finished trials count toward n_trials, except stale ones that were run again."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not trial.user_attrs.get("stale", False)
+    return trial.state == TrialState.FAIL and not read_trial(trial).stale
 
 
-# ---- reading a study back as plain records -----------------------------------------------
-
-@dataclass
-class TrialRecord:
-    number: int
-    state: str
-    objectives: dict[str, float]
-    metrics: dict[str, dict[str, float]]
-    weights: dict[str, Any]
-    recipe: dict[str, Any] | None
-    baseline: str | None
-    merge_seconds: float | None
-    eval_seconds: float | None
-    fail_reason: str | None
-    test_objectives: dict[str, float] | None = None
-    test_metrics: dict[str, dict[str, float]] | None = None
-    test_error: str | None = None
-    cache_hit: int | None = None
-    completed_at: float | None = None
-    user_members: list[str] | None = None  # a greedy-soup step's checkpoints
-    vector_dev: list[float] | None = None  # the objectives on dev, in the study's order
-
-    def vector(self, objectives: Sequence[Objective], split: str = "dev") -> list[float] | None:
-        src = self.objectives if split == "dev" else self.test_objectives
-        if src is None or any(o.name not in src for o in objectives):
-            return None
-        return [float(src[o.name]) for o in objectives]
-
-
-@dataclass
-class StudyView:
-    name: str
-    objectives: list[Objective]
-    trials: list[TrialRecord]
-    attrs: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def complete(self) -> list[TrialRecord]:
-        return [t for t in self.trials if t.state == "COMPLETE" and t.vector_dev is not None]
-
-    @property
-    def maximize(self) -> list[bool]:
-        return [o.maximize for o in self.objectives]
-
-    @property
-    def greedy_soup(self) -> int | None:
-        value = self.attrs.get(ATTR_GREEDY)
-        return int(value) if isinstance(value, int) else None
-
-
-def view_of(study: optuna.Study) -> StudyView:
-    attrs = dict(study.user_attrs)
-    stored = attrs.get(ATTR_OBJECTIVES) or []
-    objectives = [Objective(o["name"], o["task"], o["metric"], o["direction"] == "maximize") for o in stored]
-    records = []
-    for t in study.get_trials(deepcopy=False):
-        ua = t.user_attrs
-        test = attrs.get(f"{TEST_PREFIX}{t.number}") or {}
-        records.append(TrialRecord(
-            number=t.number,
-            state=t.state.name,
-            objectives={k: float(v) for k, v in (ua.get("objectives") or {}).items()},
-            metrics=ua.get("dev") or {},
-            weights=ua.get("weights") or {},
-            recipe=ua.get("recipe"),
-            baseline=ua.get("baseline"),
-            merge_seconds=ua.get("merge_seconds"),
-            eval_seconds=ua.get("eval_seconds"),
-            fail_reason=ua.get("fail_reason"),
-            test_objectives=test.get("objectives"),
-            test_metrics=test.get("metrics"),
-            test_error=test.get("error"),
-            cache_hit=ua.get("cache_hit"),
-            completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
-            user_members=ua.get("greedy_members"),
-        ))
-    for r in records:
-        r.vector_dev = r.vector(objectives, "dev")
-    return StudyView(study.study_name, objectives, records, attrs)
-
+# ---- reading a study back as records ------------------------------------------------------
 
 def load_view(spec: StudySpec) -> StudyView:
     """The stored study as records, for `front`, `export`, `report` (never creates anything)."""
@@ -370,6 +252,3 @@ def load_view(spec: StudySpec) -> StudyView:
         raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler")
     return view
 
-
-def finite_scores(values: dict[str, float]) -> bool:
-    return all(isinstance(v, int | float) and math.isfinite(v) for v in values.values())

@@ -48,7 +48,7 @@ def build_zoo(out_dir: Path, size: str = "small", seed: int = 0, *, quiet: bool 
     """Build (or reuse) the demo pool of `size` in `out_dir`; return `out_dir`."""
     spec = get_spec(size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise RecyclerError(f"--seed: must be a non-negative integer, got {seed!r}")
+        raise RecyclerError(f"zoo seed: must be a non-negative integer, got {seed!r}")
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecyclerError(f"{out_dir}: exists and is not a directory")

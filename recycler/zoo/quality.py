@@ -1,4 +1,4 @@
-"""Measure whether a built zoo is a good pool for recycling (issue 3's checklist).
+"""Measure whether a built zoo is a good pool for recycling: the checklist below.
 
 - the base is mediocre at every skill: at most 0.8, and below the best fine-tuned
   checkpoint on every skill some run trains;

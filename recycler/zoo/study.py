@@ -1,4 +1,4 @@
-"""Write DIR/study.yaml: a ready study over the zoo, in DESIGN.md's study-file format.
+"""Write DIR/study.yaml: a ready study over the zoo.
 
 Paths are relative to the study file (so to DIR), which is how recycler reads
 them: the zoo can be moved and the study still finds its pool and tasks.
@@ -9,10 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from recycler.config import StudySpec, parse_study_spec
 from recycler.zoo.spec import ZooSpec
 from recycler.zoo.tasks import task_name
+
+HEADER = (
+    "# A study over the demo pool (written by `recycler zoo build`). Paths are relative\n"
+    "# to this file. Run it with: recycler search study.yaml\n"
+)
 
 
 def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
@@ -32,7 +36,7 @@ def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
             "sampler": "tpe",
             "n_trials": 50 if spec.size == "small" else 12,
             "seed": 0,
-            "seeds": ["uniform", "singles"],
+            "baselines": ["uniform", "singles"],
         },
         "objectives": [{"name": s, "task": t, "metric": "acc"} for s, t in zip(skills, task_names)],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": None, "batch_size": spec.eval_batch_size},
@@ -41,10 +45,7 @@ def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
 
 
 def write_study(zoo_dir: Path, spec: ZooSpec, task_names: list[str]) -> Path:
+    """The zoo's study file, validated as any study file is (its tasks are written first)."""
     path = zoo_dir / "study.yaml"
-    header = (
-        "# A study over the demo pool (written by `recycler zoo build`). Paths are relative\n"
-        "# to this file. Run it with: recycler search study.yaml\n"
-    )
-    path.write_text(header + yaml.safe_dump(study_dict(spec, task_names), sort_keys=False))
-    return path
+    study: StudySpec = parse_study_spec(study_dict(spec, task_names), path)
+    return study.write(path, HEADER)

@@ -9,27 +9,35 @@ seconds the second time.
 
 from __future__ import annotations
 
+import argparse
 import time
 from pathlib import Path
 
+from rich.console import Console
+
+from recycler.commands._args import positive_int
+from recycler.commands.export import export_trial
+from recycler.commands.front import render_table, summary_line
+from recycler.commands.search import prepare_quietly, search_and_rescore
+from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
+from recycler.report import write_report
+from recycler.search.analysis import analyse
+from recycler.search.stored import view_of
+from recycler.zoo.build import build_zoo
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--workdir", default="demo", type=Path)
+    parser.add_argument("--n-trials", type=positive_int, default=None)
+    parser.add_argument("--size", choices=["micro", "small"], default="small")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_demo(args.workdir, n_trials=args.n_trials, size=args.size)
 
 
 def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") -> None:
-    from rich.console import Console
-
-    from recycler.config import load_study_spec
-    from recycler.report import write_report_for
-    from recycler.search.analysis import analyse
-    from recycler.search.pick import export_trial
-    from recycler.search.run import prepare, search_and_rescore
-    from recycler.search.show import render_table, summary_line
-    from recycler.search.study import view_of
-
-    if size not in ("micro", "small"):
-        raise RecyclerError(f"--size: must be micro or small, got {size!r}")
-    if n_trials is not None and n_trials < 1:
-        raise RecyclerError(f"--n-trials: must be at least 1, got {n_trials}")
     console = Console(stderr=True)
     started = time.perf_counter()
     workdir = Path(workdir)
@@ -37,8 +45,6 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
         raise RecyclerError(f"--workdir: {workdir} exists and is not a folder")
     workdir.mkdir(parents=True, exist_ok=True)
     zoo = workdir / f"zoo-{size}"
-    from recycler.zoo.build import build_zoo
-
     # build_zoo reuses a complete pool of this size and trains one otherwise.
     console.print(f"[1/5] demo pool: the {size} pool in {zoo} (trained on the first run, then reused)")
     build_started = time.perf_counter()
@@ -49,7 +55,7 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
     target = n_trials if n_trials is not None else spec.search.n_trials
     console.print(f"[2/5] search: study {spec.name!r}, {target} trials, sampler {spec.search.sampler}, "
                   f"objectives {', '.join(spec.objective_names)}")
-    prepared = prepare(spec)
+    prepared = prepare_quietly(spec)
     for note in prepared.notes:
         console.print(f"note: {note}")
     search_and_rescore(prepared, target, console)
@@ -61,7 +67,7 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
     console.print("[4/5] export: the knee trial")
     export_trial(study_path, workdir / "knee-model", pick="knee", force=True)
     console.print("[5/5] report")
-    write_report_for(spec, view, workdir / "report")
+    print(f"report written to {write_report(spec, view, workdir / 'report')}")
     elapsed = time.perf_counter() - started
     print(f"\ndemo done in {elapsed:.0f} s. Next:")
     print(f"  recycler dashboard {study_path}        # optuna-dashboard on http://127.0.0.1:8080/")

@@ -1,4 +1,5 @@
-"""`recycler export`: one trial's merge as a Hugging Face model directory.
+"""`recycler export STUDY.yaml OUT_DIR [--trial N | --pick knee | --pick best:NAME]`:
+one trial's merge as a Hugging Face model directory.
 
 The trial's stored recipe is merged again, streamed from disk by the merge engine's
 writer (the search merged it in memory; the bytes are the same), and the model card
@@ -7,13 +8,31 @@ carries the trial's scores on dev and, for the Pareto set, on test.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Any
 
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
+from recycler.export.model_dir import write_model_dir
+from recycler.merge.recipe import Recipe
+from recycler.pool import Pool
 from recycler.search.analysis import FrontSummary, analyse
-from recycler.search.study import StudyView, TrialRecord, load_view
+from recycler.search.stored import StudyView, TrialRecord
+from recycler.search.study import load_view
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", metavar="STUDY.yaml", type=Path)
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path)
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--trial", type=int, default=None, help="trial number")
+    group.add_argument("--pick", default=None, help="knee | best:OBJECTIVE (default: knee)")
+    parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+
+
+def run(args: argparse.Namespace) -> None:
+    export_trial(args.study, args.out_dir, trial=args.trial, pick=args.pick, force=args.force)
 
 
 def choose_trial(view: StudyView, summary: FrontSummary, trial: int | None, pick: str | None) -> tuple[TrialRecord, str]:
@@ -61,11 +80,7 @@ def card_extra(spec: StudySpec, record: TrialRecord, how: str, summary: FrontSum
 
 
 def export_trial(study_path: Path, out_dir: Path, trial: int | None = None, pick: str | None = None, force: bool = False) -> Path:
-    """`recycler export STUDY.yaml OUT_DIR [--trial N | --pick knee | --pick best:NAME]`."""
-    from recycler.export import write_model_dir
-    from recycler.merge.recipe import Recipe
-    from recycler.pool import Pool
-
+    """Merge the chosen trial's recipe again into `out_dir`, its scores in the model card."""
     spec = load_study_spec(study_path)
     view = load_view(spec)
     summary = analyse(view, "dev")

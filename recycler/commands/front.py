@@ -1,7 +1,9 @@
-"""`recycler front`: the Pareto set with weights and scores, what it beats, its hypervolume."""
+"""`recycler front STUDY.yaml [--format table|csv|json] [--split dev|test]`: the Pareto
+set with weights and scores, what it beats, its hypervolume."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import io
 import json
@@ -9,40 +11,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from rich.console import Console
+from rich.table import Table
+
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
-from recycler.search.analysis import FrontSummary, Member, analyse
-from recycler.search.study import StudyView, load_view
+from recycler.search.analysis import FrontSummary, Member, analyse, format_number, format_weights
+from recycler.search.stored import StudyView
+from recycler.search.study import load_view
 
 
-def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:
-    """{a: 0.5, b: 0.5, c: 0} → 'a=0.50 b=0.50'; grouped weights → 'a=0.50/0.40/0.10 ...'.
-
-    Weights that round to 0.00 are left out (a single checkpoint reads as one name).
-    """
-    parts = []
-    for name, w in weights.items():
-        if isinstance(w, dict):
-            values = [v for v in w.values() if isinstance(v, int | float)]
-            if drop_zero and values and all(abs(v) < 0.005 for v in values):
-                continue
-            parts.append(f"{name}=" + "/".join(_num(v, 2) for v in w.values()))
-        else:
-            if drop_zero and isinstance(w, int | float) and abs(w) < 0.005:
-                continue
-            parts.append(f"{name}={_num(w, 2)}")
-    return " ".join(parts) or "-"
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", metavar="STUDY.yaml", type=Path)
+    parser.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    parser.add_argument("--split", choices=["dev", "test"], default="dev")
 
 
-def _num(value: Any, digits: int = 4) -> str:
-    return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
+def run(args: argparse.Namespace) -> None:
+    spec = load_study_spec(args.study)
+    summary = analyse(load_view(spec), args.split)
+    if not summary.members:
+        raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
+    if args.format == "json":
+        print(json.dumps(front_as_dict(summary, spec), indent=2))
+    elif args.format == "csv":
+        sys.stdout.write(render_csv(summary))
+    else:
+        render_table(summary, spec)
 
 
 def _values(m: Member, n: int, with_mean: bool = False) -> list[str]:
     if m.values is None:
         return ["n/a"] * (n + int(with_mean))
-    cells = [_num(v) for v in m.values]
-    return [*cells, _num(sum(m.values) / len(m.values))] if with_mean else cells
+    cells = [format_number(v) for v in m.values]
+    return [*cells, format_number(sum(m.values) / len(m.values))] if with_mean else cells
 
 
 def _has_mean(s: FrontSummary) -> bool:
@@ -93,9 +95,6 @@ def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
 
 
 def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console(file=file or sys.stdout, width=160)
     arrows = ["↑" if up else "↓" for up in s.maximize]
     table = Table(title=f"Pareto set of study {spec.name} — scores on {s.split}", title_justify="left")
@@ -153,22 +152,3 @@ def render_csv(s: FrontSummary) -> str:
             ws.append(json.dumps(w) if isinstance(w, dict) else ("" if w is None else f"{w:.6g}"))
         writer.writerow([m.record.number, role, m.label, int(m.is_knee), *vals, *ws, ";".join(m.dominates)])
     return buf.getvalue()
-
-
-def print_front(study_path: Path, fmt: str = "table", split: str = "dev") -> None:
-    """`recycler front STUDY.yaml [--format table|csv|json] [--split dev|test]`."""
-    spec = load_study_spec(study_path)
-    if split not in ("dev", "test"):
-        raise RecyclerError(f"--split: must be dev or test, got {split!r}")
-    view = load_view(spec)
-    summary = analyse(view, split)
-    if not summary.members:
-        raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
-    if fmt == "json":
-        print(json.dumps(front_as_dict(summary, spec), indent=2))
-    elif fmt == "csv":
-        sys.stdout.write(render_csv(summary))
-    elif fmt == "table":
-        render_table(summary, spec)
-    else:
-        raise RecyclerError(f"--format: must be table, csv or json, got {fmt!r}")

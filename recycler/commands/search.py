@@ -1,0 +1,100 @@
+"""`recycler search STUDY.yaml [--n-trials N]`: run, or resume, a study with a progress
+bar, then re-score its Pareto set on the test split and print a summary line."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from recycler.cluster.evaluator import RayEvaluator
+from recycler.commands._args import positive_int
+from recycler.commands.front import summary_line
+from recycler.config import StudySpec, load_study_spec
+from recycler.search.run import Prepared, SearchDriver, prepare
+from recycler.search.stored import view_of
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study", metavar="STUDY.yaml", type=Path)
+    parser.add_argument("--n-trials", type=positive_int, default=None,
+                        help="total trials for the study (default: the study file's)")
+
+
+def run(args: argparse.Namespace) -> None:
+    run_search(args.study, args.n_trials)
+
+
+def run_search(study_path: Path, n_trials: int | None = None) -> None:
+    """Search the study to `n_trials` trials (the study file's number by default)."""
+    spec = load_study_spec(study_path)
+    target = spec.search.n_trials if n_trials is None else n_trials
+    console = Console(stderr=True)
+    prepared = prepare_quietly(spec)
+    for note in prepared.notes:
+        console.print(f"[yellow]note:[/] {note}")
+    search_and_rescore(prepared, target, console)
+    print(summary_line(view_of(prepared.handle.study), prepared.spec))
+
+
+@contextmanager
+def quiet_lm_eval() -> Iterator[None]:
+    """Building tasks logs lm-eval's defaults and draws datasets' bars: not news to a user."""
+    logger = logging.getLogger("lm_eval")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def prepare_quietly(spec: StudySpec) -> Prepared:
+    """`prepare`, with what lm-eval and Optuna log along the way kept off the terminal."""
+    # Optuna logs every trial at INFO; the progress bar and `recycler front` say it better.
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with quiet_lm_eval():
+        return prepare(spec)
+
+
+def search_and_rescore(prepared: Prepared, target: int, console: Console) -> None:
+    """Run the search to `target` trials with a progress bar, then re-score the front on test."""
+    spec = prepared.spec
+    with Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("trials · HV {task.fields[hv]} · {task.fields[spt]} s/trial"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
+    ) as progress:
+        task_id = progress.add_task(f"study {spec.name}", total=target, hv="-", spt="-")
+
+        def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
+            progress.update(
+                task_id, completed=min(done, total), total=total,
+                hv="-" if hv is None else f"{hv:.4g}",
+                spt="-" if per_trial is None else f"{per_trial:.1f}",
+            )
+
+        with SearchDriver(
+            prepared,
+            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+            capacity=spec.cluster.eval_workers,
+            on_progress=on_progress,
+        ) as driver:
+            driver.run(target)
+            if driver.stale:
+                console.print(f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}")
+            progress.update(task_id, description=f"study {spec.name}: test split")
+            driver.rescore_front()

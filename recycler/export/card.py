@@ -1,0 +1,65 @@
+"""The model card (README.md) of a merged model: what was merged, how, from which exact
+bytes, and, for a model chosen by a search, how it scored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from recycler import __version__
+from recycler.merge.recipe import Recipe
+from recycler.pool import Pool
+
+
+def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None) -> str:
+    """README.md: what was merged, how, from which exact bytes, and (from a search) how it scored."""
+    data = recipe.to_dict()
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, recycler]",
+        "---",
+        "",
+        f"# Merged model ({recipe.merge_method})",
+        "",
+        f"Made by recycler {__version__} with `{recipe.merge_method}`; `recipe.yaml` beside this file reproduces it "
+        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        "",
+        "## Recipe",
+        "",
+        "| checkpoint | weight | density |",
+        "|---|---|---|",
+    ]
+    for entry, ckpt in zip(data["models"], pool.checkpoints):
+        params = entry.get("parameters", {})
+        lines.append(f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | {_fmt(params.get('density', '-'))} |")
+    lines += ["", f"- method: `{recipe.merge_method}`", f"- dtype: `{recipe.dtype}`"]
+    if recipe.base_model:
+        lines.append(f"- base model: `{recipe.base_model}`")
+    for key, value in data.get("parameters", {}).items():
+        lines.append(f"- {key}: `{value}`")
+    if extra:
+        lines += ["", "## Search", ""]
+        for key, value in extra.items():
+            if isinstance(value, dict):
+                lines += [f"**{key}**", "", "| name | value |", "|---|---|"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in value.items()]
+                lines.append("")
+            else:
+                lines.append(f"- {key}: {_fmt(value)}")
+    lines += ["", "## Inputs", "", "| input | file | sha256 |", "|---|---|---|"]
+    for ckpt in [c for c in [pool.base, *pool.checkpoints] if c is not None]:
+        role = "base" if ckpt is pool.base else ckpt.name
+        for f in ckpt.files():
+            lines.append(f"| {role} | `{f.resolve()}` | `{hashes.get(f, '?')}` |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, list):
+        return "per-tensor: " + ", ".join(
+            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}" for e in value
+        )
+    return str(value)

@@ -1,0 +1,306 @@
+"""What a study stores in Optuna: every key, its one writer and its one reader.
+
+The dashboard, `front`, `export`, `report` and a resumed search all read the same
+storage, so each name below is written here and read back here, nowhere else.
+
+- the study: objective names (`set_metric_names`), directions, and user attributes
+  `StudyKey.OBJECTIVES` / `StudyKey.SPACE` (a resume with a different space or
+  objective list is refused rather than mixed in), `StudyKey.BASELINES_ENQUEUED`,
+  `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), and
+  `StudyKey.TEST_PREFIX` + trial number (the Pareto set's test-split scores: Optuna
+  forbids changing a finished trial, so they are kept on the study, keyed by trial);
+- each trial: the `TrialKey` attributes (weights by checkpoint, the recipe merged,
+  objectives and every metric on dev, timings, the baseline it is, the cached result
+  it reused, why it failed, and which process runs it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+
+class StudyKey:
+    """User attributes of the study."""
+
+    OBJECTIVES = "recycler:objectives"
+    SPACE = "recycler:space"
+    BASELINES_ENQUEUED = "recycler:seeded"
+    GREEDY_SOUP = "recycler:greedy_soup"
+    TEST_PREFIX = "test:"
+
+
+class TrialKey:
+    """User attributes of a trial."""
+
+    OWNER = "owner"  # host:pid:start time of the process that runs it
+    HEARTBEAT = "heartbeat"  # when that process last said it still runs it
+    WEIGHTS = "weights"  # by checkpoint name (a dict per group for grouped weights)
+    RECIPE = "recipe"  # the mergekit dict that was merged
+    DEV = "dev"  # every metric of every task on the search's split
+    OBJECTIVES = "objectives"  # objective name -> value on that split
+    MERGE_SECONDS = "merge_seconds"
+    EVAL_SECONDS = "eval_seconds"
+    CACHE_HIT = "cache_hit"  # the trial whose result this one reused
+    FAIL_REASON = "fail_reason"
+    STALE = "stale"  # failed because its process died; re-run, not counted
+    BASELINE = "baseline"  # the baseline an enqueued trial is
+    GREEDY_MEMBERS = "greedy_members"  # a greedy-soup step's checkpoints
+    RERUN_OF = "rerun_of"  # the stale trial this one repeats
+    # Optuna stores a trial's parameters one call at a time as they are suggested, so a
+    # process killed in between leaves only some on the trial; its re-run needs them all.
+    ENQUEUED_PARAMS = "enqueued_params"
+
+
+# Keys of a test-split entry (`StudyKey.TEST_PREFIX` + number).
+_TEST_OBJECTIVES, _TEST_METRICS, _TEST_ERROR = "objectives", "metrics", "error"
+_MAX_REASON = 2000
+
+
+@dataclass(frozen=True)
+class Objective:
+    name: str
+    task: str
+    metric: str
+    maximize: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "task": self.task, "metric": self.metric,
+                "direction": "maximize" if self.maximize else "minimize"}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Objective:
+        return cls(data["name"], data["task"], data["metric"], data["direction"] == "maximize")
+
+
+def json_safe(value: Any) -> Any:
+    """User attributes are JSON: NaN/inf become None, tuples lists."""
+    if isinstance(value, float):
+        return value if value == value and value not in (float("inf"), float("-inf")) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
+
+
+# ---- the writers ----------------------------------------------------------------------
+
+class TrialWriter:
+    """Writes a trial's user attributes through `set_attr(key, value)`: a running trial's
+    `set_user_attr`, or the storage's, for a trial another process left behind."""
+
+    def __init__(self, set_attr: Callable[[str, Any], None]) -> None:
+        self._set = set_attr
+
+    @classmethod
+    def of(cls, trial: optuna.Trial) -> TrialWriter:
+        return cls(trial.set_user_attr)
+
+    @classmethod
+    def in_storage(cls, storage: optuna.storages.BaseStorage, trial_id: int) -> TrialWriter:
+        return cls(lambda key, value: storage.set_trial_user_attr(trial_id, key, value))
+
+    def claim(self, owner: str) -> None:
+        self._set(TrialKey.OWNER, owner)
+        self.heartbeat()
+
+    def heartbeat(self) -> None:
+        self._set(TrialKey.HEARTBEAT, time.time())
+
+    def proposal(self, weights: Mapping[str, Any]) -> None:
+        self._set(TrialKey.WEIGHTS, json_safe(dict(weights)))
+
+    def recipe(self, recipe: Mapping[str, Any]) -> None:
+        self._set(TrialKey.RECIPE, dict(recipe))
+
+    def cache_hit(self, trial_number: int) -> None:
+        self._set(TrialKey.CACHE_HIT, trial_number)
+
+    def scores(self, metrics: Mapping[str, Any], objectives: Mapping[str, float]) -> None:
+        self._set(TrialKey.DEV, json_safe(dict(metrics)))
+        self._set(TrialKey.OBJECTIVES, dict(objectives))
+
+    def timings(self, merge_seconds: float, eval_seconds: float) -> None:
+        self._set(TrialKey.MERGE_SECONDS, round(merge_seconds, 3))
+        self._set(TrialKey.EVAL_SECONDS, round(eval_seconds, 3))
+
+    def failure(self, reason: str, *, stale: bool = False) -> None:
+        self._set(TrialKey.FAIL_REASON, reason[:_MAX_REASON])
+        if stale:
+            self._set(TrialKey.STALE, True)
+
+
+def queued_attrs(
+    params: Mapping[str, float],
+    *,
+    baseline: str | None = None,
+    greedy_members: Sequence[str] | None = None,
+    rerun_of: int | None = None,
+) -> dict[str, Any]:
+    """The user attributes of an enqueued trial: what it is, and all its parameters."""
+    attrs: dict[str, Any] = {TrialKey.ENQUEUED_PARAMS: dict(params)}
+    if baseline is not None:
+        attrs[TrialKey.BASELINE] = baseline
+    if greedy_members is not None:
+        attrs[TrialKey.GREEDY_MEMBERS] = list(greedy_members)
+    if rerun_of is not None:
+        attrs[TrialKey.RERUN_OF] = rerun_of
+    return attrs
+
+
+def rerun_attrs(number: int, user_attrs: Mapping[str, Any], params: Mapping[str, float]) -> dict[str, Any]:
+    """The user attributes of a re-run of trial `number`: what it was (a baseline, a
+    greedy step), which trial it repeats, and all its parameters."""
+    return queued_attrs(
+        params,
+        baseline=user_attrs.get(TrialKey.BASELINE),
+        greedy_members=user_attrs.get(TrialKey.GREEDY_MEMBERS),
+        rerun_of=number,
+    )
+
+
+def write_identity(study: optuna.Study, objectives: Sequence[Objective], space: Mapping[str, Any]) -> None:
+    """What a resumed study must match: its objectives and its search space."""
+    study.set_user_attr(StudyKey.OBJECTIVES, [o.as_dict() for o in objectives])
+    study.set_user_attr(StudyKey.SPACE, dict(space))
+
+
+def mark_baselines_enqueued(study: optuna.Study) -> None:
+    study.set_user_attr(StudyKey.BASELINES_ENQUEUED, True)
+
+
+def settle_greedy_soup(study: optuna.Study, trial_number: int | None) -> None:
+    """The greedy soup's trial; None when it cannot be built (outside the search space)."""
+    study.set_user_attr(StudyKey.GREEDY_SOUP, trial_number)
+
+
+def write_test_result(
+    study: optuna.Study,
+    number: int,
+    *,
+    objectives: Mapping[str, float] | None = None,
+    metrics: Mapping[str, Any] | None = None,
+    error: str | None = None,
+) -> None:
+    """Trial `number`'s scores on the test split (or why it has none)."""
+    entry: dict[str, Any] = (
+        {_TEST_ERROR: error[:_MAX_REASON]} if error is not None
+        else {_TEST_OBJECTIVES: dict(objectives or {}), _TEST_METRICS: json_safe(dict(metrics or {}))}
+    )
+    study.set_user_attr(f"{StudyKey.TEST_PREFIX}{number}", entry)
+
+
+# ---- the reader -----------------------------------------------------------------------
+
+@dataclass
+class TrialRecord:
+    number: int
+    state: str
+    objectives: dict[str, float]
+    metrics: dict[str, dict[str, float]]
+    weights: dict[str, Any]
+    recipe: dict[str, Any] | None
+    baseline: str | None
+    merge_seconds: float | None
+    eval_seconds: float | None
+    fail_reason: str | None
+    test_objectives: dict[str, float] | None = None
+    test_metrics: dict[str, dict[str, float]] | None = None
+    test_error: str | None = None
+    cache_hit: int | None = None
+    completed_at: float | None = None
+    user_members: list[str] | None = None  # a greedy-soup step's checkpoints
+    vector_dev: list[float] | None = None  # the objectives on dev, in the study's order
+    owner: str | None = None
+    heartbeat: float | None = None
+    stale: bool = False
+    enqueued_params: dict[str, float] | None = None
+
+    def vector(self, objectives: Sequence[Objective], split: str = "dev") -> list[float] | None:
+        src = self.objectives if split == "dev" else self.test_objectives
+        if src is None or any(o.name not in src for o in objectives):
+            return None
+        return [float(src[o.name]) for o in objectives]
+
+
+@dataclass
+class StudyView:
+    name: str
+    objectives: list[Objective]
+    trials: list[TrialRecord]
+    attrs: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state == "COMPLETE" and t.vector_dev is not None]
+
+    @property
+    def maximize(self) -> list[bool]:
+        return [o.maximize for o in self.objectives]
+
+    @property
+    def greedy_soup(self) -> int | None:
+        value = self.attrs.get(StudyKey.GREEDY_SOUP)
+        return int(value) if isinstance(value, int) else None
+
+
+def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None) -> TrialRecord:
+    """A trial as a record; `study_attrs` adds its test-split scores."""
+    ua = trial.user_attrs
+    test = (study_attrs or {}).get(f"{StudyKey.TEST_PREFIX}{trial.number}") or {}
+    beat = ua.get(TrialKey.HEARTBEAT)
+    return TrialRecord(
+        number=trial.number,
+        state=trial.state.name,
+        objectives={k: float(v) for k, v in (ua.get(TrialKey.OBJECTIVES) or {}).items()},
+        metrics=ua.get(TrialKey.DEV) or {},
+        weights=ua.get(TrialKey.WEIGHTS) or {},
+        recipe=ua.get(TrialKey.RECIPE),
+        baseline=ua.get(TrialKey.BASELINE),
+        merge_seconds=ua.get(TrialKey.MERGE_SECONDS),
+        eval_seconds=ua.get(TrialKey.EVAL_SECONDS),
+        fail_reason=ua.get(TrialKey.FAIL_REASON),
+        test_objectives=test.get(_TEST_OBJECTIVES),
+        test_metrics=test.get(_TEST_METRICS),
+        test_error=test.get(_TEST_ERROR),
+        cache_hit=ua.get(TrialKey.CACHE_HIT),
+        completed_at=trial.datetime_complete.timestamp() if trial.datetime_complete else None,
+        user_members=ua.get(TrialKey.GREEDY_MEMBERS),
+        owner=ua.get(TrialKey.OWNER) if isinstance(ua.get(TrialKey.OWNER), str) else None,
+        heartbeat=float(beat) if isinstance(beat, int | float) else None,
+        stale=bool(ua.get(TrialKey.STALE, False)),
+        enqueued_params=ua.get(TrialKey.ENQUEUED_PARAMS),
+    )
+
+
+def stored_objectives(study_attrs: Mapping[str, Any]) -> list[Objective] | None:
+    """The objectives a study was created with; None for a study recycler did not make."""
+    stored = study_attrs.get(StudyKey.OBJECTIVES)
+    return None if stored is None else [Objective.from_dict(o) for o in stored]
+
+
+def stored_space(study_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    return dict(study_attrs.get(StudyKey.SPACE) or {})
+
+
+def baselines_enqueued(study_attrs: Mapping[str, Any]) -> bool:
+    return bool(study_attrs.get(StudyKey.BASELINES_ENQUEUED))
+
+
+def greedy_soup_settled(study_attrs: Mapping[str, Any]) -> bool:
+    return StudyKey.GREEDY_SOUP in study_attrs
+
+
+def view_of(study: optuna.Study) -> StudyView:
+    attrs = dict(study.user_attrs)
+    objectives = stored_objectives(attrs) or []
+    records = [read_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
+    for r in records:
+        r.vector_dev = r.vector(objectives, "dev")
+    return StudyView(study.study_name, objectives, records, attrs)
