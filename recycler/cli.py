@@ -15,6 +15,7 @@ import sys
 from collections.abc import Sequence
 from typing import NoReturn
 
+import recycler
 from recycler import __version__
 from recycler.errors import RecyclerError
 
@@ -46,7 +47,7 @@ COMMANDS: dict[str, str] = {
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     """The parser, with the flags of the command `argv` names (the others by name only)."""
-    parser = _Parser(prog="recycler", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = _Parser(prog="recycler", description=recycler.__doc__)
     parser.add_argument("--version", action="version", version=f"recycler {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     chosen = next((a for a in argv if not a.startswith("-")), None)

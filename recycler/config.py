@@ -53,6 +53,12 @@ _GRANULARITY = re.compile(r"^(model|blocks|layers:([1-9][0-9]*))$")
 _OBJECTIVE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
+def _matching(pattern: re.Pattern[str], value: str, message: str) -> str:
+    if not pattern.match(value):
+        raise ValueError(message)
+    return value
+
+
 class _Strict(BaseModel):
     # A misspelt key is an error, never silently ignored.
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -126,9 +132,7 @@ class SearchSpec(_Strict):
     @field_validator("granularity")
     @classmethod
     def _granularity(cls, value: str) -> str:
-        if not _GRANULARITY.match(value):
-            raise ValueError("must be model, blocks or layers:K with K a positive integer")
-        return value
+        return _matching(_GRANULARITY, value, "must be model, blocks or layers:K with K a positive integer")
 
     @field_validator("bounds")
     @classmethod
@@ -214,9 +218,7 @@ class ObjectiveSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        if not _OBJECTIVE_NAME.match(value):
-            raise ValueError("must start with a letter or _ and hold only letters, digits, _ . -")
-        return value
+        return _matching(_OBJECTIVE_NAME, value, "must start with a letter or _ and hold only letters, digits, _ . -")
 
 
 class EvalSpec(_Strict):

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
 from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
 
@@ -134,8 +135,6 @@ class Recipe:
         return recipe
 
     def validate(self, where: str = "recipe") -> None:
-        from recycler.merge.methods import METHODS
-
         if self.merge_method not in METHODS:
             raise RecyclerError(f"{where}: merge_method: unknown method {self.merge_method!r} (known: {', '.join(METHODS)})")
         method = METHODS[self.merge_method]
@@ -166,8 +165,6 @@ class Recipe:
     # ---- per-tensor values ---------------------------------------------------------
     @property
     def normalize(self) -> bool:
-        from recycler.merge.methods import METHODS
-
         default = METHODS[self.merge_method].default_normalize if self.merge_method in METHODS else False
         return bool(self.parameters.get("normalize", default))
 

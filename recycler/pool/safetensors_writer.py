@@ -1,6 +1,10 @@
 """Writing safetensors shards: the header of each planned up front (every shape and dtype
 is known before a byte is merged), each file created at its full size, and every tensor
-written at its own offset, in any order, from any thread."""
+written at its own offset, in any order, from any thread.
+
+PyTorch is imported only to write a tensor that was merged by PyTorch: a merge that goes
+file to file (the C kernel writes into `ShardFiles.slot`) runs without it.
+"""
 
 from __future__ import annotations
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 from recycler.errors import RecyclerError
+from recycler.merge.weights import mwa_weights, uniform_weights
 from recycler.search.stored import Objective, TrialRecord
 from recycler.search.study import macro_average
 
@@ -38,8 +39,6 @@ def fixed_baselines(names: Sequence[str], checkpoints: Sequence[Any], wanted: Se
 
     `checkpoints` are recycler.pool Checkpoints (for trainer_state.json), in pool order.
     """
-    from recycler.merge.weights import mwa_weights, uniform_weights
-
     n = len(names)
     out: list[Baseline] = []
     notes: list[str] = []

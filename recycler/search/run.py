@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.evaluate.tasks import metric_directions
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 from recycler.search import front as pareto
@@ -82,8 +83,6 @@ def objective_directions(spec: StudySpec) -> Callable[[str, str], bool | None]:
     Builds the task suite once (lm-eval indexes the folder and loads the data), so a
     misspelt task or metric fails here, before a cluster starts.
     """
-    from recycler.evaluate.tasks import metric_directions
-
     tasks = list(dict.fromkeys(o.task for o in spec.objectives))
     try:
         directions = metric_directions(spec.tasks_dir, tasks)

@@ -159,6 +159,8 @@ def quiet_libraries() -> Iterator[None]:
 
 
 def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str, Any]:
+    # Imported only when a pool is trained: reusing a built one (the demo's second run,
+    # the tests, the experiments) must not wait for transformers, peft and datasets.
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from recycler.zoo import checkpoints as ck
