@@ -1,8 +1,14 @@
-"""argparse value checks shared by the commands: a bad value is argparse's one-line error."""
+"""What the commands share: argparse value checks (a bad value is argparse's one-line
+error), and the hint that names `--force`."""
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from recycler.errors import RecyclerError
+from recycler.export.model_dir import OutputExists
 
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
@@ -52,3 +58,12 @@ def device(text: str) -> str:
     if text != "cpu" and not text.startswith("cuda"):
         raise argparse.ArgumentTypeError(f"unknown device {text!r} (cpu, cuda or cuda:N)")
     return text
+
+
+@contextmanager
+def force_hint() -> Iterator[None]:
+    """An output folder that is not empty: say which flag replaces it."""
+    try:
+        yield
+    except OutputExists as exc:
+        raise RecyclerError(f"{exc} (use --force to replace it)") from None

@@ -12,6 +12,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from recycler.commands._args import force_hint
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
 from recycler.export.model_dir import write_model_dir
@@ -32,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    export_trial(args.study, args.out_dir, trial=args.trial, pick=args.pick, force=args.force)
+    with force_hint():
+        export_trial(args.study, args.out_dir, trial=args.trial, pick=args.pick, force=args.force)
 
 
 def choose_trial(view: StudyView, summary: FrontSummary, trial: int | None, pick: str | None) -> tuple[TrialRecord, str]:

@@ -12,7 +12,7 @@ import os
 import sys
 from pathlib import Path
 
-from recycler.commands._args import device, size_in_bytes
+from recycler.commands._args import device, force_hint, size_in_bytes
 from recycler.errors import RecyclerError
 from recycler.export.model_dir import write_model_dir
 from recycler.merge.engine import MergeStats
@@ -32,8 +32,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    merge_recipe_file(args.recipe, args.out_dir, device=args.device, force=args.force,
-                      allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
+    with force_hint():
+        merge_recipe_file(args.recipe, args.out_dir, device=args.device, force=args.force,
+                          allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
 
 
 def pool_for_recipe(recipe: Recipe, recipe_dir: Path, *, allow_pickle: bool = False) -> Pool:

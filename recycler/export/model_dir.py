@@ -49,6 +49,10 @@ TOKENIZER_FILES = (
 _TMP_TAG = ".recycler-tmp-"
 
 
+class OutputExists(RecyclerError):
+    """OUT_DIR holds files and `force` was not given."""
+
+
 def write_model_dir(
     out_dir: Path,
     pool: Pool,
@@ -137,7 +141,7 @@ def _check_out_dir(out_dir: Path, force: bool) -> None:
         if not out_dir.is_dir():
             raise RecyclerError(f"{out_dir}: exists and is not a directory")
         if any(out_dir.iterdir()) and not force:
-            raise RecyclerError(f"{out_dir}: exists and is not empty (use --force to replace it)")
+            raise OutputExists(f"{out_dir}: exists and is not empty")
 
 
 def _remove_stale_tmp_dirs(out_dir: Path) -> None:

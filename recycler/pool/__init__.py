@@ -1,4 +1,5 @@
-"""Checkpoint discovery, the tensor index, lazy reads and compatibility checks."""
+"""Checkpoint discovery, the tensor index, lazy reads and compatibility checks; safetensors
+files read (`safetensors_file`) and written (`safetensors_writer`)."""
 
 from recycler.pool.checkpoint import Checkpoint, StoredTensor, TrainerState
 from recycler.pool.pool import Pool
