@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
 from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
 
@@ -106,6 +107,7 @@ class Recipe:
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecyclerError(f"{where}: parameters: must be a mapping")
+        params = dict(params)  # parsed values go into a copy: the caller's dict stays as it was
         for key, value in params.items():
             if key not in _GLOBAL_PARAMS:
                 raise RecyclerError(f"{where}: parameters.{key}: unknown parameter (known: {', '.join(sorted(_GLOBAL_PARAMS))})")
@@ -124,7 +126,7 @@ class Recipe:
             merge_method=method,
             models=models,
             base_model=_model_path(base, f"{where}: base_model") if base is not None else None,
-            parameters=dict(params),
+            parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
             tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") is not None else None,
@@ -134,8 +136,6 @@ class Recipe:
         return recipe
 
     def validate(self, where: str = "recipe") -> None:
-        from recycler.merge.methods import METHODS
-
         if self.merge_method not in METHODS:
             raise RecyclerError(f"{where}: merge_method: unknown method {self.merge_method!r} (known: {', '.join(METHODS)})")
         method = METHODS[self.merge_method]
@@ -166,8 +166,6 @@ class Recipe:
     # ---- per-tensor values ---------------------------------------------------------
     @property
     def normalize(self) -> bool:
-        from recycler.merge.methods import METHODS
-
         default = METHODS[self.merge_method].default_normalize if self.merge_method in METHODS else False
         return bool(self.parameters.get("normalize", default))
 

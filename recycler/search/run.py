@@ -24,10 +24,10 @@ from optuna.trial import TrialState
 
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
+from recycler.evaluate.evaluator import EvalResult, Evaluator, describe_failure, lookup_metric
 from recycler.search import front as pareto
 from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
 from recycler.search.cache import CachedResult, ResultCache
-from recycler.search.evaluator import EvalResult, Evaluator, lookup_metric
 from recycler.search.space import SearchSpace
 from recycler.search.study import (
     ATTR_GREEDY,
@@ -263,8 +263,6 @@ class SearchDriver:
         try:
             recipe = self._prepare_trial(trial)
         except Exception as exc:  # a proposal Optuna or the recipe refuses: fail it, go on
-            from recycler.cluster.worker import describe_failure
-
             self._fail(trial, describe_failure(exc))
             return True
         if recipe is None:
