@@ -14,6 +14,7 @@ can be tested and used without Ray (`ray.remote(TrialWorker)` makes the actor).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,28 +75,20 @@ class TrialWorker:
 
     def evaluate(self, recipe: Recipe, split: str) -> EvalResult:
         """Merge, load into the resident model, score with lm-eval. Never raises: failures are results."""
-        merge_seconds = 0.0
-        try:
+
+        def merge() -> None:
             if self.resident is None:
                 raise RuntimeError("this evaluation worker holds no pool: use evaluate_pieces")
-            start = time.perf_counter()
-            merged = {p.name: t for p, t in self.resident.merge(recipe)}
-            self.model.load_tensors(merged)
-            del merged
-            merge_seconds = time.perf_counter() - start
-            return self._score(split, merge_seconds)
-        except BaseException as exc:  # the study goes on whatever one trial did
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            return EvalResult(ok=False, merge_seconds=merge_seconds, error=describe_failure(exc))
+            self.model.load_tensors({p.name: t for p, t in self.resident.merge(recipe)})
+
+        return self._merge_and_score(merge, split)
 
     def evaluate_pieces(self, piece_refs: list[Any], split: str) -> EvalResult:
         """Score a merge done by the shard workers: `piece_refs` are their `merge` results
         (Ray ObjectRefs, each a list of MergedPiece); the pieces are copied into the
         resident model in place. Never raises: failures are results."""
-        merge_seconds = 0.0
-        try:
-            start = time.perf_counter()
+
+        def merge() -> None:
             written: set[str] = set()
             # One shard's pieces at a time: each is released before the next is fetched.
             for ref in piece_refs:
@@ -106,12 +99,17 @@ class TrialWorker:
                 written |= assemble(self.model, pieces)
                 del pieces
             check_complete(self.model, sorted(written))
-            merge_seconds = time.perf_counter() - start
-            return self._score(split, merge_seconds)
+
+        return self._merge_and_score(merge, split)
+
+    def _merge_and_score(self, merge: Callable[[], None], split: str) -> EvalResult:
+        """Time `merge` (which puts the merged tensors into the resident model), then score."""
+        start = time.perf_counter()
+        try:
+            merge()
         except BaseException as exc:  # the study goes on whatever one trial did
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            return EvalResult(ok=False, merge_seconds=merge_seconds, error=describe_failure(exc))
+            return _failure(exc)
+        return self._score(split, time.perf_counter() - start)
 
     def _score(self, split: str, merge_seconds: float) -> EvalResult:
         """lm-eval on the resident model as it is now."""
@@ -129,6 +127,11 @@ class TrialWorker:
             }
             return EvalResult(ok=True, metrics=clean, merge_seconds=merge_seconds, eval_seconds=eval_seconds)
         except BaseException as exc:  # the study goes on whatever one trial did
-            if isinstance(exc, KeyboardInterrupt | SystemExit):
-                raise
-            return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
+            return _failure(exc, merge_seconds, eval_seconds)
+
+
+def _failure(exc: BaseException, merge_seconds: float = 0.0, eval_seconds: float = 0.0) -> EvalResult:
+    """`exc` as a failed trial's result; an interrupt or exit is raised on, being no trial's failure."""
+    if isinstance(exc, KeyboardInterrupt | SystemExit):
+        raise exc
+    return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
