@@ -12,9 +12,9 @@ import pytest
 import yaml
 
 from recycler.config import load_study_spec
+from recycler.evaluate.evaluator import EvalResult
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
-from recycler.search.evaluator import EvalResult
 from recycler.search.run import Prepared, SearchDriver, study_fingerprint
 from recycler.search.space import SearchSpace
 from recycler.search.stored import TrialKey, queued_attrs, view_of

@@ -9,6 +9,7 @@ import torch
 
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.config import load_study_spec
+from recycler.merge.recipe import Recipe
 from recycler.search.space import SearchSpace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -23,7 +24,7 @@ def test_worker_on_cuda_scores_like_the_cpu(micro_zoo: Path) -> None:
     weights = [float(i + 1) for i in range(space.n)]
     params = space.encode([w / sum(weights) for w in weights])
     assert params is not None
-    recipe = space.recipe_dict(space.decode(params))
+    recipe = Recipe.from_dict(space.recipe_dict(space.decode(params)))
 
     def worker(device: str) -> TrialWorker:
         return TrialWorker(WorkerConfig(
@@ -34,7 +35,7 @@ def test_worker_on_cuda_scores_like_the_cpu(micro_zoo: Path) -> None:
         ))
 
     gpu = worker("cuda")
-    assert all(t.device.type == "cuda" for vs in gpu.shard.versions.values() for t in vs)
+    assert all(t.device.type == "cuda" for vs in gpu.resident.versions.values() for t in vs)
     on_gpu = gpu.evaluate(recipe, "dev")
     on_cpu = worker("cpu").evaluate(recipe, "dev")
     assert on_gpu.ok and on_cpu.ok, (on_gpu.error, on_cpu.error)

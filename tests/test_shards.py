@@ -1,4 +1,4 @@
-"""Shards: the shard plan (pure), and merges through 1, 2 and 3 ShardWorker actors
+"""The shards: the shard plan (pure), and merges through 1, 2 and 3 ShardWorker actors
 on a real local Ray: the same tensors bit for bit, and the same lm-eval scores.
 
 One Ray cluster serves every Ray test here (RayEvaluator reuses an initialised Ray).
@@ -17,8 +17,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 import torch
 
-from recycler.cluster.shards import ROW_SPLITTABLE, Piece, ShardPlan, TensorSize, plan_shards
+from recycler.cluster.shards import ShardPlan, TensorSize, plan_shards
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
+from recycler.merge.recipe import Recipe
+from recycler.merge.resident import Piece
 
 if TYPE_CHECKING:
     from recycler.cluster.worker import WorkerConfig
@@ -69,7 +72,7 @@ def test_plan_covers_balances_and_is_deterministic(n_shards: int, method: str) -
     biggest = max(p.nbytes for shard in plan.shards for p in shard)
     # Greedy largest-first into the lightest bin: no bin exceeds another by more than one piece.
     assert max(loads) - min(loads) <= biggest
-    if method not in ROW_SPLITTABLE or n_shards == 1:
+    if not METHODS[method].row_splittable or n_shards == 1:
         assert plan.split_tensors == []
     if n_shards == 1:
         assert [p.name for p in plan.shards[0]] == [t.name for t in tensors]  # pool order
@@ -146,10 +149,10 @@ def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> Wor
 def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> None:
     import ray
 
-    from recycler.cluster.shard_worker import MergedPiece, ShardConfig, ShardWorker
+    from recycler.cluster.pieces import MergedPiece
+    from recycler.cluster.shard_worker import ShardConfig, ShardWorker
     from recycler.cluster.shards import pool_sizes
     from recycler.merge.engine import merge_state_dict
-    from recycler.merge.recipe import Recipe
     from recycler.pool import Pool
 
     ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
@@ -169,7 +172,8 @@ def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> Non
         ]
         try:
             for recipe, ref in zip(recipes, reference):
-                results: list[list[MergedPiece]] = ray.get([a.merge.remote(recipe) for a in actors])
+                typed = Recipe.from_dict(recipe)
+                results: list[list[MergedPiece]] = ray.get([a.merge.remote(typed) for a in actors])
                 got: dict[str, torch.Tensor] = {}
                 for piece in (p for shard in results for p in shard):
                     value = piece.tensor()
@@ -202,7 +206,7 @@ def test_row_split_plan_refuses_ties(micro_zoo: Path) -> None:
     recipe = recipe_dict(micro_zoo, "task_arithmetic", "float32")
     recipe["merge_method"] = "ties"
     with pytest.raises(RecyclerError, match="needs whole tensors"):
-        worker.merge(recipe)
+        worker.merge(Recipe.from_dict(recipe))
 
 
 def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
@@ -240,7 +244,6 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path,
     from recycler.cluster.shard_worker import ShardConfig, ShardWorker
     from recycler.cluster.shards import pool_sizes
     from recycler.merge.engine import merge_state_dict
-    from recycler.merge.recipe import Recipe
     from recycler.pool import Pool
 
     ckpts = tuple(str(p) for p in sorted((micro_zoo / "checkpoints").iterdir()))
@@ -253,8 +256,8 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path,
     assert plan.split_tensors
     for pieces in plan.shards:
         worker = ShardWorker(ShardConfig(ckpts, base, pieces, device="cuda"))
-        assert all(t.device.type == "cuda" for vs in worker.versions.values() for t in vs)
-        for piece in worker.merge(recipe):
+        assert all(t.device.type == "cuda" for vs in worker.resident.versions.values() for t in vs)
+        for piece in worker.merge(Recipe.from_dict(recipe)):
             got = piece.tensor()
             expect = ref[piece.name][piece.start : piece.start + got.shape[0]].cpu()
             assert torch.equal(got, expect), piece.name

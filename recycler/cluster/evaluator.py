@@ -10,11 +10,10 @@ serving is retried once (`max_task_retries`); if that fails too the trial fails 
 the reason and a fresh worker takes the slot, so the study goes on.
 
 `cluster.placement` other than `none` reserves one Ray placement group for all the
-workers of the search (one bundle per shard and evaluation worker) with that strategy:
-`pack`/`strict_pack` keep the pool's shards next to the models they feed (the merged
-tensors then move through one node's shared-memory object store, not the network),
-`spread`/`strict_spread` put them on different nodes. A replacement worker takes the
-dead one's bundle.
+workers of the search (`placement.py`); a replacement worker takes the dead one's bundle.
+
+The recipe dict a trial stores is parsed here, once per trial, into a `Recipe`: that
+typed recipe is what crosses to the workers.
 """
 
 from __future__ import annotations
@@ -26,21 +25,23 @@ import threading
 from collections.abc import Sequence
 from typing import Any
 
+import ray
+from ray.util.placement_group import remove_placement_group
+
+from recycler.cluster.placement import PLACEMENT_TIMEOUT_S, PLACEMENTS, in_bundle, reserve
+from recycler.cluster.shard_worker import ShardConfig, ShardWorker
+from recycler.cluster.shards import plan_shards, pool_sizes
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.errors import RecyclerError
-from recycler.search.evaluator import EvalResult
+from recycler.evaluate.evaluator import EvalResult, describe_failure
+from recycler.merge.recipe import Recipe
+from recycler.pool import Pool
 
 RAY_NAMESPACE = "recycler"
-PLACEMENTS = ("none", "pack", "strict_pack", "spread", "strict_spread")
-# How long to wait for a placement group's resources before giving up: a cluster that
-# autoscales may need minutes to add a node; one that cannot fit the group never will.
-PLACEMENT_TIMEOUT_S = 600.0
 
 
 def start_ray(address: str | None) -> bool:
     """Connect to (address) or start (None) a Ray cluster; True when this call started it."""
-    import ray
-
     if ray.is_initialized():
         return False
     kwargs: dict[str, Any] = {
@@ -84,8 +85,6 @@ class RayEvaluator:
         """`shard_workers` > 1: the pool lives in that many ShardWorker actors, split by a
         shard plan for `merge_method` (`max_piece_bytes` caps a piece, else a fair share);
         the evaluation workers then hold only the model. `placement`: see the module doc."""
-        import ray
-
         if placement not in PLACEMENTS:
             raise RecyclerError(f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
         self._idle: list[Any] = []
@@ -120,7 +119,8 @@ class RayEvaluator:
         n_shards = shard_workers if sharded else 0
         try:
             if placement != "none":
-                self._placement_group = self._reserve(placement, actors, placement_timeout_s)
+                bundle = {"CPU": self.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+                self._placement_group = reserve(placement, actors, bundle, placement_timeout_s)
             if sharded:
                 self._shards, self.shard_infos = self._start_shards(shard_workers, merge_method, max_piece_bytes)
             self._idle = [self._spawn(n_shards + i) for i in range(n_workers)]
@@ -132,12 +132,6 @@ class RayEvaluator:
     def _start_shards(
         self, n_shards: int, merge_method: str, max_piece_bytes: int | None
     ) -> tuple[list[Any], list[dict[str, Any]]]:
-        import ray
-
-        from recycler.cluster.shard_worker import ShardConfig, ShardWorker
-        from recycler.cluster.shards import plan_shards, pool_sizes
-        from recycler.pool import Pool
-
         pool = Pool.open(list(self.cfg.checkpoints), self.cfg.base)  # headers only
         self.plan = plan_shards(pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes)
         remote: Any = ray.remote(ShardWorker)
@@ -146,7 +140,7 @@ class RayEvaluator:
             # was serving is retried once, like an evaluation worker's trial.
             remote.options(
                 num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1,
-                **self._placed(i),
+                **in_bundle(self._placement_group, i),
             ).remote(
                 ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
             )
@@ -181,32 +175,6 @@ class RayEvaluator:
             placement=spec.cluster.placement,
         )
 
-    def _reserve(self, placement: str, n_bundles: int, timeout_s: float) -> Any:
-        """A placement group of one bundle per worker, ready, or a RecyclerError."""
-        import ray
-        from ray.util.placement_group import placement_group, remove_placement_group
-
-        bundle = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
-        group = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=placement.upper())
-        ready, _ = ray.wait([group.ready()], timeout=timeout_s)
-        if not ready:
-            remove_placement_group(group)
-            have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
-            raise RecyclerError(
-                f"cluster.placement: Ray could not place {n_bundles} worker(s) of {bundle} with strategy "
-                f"{placement} within {timeout_s:g} s (the cluster has {have}, nodes: {len(ray.nodes())})"
-            )
-        return group
-
-    def _placed(self, bundle_index: int) -> dict[str, Any]:
-        """Actor options that put a worker in its bundle of the placement group, if there is one."""
-        if self._placement_group is None:
-            return {}
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
-
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=self._placement_group, placement_group_bundle_index=bundle_index)}
-
     def _spawn(self, bundle_index: int) -> Any:
         cfg = WorkerConfig(**{**self.cfg.__dict__, "threads": self.threads})
         actor = self._remote.options(
@@ -214,14 +182,12 @@ class RayEvaluator:
             num_gpus=self.gpus_per_worker,
             max_restarts=2,
             max_task_retries=1,
-            **self._placed(bundle_index),
+            **in_bundle(self._placement_group, bundle_index),
         ).remote(cfg)
         self._bundle_of[actor] = bundle_index
         return actor
 
     def _wait_ready(self, actors: list[Any]) -> list[dict[str, Any]]:
-        import ray
-
         try:
             return list(ray.get([a.ready.remote() for a in actors]))
         except ray.exceptions.RayActorError as exc:
@@ -231,10 +197,15 @@ class RayEvaluator:
     def capacity(self) -> int:
         return self.n_workers
 
-    def submit(self, ticket: int, recipe: dict[str, Any], split: str) -> None:
+    def submit(self, ticket: int, recipe_dict: dict[str, Any], split: str) -> None:
         if not self._idle:
             raise RuntimeError("submit with every worker busy: the caller keeps one trial per worker")
         actor = self._idle.pop()
+        try:
+            recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
+        except RecyclerError as exc:  # a failed evaluation like any other: the study goes on
+            self._pending[ray.put(EvalResult(ok=False, error=describe_failure(exc)))] = (ticket, actor)
+            return
         if self._shards:
             # Every shard worker merges its pieces; the evaluation worker fetches them (nested
             # refs, so it sees a failed shard as its own error and fetches one shard at a time).
@@ -245,8 +216,6 @@ class RayEvaluator:
         self._pending[ref] = (ticket, actor)
 
     def wait(self) -> list[tuple[int, EvalResult]]:
-        import ray
-
         if not self._pending:
             return []
         ready, _ = ray.wait(list(self._pending), num_returns=1)
@@ -269,8 +238,6 @@ class RayEvaluator:
         return out
 
     def close(self) -> None:
-        import ray
-
         if not ray.is_initialized():
             return
         for actor in [*self._idle, *(a for _, a in self._pending.values()), *self._shards]:
@@ -278,8 +245,6 @@ class RayEvaluator:
                 ray.kill(actor)
         self._idle, self._pending, self._shards = [], {}, []
         if self._placement_group is not None:
-            from ray.util.placement_group import remove_placement_group
-
             with contextlib.suppress(Exception):  # the cluster may be gone already
                 remove_placement_group(self._placement_group)
             self._placement_group = None

@@ -5,9 +5,9 @@ piece first, each into the lightest shard so far (ties: the lower shard index), 
 same pool and S give the same plan everywhere. A tensor larger than a fair share
 (total bytes / S, or `max_piece_bytes` when given) is cut into blocks of rows first,
 but only for methods whose merge of a row block depends on nothing outside the block
-beyond per-tensor constants (`ROW_SPLITTABLE`): TIES' magnitude trim ranks the WHOLE
-tensor, so ties and dare_ties keep every tensor whole. DARE draws its masks per fixed
-block of rows, so a split dare_linear merge is the same bit for bit.
+beyond per-tensor constants (`MergeMethod.row_splittable`): TIES' magnitude trim ranks
+the WHOLE tensor, so ties and dare_ties keep every tensor whole. DARE draws its masks
+per fixed block of rows, so a split dare_linear merge is the same bit for bit.
 
 Pure functions on names, shapes and byte counts: no Ray, no tensors.
 """
@@ -18,28 +18,10 @@ import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from recycler.pool import Pool
-
-# Methods whose result for rows [a, b) is the merge of rows [a, b) of the inputs.
-ROW_SPLITTABLE = frozenset({"linear", "task_arithmetic", "dare_linear", "fisher"})
-
-
-@dataclass(frozen=True, order=True)
-class Piece:
-    """Rows [start, stop) of tensor `name` (the whole tensor when `whole`)."""
-
-    name: str
-    start: int
-    stop: int
-    nbytes: int
-    whole: bool = True
-
-    @property
-    def rows(self) -> int:
-        return self.stop - self.start
+from recycler.merge.methods import METHODS
+from recycler.merge.resident import Piece
+from recycler.pool import Pool
 
 
 @dataclass(frozen=True)
@@ -79,7 +61,7 @@ def plan_shards(
     pieces: list[Piece] = []
     for t in tensors:
         rows = t.shape[0] if t.shape else 0
-        if n_shards > 1 and method in ROW_SPLITTABLE and t.nbytes > fair and rows > 1:
+        if n_shards > 1 and METHODS[method].row_splittable and t.nbytes > fair and rows > 1:
             n_blocks = min(rows, math.ceil(t.nbytes / fair))
             row_bytes = t.nbytes // rows
             bounds = [rows * k // n_blocks for k in range(n_blocks + 1)]
@@ -105,6 +87,5 @@ def pool_sizes(pool: Pool) -> list[TensorSize]:
     out: list[TensorSize] = []
     for name in pool.tensor_names:
         info = pool.info(name)
-        shape = tuple(int(s) for s in info.shape)
-        out.append(TensorSize(name, shape, math.prod(shape) * info.itemsize))
+        out.append(TensorSize(name, tuple(int(s) for s in info.shape), info.nbytes))
     return out

@@ -147,11 +147,6 @@ def metric_directions(tasks_dir: Path, tasks: list[str]) -> dict[str, dict[str, 
     return out
 
 
-def clear_cache() -> None:
-    """Forget every built suite (tests; a long-lived process that rebuilds tasks in place)."""
-    _SUITES.clear()
-
-
 def describe(suite: TaskSuite) -> dict[str, Any]:
     """A short, JSON-able summary: names, leaf tasks and their splits' sizes."""
     return {

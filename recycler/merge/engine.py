@@ -4,8 +4,8 @@ Two paths, the same bits:
 
 - `iter_merged` yields merged tensors. Only one tensor's versions are in memory at
   once (plus the next one's being read ahead), so peak memory stays near (number of
-  checkpoints × largest tensor), never the whole pool. `merge_tensor` serves it, the
-  in-memory merge of a search trial and the Ray shard workers.
+  checkpoints × largest tensor), never the whole pool. `merge_tensor` serves it and
+  `resident.ResidentPieces`, the in-memory merge of a search's workers.
 - `FileMerger` writes a tensor's merge straight from the input files into the output
   file, where the method is one linear combination of stored tensors (linear, task
   arithmetic): the C kernel reads, combines and writes chunks on its threads, and no
@@ -26,13 +26,13 @@ from recycler.errors import RecyclerError
 from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
 from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
 from recycler.merge.recipe import Recipe
+from recycler.pool import Checkpoint, Pool, StoredTensor
+from recycler.pool.safetensors_file import itemsize
 
 if TYPE_CHECKING:
     import torch
 
     from recycler.merge.fisher import FisherFile
-from recycler.pool import Checkpoint, Pool, StoredTensor
-from recycler.pool.safetensors_file import itemsize
 
 
 @dataclass
@@ -52,11 +52,15 @@ def merge_tensor(
     versions: Sequence[torch.Tensor],
     base: torch.Tensor | None,
     *,
-    n_layers: int,
+    pool: Pool,
     fishers: Sequence[torch.Tensor] = (),
     row_offset: int = 0,
 ) -> torch.Tensor:
-    """Merge one tensor (or a block of its rows starting at `row_offset`) as the recipe says."""
+    """Merge one tensor (or a block of its rows starting at `row_offset`) as the recipe says.
+
+    `versions` (and `base`) are `pool`'s, in its order. A non-finite result is a
+    RecyclerError naming the input that holds NaN or inf, or else the overflow.
+    """
     import torch
 
     out_dtype = recipe.torch_dtype
@@ -64,6 +68,7 @@ def merge_tensor(
         # Integer buffers (position ids, masks) are not merged: the reference's copy is kept.
         return (base if base is not None else versions[0]).clone()
     method = METHODS[recipe.merge_method]
+    n_layers = pool.n_layers
     inputs = MergeInputs(
         versions=versions,
         weights=recipe.weights_for(name, n_layers),
@@ -78,10 +83,12 @@ def merge_tensor(
     )
     try:
         merged = method.fn(inputs)
+        if not method.checks_finite and not bool(torch.isfinite(merged).all()):
+            raise NonFiniteError(name)
     except ZeroDivisionError:
         raise RecyclerError(_zero_weights(name)) from None
-    if not method.checks_finite and not bool(torch.isfinite(merged).all()):
-        raise NonFiniteError(name)
+    except NonFiniteError:
+        raise RecyclerError(_non_finite_culprit(pool, name, versions, base)) from None
     return merged
 
 
@@ -94,10 +101,12 @@ def iter_merged(
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, merged tensor in the recipe's dtype), in the pool's tensor order."""
     method = METHODS[recipe.merge_method]
-    _check_fits(pool, recipe)
+    check_fits(pool, recipe)
     fisher_sources = None
-    if recipe.merge_method == "fisher":
-        from recycler.merge.fisher import open_fishers
+    if method.needs_fishers:
+        from recycler.merge.fisher import (
+            open_fishers,  # imports PyTorch: only a fisher merge needs it
+        )
 
         fisher_sources = open_fishers(pool)
     stats = stats if stats is not None else MergeStats()
@@ -107,7 +116,6 @@ def iter_merged(
     if use_base:
         assert pool.base is not None
         sources.append(pool.base)
-    n_layers = pool.n_layers
     # One reader thread maps the next tensor of every source while this one merges.
     reader = ThreadPoolExecutor(1, thread_name_prefix="recycler-reader")
     try:
@@ -117,7 +125,7 @@ def iter_merged(
             if ahead is not None:
                 ahead.result()
             ahead = reader.submit(_prefetch, sources, names[i + 1]) if i + 1 < len(names) else None
-            merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats)
+            merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, stats)
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
             stats.per_tensor[name] = elapsed
@@ -139,16 +147,12 @@ def _merge_one(
     use_base: bool,
     fisher_sources: Sequence[FisherFile] | None,
     device: str | torch.device,
-    n_layers: int,
     stats: MergeStats,
 ) -> torch.Tensor:
     tensors = [ckpt.read(name, device) for ckpt in sources]
     versions, base = (tensors[:-1], tensors[-1]) if use_base else (tensors, None)
     fishers = [f.read(name, device) for f in fisher_sources] if fisher_sources is not None else []
-    try:
-        merged = merge_tensor(recipe, name, versions, base, n_layers=n_layers, fishers=fishers)
-    except NonFiniteError:
-        raise RecyclerError(_non_finite_culprit(pool, name, versions, base)) from None
+    merged = merge_tensor(recipe, name, versions, base, pool=pool, fishers=fishers)
     stats.bytes_read += sum(t.numel() * t.element_size() for t in tensors)
     stats.bytes_written += merged.numel() * merged.element_size()
     stats.tensors += 1
@@ -163,7 +167,8 @@ def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "c
     return dict(iter_merged(pool, recipe, device))
 
 
-def _check_fits(pool: Pool, recipe: Recipe) -> None:
+def check_fits(pool: Pool, recipe: Recipe) -> None:
+    """RecyclerError unless the recipe lists the pool's models and has the base it needs."""
     if len(recipe.models) != len(pool.checkpoints):
         raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
     if METHODS[recipe.merge_method].needs_base and pool.base is None:
@@ -201,7 +206,7 @@ class FileMerger:
     """Merges tensors from the pool's files straight into an output file (see the module doc)."""
 
     def __init__(self, pool: Pool, recipe: Recipe) -> None:
-        _check_fits(pool, recipe)
+        check_fits(pool, recipe)
         self._pool = pool
         self._recipe = recipe
         self._n_layers = pool.n_layers
@@ -220,7 +225,7 @@ class FileMerger:
         sources = list(pool.checkpoints)
         coeffs = list(terms.versions)
         if terms.base is not None:
-            assert pool.base is not None  # _check_fits: a method with a base term needs one
+            assert pool.base is not None  # check_fits: a method with a base term needs one
             sources.insert(0, pool.base)
             coeffs.insert(0, terms.base)
         stored = [c.locate(name) for c in sources]

@@ -69,6 +69,12 @@ class MergeMethod:
     # (weights, normalize, lambda). The export then combines the stored tensors
     # file to file (`engine.FileMerger`) instead of calling `fn`.
     terms: Callable[[Sequence[float], bool, float], LinearTerms] | None = None
+    # True where the merge of rows [a, b) is the merge of rows [a, b) of the inputs,
+    # so a shard plan may cut the tensor into row blocks. TIES' magnitude trim ranks
+    # the whole tensor; DARE draws its masks per fixed block of rows, so it splits.
+    row_splittable: bool = False
+    # True where each checkpoint's diagonal Fisher is an input (`fisher.py` reads them).
+    needs_fishers: bool = False
 
 
 __all__ = ["METHODS", "LinearTerms", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
@@ -268,13 +274,17 @@ def fisher(inp: MergeInputs) -> torch.Tensor:
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
-        MergeMethod("linear", linear, needs_base=False, default_normalize=True, checks_finite=True, terms=linear_terms),
         MergeMethod(
-            "task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True, terms=task_arithmetic_terms
+            "linear", linear, needs_base=False, default_normalize=True, checks_finite=True, terms=linear_terms,
+            row_splittable=True,
+        ),
+        MergeMethod(
+            "task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True,
+            terms=task_arithmetic_terms, row_splittable=True,
         ),
         MergeMethod("ties", ties, needs_base=True, default_normalize=True),
-        MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False),
+        MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False, row_splittable=True),
         MergeMethod("dare_ties", dare_ties, needs_base=True, default_normalize=False),
-        MergeMethod("fisher", fisher, needs_base=False, default_normalize=False),
+        MergeMethod("fisher", fisher, needs_base=False, default_normalize=False, row_splittable=True, needs_fishers=True),
     ]
 }

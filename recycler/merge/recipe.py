@@ -107,6 +107,7 @@ class Recipe:
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecyclerError(f"{where}: parameters: must be a mapping")
+        params = dict(params)  # parsed values go into a copy: the caller's dict stays as it was
         for key, value in params.items():
             if key not in _GLOBAL_PARAMS:
                 raise RecyclerError(f"{where}: parameters.{key}: unknown parameter (known: {', '.join(sorted(_GLOBAL_PARAMS))})")
@@ -125,7 +126,7 @@ class Recipe:
             merge_method=method,
             models=models,
             base_model=_model_path(base, f"{where}: base_model") if base is not None else None,
-            parameters=dict(params),
+            parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
             tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") is not None else None,

@@ -2,9 +2,9 @@
 
 A checkpoint is a Hugging Face model dir (one `model.safetensors`, or shards with
 `model.safetensors.index.json`), a bare `.safetensors` file, a PEFT LoRA adapter dir
-(see `lora.py`), or, only when allowed, a pickled `.bin` checkpoint. Opening one
-reads headers only; tensors are read lazily, one at a time. PyTorch is imported only
-where a tensor is made (see safetensors_file.py).
+(see `lora.py`), or, only when allowed, a pickled `.bin` checkpoint; `detect.py` tells
+which a path holds. Opening one reads headers only; tensors are read lazily, one at a
+time. PyTorch is imported only where a tensor is made (see safetensors_file.py).
 """
 
 from __future__ import annotations
@@ -23,11 +23,6 @@ if TYPE_CHECKING:
     import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
-# What makes a dir a PEFT LoRA adapter (lora.py reads it).
-ADAPTER_CONFIG = "adapter_config.json"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-# Files in a model dir that hold something other than the model's own weights.
-_NOT_WEIGHTS = {"adapter_model.safetensors", "fisher.safetensors"}
 
 
 @dataclass(frozen=True)
@@ -105,14 +100,14 @@ class Checkpoint(ABC):
         path = self.directory / "config.json" if self.path.is_dir() else None
         if path is None or not path.is_file():
             return None
-        return _load_json(path)
+        return load_json(path)
 
     def trainer_state(self) -> TrainerState | None:
         """Step and last training loss from the HF Trainer's `trainer_state.json`, if present."""
         path = self.directory / "trainer_state.json" if self.path.is_dir() else self.path.with_suffix(".trainer_state.json")
         if not path.is_file():
             return None
-        state = _load_json(path)
+        state = load_json(path)
         step = state.get("global_step")
         losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
         return TrainerState(
@@ -214,71 +209,7 @@ class PickleCheckpoint(Checkpoint):
         return list(self._files)
 
 
-def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) -> Checkpoint:
-    """Recognise what `path` holds and open it (headers only)."""
-    if not path.exists():
-        raise RecyclerError(f"{path}: no such file or directory")
-    if path.is_file():
-        if path.suffix == ".safetensors":
-            return SafetensorsCheckpoint(path, [path])
-        if path.suffix in {".bin", ".pt", ".pth"}:
-            _check_pickle_allowed(path, allow_pickle)
-            return PickleCheckpoint(path, [path])
-        raise RecyclerError(f"{path}: not a checkpoint (expected a dir, .safetensors or .bin file)")
-
-    if (path / ADAPTER_CONFIG).is_file():
-        from recycler.pool.lora import LoraCheckpoint  # imports PyTorch
-
-        if base is None:
-            raise RecyclerError(f"{path}: a LoRA adapter needs the pool's base model (set base)")
-        return LoraCheckpoint(path, base)
-    index = path / SAFETENSORS_INDEX
-    if index.is_file():
-        weight_map = _read_index(index)
-        shards = [_shard_path(path, index, s) for s in dict.fromkeys(weight_map.values())]
-        return SafetensorsCheckpoint(path, shards, weight_map)
-    if (path / "model.safetensors").is_file():
-        return SafetensorsCheckpoint(path, [path / "model.safetensors"])
-    candidates = sorted(p for p in path.glob("*.safetensors") if p.name not in _NOT_WEIGHTS)
-    if len(candidates) == 1:
-        return SafetensorsCheckpoint(path, candidates)
-    if len(candidates) > 1:
-        raise RecyclerError(f"{path}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX}")
-    pickle_index = path / PICKLE_INDEX
-    if pickle_index.is_file() or (path / "pytorch_model.bin").is_file():
-        _check_pickle_allowed(path, allow_pickle)
-        if pickle_index.is_file():
-            files = [_shard_path(path, pickle_index, s) for s in dict.fromkeys(_read_index(pickle_index).values())]
-        else:
-            files = [path / "pytorch_model.bin"]
-        return PickleCheckpoint(path, files)
-    raise RecyclerError(f"{path}: no model weights found (model.safetensors, shards with an index, or a LoRA adapter)")
-
-
-def _check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
-    if not allow_pickle:
-        raise RecyclerError(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle")
-
-
-def _read_index(index: Path) -> dict[str, str]:
-    data = _load_json(index)
-    weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
-        raise RecyclerError(f"{index}: no weight_map of tensor → shard file")
-    return weight_map
-
-
-def _shard_path(directory: Path, index: Path, shard: str) -> Path:
-    """A shard named by an index, which must be a file inside the checkpoint's own dir."""
-    resolved = (directory / shard).resolve()
-    if not resolved.is_relative_to(directory.resolve()):
-        raise RecyclerError(f"{index}: shard {shard!r} points outside the checkpoint directory")
-    if not resolved.is_file():
-        raise RecyclerError(f"{index}: shard {shard!r} does not exist")
-    return directory / shard
-
-
-def _load_json(path: Path) -> dict[str, Any]:
+def load_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text())
     except OSError as exc:

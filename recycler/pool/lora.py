@@ -15,14 +15,17 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from recycler.errors import RecyclerError
-from recycler.pool.checkpoint import ADAPTER_CONFIG, Checkpoint, StoredTensor
+from recycler.pool.checkpoint import Checkpoint, StoredTensor
 from recycler.pool.safetensors_file import SafetensorsFile, TensorInfo
 
+if TYPE_CHECKING:
+    import torch
+
+# What makes a dir a PEFT LoRA adapter, and the file of its matrices.
+ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _PREFIX = "base_model.model."
@@ -111,7 +114,8 @@ class LoraCheckpoint(Checkpoint):
         delta = b @ a
         if ad.embedding or self._fan_in_fan_out:
             delta = delta.T
-        return base.to(torch.float32, copy=True).add_(delta, alpha=ad.scaling)  # copy: base may be an fp32 view of the file
+        # In fp32 (delta's dtype), a copy: base may be an fp32 view of the file.
+        return base.to(delta.dtype, copy=True).add_(delta, alpha=ad.scaling)
 
     def locate(self, name: str) -> StoredTensor | None:
         name = self.aliases.get(name, name)

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import glob
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 
 from recycler.errors import RecyclerError
-from recycler.pool.checkpoint import Checkpoint, open_checkpoint
+from recycler.pool.checkpoint import Checkpoint
+from recycler.pool.detect import open_checkpoint
 from recycler.pool.safetensors_file import TensorInfo
 
 # Output heads that transformers ties to an input embedding, with that embedding's name.
@@ -79,7 +81,7 @@ class Pool:
                 return ckpt.directory
         raise RecyclerError("no checkpoint of the pool has a config.json (a bare .safetensors pool needs a base dir)")
 
-    @property
+    @cached_property  # merge_tensor reads it for every tensor: the config is read once
     def n_layers(self) -> int:
         config = self.reference.config() or {}
         value = config.get("num_hidden_layers") or config.get("n_layer") or 0

@@ -23,6 +23,7 @@ from optuna.trial import TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.evaluate.evaluator import EvalResult, Evaluator, describe_failure, lookup_metric
 from recycler.evaluate.tasks import metric_directions
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
@@ -30,7 +31,6 @@ from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
 from recycler.search.cache import CachedResult, ResultCache
-from recycler.search.evaluator import EvalResult, Evaluator, lookup_metric
 from recycler.search.space import SearchSpace
 from recycler.search.stored import (
     Objective,
@@ -248,8 +248,6 @@ class SearchDriver:
         try:
             recipe = self._prepare_trial(trial)
         except Exception as exc:  # a proposal Optuna or the recipe refuses: fail it, go on
-            from recycler.cluster.worker import describe_failure
-
             self._fail(trial, describe_failure(exc))
             return True
         if recipe is None:

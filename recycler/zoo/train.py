@@ -58,9 +58,6 @@ class TrainLog:
             )
             self._acc, self._n = 0.0, 0
 
-    def last_loss(self) -> float | None:
-        return float(self.history[-1]["loss"]) if self.history else None
-
 
 def trainer_state(log: TrainLog, step: int, max_steps: int, batch_size: int) -> dict[str, Any]:
     """The fields HF Trainer writes to trainer_state.json, for the logs up to `step`."""

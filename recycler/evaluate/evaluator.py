@@ -4,12 +4,19 @@ The search hands over a recipe dict and a split, and gets scores back; it never 
 tensor, a worker or Ray. `capacity` is how many evaluations may be in flight at once
 (one per evaluation worker): the search keeps that many trials running and asks the
 sampler for the next one as soon as any finishes.
+
+This seam lives in `evaluate/`, below both sides: `search/` calls it and `cluster/`
+implements it without either importing the other (the command wires the two).
 """
 
 from __future__ import annotations
 
+import os
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+from recycler.errors import RecyclerError
 
 
 @dataclass
@@ -28,7 +35,8 @@ class Evaluator(Protocol):
     def capacity(self) -> int: ...
 
     def submit(self, ticket: int, recipe: dict[str, Any], split: str) -> None:
-        """Start evaluating; `ticket` comes back with the result."""
+        """Start evaluating `recipe` (as a trial stores it: a recipe dict, parsed once by
+        the implementation); `ticket` comes back with the result."""
 
     def wait(self) -> list[tuple[int, EvalResult]]:
         """Block until at least one submitted evaluation finishes; return all finished ones."""
@@ -48,3 +56,16 @@ def lookup_metric(task_metrics: dict[str, float], metric: str) -> float | None:
         if len(found) == 1:
             return task_metrics[found[0]]
     return None
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line for a failed evaluation's reason: what failed and where, without a traceback dump."""
+    name = type(exc).__name__
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if isinstance(exc, MemoryError) or "OutOfMemoryError" in name or "out of memory" in text.lower():
+        return f"out of memory: {text or name}"
+    if isinstance(exc, RecyclerError):
+        return text
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" (at {os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+    return f"{name}: {text}{where}"
