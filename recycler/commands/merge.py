@@ -18,6 +18,7 @@ from recycler.export.model_dir import write_model_dir
 from recycler.merge.engine import MergeStats
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
+from recycler.pool.detect import PickleRefused
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -33,8 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     with force_hint():
-        merge_recipe_file(args.recipe, args.out_dir, device=args.device, force=args.force,
-                          allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
+        try:
+            merge_recipe_file(args.recipe, args.out_dir, device=args.device, force=args.force,
+                              allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
+        except PickleRefused as exc:
+            raise RecyclerError(f"{exc} or pass --allow-pickle") from None
 
 
 def pool_for_recipe(recipe: Recipe, recipe_dir: Path, *, allow_pickle: bool = False) -> Pool:

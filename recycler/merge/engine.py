@@ -29,6 +29,8 @@ from recycler.merge.recipe import Recipe
 from recycler.pool import Checkpoint, Pool, StoredTensor
 from recycler.pool.safetensors_file import itemsize
 
+# PyTorch (and `merge.fisher`, which imports it) is imported inside the functions that
+# make tensors: a linear merge that goes file to file runs without it (tests/test_kernel.py).
 if TYPE_CHECKING:
     import torch
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recycler.errors import RecyclerError
 from recycler.pool import Checkpoint, Pool
@@ -100,8 +102,6 @@ def estimate_fisher(
     seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """The diagonal Fisher of the model in `model_dir` over `examples` (fp32, by parameter name)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
@@ -148,8 +148,6 @@ def estimate_fisher_file(
     seed: int = 0,
 ) -> Path:
     """`recycler fisher`: estimate and store `fisher.safetensors` beside the checkpoint."""
-    from safetensors.torch import save_file
-
     if not (checkpoint / "config.json").is_file():
         raise RecyclerError(f"{checkpoint}: not a Hugging Face model dir (no config.json); LoRA adapters must be merged first")
     examples = read_examples(data, n_examples)

@@ -25,6 +25,10 @@ PICKLE_INDEX = "pytorch_model.bin.index.json"
 _NOT_WEIGHTS = {ADAPTER_WEIGHTS, "fisher.safetensors"}
 
 
+class PickleRefused(RecyclerError):
+    """A pickled checkpoint, and the caller did not allow pickles."""
+
+
 def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) -> Checkpoint:
     """Recognise what `path` holds and open it (headers only)."""
     if not path.exists():
@@ -66,7 +70,7 @@ def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) 
 
 def _check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
     if not allow_pickle:
-        raise RecyclerError(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle")
+        raise PickleRefused(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors")
 
 
 def _read_index(index: Path) -> dict[str, str]:
