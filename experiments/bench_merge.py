@@ -200,7 +200,11 @@ def run_measured(cmd: Sequence[str], env: dict[str, str]) -> Measured:
                 return
             while not done.is_set():
                 try:
-                    procs = launcher.children(recursive=True) if TIME else [launcher, *launcher.children(recursive=True)]
+                    procs = (
+                        launcher.children(recursive=True)
+                        if TIME
+                        else [launcher, *launcher.children(recursive=True)]
+                    )
                     rss = anon = 0
                     for p in procs:
                         try:
@@ -227,8 +231,14 @@ def run_measured(cmd: Sequence[str], env: dict[str, str]) -> Measured:
         fields = rss_path.read_text().strip().splitlines()[-1].split()
         rss_path.unlink()
         with contextlib.suppress(IndexError, ValueError):
-            ru_mb, cpu, faults = int(fields[0]) / 1024, float(fields[1]) + float(fields[2]), int(fields[3])
-    return Measured(rc, wall, max(peak_rss / 2**20, ru_mb), peak_anon / 2**20, ru_mb, cpu, faults, tail)
+            ru_mb, cpu, faults = (
+                int(fields[0]) / 1024,
+                float(fields[1]) + float(fields[2]),
+                int(fields[3]),
+            )
+    return Measured(
+        rc, wall, max(peak_rss / 2**20, ru_mb), peak_anon / 2**20, ru_mb, cpu, faults, tail
+    )
 
 
 def out_bytes(out: Path) -> int:
@@ -272,7 +282,9 @@ def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
             assert stored is not None
             step = TASK * stored.info.dtype.itemsize
             end = stored.offset + stored.info.nbytes
-            ranges += [(stored.path, lo, min(end, lo + step)) for lo in range(stored.offset, end, step)]
+            ranges += [
+                (stored.path, lo, min(end, lo + step)) for lo in range(stored.offset, end, step)
+            ]
     fds = {path: os.open(path, os.O_RDONLY) for path in {r[0] for r in ranges}}
     local = threading.local()
 
@@ -300,14 +312,29 @@ def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
 
 def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any) -> list[Run]:
     shape = make_pool.SHAPES[size]
-    spec = make_pool.PoolSpec(shape=shape, n_checkpoints=4, with_base=False, base_dtype="bfloat16",
-                              delta_scale=0.1, seed=0)
+    spec = make_pool.PoolSpec(
+        shape=shape,
+        n_checkpoints=4,
+        with_base=False,
+        base_dtype="bfloat16",
+        delta_scale=0.1,
+        seed=0,
+    )
     t0 = time.perf_counter()
     pool = make_pool.build_pool(pools_dir / f"llama-{size}", spec)
-    log(f"[{size}] pool ready in {time.perf_counter() - t0:.1f} s: {shape.n_params() / 1e6:.1f}M params x 4 bf16")
+    log(
+        f"[{size}] pool ready in {time.perf_counter() - t0:.1f} s: {shape.n_params() / 1e6:.1f}M "
+        "params x 4 bf16"
+    )
     recipe = pools_dir / f"llama-{size}-linear.yaml"
-    models = "\n".join(f"  - model: {c}\n    parameters: {{weight: {w}}}" for c, w in zip(pool.checkpoints, WEIGHTS))
-    recipe.write_text(f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: bfloat16\n")
+    models = "\n".join(
+        f"  - model: {c}\n    parameters: {{weight: {w}}}"
+        for c, w in zip(pool.checkpoints, WEIGHTS)
+    )
+    recipe.write_text(
+        f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: "
+        "bfloat16\n"
+    )
     inputs = pool.files()
     bytes_read = sum(f.stat().st_size for f in inputs)
     warm(inputs)
@@ -323,10 +350,20 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
             work.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "RECYCLER_TIMINGS_JSON": str(timings)}
             m = run_measured(tool_command(tool, recipe, out), env)
-            run = Run(tool=tool, size=size, index=i, ok=m.rc == 0, wall_s=round(m.wall_s, 3),
-                      peak_rss_mb=round(m.peak_rss_mb, 1), peak_anon_mb=round(m.peak_anon_mb, 1),
-                      ru_maxrss_mb=round(m.ru_maxrss_mb, 1), cpu_s=round(m.cpu_s, 2),
-                      major_faults=m.major_faults, bytes_read=bytes_read, bytes_written=out_bytes(out))
+            run = Run(
+                tool=tool,
+                size=size,
+                index=i,
+                ok=m.rc == 0,
+                wall_s=round(m.wall_s, 3),
+                peak_rss_mb=round(m.peak_rss_mb, 1),
+                peak_anon_mb=round(m.peak_anon_mb, 1),
+                ru_maxrss_mb=round(m.ru_maxrss_mb, 1),
+                cpu_s=round(m.cpu_s, 2),
+                major_faults=m.major_faults,
+                bytes_read=bytes_read,
+                bytes_written=out_bytes(out),
+            )
             if m.rc != 0:
                 tail = m.stderr_tail.strip()
                 run.error = f"exit {m.rc}: {tail.splitlines()[-1] if tail else ''}"
@@ -335,15 +372,21 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
                 run.merge_s = float(t["merge_seconds"])
                 run.extra = {k: t[k] for k in ("bytes_read", "bytes_written") if k in t}
             results.append(run)
-            log(f"[{size}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
+            log(
+                f"[{size}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
                 + (f", merge {run.merge_s:.2f} s" if run.merge_s is not None else "")
                 + f", peak RSS {m.peak_rss_mb:5.0f} MB (anon {m.peak_anon_mb:5.0f} MB)"
-                + f", {m.major_faults} major faults" + ("" if run.ok else f"  FAILED {run.error}"))
+                + f", {m.major_faults} major faults"
+                + ("" if run.ok else f"  FAILED {run.error}")
+            )
             shutil.rmtree(out, ignore_errors=True)
             timings.unlink(missing_ok=True)
             os.sync()
     read_pass = read_pass_seconds(pool.checkpoints)
-    log(f"[{size}] read-only pass over the inputs: {read_pass:.3f} s ({bytes_read / read_pass / 1e9:.2f} GB/s)")
+    log(
+        f"[{size}] read-only pass over the inputs: {read_pass:.3f} s "
+        f"({bytes_read / read_pass / 1e9:.2f} GB/s)"
+    )
     for run in results:
         run.extra["read_pass_s"] = round(read_pass, 4)
     return results
@@ -354,8 +397,10 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
 
 def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
     rows = []
-    keys = sorted({(r.size, r.tool) for r in runs},
-                  key=lambda k: (make_pool.SHAPES[k[0]].n_params(), k[1] != "recycler"))
+    keys = sorted(
+        {(r.size, r.tool) for r in runs},
+        key=lambda k: (make_pool.SHAPES[k[0]].n_params(), k[1] != "recycler"),
+    )
     for size, tool in keys:
         ok = [r for r in runs if r.size == size and r.tool == tool and r.ok]
         failed = [r for r in runs if r.size == size and r.tool == tool and not r.ok]
@@ -382,20 +427,33 @@ def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
             merges = [r.merge_s for r in ok if r.merge_s]
             if merges:
                 m = statistics.median(merges)
-                row.update(merge_median_s=round(m, 3), merge_min_s=round(min(merges), 3),
-                           gbs_merge=round(moved / m / 1e9, 3),
-                           bw_fraction_merge=round(moved / m / 1e9 / bandwidth, 3),
-                           gbs_merge_best=round(moved / min(merges) / 1e9, 3),
-                           bw_fraction_merge_best=round(moved / min(merges) / 1e9 / bandwidth, 3))
+                row.update(
+                    merge_median_s=round(m, 3),
+                    merge_min_s=round(min(merges), 3),
+                    gbs_merge=round(moved / m / 1e9, 3),
+                    bw_fraction_merge=round(moved / m / 1e9 / bandwidth, 3),
+                    gbs_merge_best=round(moved / min(merges) / 1e9, 3),
+                    bw_fraction_merge_best=round(moved / min(merges) / 1e9 / bandwidth, 3),
+                )
             read_pass = ok[0].extra.get("read_pass_s")
             if read_pass:
-                row.update(read_pass_s=read_pass, read_pass_gbs=round(ok[0].bytes_read / read_pass / 1e9, 2))
+                row.update(
+                    read_pass_s=read_pass,
+                    read_pass_gbs=round(ok[0].bytes_read / read_pass / 1e9, 2),
+                )
                 if merges:
                     row["merge_over_read_pass"] = round(min(merges) / read_pass, 2)
         rows.append(row)
     for row in rows:
-        other = next((r for r in rows if r["size"] == row["size"] and r["tool"] == "mergekit"), None)
-        if row["tool"] == "recycler" and other and "wall_median_s" in row and "wall_median_s" in other:
+        other = next(
+            (r for r in rows if r["size"] == row["size"] and r["tool"] == "mergekit"), None
+        )
+        if (
+            row["tool"] == "recycler"
+            and other
+            and "wall_median_s" in row
+            and "wall_median_s" in other
+        ):
             row["speedup_vs_mergekit"] = round(other["wall_median_s"] / row["wall_median_s"], 2)
             row["speedup_vs_mergekit_best"] = round(other["wall_min_s"] / row["wall_min_s"], 2)
             if row["cpu_median_s"] > 0 and other["cpu_median_s"] > 0:
@@ -410,11 +468,22 @@ def _fmt(v: Any, spec: str = "") -> str:
     return format(v, spec) if spec else str(v)
 
 
-def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list[dict[str, Any]],
-                 runs: list[Run], notes: list[str]) -> None:
+def write_report(
+    out: Path,
+    info: dict[str, Any],
+    bw: dict[str, Any],
+    rows: list[dict[str, Any]],
+    runs: list[Run],
+    notes: list[str],
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "bandwidth": bw, "summary": rows, "runs": [asdict(r) for r in runs],
-               "notes": notes}
+    payload = {
+        "machine": info,
+        "bandwidth": bw,
+        "summary": rows,
+        "runs": [asdict(r) for r in runs],
+        "notes": notes,
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         fields = [k for k in asdict(runs[0]) if k != "extra"] if runs else []
@@ -431,10 +500,12 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
         "",
         "## Machine",
         "",
-        f"- CPU: {info['cpu']} — {info['logical_cores']} logical cores ({info['physical_cores']} physical), "
+        f"- CPU: {info['cpu']} — {info['logical_cores']} logical cores ({info['physical_cores']} "
+        "physical), "
         f"{info['ram_gb']} GB RAM ({info['available_ram_gb']} GB available at start)",
         f"- load average at start {', '.join(f'{x:.2f}' for x in info['loadavg_start'])}; "
-        f"at end {', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))} (the machine is shared)",
+        f"at end {', '.join(f'{x:.2f}' for x in info.get('loadavg_end', []))} (the machine is "
+        "shared)",
         f"- Python {info['python']}, torch {info['torch']} ({info['torch_threads']} threads), "
         f"recycler {info['recycler']}, mergekit: {info['mergekit'] or 'not installed'}",
         f"- streaming memory bandwidth (read + write bytes, best of 5; before / after the merges): "
@@ -445,24 +516,32 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
         "",
         "## Results",
         "",
-        "| size | tool | runs | wall s (median, min–max) | CPU s | in-process merge s | peak RSS MB "
+        "| size | tool | runs | wall s (median, min–max) | CPU s | in-process merge s | peak RSS "
+        "MB "
         "| peak anon RSS MB | GB/s (wall) | GB/s (merge) | bandwidth fraction (wall / merge) "
         "| speedup vs mergekit (wall / CPU) | RSS vs mergekit |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "wall_median_s" not in r:
-            lines.append(f"| {r['size']} | {r['tool']} | 0 ({r['failed']} failed) | {r.get('error', '')} "
-                         "| | | | | | | | | |")
+            lines.append(
+                f"| {r['size']} | {r['tool']} | 0 ({r['failed']} failed) | {r.get('error', '')} "
+                "| | | | | | | | | |"
+            )
             continue
-        frac = f"{r['bw_fraction_wall']:.1%}" + (f" / {r['bw_fraction_merge']:.1%}" if "bw_fraction_merge" in r else "")
+        frac = f"{r['bw_fraction_wall']:.1%}" + (
+            f" / {r['bw_fraction_merge']:.1%}" if "bw_fraction_merge" in r else ""
+        )
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         speed = "–"
         if "speedup_vs_mergekit" in r:
-            speed = f"{r['speedup_vs_mergekit']:.2f}x / {_fmt(r.get('cpu_ratio_vs_mergekit'), '.2f')}x"
+            speed = (
+                f"{r['speedup_vs_mergekit']:.2f}x / {_fmt(r.get('cpu_ratio_vs_mergekit'), '.2f')}x"
+            )
         lines.append(
             f"| {r['size']} | {r['tool']} | {r['runs']}{failed} "
-            f"| {r['wall_median_s']:.2f} ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | {r['cpu_median_s']:.2f} "
+            f"| {r['wall_median_s']:.2f} ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | "
+            f"{r['cpu_median_s']:.2f} "
             f"| {_fmt(r.get('merge_median_s'), '.2f')} | {r['peak_rss_mb']} | {r['peak_anon_mb']} "
             f"| {r['gbs_wall']:.2f} | {_fmt(r.get('gbs_merge'), '.2f')} | {frac} "
             f"| {speed} "
@@ -470,10 +549,12 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
         )
     lines += [
         "",
-        "Best runs (min wall and min in-process merge time of each tool; the fairer view when other work "
+        "Best runs (min wall and min in-process merge time of each tool; the fairer view when "
+        "other work "
         "shares the machine):",
         "",
-        "| size | tool | min wall s | GB/s (min wall) | min merge s | GB/s (min merge) | bandwidth fraction "
+        "| size | tool | min wall s | GB/s (min wall) | min merge s | GB/s (min merge) | bandwidth "
+        "fraction "
         "(min merge) | speedup vs mergekit (min wall) |",
         "|---|---|---|---|---|---|---|---|",
     ]
@@ -481,31 +562,45 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
         if "wall_min_s" not in r:
             continue
         best_frac = f"{r['bw_fraction_merge_best']:.1%}" if "bw_fraction_merge_best" in r else "–"
-        best_speed = f"{r['speedup_vs_mergekit_best']:.2f}x" if "speedup_vs_mergekit_best" in r else "–"
+        best_speed = (
+            f"{r['speedup_vs_mergekit_best']:.2f}x" if "speedup_vs_mergekit_best" in r else "–"
+        )
         lines.append(
             f"| {r['size']} | {r['tool']} | {r['wall_min_s']:.2f} | {r['gbs_wall_best']:.2f} "
-            f"| {_fmt(r.get('merge_min_s'), '.2f')} | {_fmt(r.get('gbs_merge_best'), '.2f')} | {best_frac} "
+            f"| {_fmt(r.get('merge_min_s'), '.2f')} | {_fmt(r.get('gbs_merge_best'), '.2f')} | "
+            f"{best_frac} "
             f"| {best_speed} |"
         )
     floors = [r for r in rows if "merge_over_read_pass" in r]
     if floors:
         lines += [
             "",
-            "Reading the inputs alone: one read-only pass over every input tensor, read as recycler's merge reads "
-            "them (pread from the page cache into a cache-sized buffer per thread, on the merge's threads), best of 3, "
+            "Reading the inputs alone: one read-only pass over every input tensor, read as "
+            "recycler's merge reads "
+            "them (pread from the page cache into a cache-sized buffer per thread, on the merge's "
+            "threads), best of 3, "
             "against the best in-process merge, which also computes and writes the output:",
             "",
-            "| size | input bytes | read-only pass s | its GB/s | min merge s | merge / read-only pass |",
+            "| size | input bytes | read-only pass s | its GB/s | min merge s | merge / read-only "
+            "pass |",
             "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {r['size']} | {r['bytes_read']:,} | {r['read_pass_s']:.3f} | {r['read_pass_gbs']:.2f} "
-                  f"| {r['merge_min_s']:.3f} | {r['merge_over_read_pass']:.2f}x |" for r in floors]
+        lines += [
+            f"| {r['size']} | {r['bytes_read']:,} | {r['read_pass_s']:.3f} | "
+            f"{r['read_pass_gbs']:.2f} "
+            f"| {r['merge_min_s']:.3f} | {r['merge_over_read_pass']:.2f}x |"
+            for r in floors
+        ]
     cores = info["logical_cores"] or 1
     load = max([*info["loadavg_start"][:1], *info.get("loadavg_end", [])[:1]])
     if load > 0.5 * cores:
-        lines += ["", f"**Note:** the 1-minute load average reached {load:.1f} on {cores} cores during this run "
-                  "(other work on a shared machine): wall times and bandwidth figures are disturbed; CPU "
-                  "seconds and the min wall times are the steadier comparison."]
+        lines += [
+            "",
+            f"**Note:** the 1-minute load average reached {load:.1f} on {cores} cores during this "
+            "run "
+            "(other work on a shared machine): wall times and bandwidth figures are disturbed; CPU "
+            "seconds and the min wall times are the steadier comparison.",
+        ]
     lines += ["", "## How it was measured", ""]
     lines += [f"- {n}" for n in notes]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -513,18 +608,29 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sizes", default="60M,440M", help=f"comma-separated, of {sorted(make_pool.SHAPES)}")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each tool per size (default 3)")
+    parser.add_argument(
+        "--sizes", default="60M,440M", help=f"comma-separated, of {sorted(make_pool.SHAPES)}"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs of each tool per size (default 3)"
+    )
     parser.add_argument("--pools-dir", type=Path, default=HERE / "_pools")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_merge",
-                        help="report path without suffix (.md, .json and .csv are written)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results" / "bench_merge",
+        help="report path without suffix (.md, .json and .csv are written)",
+    )
     parser.add_argument("--no-mergekit", action="store_true", help="measure recycler only")
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in make_pool.SHAPES]
     if unknown or args.runs < 1:
-        parser.error(f"unknown size(s) {unknown}; choose from {sorted(make_pool.SHAPES)}" if unknown
-                     else "--runs must be >= 1")
+        parser.error(
+            f"unknown size(s) {unknown}; choose from {sorted(make_pool.SHAPES)}"
+            if unknown
+            else "--runs must be >= 1"
+        )
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -541,13 +647,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif MERGEKIT_YAML.is_file():
         tools.append("mergekit")
     else:
-        msg = (f"mergekit not measured: {MERGEKIT_YAML} not found (run experiments/mergekit_env.sh); "
-               "recycler only, no ratios.")
+        msg = (
+            f"mergekit not measured: {MERGEKIT_YAML} not found (run experiments/mergekit_env.sh); "
+            "recycler only, no ratios."
+        )
         notes.append(msg)
         log(msg)
 
     info = machine_info()
-    log(f"machine: {info['cpu']}, {info['logical_cores']} cores, {info['ram_gb']} GB; load {info['loadavg_start']}")
+    log(
+        f"machine: {info['cpu']}, {info['logical_cores']} cores, {info['ram_gb']} GB; load "
+        f"{info['loadavg_start']}"
+    )
     bw_before = measure_bandwidth()
     log(f"memory bandwidth: {bw_before}")
     runs: list[Run] = []
@@ -561,23 +672,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = summarize(runs, bound)
     notes += [
         "Pools: 4 checkpoints per size, bf16, random weights (seeded), written by transformers' "
-        "`save_pretrained` (experiments/make_pool.py), cached in experiments/_pools/. Recipe: linear, "
+        "`save_pretrained` (experiments/make_pool.py), cached in experiments/_pools/. Recipe: "
+        "linear, "
         f"weights {list(WEIGHTS)}, normalize true, dtype bfloat16.",
         "Commands: `python -m recycler.cli merge RECIPE OUT` and "
-        "`mergekit-yaml RECIPE OUT --no-copy-tokenizer --quiet` (mergekit 0.1.5's defaults otherwise: "
+        "`mergekit-yaml RECIPE OUT --no-copy-tokenizer --quiet` (mergekit 0.1.5's defaults "
+        "otherwise: "
         "no --lazy-unpickle needed for safetensors, no --async-write, default threads).",
-        "Page cache: inputs read once before timing, so both tools read them from memory; caches are not "
-        "dropped (shared machine). Each output is deleted and `sync` is run between runs, outside the timing. "
+        "Page cache: inputs read once before timing, so both tools read them from memory; caches "
+        "are not "
+        "dropped (shared machine). Each output is deleted and `sync` is run between runs, outside "
+        "the timing. "
         "Run order alternates every round.",
-        "Wall time: process start to exit (interpreter start and imports included). In-process merge s: "
-        "recycler's own figure (RECYCLER_TIMINGS_JSON), reading + merging + writing, process start excluded.",
-        "GB/s = (bytes of input safetensors + bytes of output safetensors) / seconds. Bandwidth fraction = "
+        "Wall time: process start to exit (interpreter start and imports included). In-process "
+        "merge s: "
+        "recycler's own figure (RECYCLER_TIMINGS_JSON), reading + merging + writing, process start "
+        "excluded.",
+        "GB/s = (bytes of input safetensors + bytes of output safetensors) / seconds. Bandwidth "
+        "fraction = "
         "that / the bound above (read + write bytes, the same accounting).",
-        "CPU s: user + system seconds of the tool's process (GNU time), the figure least disturbed by "
-        "other work on a shared machine. Major faults: page faults served from disk (0 means the inputs "
+        "CPU s: user + system seconds of the tool's process (GNU time), the figure least disturbed "
+        "by "
+        "other work on a shared machine. Major faults: page faults served from disk (0 means the "
+        "inputs "
         "were read from the page cache).",
-        "Peak RSS: max of the polled (every 20 ms) RSS summed over the process tree and the kernel's "
-        "ru_maxrss; RSS counts memory-mapped input pages that are resident. Peak anon RSS counts only "
+        "Peak RSS: max of the polled (every 20 ms) RSS summed over the process tree and the "
+        "kernel's "
+        "ru_maxrss; RSS counts memory-mapped input pages that are resident. Peak anon RSS counts "
+        "only "
         "anonymous memory (RssAnon), i.e. what the process allocated itself.",
     ]
     write_report(args.out, info, bw, rows, runs, notes)

@@ -1,4 +1,5 @@
-"""Ray measurements on the demo pools (`make bench`): where the merge happens and what a search costs.
+"""Ray measurements on the demo pools (`make bench`): where the merge happens and what a search
+costs.
 
 For each pool size (micro, small), with a real local Ray cluster:
 
@@ -117,11 +118,23 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
-        checkpoints=tuple(m["model"] for m in recipe["models"]), base=str(zoo / "base"),
-        model_dir=str(zoo / "base"), tasks_dir=str(zoo / "tasks"), tasks=("zoo_inc",), limit=4,
-        batch_size=32, dtype=dtype,
+        checkpoints=tuple(m["model"] for m in recipe["models"]),
+        base=str(zoo / "base"),
+        model_dir=str(zoo / "base"),
+        tasks_dir=str(zoo / "tasks"),
+        tasks=("zoo_inc",),
+        limit=4,
+        batch_size=32,
+        dtype=dtype,
     )
-    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=shard_workers, merge_method="linear")
+    ev = RayEvaluator(
+        cfg,
+        address=None,
+        n_workers=1,
+        gpus_per_worker=0,
+        shard_workers=shard_workers,
+        merge_method="linear",
+    )
     try:
         times = []
         for i in range(repeats + 1):
@@ -135,22 +148,29 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
         ev.close()
 
 
-def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None) -> dict[str, Any]:
+def search(
+    zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None
+) -> dict[str, Any]:
     """One search from scratch; its SQLite file in its own folder, or in `storage_dir`."""
     from recycler.commands.search import run_search
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     db = (storage_dir or work) / f"bench-ray-{os.getpid()}-{eval_workers}.db"
     try:
-        # The zoo's study, read from the temporary folder: paths absolute, storage and budget its own.
+        # The zoo's study, read from the temporary folder: paths absolute, storage and
+        # budget its own.
         zoo_study = load_study_spec(zoo / "study.yaml").relocated()
-        bench = zoo_study.model_copy(update={
-            "name": f"bench-{eval_workers}",
-            "storage": f"sqlite:///{db}",
-            "eval": zoo_study.eval.model_copy(update={"tasks_dir": zoo_study.tasks_dir}),
-            "search": zoo_study.search.model_copy(update={"n_trials": trials, "baselines": ["uniform"]}),
-            "cluster": zoo_study.cluster.model_copy(update={"eval_workers": eval_workers}),
-        })
+        bench = zoo_study.model_copy(
+            update={
+                "name": f"bench-{eval_workers}",
+                "storage": f"sqlite:///{db}",
+                "eval": zoo_study.eval.model_copy(update={"tasks_dir": zoo_study.tasks_dir}),
+                "search": zoo_study.search.model_copy(
+                    update={"n_trials": trials, "baselines": ["uniform"]}
+                ),
+                "cluster": zoo_study.cluster.model_copy(update={"eval_workers": eval_workers}),
+            }
+        )
         study = bench.write(work / "study.yaml")
         with TreeWrites() as writes:
             start = time.perf_counter()
@@ -172,7 +192,9 @@ def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None =
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"])
+    parser.add_argument(
+        "--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"]
+    )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -189,7 +211,9 @@ def main() -> int:
         row: dict[str, Any] = {"size": size, "dtype": dtype}
         row["merge_one_process_s"] = round(merge_in_one_process(zoo, dtype, args.repeats), 4)
         for shards in (1, 2):
-            row[f"merge_ray_{shards}_shards_s"] = round(merge_on_ray(zoo, dtype, shards, args.repeats), 4)
+            row[f"merge_ray_{shards}_shards_s"] = round(
+                merge_on_ray(zoo, dtype, shards, args.repeats), 4
+            )
         row["searches"] = [search(zoo, workers, args.trials) for workers in (1, 2)]
         if RAM_DISK.is_dir():
             row["searches"].append(search(zoo, 1, args.trials, storage_dir=RAM_DISK))
@@ -207,7 +231,8 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
         "# Ray: merge placement and search cost on the demo pools",
         "",
         f"Written by `experiments/bench_ray.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, load at the end {load}; "
+        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, load at the "
+        f"end {load}; "
         f"a real local Ray cluster; medians of {args.repeats} merges after one warm-up.",
         "",
         "## Recipe → merged weights inside the evaluation model",
@@ -217,20 +242,24 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     ]
     for r in rows:
         lines.append(
-            f"| {r['size']} | {r['dtype']} | {r['merge_one_process_s']:.4f} | {r['merge_ray_1_shards_s']:.4f} | {r['merge_ray_2_shards_s']:.4f} |"
+            f"| {r['size']} | {r['dtype']} | {r['merge_one_process_s']:.4f} | "
+            f"{r['merge_ray_1_shards_s']:.4f} | {r['merge_ray_2_shards_s']:.4f} |"
         )
     lines += [
         "",
         "## A search: throughput and bytes written to disk",
         "",
-        "| pool | evaluation workers | study storage | trials | wall s | trials / min | bytes written by the process tree | study SQLite file bytes |",
+        "| pool | evaluation workers | study storage | trials | wall s | trials / min | bytes "
+        "written by the process tree | study SQLite file bytes |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         for s in r["searches"]:
             lines.append(
-                f"| {r['size']} | {s['eval_workers']} | {'RAM disk' if s['storage_in_ram'] else 'disk'} | {s['trials']} | "
-                f"{s['wall_s']} | {s['trials_per_min']} | {s['bytes_written_tree']:,} | {s['storage_bytes']:,} |"
+                f"| {r['size']} | {s['eval_workers']} | "
+                f"{'RAM disk' if s['storage_in_ram'] else 'disk'} | {s['trials']} | "
+                f"{s['wall_s']} | {s['trials_per_min']} | {s['bytes_written_tree']:,} | "
+                f"{s['storage_bytes']:,} |"
             )
     lines += [
         "",

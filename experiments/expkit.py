@@ -50,7 +50,8 @@ one_thread = quiet_libraries
 
 
 def ensure_pool(workdir: Path, size: str, seed: int, say: Clock) -> Path:
-    """The demo pool of this size and seed under `workdir`, built on first use (cached afterwards)."""
+    """The demo pool of this size and seed under `workdir`, built on first use (cached
+    afterwards)."""
     from recycler.zoo.build import build_zoo, read_marker
 
     out = Path(workdir) / f"zoo-{size}-seed{seed}"
@@ -70,13 +71,19 @@ def runs_in(zoo: Path, sub: str) -> dict[str, list[Path]]:
     return out
 
 
-def linear_merge(paths: Sequence[Path], weights: Sequence[float], base: Path | None) -> dict[str, torch.Tensor]:
+def linear_merge(
+    paths: Sequence[Path], weights: Sequence[float], base: Path | None
+) -> dict[str, torch.Tensor]:
     """Σ w_i θ_i / Σ w_i in float32 through recycler's engine; adapters read as base + delta."""
     return merge(paths, weights, base, "linear", {"normalize": True})
 
 
 def merge(
-    paths: Sequence[Path], weights: Sequence[float], base: Path | None, method: str, parameters: Mapping[str, Any]
+    paths: Sequence[Path],
+    weights: Sequence[float],
+    base: Path | None,
+    method: str,
+    parameters: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
     recipe = Recipe(
         merge_method=method,
@@ -92,7 +99,8 @@ def merge(
 
 
 class TestScorer:
-    """Scores weight sets on the zoo's TEST split: skill -> acc, plus the means the experiments report."""
+    """Scores weight sets on the zoo's TEST split: skill -> acc, plus the means the experiments
+    report."""
 
     def __init__(self, zoo: Path) -> None:
         from recycler.zoo.scoring import Scorer
@@ -100,8 +108,11 @@ class TestScorer:
         self.scorer = Scorer(zoo)
         self.evaluations = 0
 
-    def score(self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = (), split: str = "test") -> dict[str, float]:
-        """inc..sort accuracies, `mean4` (the four trained skills), `zoo_mean` (all five, the zoo group),
+    def score(
+        self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = (), split: str = "test"
+    ) -> dict[str, float]:
+        """inc..sort accuracies, `mean4` (the four trained skills), `zoo_mean` (all five, the zoo
+        group),
         and `own_mean` (the skills in `own`, e.g. the run's training mixture); on the test split
         unless told (the searches' experiments also choose on dev)."""
         out = self.scorer.score(weights, splits=(split,))[split]
@@ -134,7 +145,9 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        w.writerows(
+            {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        )
 
 
 def save_figure(fig: Any, path: Path) -> None:
@@ -156,6 +169,7 @@ def machine_note(seconds: float, n_seeds: int, built: int) -> str:
     import os
 
     return (
-        f"Measured: {seconds:.0f} s wall for {n_seeds} seed(s) on this machine ({os.cpu_count()} cores, shared), "
+        f"Measured: {seconds:.0f} s wall for {n_seeds} seed(s) on this machine ({os.cpu_count()} "
+        "cores, shared), "
         f"{built} pool(s) built during the run; one torch thread. Command: `{' '.join(sys.argv)}`."
     )

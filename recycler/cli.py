@@ -33,7 +33,7 @@ class _Parser(argparse.ArgumentParser):
 COMMANDS: dict[str, str] = {
     "merge": "Merge checkpoints with a mergekit-style recipe into a HF model directory.",
     "fisher": "Estimate a checkpoint's diagonal Fisher from a text/jsonl file; "
-              "writes fisher.safetensors beside it.",
+    "writes fisher.safetensors beside it.",
     "zoo": "The built-in demo pool.",
     "search": "Run, or resume, a study.",
     "front": "Print the Pareto front of a study.",

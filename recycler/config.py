@@ -70,7 +70,9 @@ class PoolSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = "linear"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = (
+        "linear"
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     params: dict[str, float | int | bool] = Field(default_factory=dict)
 
@@ -124,15 +126,21 @@ class SearchSpec(_Strict):
             if old not in data:
                 continue
             if new in data:
-                raise _KeyError(f"search.{old}", f"renamed to search.{new}, which is also given: keep one")
-            _note_once(f"search.{old} is now called search.{new}; the study file still reads as before")
+                raise _KeyError(
+                    f"search.{old}", f"renamed to search.{new}, which is also given: keep one"
+                )
+            _note_once(
+                f"search.{old} is now called search.{new}; the study file still reads as before"
+            )
             data = {(new if k == old else k): v for k, v in data.items()}
         return data
 
     @field_validator("granularity")
     @classmethod
     def _granularity(cls, value: str) -> str:
-        return _matching(_GRANULARITY, value, "must be model, blocks or layers:K with K a positive integer")
+        return _matching(
+            _GRANULARITY, value, "must be model, blocks or layers:K with K a positive integer"
+        )
 
     @field_validator("bounds")
     @classmethod
@@ -156,11 +164,14 @@ class SearchSpec(_Strict):
                 low, high = TUNABLE[item][0]
                 out.append({"name": item, "low": low, "high": high})
             elif isinstance(item, dict) and len(item) == 1:
-                (name, rng), = item.items()
+                ((name, rng),) = item.items()
                 if name not in TUNABLE:
                     raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(TUNABLE)}")
-                if not (isinstance(rng, list | tuple) and len(rng) == 2
-                        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)):
+                if not (
+                    isinstance(rng, list | tuple)
+                    and len(rng) == 2
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)
+                ):
                     raise ValueError(f"{name}: range must be [low, high]")
                 if not rng[0] < rng[1]:
                     raise ValueError(f"{name}: range must have low < high, got {list(rng)}")
@@ -184,7 +195,9 @@ class SearchSpec(_Strict):
     @property
     def scalarised(self) -> bool:
         """True when the study optimises the macro-average instead of a Pareto set."""
-        return self.objective == "macro_average" or (self.objective is None and self.sampler == "cmaes")
+        return self.objective == "macro_average" or (
+            self.objective is None and self.sampler == "cmaes"
+        )
 
     @property
     def layer_groups(self) -> int | None:
@@ -202,7 +215,7 @@ class SearchSpec(_Strict):
         """The baselines with `mwa` expanded into its two variants, in enqueue order."""
         out: list[str] = []
         for baseline in self.baselines:
-            for name in (("mwa_loss", "mwa_step") if baseline == "mwa" else (baseline,)):
+            for name in ("mwa_loss", "mwa_step") if baseline == "mwa" else (baseline,):
                 if name not in out:
                     out.append(name)
         return out
@@ -218,7 +231,11 @@ class ObjectiveSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _matching(_OBJECTIVE_NAME, value, "must start with a letter or _ and hold only letters, digits, _ . -")
+        return _matching(
+            _OBJECTIVE_NAME,
+            value,
+            "must start with a letter or _ and hold only letters, digits, _ . -",
+        )
 
 
 class EvalSpec(_Strict):
@@ -280,7 +297,9 @@ class StudySpec(_Strict):
                     "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
                 )
         if self.search.sampler == "cmaes" and self.search.objective == "pareto":
-            raise _KeyError("search.objective", "cmaes optimises one value: use macro_average or leave it out")
+            raise _KeyError(
+                "search.objective", "cmaes optimises one value: use macro_average or leave it out"
+            )
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
             raise _KeyError("search.bounds", "only used with weights: box")
         if self.eval.split == "test":
@@ -339,10 +358,12 @@ class StudySpec(_Strict):
                 return text
             return os.path.normpath(self.root / text)
 
-        pool = self.pool.model_copy(update={
-            "checkpoints": [absolute(c) for c in self.pool.checkpoints],
-            **({} if self.pool.base is None else {"base": Path(absolute(str(self.pool.base)))}),
-        })
+        pool = self.pool.model_copy(
+            update={
+                "checkpoints": [absolute(c) for c in self.pool.checkpoints],
+                **({} if self.pool.base is None else {"base": Path(absolute(str(self.pool.base)))}),
+            }
+        )
         update: dict[str, Any] = {"pool": pool}
         if self.storage_url != self.storage:
             update["storage"] = self.storage_url
@@ -353,7 +374,9 @@ class StudySpec(_Strict):
 
     def to_yaml(self, header: str = "") -> str:
         """The study file's text: the keys it was given (defaults left out), after `header`."""
-        return header + yaml.safe_dump(self.model_dump(mode="json", exclude_unset=True), sort_keys=False)
+        return header + yaml.safe_dump(
+            self.model_dump(mode="json", exclude_unset=True), sort_keys=False
+        )
 
     def write(self, path: Path, header: str = "") -> Path:
         """Write the study file; an identical file is left untouched (its time stamp too)."""
@@ -368,7 +391,7 @@ def resolve_storage_url(url: str, root: Path) -> str:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
         return url
-    rest = url[len(prefix):]
+    rest = url[len(prefix) :]
     if rest.startswith("/") or rest.startswith(":memory:"):
         return url
     return prefix + str((root / rest).resolve())
@@ -434,7 +457,11 @@ def parse_study_spec(data: Any, path: Path, *, check_folders: bool = True) -> St
         raise RecyclerError(f"{path}: {key}: {message}{more}") from None
     if check_folders:
         for key, folder in spec.missing_folders():
-            what = "no such folder" if key == "eval.tasks_dir" else "no such folder for the SQLite file"
+            what = (
+                "no such folder"
+                if key == "eval.tasks_dir"
+                else "no such folder for the SQLite file"
+            )
             raise RecyclerError(f"{path}: {key}: {what}: {folder}")
     return spec
 

@@ -28,7 +28,8 @@ def _zoo_source_hash() -> str:
 
 @pytest.fixture(scope="session")
 def micro_zoo() -> Path:
-    """A complete micro zoo (DIR with base/, checkpoints/, adapters/, tasks/, study.yaml, scores.json).
+    """A complete micro zoo (DIR with base/, checkpoints/, adapters/, tasks/, study.yaml,
+    scores.json).
 
     Treat it as read-only: it is shared by every test and every later run.
     """

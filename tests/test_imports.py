@@ -42,12 +42,23 @@ def imported(path: Path) -> Iterator[str]:
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
             yield from (a.name for a in node.names if a.name.split(".")[0] == "recycler")
-        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "recycler":
+        elif (
+            isinstance(node, ast.ImportFrom)
+            and node.module
+            and node.module.split(".")[0] == "recycler"
+        ):
             yield node.module
-            yield from (f"{node.module}.{a.name}" for a in node.names if f"{node.module}.{a.name}" in MODULES)
+            yield from (
+                f"{node.module}.{a.name}"
+                for a in node.names
+                if f"{node.module}.{a.name}" in MODULES
+            )
 
 
-GRAPH = {name: {m for m in imported(path) if m in MODULES and m != name} for name, path in MODULES.items()}
+GRAPH = {
+    name: {m for m in imported(path) if m in MODULES and m != name}
+    for name, path in MODULES.items()
+}
 
 
 def part(module: str) -> str:

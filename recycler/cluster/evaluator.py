@@ -86,12 +86,16 @@ class RayEvaluator:
         shard plan for `merge_method` (`max_piece_bytes` caps a piece, else a fair share);
         the evaluation workers then hold only the model. `placement`: see the module doc."""
         if placement not in PLACEMENTS:
-            raise RecyclerError(f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+            raise RecyclerError(
+                f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}"
+            )
         self._idle: list[Any] = []
         self._pending: dict[Any, tuple[int, Any]] = {}
         self._shards: list[Any] = []
         self._placement_group: Any = None
-        self._bundle_of: dict[Any, int] = {}  # evaluation worker → its bundle in the placement group
+        self._bundle_of: dict[
+            Any, int
+        ] = {}  # evaluation worker → its bundle in the placement group
         self._started = start_ray(address)
         sharded = shard_workers > 1
         self.cfg = WorkerConfig(**{**cfg.__dict__, "hold_pool": False}) if sharded else cfg
@@ -119,10 +123,15 @@ class RayEvaluator:
         n_shards = shard_workers if sharded else 0
         try:
             if placement != "none":
-                bundle = {"CPU": self.cpus_per_worker, **({"GPU": gpus_per_worker} if gpus_per_worker else {})}
+                bundle = {
+                    "CPU": self.cpus_per_worker,
+                    **({"GPU": gpus_per_worker} if gpus_per_worker else {}),
+                }
                 self._placement_group = reserve(placement, actors, bundle, placement_timeout_s)
             if sharded:
-                self._shards, self.shard_infos = self._start_shards(shard_workers, merge_method, max_piece_bytes)
+                self._shards, self.shard_infos = self._start_shards(
+                    shard_workers, merge_method, max_piece_bytes
+                )
             self._idle = [self._spawn(n_shards + i) for i in range(n_workers)]
             self.infos = self._wait_ready(self._idle)
         except BaseException:
@@ -133,16 +142,23 @@ class RayEvaluator:
         self, n_shards: int, merge_method: str, max_piece_bytes: int | None
     ) -> tuple[list[Any], list[dict[str, Any]]]:
         pool = Pool.open(list(self.cfg.checkpoints), self.cfg.base)  # headers only
-        self.plan = plan_shards(pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes)
+        self.plan = plan_shards(
+            pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes
+        )
         remote: Any = ray.remote(ShardWorker)
         shards: list[Any] = [
             # A shard worker that dies is restarted (reloading its pieces) and the merge it
             # was serving is retried once, like an evaluation worker's trial.
             remote.options(
-                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1,
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self.gpus_per_worker,
+                max_restarts=2,
+                max_task_retries=1,
                 **in_bundle(self._placement_group, i),
             ).remote(
-                ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
+                ShardConfig(
+                    self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads
+                )
             )
             for i, pieces in enumerate(self.plan.shards)
         ]
@@ -170,8 +186,12 @@ class RayEvaluator:
             device="cuda" if gpus > 0 else "cpu",
         )
         return cls(
-            cfg, address=spec.cluster.address, n_workers=spec.cluster.eval_workers, gpus_per_worker=gpus,
-            shard_workers=spec.cluster.shard_workers, merge_method=spec.merge.method,
+            cfg,
+            address=spec.cluster.address,
+            n_workers=spec.cluster.eval_workers,
+            gpus_per_worker=gpus,
+            shard_workers=spec.cluster.shard_workers,
+            merge_method=spec.merge.method,
             placement=spec.cluster.placement,
         )
 
@@ -199,12 +219,17 @@ class RayEvaluator:
 
     def submit(self, ticket: int, recipe_dict: dict[str, Any], split: str) -> None:
         if not self._idle:
-            raise RuntimeError("submit with every worker busy: the caller keeps one trial per worker")
+            raise RuntimeError(
+                "submit with every worker busy: the caller keeps one trial per worker"
+            )
         actor = self._idle.pop()
         try:
             recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
         except RecyclerError as exc:  # a failed evaluation like any other: the study goes on
-            self._pending[ray.put(EvalResult(ok=False, error=describe_failure(exc)))] = (ticket, actor)
+            self._pending[ray.put(EvalResult(ok=False, error=describe_failure(exc)))] = (
+                ticket,
+                actor,
+            )
             return
         if self._shards:
             # Every shard worker merges its pieces; the evaluation worker fetches them (nested
@@ -219,8 +244,15 @@ class RayEvaluator:
         if not self._pending:
             return []
         ready, _ = ray.wait(list(self._pending), num_returns=1)
-        more, _ = ray.wait([r for r in self._pending if r not in ready], num_returns=len(self._pending) - 1, timeout=0) \
-            if len(self._pending) > 1 else ([], [])
+        more, _ = (
+            ray.wait(
+                [r for r in self._pending if r not in ready],
+                num_returns=len(self._pending) - 1,
+                timeout=0,
+            )
+            if len(self._pending) > 1
+            else ([], [])
+        )
         out: list[tuple[int, EvalResult]] = []
         for ref in [*ready, *more]:
             ticket, actor = self._pending.pop(ref)

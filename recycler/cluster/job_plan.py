@@ -115,7 +115,9 @@ def plan_job(study_path: Path, *, n_trials: int | None, excludes: Sequence[str] 
         if rel is not None:
             ignore.extend(_literal(rel) + suffix for suffix in ("", "-journal", "-wal", "-shm"))
     if job.eval.tasks_dir != spec.eval.tasks_dir:
-        notes.append(f"eval.tasks_dir: outside the study folder, read on the cluster at {job.eval.tasks_dir}")
+        notes.append(
+            f"eval.tasks_dir: outside the study folder, read on the cluster at {job.eval.tasks_dir}"
+        )
 
     ignore.extend(str(p) for p in excludes)
     header = (
@@ -152,11 +154,21 @@ def _validated_study(path: Path) -> tuple[StudySpec, list[str]]:
     notes = []
     for key, folder in spec.missing_folders():
         given = str(spec.eval.tasks_dir) if key == "eval.tasks_dir" else spec.storage
-        absolute = given.startswith(("/", "~")) if key == "eval.tasks_dir" else _is_absolute_sqlite(given)
+        absolute = (
+            given.startswith(("/", "~")) if key == "eval.tasks_dir" else _is_absolute_sqlite(given)
+        )
         if not absolute:
-            what = "no such folder" if key == "eval.tasks_dir" else "no such folder for the SQLite file"
+            what = (
+                "no such folder"
+                if key == "eval.tasks_dir"
+                else "no such folder for the SQLite file"
+            )
             raise RecyclerError(f"{path}: {key}: {what}: {folder}")
-        what = f"eval.tasks_dir {spec.eval.tasks_dir}" if key == "eval.tasks_dir" else f"storage folder {folder}"
+        what = (
+            f"eval.tasks_dir {spec.eval.tasks_dir}"
+            if key == "eval.tasks_dir"
+            else f"storage folder {folder}"
+        )
         notes.append(f"{what} is not on this machine: assumed to be on the cluster")
     return spec, notes
 
@@ -207,6 +219,9 @@ def staged_working_dir(plan: JobPlan) -> Iterator[Path]:
         (stage / plan.study_name).write_text(plan.study_text, encoding="utf-8")
         lines = ["# written by recycler submit", *plan.ignore_patterns]
         if user_ignore.is_file():
-            lines += ["# from the study folder's .rayignore", *user_ignore.read_text(encoding="utf-8").splitlines()]
+            lines += [
+                "# from the study folder's .rayignore",
+                *user_ignore.read_text(encoding="utf-8").splitlines(),
+            ]
         (stage / ".rayignore").write_text("\n".join(lines) + "\n", encoding="utf-8")
         yield stage

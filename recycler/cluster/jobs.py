@@ -47,13 +47,18 @@ _ERROR_PREFIX = "recycler: error: "
 # -- the cluster -------------------------------------------------------------------------
 
 
-def submit_job(plan: JobPlan, url: str, *, ship_package: bool = True) -> tuple[JobSubmissionClient, str]:
+def submit_job(
+    plan: JobPlan, url: str, *, ship_package: bool = True
+) -> tuple[JobSubmissionClient, str]:
     """Submit the planned job to the job server at `url`; the client and the job's id."""
     _quiet_ray_client_logs()
     with _talking_to(url):
         client = JobSubmissionClient(url)
         with staged_working_dir(plan) as stage:
-            runtime_env: dict[str, Any] = {"working_dir": str(stage), "excludes": list(PACKAGE_EXCLUDES)}
+            runtime_env: dict[str, Any] = {
+                "working_dir": str(stage),
+                "excludes": list(PACKAGE_EXCLUDES),
+            }
             if ship_package:
                 runtime_env["py_modules"] = [str(Path(recycler.__file__).resolve().parent)]
             job_id = client.submit_job(
@@ -72,13 +77,20 @@ def submit_job(plan: JobPlan, url: str, *, ship_package: bool = True) -> tuple[J
 def follow_job(client: JobSubmissionClient, job_id: str, url: str) -> None:
     """Stream a job's logs to stdout until it ends; return if it succeeded, exit non-zero if not
     (RecyclerError when the search on the cluster refused the study)."""
-    print("recycler: following the job's logs (Ctrl-C stops following, not the job)", file=sys.stderr, flush=True)
+    print(
+        "recycler: following the job's logs (Ctrl-C stops following, not the job)",
+        file=sys.stderr,
+        flush=True,
+    )
     with _talking_to(url):
         try:
             asyncio.run(_tail(client, job_id))
         except (RuntimeError, OSError, aiohttp.ClientError) as exc:
             # The log stream broke (a proxy closing websockets, a restart): poll instead.
-            print(f"recycler: note: log stream lost ({exc}); waiting for the job to end", file=sys.stderr)
+            print(
+                f"recycler: note: log stream lost ({exc}); waiting for the job to end",
+                file=sys.stderr,
+            )
         info = client.get_job_info(job_id)
         while str(info.status) not in TERMINAL_STATES:
             time.sleep(1.0)
@@ -136,23 +148,32 @@ def _talking_to(url: str) -> Iterator[None]:
     except RuntimeError as exc:
         text = _first_line(exc)
         if "Version check returned 404" in text:
-            raise RecyclerError(f"{url}: no Ray job server there (is it the dashboard's port, 8265?)") from None
+            raise RecyclerError(
+                f"{url}: no Ray job server there (is it the dashboard's port, 8265?)"
+            ) from None
         raise RecyclerError(f"{url}: the Ray job server refused the request: {text}") from None
     except ValueError as exc:
         # Ray's packaging refuses a working_dir over its size limit (512 MiB) with a ValueError.
-        raise RecyclerError(f"cannot package the study folder for Ray: {_first_line(exc)}") from None
+        raise RecyclerError(
+            f"cannot package the study folder for Ray: {_first_line(exc)}"
+        ) from None
 
 
 def _auth_message(exc: Exception, url: str) -> str:
     raw = str(getattr(exc, "message", "") or exc)
     mode = os.environ.get("RAY_AUTH_MODE", "").strip().lower()
     if raw.startswith("Authentication failed"):  # HTTP 403
-        return f"{url}: the Ray cluster refused the token from {_token_source()}: it is not this cluster's token"
+        return (
+            f"{url}: the Ray cluster refused the token from {_token_source()}: "
+            "it is not this cluster's token"
+        )
     if raw.startswith("Authentication required"):  # HTTP 401
         if mode != "token":
             return (
-                f"{url}: the Ray cluster requires token authentication: set RAY_AUTH_MODE=token and give the "
-                "cluster's token in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token"
+                f"{url}: the Ray cluster requires token authentication: set RAY_AUTH_MODE=token "
+                "and give the "
+                "cluster's token in RAY_AUTH_TOKEN, a file named by RAY_AUTH_TOKEN_PATH, or "
+                "~/.ray/auth_token"
             )
         return f"{url}: the Ray cluster asked for a token and none was sent ({_first_line(raw)})"
     return f"{url}: Ray token authentication: {_first_line(raw)}"

@@ -54,7 +54,8 @@ class MergedPiece:
 
 
 def assemble(model: ResidentModel, pieces: Iterable[MergedPiece]) -> set[str]:
-    """Copy merged pieces into the resident model in place; the names written (row blocks by rows)."""
+    """Copy merged pieces into the resident model in place; the names written (row blocks by
+    rows)."""
     pieces = list(pieces)
     names = {p.name for p in pieces}
     whole: dict[str, torch.Tensor] = {}
@@ -71,12 +72,17 @@ def assemble(model: ResidentModel, pieces: Iterable[MergedPiece]) -> set[str]:
         if owner != piece.name and owner in names:
             continue  # a tied alias: the owner's own value wins (as in load_tensors)
         if owner not in slots:
-            raise RecyclerError(f"tensor {piece.name!r} is not a tensor of the model in {model.model_dir}")
+            raise RecyclerError(
+                f"tensor {piece.name!r} is not a tensor of the model in {model.model_dir}"
+            )
         value = piece.tensor()
         slot = slots[owner]
-        if piece.start + value.shape[0] > slot.shape[0] or tuple(value.shape[1:]) != tuple(slot.shape[1:]):
+        if piece.start + value.shape[0] > slot.shape[0] or tuple(value.shape[1:]) != tuple(
+            slot.shape[1:]
+        ):
             raise RecyclerError(
-                f"tensor {piece.name!r}: rows {piece.start}+{tuple(value.shape)} do not fit the model's {tuple(slot.shape)}"
+                f"tensor {piece.name!r}: rows {piece.start}+{tuple(value.shape)} do not fit the "
+                f"model's {tuple(slot.shape)}"
             )
         with torch.no_grad():
             slot[piece.start : piece.start + value.shape[0]].copy_(value)
@@ -87,4 +93,6 @@ def check_complete(model: ResidentModel, names: Sequence[str]) -> None:
     """RecyclerError unless every tensor of the model was written."""
     given = {model.owner(n) for n in names}
     if missing := [n for n in model.tensor_names if n not in given]:
-        raise RecyclerError(f"missing tensors for the model in {model.model_dir}: {', '.join(missing[:3])}")
+        raise RecyclerError(
+            f"missing tensors for the model in {model.model_dir}: {', '.join(missing[:3])}"
+        )

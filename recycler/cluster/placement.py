@@ -24,7 +24,9 @@ PLACEMENTS = ("none", "pack", "strict_pack", "spread", "strict_spread")
 PLACEMENT_TIMEOUT_S = 600.0
 
 
-def reserve(placement: str, n_bundles: int, bundle: dict[str, float], timeout_s: float) -> PlacementGroup:
+def reserve(
+    placement: str, n_bundles: int, bundle: dict[str, float], timeout_s: float
+) -> PlacementGroup:
     """A ready placement group of `n_bundles` copies of `bundle` placed with strategy
     `placement` (one of PLACEMENTS but none), or a RecyclerError once `timeout_s` is up."""
     group = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=placement.upper())
@@ -33,17 +35,22 @@ def reserve(placement: str, n_bundles: int, bundle: dict[str, float], timeout_s:
         remove_placement_group(group)
         have = {k: v for k, v in ray.cluster_resources().items() if k in ("CPU", "GPU")}
         raise RecyclerError(
-            f"cluster.placement: Ray could not place {n_bundles} worker(s) of {bundle} with strategy "
-            f"{placement} within {timeout_s:g} s (the cluster has {have}, nodes: {len(ray.nodes())})"
+            f"cluster.placement: Ray could not place {n_bundles} worker(s) of {bundle} with "
+            "strategy "
+            f"{placement} within {timeout_s:g} s (the cluster has {have}, nodes: "
+            f"{len(ray.nodes())})"
         )
     return group
 
 
 def in_bundle(group: PlacementGroup | None, bundle_index: int) -> dict[str, Any]:
-    """Actor options that put an actor in bundle `bundle_index` of `group` (none without a group)."""
+    """Actor options that put an actor in bundle `bundle_index` of `group` (none without a
+    group)."""
     if group is None:
         return {}
-    strategy = PlacementGroupSchedulingStrategy(placement_group=group, placement_group_bundle_index=bundle_index)
+    strategy = PlacementGroupSchedulingStrategy(
+        placement_group=group, placement_group_bundle_index=bundle_index
+    )
     return {"scheduling_strategy": strategy}
 
 

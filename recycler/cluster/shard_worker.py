@@ -1,4 +1,5 @@
-"""The shard worker: its pieces (tensors or row blocks) of every checkpoint resident, merged per recipe.
+"""The shard worker: its pieces (tensors or row blocks) of every checkpoint resident, merged per
+recipe.
 
 A `ShardWorker` opens the pool once and keeps ITS pieces of the shard plan resident
 (`merge.resident.ResidentPieces`: in RAM, or on its GPU when the device is cuda).
@@ -40,7 +41,9 @@ class ShardWorker:
         if cfg.threads:
             torch.set_num_threads(cfg.threads)
         self.cfg = cfg
-        self.resident = ResidentPieces(Pool.open(list(cfg.checkpoints), cfg.base), cfg.pieces, cfg.device)
+        self.resident = ResidentPieces(
+            Pool.open(list(cfg.checkpoints), cfg.base), cfg.pieces, cfg.device
+        )
 
     def ready(self) -> dict[str, Any]:
         """Called once after start: proves the worker is up and says what it holds."""

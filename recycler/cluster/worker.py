@@ -47,11 +47,14 @@ class WorkerConfig:
     dtype: str  # the merge's dtype: the resident model is kept in it
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    hold_pool: bool = True  # False: the pool lives in shard workers (evaluate_pieces), only the model here
+    hold_pool: bool = (
+        True  # False: the pool lives in shard workers (evaluate_pieces), only the model here
+    )
 
 
 class TrialWorker:
-    """One evaluation worker: the whole pool resident (unless shard workers hold it) and one model."""
+    """One evaluation worker: the whole pool resident (unless shard workers hold it) and one
+    model."""
 
     def __init__(self, cfg: WorkerConfig) -> None:
         if cfg.threads:
@@ -62,7 +65,9 @@ class TrialWorker:
         if cfg.hold_pool:
             pool = Pool.open(list(cfg.checkpoints), cfg.base)
             self.resident = ResidentPieces(pool, whole_pieces(pool), cfg.device)
-        self.model = ResidentModel(Path(cfg.model_dir), device=cfg.device, dtype=torch_dtype(DTYPES[cfg.dtype]))
+        self.model = ResidentModel(
+            Path(cfg.model_dir), device=cfg.device, dtype=torch_dtype(DTYPES[cfg.dtype])
+        )
         self.start_seconds = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:
@@ -74,7 +79,8 @@ class TrialWorker:
         )
 
     def evaluate(self, recipe: Recipe, split: str) -> EvalResult:
-        """Merge, load into the resident model, score with lm-eval. Never raises: failures are results."""
+        """Merge, load into the resident model, score with lm-eval. Never raises: failures are
+        results."""
 
         def merge() -> None:
             if self.resident is None:
@@ -117,21 +123,39 @@ class TrialWorker:
         try:
             start = time.perf_counter()
             metrics = evaluate_tasks(
-                self.model, Path(self.cfg.tasks_dir), list(self.cfg.tasks), split,
-                limit=self.cfg.limit, batch_size=self.cfg.batch_size,
+                self.model,
+                Path(self.cfg.tasks_dir),
+                list(self.cfg.tasks),
+                split,
+                limit=self.cfg.limit,
+                batch_size=self.cfg.batch_size,
             )
             eval_seconds = time.perf_counter() - start
             clean = {
-                task: {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                task: {
+                    k: float(v)
+                    for k, v in values.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
                 for task, values in metrics.items()
             }
-            return EvalResult(ok=True, metrics=clean, merge_seconds=merge_seconds, eval_seconds=eval_seconds)
+            return EvalResult(
+                ok=True, metrics=clean, merge_seconds=merge_seconds, eval_seconds=eval_seconds
+            )
         except BaseException as exc:  # the study goes on whatever one trial did
             return _failure(exc, merge_seconds, eval_seconds)
 
 
-def _failure(exc: BaseException, merge_seconds: float = 0.0, eval_seconds: float = 0.0) -> EvalResult:
-    """`exc` as a failed trial's result; an interrupt or exit is raised on, being no trial's failure."""
+def _failure(
+    exc: BaseException, merge_seconds: float = 0.0, eval_seconds: float = 0.0
+) -> EvalResult:
+    """`exc` as a failed trial's result; an interrupt or exit is raised on, being no trial's
+    failure."""
     if isinstance(exc, KeyboardInterrupt | SystemExit):
         raise exc
-    return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
+    return EvalResult(
+        ok=False,
+        merge_seconds=merge_seconds,
+        eval_seconds=eval_seconds,
+        error=describe_failure(exc),
+    )

@@ -10,7 +10,16 @@ from contextlib import contextmanager
 from recycler.errors import RecyclerError
 from recycler.export.model_dir import OutputExists
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+}
 
 
 def _integer(text: str, what: str = "an integer") -> int:
@@ -46,7 +55,7 @@ def size_in_bytes(text: str) -> int:
     stripped = text.strip().upper()
     number = stripped.rstrip("KMGIB")
     try:
-        value = int(float(number) * _SIZE_UNITS[stripped[len(number):]])
+        value = int(float(number) * _SIZE_UNITS[stripped[len(number) :]])
     except (KeyError, ValueError):
         raise argparse.ArgumentTypeError(f"cannot read {text!r} as a size (e.g. 5GB)") from None
     if value <= 0:

@@ -25,14 +25,23 @@ def run(args: argparse.Namespace) -> None:
     spec = load_study_spec(args.study)
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
     try:
         storage = optuna.storages.get_storage(spec.storage_url)
     except Exception as exc:
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     host, port_number = args.host, args.port
-    print(f"optuna-dashboard for study {spec.name!r}: http://{host}:{port_number}/  (Ctrl-C to stop)", flush=True)
+    print(
+        f"optuna-dashboard for study {spec.name!r}: http://{host}:{port_number}/  (Ctrl-C to stop)",
+        flush=True,
+    )
     try:
         run_server(storage, host=host, port=port_number)
     except OSError as exc:
-        raise RecyclerError(f"--port: cannot listen on {host}:{port_number}: {exc.strerror or exc}") from None
+        raise RecyclerError(
+            f"--port: cannot listen on {host}:{port_number}: {exc.strerror or exc}"
+        ) from None

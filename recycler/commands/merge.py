@@ -24,19 +24,34 @@ from recycler.pool.detect import PickleRefused
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("recipe", metavar="RECIPE.yaml", type=Path)
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path)
-    parser.add_argument("--device", default="cpu", type=device, help="cpu, cuda or cuda:N (default: cpu)")
+    parser.add_argument(
+        "--device", default="cpu", type=device, help="cpu, cuda or cuda:N (default: cpu)"
+    )
     parser.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    parser.add_argument("--allow-pickle", action="store_true",
-                        help="accept pickled .bin checkpoints (loaded with weights_only=True)")
-    parser.add_argument("--max-shard-size", default="5GB", type=size_in_bytes,
-                        help="largest output shard (default: 5GB)")
+    parser.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled .bin checkpoints (loaded with weights_only=True)",
+    )
+    parser.add_argument(
+        "--max-shard-size",
+        default="5GB",
+        type=size_in_bytes,
+        help="largest output shard (default: 5GB)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     with force_hint():
         try:
-            merge_recipe_file(args.recipe, args.out_dir, device=args.device, force=args.force,
-                              allow_pickle=args.allow_pickle, max_shard_bytes=args.max_shard_size)
+            merge_recipe_file(
+                args.recipe,
+                args.out_dir,
+                device=args.device,
+                force=args.force,
+                allow_pickle=args.allow_pickle,
+                max_shard_bytes=args.max_shard_size,
+            )
         except PickleRefused as exc:
             raise RecyclerError(f"{exc} or pass --allow-pickle") from None
 
@@ -47,6 +62,7 @@ def pool_for_recipe(recipe: Recipe, recipe_dir: Path, *, allow_pickle: bool = Fa
     A relative path is taken from the working directory, as mergekit does, or else
     from the recipe's own directory.
     """
+
     def locate(path: str) -> Path:
         p = Path(path).expanduser()
         if p.is_absolute() or p.exists():
@@ -74,14 +90,33 @@ def merge_recipe_file(
     _check_device(device)
     pool = pool_for_recipe(recipe, recipe_path.parent, allow_pickle=allow_pickle)
     stats = MergeStats()
-    write_model_dir(out_dir, pool, recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, stats=stats)
+    write_model_dir(
+        out_dir,
+        pool,
+        recipe,
+        device=device,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        stats=stats,
+    )
     timings = os.environ.get("RECYCLER_TIMINGS_JSON")
     if timings:
         Path(timings).write_text(
-            json.dumps({"merge_seconds": stats.seconds, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "tensors": stats.tensors})
+            json.dumps(
+                {
+                    "merge_seconds": stats.seconds,
+                    "bytes_read": stats.bytes_read,
+                    "bytes_written": stats.bytes_written,
+                    "tensors": stats.tensors,
+                }
+            )
         )
     gb = (stats.bytes_read + stats.bytes_written) / 1e9
-    print(f"merged {len(pool.checkpoints)} checkpoints into {out_dir} in {stats.seconds:.2f} s ({gb / max(stats.seconds, 1e-9):.2f} GB/s)", file=sys.stderr)
+    print(
+        f"merged {len(pool.checkpoints)} checkpoints into {out_dir} in {stats.seconds:.2f} s "
+        f"({gb / max(stats.seconds, 1e-9):.2f} GB/s)",
+        file=sys.stderr,
+    )
     return out_dir
 
 

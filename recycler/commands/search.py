@@ -25,8 +25,12 @@ from recycler.search.stored import view_of
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", type=Path)
-    parser.add_argument("--n-trials", type=positive_int, default=None,
-                        help="total trials for the study (default: the study file's)")
+    parser.add_argument(
+        "--n-trials",
+        type=positive_int,
+        default=None,
+        help="total trials for the study (default: the study file's)",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -82,7 +86,9 @@ def search_and_rescore(prepared: Prepared, target: int, console: Console) -> Non
 
         def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
             progress.update(
-                task_id, completed=min(done, total), total=total,
+                task_id,
+                completed=min(done, total),
+                total=total,
                 hv="-" if hv is None else f"{hv:.4g}",
                 spt="-" if per_trial is None else f"{per_trial:.1f}",
             )
@@ -95,6 +101,9 @@ def search_and_rescore(prepared: Prepared, target: int, console: Console) -> Non
         ) as driver:
             driver.run(target)
             if driver.stale:
-                console.print(f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}")
+                console.print(
+                    "note: failed and re-ran trial(s) left running by a killed process: "
+                    f"{driver.stale}"
+                )
             progress.update(task_id, description=f"study {spec.name}: test split")
             driver.rescore_front()

@@ -26,7 +26,9 @@ CONNECT_TIMEOUT_S = 10.0
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", type=Path)
-    parser.add_argument("--address", required=True, help="the Ray dashboard address, e.g. http://HEAD:8265")
+    parser.add_argument(
+        "--address", required=True, help="the Ray dashboard address, e.g. http://HEAD:8265"
+    )
     parser.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     parser.add_argument("--n-trials", type=positive_int, default=None)
 
@@ -58,12 +60,16 @@ def check_address(address: str) -> str:
     """
     text = address.strip().rstrip("/")
     if not text:
-        raise RecyclerError("--address: empty; give the Ray dashboard's address, e.g. http://HEAD:8265")
+        raise RecyclerError(
+            "--address: empty; give the Ray dashboard's address, e.g. http://HEAD:8265"
+        )
     if "://" not in text:
         text = "http://" + text
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https"):
-        hint = " (ray:// is the Ray Client port, not the job server)" if parts.scheme == "ray" else ""
+        hint = (
+            " (ray:// is the Ray Client port, not the job server)" if parts.scheme == "ray" else ""
+        )
         raise RecyclerError(
             f"--address {address}: give the Ray dashboard's http(s) address, e.g. http://HEAD:8265{hint}"
         )
@@ -80,5 +86,7 @@ def check_address(address: str) -> str:
                 pass
         except OSError as exc:
             why = exc.strerror or str(exc) or type(exc).__name__
-            raise RecyclerError(f"--address {address}: cannot connect to {host}:{port}: {why}") from None
+            raise RecyclerError(
+                f"--address {address}: cannot connect to {host}:{port}: {why}"
+            ) from None
     return text

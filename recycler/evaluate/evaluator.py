@@ -59,10 +59,15 @@ def lookup_metric(task_metrics: dict[str, float], metric: str) -> float | None:
 
 
 def describe_failure(exc: BaseException) -> str:
-    """One line for a failed evaluation's reason: what failed and where, without a traceback dump."""
+    """One line for a failed evaluation's reason: what failed and where, without a traceback
+    dump."""
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, MemoryError) or "OutOfMemoryError" in name or "out of memory" in text.lower():
+    if (
+        isinstance(exc, MemoryError)
+        or "OutOfMemoryError" in name
+        or "out of memory" in text.lower()
+    ):
         return f"out of memory: {text or name}"
     if isinstance(exc, RecyclerError):
         return text

@@ -23,7 +23,8 @@ if TYPE_CHECKING:
 
 
 def _slots(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The model's state tensors by name, and its tied names (alias -> the name that owns the storage).
+    """The model's state tensors by name, and its tied names (alias -> the name that owns the
+    storage).
 
     A tied lm_head shares its storage with the input embedding: checkpoints
     usually omit it, and copying into both would write the same memory twice.
@@ -51,7 +52,9 @@ class ResidentModel:
     lm-eval wrapper around this very object, built once per batch size.
     """
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise RecyclerError(f"{model_dir}: no config.json, not a Hugging Face model directory")
@@ -73,7 +76,8 @@ class ResidentModel:
         return list(self._slots)
 
     def owner(self, name: str) -> str:
-        """The tensor `name` is stored as: a tied alias's owner (lm_head.weight -> the embedding), else itself."""
+        """The tensor `name` is stored as: a tied alias's owner (lm_head.weight -> the embedding),
+        else itself."""
         return self._aliases.get(name, name)
 
     def load_tensors(self, tensors: Mapping[str, torch.Tensor], *, strict: bool = True) -> None:
@@ -90,19 +94,24 @@ class ResidentModel:
         for name, value in tensors.items():
             owner = self.owner(name)
             if owner not in self._slots:
-                raise RecyclerError(f"tensor {name!r} is not a tensor of the model in {self.model_dir}")
+                raise RecyclerError(
+                    f"tensor {name!r} is not a tensor of the model in {self.model_dir}"
+                )
             if owner != name and owner in tensors:
                 continue  # the owner's own value wins; the alias points at the same memory
             slot = self._slots[owner]
             if tuple(value.shape) != tuple(slot.shape):
                 raise RecyclerError(
-                    f"tensor {name!r}: shape {tuple(value.shape)} does not match the model's {tuple(slot.shape)}"
+                    f"tensor {name!r}: shape {tuple(value.shape)} does not match the model's "
+                    f"{tuple(slot.shape)}"
                 )
             plan.append((slot, value))
             given.add(owner)
         if strict and (missing := [n for n in self._slots if n not in given]):
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise RecyclerError(f"missing tensors for the model in {self.model_dir}: {', '.join(missing[:3])}{more}")
+            raise RecyclerError(
+                f"missing tensors for the model in {self.model_dir}: {', '.join(missing[:3])}{more}"
+            )
         with torch.no_grad():
             for slot, value in plan:
                 slot.copy_(value)
@@ -114,5 +123,7 @@ class ResidentModel:
     def lm(self, batch_size: int = 32) -> HFLM:
         """lm-eval's HF wrapper around the resident model (not a copy), cached per batch size."""
         if batch_size not in self._lms:
-            self._lms[batch_size] = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size)
+            self._lms[batch_size] = HFLM(
+                pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size
+            )
         return self._lms[batch_size]

@@ -41,7 +41,8 @@ class TaskSuite:
             splits = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
             if split not in splits:
                 raise RecyclerError(
-                    f"task {name!r} in {self.tasks_dir} has no split {split!r} (it has: {', '.join(splits) or 'none'})"
+                    f"task {name!r} in {self.tasks_dir} has no split {split!r} (it has: "
+                    f"{', '.join(splits) or 'none'})"
                 )
             task.config.test_split = split
 

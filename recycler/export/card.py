@@ -11,8 +11,11 @@ from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 
 
-def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None) -> str:
-    """README.md: what was merged, how, from which exact bytes, and (from a search) how it scored."""
+def model_card(
+    pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None
+) -> str:
+    """README.md: what was merged, how, from which exact bytes, and (from a search) how it
+    scored."""
     data = recipe.to_dict()
     lines = [
         "---",
@@ -22,7 +25,8 @@ def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[
         "",
         f"# Merged model ({recipe.merge_method})",
         "",
-        f"Made by recycler {__version__} with `{recipe.merge_method}`; `recipe.yaml` beside this file reproduces it "
+        f"Made by recycler {__version__} with `{recipe.merge_method}`; `recipe.yaml` beside this "
+        "file reproduces it "
         "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
         "",
         "## Recipe",
@@ -32,7 +36,10 @@ def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[
     ]
     for entry, ckpt in zip(data["models"], pool.checkpoints):
         params = entry.get("parameters", {})
-        lines.append(f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | {_fmt(params.get('density', '-'))} |")
+        lines.append(
+            f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | "
+            f"{_fmt(params.get('density', '-'))} |"
+        )
     lines += ["", f"- method: `{recipe.merge_method}`", f"- dtype: `{recipe.dtype}`"]
     if recipe.base_model:
         lines.append(f"- base model: `{recipe.base_model}`")
@@ -60,6 +67,7 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return "per-tensor: " + ", ".join(
-            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}" for e in value
+            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}"
+            for e in value
         )
     return str(value)

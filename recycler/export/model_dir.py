@@ -82,10 +82,16 @@ def write_model_dir(
         started = time.perf_counter()
         files = ShardFiles(tmp, shards)
         try:
-            rest = _merge_file_to_file(pool, recipe, files, stats) if device == "cpu" else pool.tensor_names
+            rest = (
+                _merge_file_to_file(pool, recipe, files, stats)
+                if device == "cpu"
+                else pool.tensor_names
+            )
             writer = WriterThread(files)
             try:
-                for name, tensor in _on_device(iter_merged(pool, recipe, device, stats, names=rest)):
+                for name, tensor in _on_device(
+                    iter_merged(pool, recipe, device, stats, names=rest)
+                ):
                     writer.put(name, tensor)
                 writer.close()
             except BaseException:
@@ -109,7 +115,9 @@ def write_model_dir(
     return out_dir
 
 
-def _merge_file_to_file(pool: Pool, recipe: Recipe, files: ShardFiles, stats: MergeStats) -> list[str]:
+def _merge_file_to_file(
+    pool: Pool, recipe: Recipe, files: ShardFiles, stats: MergeStats
+) -> list[str]:
     """Merge every tensor that `FileMerger` can straight into its slot; the names left."""
     merger = FileMerger(pool, recipe)
     jobs, rest = [], []
@@ -187,7 +195,9 @@ def _tokenizer_dir(pool: Pool, recipe: Recipe) -> Path:
         return pool.config_dir
     path = Path(source)
     if not path.is_dir():
-        raise RecyclerError(f"tokenizer_source: {source!r} is not a directory (use base or a model dir)")
+        raise RecyclerError(
+            f"tokenizer_source: {source!r} is not a directory (use base or a model dir)"
+        )
     return path
 
 
@@ -199,8 +209,15 @@ def _copy_tokenizer(tmp: Path, source: Path) -> None:
 
 def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
     """The recipe with every model as an absolute path, so it reproduces from anywhere."""
-    models = [type(spec)(str(c.path.resolve()), spec.weight, spec.density) for spec, c in zip(recipe.models, pool.checkpoints)]
-    base = str(pool.base.path.resolve()) if pool.base is not None and recipe.base_model is not None else recipe.base_model
+    models = [
+        type(spec)(str(c.path.resolve()), spec.weight, spec.density)
+        for spec, c in zip(recipe.models, pool.checkpoints)
+    ]
+    base = (
+        str(pool.base.path.resolve())
+        if pool.base is not None and recipe.base_model is not None
+        else recipe.base_model
+    )
     return Recipe(
         merge_method=recipe.merge_method,
         models=models,

@@ -47,7 +47,9 @@ class LinearTerms:
     versions: list[float]
     base: float | None = None
 
-    def apply(self, versions: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    def apply(
+        self, versions: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         # The base comes first, in every path (export and in-memory merges alike), so
         # both sum in the same order and give the same bits.
         if self.base is None:
@@ -77,7 +79,14 @@ class MergeMethod:
     needs_fishers: bool = False
 
 
-__all__ = ["METHODS", "LinearTerms", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
+__all__ = [
+    "METHODS",
+    "LinearTerms",
+    "MergeInputs",
+    "MergeMethod",
+    "NonFiniteError",
+    "linear_combination",
+]
 
 
 def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
@@ -105,11 +114,15 @@ def task_arithmetic_terms(weights: Sequence[float], normalize: bool, lambda_: fl
 
 
 def linear(inp: MergeInputs) -> torch.Tensor:
-    return linear_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, None, inp.out_dtype)
+    return linear_terms(inp.weights, inp.normalize, inp.lambda_).apply(
+        inp.versions, None, inp.out_dtype
+    )
 
 
 def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
-    return task_arithmetic_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, inp.base, inp.out_dtype)
+    return task_arithmetic_terms(inp.weights, inp.normalize, inp.lambda_).apply(
+        inp.versions, inp.base, inp.out_dtype
+    )
 
 
 def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
@@ -177,7 +190,9 @@ def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> t
     last_block = (row_offset + rows - 1) // rows_per_block
     for block in range(first_block, last_block + 1):
         block_start = block * rows_per_block
-        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & (
+            (1 << 63) - 1
+        )
         gen = torch.Generator().manual_seed(seed)
         drawn = torch.rand((rows_per_block, row_numel), generator=gen) < density
         lo = max(row_offset, block_start)
@@ -213,7 +228,9 @@ def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torc
     agree = weighted.sign() == elected
     merged = (weighted * agree).sum(0)
     if inp.normalize:
-        w = torch.tensor(list(inp.weights), dtype=torch.float32, device=merged.device).view(-1, *[1] * merged.dim())
+        w = torch.tensor(list(inp.weights), dtype=torch.float32, device=merged.device).view(
+            -1, *[1] * merged.dim()
+        )
         divisor = (w * agree).sum(0)
         divisor[divisor.abs() < 1e-8] = 1.0
         merged /= divisor
@@ -232,7 +249,8 @@ def _disjoint_free_merge(inp: MergeInputs, deltas: list[torch.Tensor]) -> torch.
 
 
 def ties(inp: MergeInputs) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023): trim each τ_i to its top-density magnitudes, elect signs, disjoint mean."""
+    """TIES-merging (Yadav et al. 2023): trim each τ_i to its top-density magnitudes, elect signs,
+    disjoint mean."""
     trimmed = [magnitude_trim(t, d) for t, d in zip(_task_vectors(inp), inp.densities)]
     return _sign_consensus_merge(inp, trimmed)
 
@@ -275,16 +293,39 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
         MergeMethod(
-            "linear", linear, needs_base=False, default_normalize=True, checks_finite=True, terms=linear_terms,
+            "linear",
+            linear,
+            needs_base=False,
+            default_normalize=True,
+            checks_finite=True,
+            terms=linear_terms,
             row_splittable=True,
         ),
         MergeMethod(
-            "task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True,
-            terms=task_arithmetic_terms, row_splittable=True,
+            "task_arithmetic",
+            task_arithmetic,
+            needs_base=True,
+            default_normalize=False,
+            checks_finite=True,
+            terms=task_arithmetic_terms,
+            row_splittable=True,
         ),
         MergeMethod("ties", ties, needs_base=True, default_normalize=True),
-        MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False, row_splittable=True),
+        MergeMethod(
+            "dare_linear",
+            dare_linear,
+            needs_base=True,
+            default_normalize=False,
+            row_splittable=True,
+        ),
         MergeMethod("dare_ties", dare_ties, needs_base=True, default_normalize=False),
-        MergeMethod("fisher", fisher, needs_base=False, default_normalize=False, row_splittable=True, needs_fishers=True),
+        MergeMethod(
+            "fisher",
+            fisher,
+            needs_base=False,
+            default_normalize=False,
+            row_splittable=True,
+            needs_fishers=True,
+        ),
     ]
 }

@@ -73,7 +73,8 @@ class ResidentPieces:
 
     @property
     def nbytes(self) -> int:
-        """The bytes the checkpoints' versions hold (the base and Fishers, read on demand, aside)."""
+        """The bytes the checkpoints' versions hold (the base and Fishers, read on demand,
+        aside)."""
         return sum(t.numel() * t.element_size() for vs in self.versions.values() for t in vs)
 
     def merge(self, recipe: Recipe) -> list[tuple[Piece, torch.Tensor]]:
@@ -83,15 +84,24 @@ class ResidentPieces:
         split = next((p for p in self.pieces if not p.whole), None)
         if split is not None and not method.row_splittable:
             raise RecyclerError(
-                f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split its rows"
+                f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split "
+                "its rows"
             )
         base = self._base_versions() if method.needs_base else {}
         fishers = self._fisher_versions() if method.needs_fishers else {}
         return [
-            (p, merge_tensor(
-                recipe, p.name, self.versions[p], base.get(p),
-                pool=self.pool, fishers=fishers.get(p, ()), row_offset=p.start,
-            ))
+            (
+                p,
+                merge_tensor(
+                    recipe,
+                    p.name,
+                    self.versions[p],
+                    base.get(p),
+                    pool=self.pool,
+                    fishers=fishers.get(p, ()),
+                    row_offset=p.start,
+                ),
+            )
             for p in self.pieces
         ]
 

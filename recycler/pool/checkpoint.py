@@ -104,12 +104,18 @@ class Checkpoint(ABC):
 
     def trainer_state(self) -> TrainerState | None:
         """Step and last training loss from the HF Trainer's `trainer_state.json`, if present."""
-        path = self.directory / "trainer_state.json" if self.path.is_dir() else self.path.with_suffix(".trainer_state.json")
+        path = (
+            self.directory / "trainer_state.json"
+            if self.path.is_dir()
+            else self.path.with_suffix(".trainer_state.json")
+        )
         if not path.is_file():
             return None
         state = load_json(path)
         step = state.get("global_step")
-        losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
+        losses = [
+            e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e
+        ]
         return TrainerState(
             step=int(step) if isinstance(step, (int, float)) else None,
             loss=float(losses[-1]) if losses else None,
@@ -132,7 +138,9 @@ class Checkpoint(ABC):
 class SafetensorsCheckpoint(Checkpoint):
     """A HF model dir (single file or sharded) or a bare .safetensors file."""
 
-    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None
+    ) -> None:
         super().__init__(path)
         self._files = {f.name: SafetensorsFile(f) for f in files}
         self._where: dict[str, SafetensorsFile] = {}
@@ -143,7 +151,10 @@ class SafetensorsCheckpoint(Checkpoint):
             for tensor, shard in weight_map.items():
                 sf = self._files[shard]
                 if tensor not in sf.tensors:
-                    raise RecyclerError(f"{path / SAFETENSORS_INDEX}: tensor {tensor}: index points at {shard}, which does not hold it")
+                    raise RecyclerError(
+                        f"{path / SAFETENSORS_INDEX}: tensor {tensor}: index points at {shard}, "
+                        "which does not hold it"
+                    )
                 self._where[tensor] = sf
 
     def stored_names(self) -> list[str]:
@@ -190,8 +201,12 @@ class PickleCheckpoint(Checkpoint):
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a bad pickle
-                raise RecyclerError(f"{f}: cannot load as a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise RecyclerError(
+                    f"{f}: cannot load as a weights-only checkpoint: {str(exc).splitlines()[0]}"
+                ) from None
+            if not isinstance(state, dict) or not all(
+                isinstance(v, torch.Tensor) for v in state.values()
+            ):
                 raise RecyclerError(f"{f}: not a flat state dict of tensors")
             self._tensors.update(state)
 

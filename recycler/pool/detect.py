@@ -56,27 +56,41 @@ def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) 
     if len(candidates) == 1:
         return SafetensorsCheckpoint(path, candidates)
     if len(candidates) > 1:
-        raise RecyclerError(f"{path}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX}")
+        raise RecyclerError(
+            f"{path}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX}"
+        )
     pickle_index = path / PICKLE_INDEX
     if pickle_index.is_file() or (path / "pytorch_model.bin").is_file():
         _check_pickle_allowed(path, allow_pickle)
         if pickle_index.is_file():
-            files = [_shard_path(path, pickle_index, s) for s in dict.fromkeys(_read_index(pickle_index).values())]
+            files = [
+                _shard_path(path, pickle_index, s)
+                for s in dict.fromkeys(_read_index(pickle_index).values())
+            ]
         else:
             files = [path / "pytorch_model.bin"]
         return PickleCheckpoint(path, files)
-    raise RecyclerError(f"{path}: no model weights found (model.safetensors, shards with an index, or a LoRA adapter)")
+    raise RecyclerError(
+        f"{path}: no model weights found (model.safetensors, shards with an index, or a LoRA "
+        "adapter)"
+    )
 
 
 def _check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
     if not allow_pickle:
-        raise PickleRefused(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors")
+        raise PickleRefused(
+            f"{path}: pickled checkpoints can run code when loaded; convert to safetensors"
+        )
 
 
 def _read_index(index: Path) -> dict[str, str]:
     data = load_json(index)
     weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) for v in weight_map.values())
+    ):
         raise RecyclerError(f"{index}: no weight_map of tensor → shard file")
     return weight_map
 

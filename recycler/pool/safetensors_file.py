@@ -66,6 +66,7 @@ def code_of(dtype: torch.dtype) -> str:
     """The safetensors code of a PyTorch dtype."""
     return _CODE_FROM_NAME[str(dtype).removeprefix("torch.")]
 
+
 # A header larger than this is not a real safetensors header (the format caps it at 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
@@ -133,7 +134,9 @@ class SafetensorsFile:
         loc = self.tensors[name]
         if loc.info.numel == 0:
             return torch.empty(loc.info.shape, dtype=loc.info.dtype)
-        flat = torch.frombuffer(self._mapped(), dtype=loc.info.dtype, count=loc.info.numel, offset=loc.begin)
+        flat = torch.frombuffer(
+            self._mapped(), dtype=loc.info.dtype, count=loc.info.numel, offset=loc.begin
+        )
         return flat.view(loc.info.shape)
 
     def _mapped(self) -> mmap.mmap:
@@ -190,7 +193,8 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]
             (header_len,) = struct.unpack("<Q", head)
             if header_len > _MAX_HEADER_BYTES or 8 + header_len > size:
                 raise RecyclerError(
-                    f"{path}: corrupt safetensors header (declares {header_len} header bytes in a {size}-byte file)"
+                    f"{path}: corrupt safetensors header (declares {header_len} header bytes in a "
+                    f"{size}-byte file)"
                 )
             raw = f.read(header_len)
     except OSError as exc:
@@ -213,13 +217,19 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]
         except (KeyError, TypeError, ValueError):
             raise RecyclerError(f"{path}: tensor {name}: corrupt header entry {entry!r}") from None
         if code not in _DTYPES:
-            raise RecyclerError(f"{path}: tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})")
+            raise RecyclerError(
+                f"{path}: tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})"
+            )
         info = TensorInfo(shape, code)
         if any(d < 0 for d in shape) or end - begin != info.nbytes or begin < 0:
-            raise RecyclerError(f"{path}: tensor {name}: header says {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
+            raise RecyclerError(
+                f"{path}: tensor {name}: header says {end - begin} bytes for shape {list(shape)} "
+                f"{entry['dtype']}"
+            )
         if data_start + end > size:
             raise RecyclerError(
-                f"{path}: tensor {name}: file is truncated (data ends at byte {data_start + end}, file has {size})"
+                f"{path}: tensor {name}: file is truncated (data ends at byte {data_start + end}, "
+                f"file has {size})"
             )
         tensors[name] = TensorLocation(info, data_start + begin, data_start + end)
     return tensors, {str(k): str(v) for k, v in metadata.items()}

@@ -33,7 +33,8 @@ class ShardLayout:
 
 
 def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[ShardLayout]:
-    """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its own)."""
+    """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its
+    own)."""
     groups: list[list[str]] = [[]]
     size = 0
     for name, info in infos.items():
@@ -44,16 +45,32 @@ def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[Shar
         size += info.nbytes
     shards = []
     for i, names in enumerate(groups):
-        filename = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        filename = (
+            "model.safetensors"
+            if len(groups) == 1
+            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in names:
             info = infos[name]
-            header[name] = {"dtype": info.code, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+            header[name] = {
+                "dtype": info.code,
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
-        shards.append(ShardLayout(filename, names, len(raw).to_bytes(8, "little") + raw, offset, [infos[n].nbytes for n in names]))
+        shards.append(
+            ShardLayout(
+                filename,
+                names,
+                len(raw).to_bytes(8, "little") + raw,
+                offset,
+                [infos[n].nbytes for n in names],
+            )
+        )
     return shards
 
 
@@ -98,14 +115,18 @@ class ShardFiles:
             flat = flat.cpu()
         nbytes = self._slots[name][2]
         if flat.numel() * flat.element_size() != nbytes:
-            raise RuntimeError(f"tensor {name}: {flat.numel() * flat.element_size()} bytes, planned {nbytes}")
+            raise RuntimeError(
+                f"tensor {name}: {flat.numel() * flat.element_size()} bytes, planned {nbytes}"
+            )
         fd, offset, path = self.slot(name)
         if nbytes:
             self._pwrite(fd, flat.contiguous().view(torch.uint8).numpy().data, offset, path)
 
     def check_complete(self) -> None:
         if self._unwritten:
-            raise RuntimeError(f"{len(self._unwritten)} tensors were never written, e.g. {min(self._unwritten)}")
+            raise RuntimeError(
+                f"{len(self._unwritten)} tensors were never written, e.g. {min(self._unwritten)}"
+            )
 
     def close(self) -> None:
         for fd in self._fds:

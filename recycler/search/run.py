@@ -113,11 +113,15 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     notes: list[str] = []
     study = handle.study
     if create and not baselines_enqueued(study.user_attrs):
-        baselines, notes = fixed_baselines(space.names, pool.checkpoints, spec.search.enqueued_baselines)
+        baselines, notes = fixed_baselines(
+            space.names, pool.checkpoints, spec.search.enqueued_baselines
+        )
         for b in baselines:
             params = space.encode(b.weights)
             if params is None:
-                notes.append(f"baseline {b.label} skipped: its weights are outside the search space")
+                notes.append(
+                    f"baseline {b.label} skipped: its weights are outside the search space"
+                )
                 continue
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
@@ -187,7 +191,10 @@ class SearchDriver:
         with self._heartbeat():
             try:
                 while True:
-                    while self._n_flying("dev") < self.capacity and done + self._n_flying("dev") < target:
+                    while (
+                        self._n_flying("dev") < self.capacity
+                        and done + self._n_flying("dev") < target
+                    ):
                         if self._start_next():
                             done += 1
                             self._report(done, target)
@@ -279,7 +286,9 @@ class SearchDriver:
             return None
         return recipe
 
-    def _submit(self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str) -> None:
+    def _submit(
+        self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str
+    ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
         flight = _Flight(kind, number, recipe, trial, time.perf_counter())
@@ -309,16 +318,24 @@ class SearchDriver:
         for o in self.prepared.objectives:
             task_metrics = metrics.get(o.task)
             if task_metrics is None:
-                return f"lm-eval returned no results for task {o.task} (got: {', '.join(sorted(metrics)) or 'none'})"
+                got = ", ".join(sorted(metrics)) or "none"
+                return f"lm-eval returned no results for task {o.task} (got: {got})"
             value = lookup_metric(task_metrics, o.metric)
             if value is None:
-                return f"task {o.task} has no metric {o.metric} (got: {', '.join(sorted(task_metrics))})"
-            if not isinstance(value, int | float) or value != value or value in (float("inf"), float("-inf")):
+                got = ", ".join(sorted(task_metrics))
+                return f"task {o.task} has no metric {o.metric} (got: {got})"
+            if (
+                not isinstance(value, int | float)
+                or value != value
+                or value in (float("inf"), float("-inf"))
+            ):
                 return f"objective {o.name} is not a finite number: {value!r}"
             values[o.name] = float(value)
         return values
 
-    def _complete(self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool) -> None:
+    def _complete(
+        self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool
+    ) -> None:
         values = self._objective_values(result.metrics)
         if isinstance(values, str):
             self._fail(trial, values, result)
@@ -326,9 +343,11 @@ class SearchDriver:
         writer = TrialWriter.of(trial)
         writer.scores(result.metrics, values)
         writer.timings(result.merge_seconds, result.eval_seconds)
-        told = [macro_average(values, self.prepared.objectives)] if single_objective(self.prepared.spec) else [
-            values[o.name] for o in self.prepared.objectives
-        ]
+        told = (
+            [macro_average(values, self.prepared.objectives)]
+            if single_objective(self.prepared.spec)
+            else [values[o.name] for o in self.prepared.objectives]
+        )
         self.study.tell(trial, told)
         if not cached:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
@@ -372,24 +391,34 @@ class SearchDriver:
             return
         if self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             return
-        state = greedy_state(view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives)
+        state = greedy_state(
+            view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives
+        )
         if state.done:
             self._settle_greedy(state.soup_trial)
             return
         if state.blocked or state.next_members is None:
             return
-        params = self.prepared.space.encode(members_weights(self.prepared.space.names, state.next_members))
+        params = self.prepared.space.encode(
+            members_weights(self.prepared.space.names, state.next_members)
+        )
         if params is None:
             settle_greedy_soup(self.study, None)
             return
-        enqueue(self.study, params, queued_attrs(params, baseline=GREEDY, greedy_members=state.next_members))
+        enqueue(
+            self.study,
+            params,
+            queued_attrs(params, baseline=GREEDY, greedy_members=state.next_members),
+        )
 
     def _settle_greedy(self, soup_trial: int | None = None) -> None:
         """Record the greedy soup's trial once every step has a score."""
         if not self._greedy_pending():
             return
         if soup_trial is None:
-            state = greedy_state(view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives)
+            state = greedy_state(
+                view_of(self.study).trials, self.prepared.space.names, self.prepared.objectives
+            )
             if not state.done:
                 return
             soup_trial = state.soup_trial
@@ -397,7 +426,9 @@ class SearchDriver:
 
     def _greedy_pending(self) -> bool:
         """The study asks for the greedy soup and has not settled it yet."""
-        return "greedy" in self.prepared.spec.search.baselines and not greedy_soup_settled(self.study.user_attrs)
+        return "greedy" in self.prepared.spec.search.baselines and not greedy_soup_settled(
+            self.study.user_attrs
+        )
 
     # ---- bookkeeping ----------------------------------------------------------------
     def _seed_cache(self) -> None:
@@ -416,7 +447,9 @@ class SearchDriver:
         vectors = [v for r in view.complete if (v := r.vector(view.objectives)) is not None]
         if vectors:
             hv = pareto.hypervolume(vectors, pareto.nadir(vectors, view.maximize), view.maximize)
-        per_trial = sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        per_trial = (
+            sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        )
         self.on_progress(done, target, hv, per_trial)
 
     @contextmanager
@@ -439,4 +472,3 @@ class SearchDriver:
         finally:
             stop.set()
             thread.join(timeout=5)
-

@@ -70,8 +70,12 @@ class Objective:
     maximize: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "metric": self.metric,
-                "direction": "maximize" if self.maximize else "minimize"}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "metric": self.metric,
+            "direction": "maximize" if self.maximize else "minimize",
+        }
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> Objective:
@@ -90,6 +94,7 @@ def json_safe(value: Any) -> Any:
 
 
 # ---- the writers ----------------------------------------------------------------------
+
 
 class TrialWriter:
     """Writes a trial's user attributes through `set_attr(key, value)`: a running trial's
@@ -154,7 +159,9 @@ def queued_attrs(
     return attrs
 
 
-def rerun_attrs(number: int, user_attrs: Mapping[str, Any], params: Mapping[str, float]) -> dict[str, Any]:
+def rerun_attrs(
+    number: int, user_attrs: Mapping[str, Any], params: Mapping[str, float]
+) -> dict[str, Any]:
     """The user attributes of a re-run of trial `number`: what it was (a baseline, a
     greedy step), which trial it repeats, and all its parameters."""
     return queued_attrs(
@@ -165,7 +172,9 @@ def rerun_attrs(number: int, user_attrs: Mapping[str, Any], params: Mapping[str,
     )
 
 
-def write_identity(study: optuna.Study, objectives: Sequence[Objective], space: Mapping[str, Any]) -> None:
+def write_identity(
+    study: optuna.Study, objectives: Sequence[Objective], space: Mapping[str, Any]
+) -> None:
     """What a resumed study must match: its objectives and its search space."""
     study.set_user_attr(StudyKey.OBJECTIVES, [o.as_dict() for o in objectives])
     study.set_user_attr(StudyKey.SPACE, dict(space))
@@ -190,13 +199,18 @@ def write_test_result(
 ) -> None:
     """Trial `number`'s scores on the test split (or why it has none)."""
     entry: dict[str, Any] = (
-        {_TEST_ERROR: error[:_MAX_REASON]} if error is not None
-        else {_TEST_OBJECTIVES: dict(objectives or {}), _TEST_METRICS: json_safe(dict(metrics or {}))}
+        {_TEST_ERROR: error[:_MAX_REASON]}
+        if error is not None
+        else {
+            _TEST_OBJECTIVES: dict(objectives or {}),
+            _TEST_METRICS: json_safe(dict(metrics or {})),
+        }
     )
     study.set_user_attr(f"{StudyKey.TEST_PREFIX}{number}", entry)
 
 
 # ---- the reader -----------------------------------------------------------------------
+
 
 @dataclass
 class TrialRecord:

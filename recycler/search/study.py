@@ -61,7 +61,9 @@ def resolve_objectives(
 
 def macro_average(values: dict[str, float], objectives: Sequence[Objective]) -> float:
     """The mean of the objectives, each signed so that larger is better."""
-    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(objectives)
+    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(
+        objectives
+    )
 
 
 def single_objective(spec: StudySpec) -> bool:
@@ -109,22 +111,30 @@ def open_study(
     url = spec.storage_url
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first")
+        raise RecyclerError(
+            f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first"
+        )
     try:
         storage = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # SQLAlchemy's many errors: a bad URL, no driver, no server
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     n_values = 1 if single_objective(spec) else len(objectives)
     exists = spec.name in names
     if not exists and not create:
-        raise RecyclerError(f"name: no study {spec.name!r} in {spec.storage}; run recycler search first")
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+        )
     n_existing = 0
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
         n_existing = len(probe.get_trials(deepcopy=False))
     sampler = make_sampler(
-        spec.search.sampler, effective_seed(spec.search.seed, n_existing), n_objectives=n_values,
+        spec.search.sampler,
+        effective_seed(spec.search.seed, n_existing),
+        n_objectives=n_values,
         n_trials=spec.search.n_trials,
     )
     if exists:
@@ -132,10 +142,13 @@ def open_study(
         _check_matches(spec, study, space_fingerprint, objectives)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
-        ["maximize"] if single_objective(spec)
+        ["maximize"]
+        if single_objective(spec)
         else ["maximize" if o.maximize else "minimize" for o in objectives]
     )
-    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, directions=directions)
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, sampler=sampler, directions=directions
+    )
     with warnings.catch_warnings():
         # Experimental since Optuna 3.2 and still the only way to name the objectives.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -145,15 +158,24 @@ def open_study(
 
 
 def _check_matches(
-    spec: StudySpec, study: optuna.Study, space_fingerprint: dict[str, Any], objectives: Sequence[Objective]
+    spec: StudySpec,
+    study: optuna.Study,
+    space_fingerprint: dict[str, Any],
+    objectives: Sequence[Objective],
 ) -> None:
     stored = stored_objectives(study.user_attrs)
     if stored is None:
-        raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another name")
-    if stored != list(objectives):
-        created = ", ".join(o.name + "/" + ("maximize" if o.maximize else "minimize") for o in stored)
         raise RecyclerError(
-            f"objectives: differ from those study {spec.name!r} was created with ({created}); use a new study name"
+            f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another "
+            "name"
+        )
+    if stored != list(objectives):
+        created = ", ".join(
+            o.name + "/" + ("maximize" if o.maximize else "minimize") for o in stored
+        )
+        raise RecyclerError(
+            f"objectives: differ from those study {spec.name!r} was created with ({created}); use "
+            "a new study name"
         )
     space = stored_space(study.user_attrs)
     for key, value in space_fingerprint.items():
@@ -165,12 +187,14 @@ def _check_matches(
     n_values = 1 if single_objective(spec) else len(objectives)
     if len(study.directions) != n_values:
         raise RecyclerError(
-            f"search.objective: study {spec.name!r} holds {len(study.directions)} objective value(s), "
+            f"search.objective: study {spec.name!r} holds {len(study.directions)} objective "
+            "value(s), "
             f"this study file asks for {n_values}; use a new study name"
         )
 
 
 # ---- trials left RUNNING by a process that died ------------------------------------------
+
 
 def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     """Why a RUNNING trial is presumed abandoned, or None while it may still be running."""
@@ -180,7 +204,11 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     if owner is not None:
         alive = _owner_alive(owner)
         if alive is not None:  # an owner on this host: its process is alive or it is not
-            return None if alive else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            return (
+                None
+                if alive
+                else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            )
         last = record.heartbeat if record.heartbeat is not None else started
         if now - last > STALE_AFTER:
             return f"stale: no heartbeat from {owner.rsplit(':', 2)[0]} for {now - last:.0f} s"
@@ -191,8 +219,13 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     return None
 
 
-def enqueue(study: optuna.Study, params: Mapping[str, float], attrs: dict[str, Any], *,
-            skip_if_exists: bool = False) -> None:
+def enqueue(
+    study: optuna.Study,
+    params: Mapping[str, float],
+    attrs: dict[str, Any],
+    *,
+    skip_if_exists: bool = False,
+) -> None:
     """Queue a trial with fixed parameters; `attrs` from `stored.queued_attrs`."""
     study.enqueue_trial(dict(params), user_attrs=attrs, skip_if_exists=skip_if_exists)
 
@@ -236,19 +269,25 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
 
 # ---- reading a study back as records ------------------------------------------------------
 
+
 def load_view(spec: StudySpec) -> StudyView:
     """The stored study as records, for `front`, `export`, `report` (never creates anything)."""
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
     try:
         study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
     except KeyError:
-        raise RecyclerError(f"name: no study {spec.name!r} in {spec.storage}; run recycler search first") from None
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+        ) from None
     except Exception as exc:
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     view = view_of(study)
     if not view.objectives:
         raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler")
     return view
-
