@@ -25,12 +25,7 @@ from recycler.search.stored import view_of
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", type=Path)
-    parser.add_argument(
-        "--n-trials",
-        type=positive_int,
-        default=None,
-        help="total trials for the study (default: the study file's)",
-    )
+    parser.add_argument("--n-trials", type=positive_int, help="total trials (default: the study's)")
 
 
 def run(args: argparse.Namespace) -> None:
