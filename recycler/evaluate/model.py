@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from lm_eval.models.huggingface import HFLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recycler.errors import RecyclerError
 
 if TYPE_CHECKING:
-    from lm_eval.models.huggingface import HFLM
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 
@@ -51,8 +52,6 @@ class ResidentModel:
     """
 
     def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> None:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         model_dir = Path(model_dir)
         if not (model_dir / "config.json").is_file():
             raise RecyclerError(f"{model_dir}: no config.json, not a Hugging Face model directory")
@@ -115,7 +114,5 @@ class ResidentModel:
     def lm(self, batch_size: int = 32) -> HFLM:
         """lm-eval's HF wrapper around the resident model (not a copy), cached per batch size."""
         if batch_size not in self._lms:
-            from lm_eval.models.huggingface import HFLM
-
             self._lms[batch_size] = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size)
         return self._lms[batch_size]

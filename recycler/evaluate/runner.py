@@ -17,6 +17,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from lm_eval.evaluator import evaluate
+
 from recycler.errors import RecyclerError
 from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.tasks import load_suite
@@ -39,8 +41,6 @@ def evaluate_tasks(
     Every task inside a named group is reported as well as the group.
     `progress` shows lm-eval's progress bars (off: a search runs this per trial).
     """
-    from lm_eval.evaluator import evaluate
-
     if limit is not None and limit <= 0:
         raise RecyclerError(f"eval.limit: must be positive, got {limit}")
     suite = load_suite(tasks_dir, tasks)

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from lm_eval.api.group import Group
+from lm_eval.tasks import TaskManager
+
 from recycler.errors import RecyclerError
 
 if TYPE_CHECKING:
-    from lm_eval.api.group import Group
     from lm_eval.api.task import Task
-    from lm_eval.tasks import TaskManager
     from lm_eval.tasks.manager import TaskDict
 
 
@@ -94,9 +95,6 @@ def _build(tasks_dir: Path, names: tuple[str, ...]) -> TaskSuite:
 
 
 def _build_suite(tasks_dir: Path, names: tuple[str, ...]) -> TaskSuite:
-    from lm_eval.api.group import Group
-    from lm_eval.tasks import TaskManager
-
     manager = TaskManager(include_path=str(tasks_dir), include_defaults=False)
     unknown = [n for n in names if n not in manager.all_tasks]
     if unknown:
@@ -133,8 +131,6 @@ def metric_directions(tasks_dir: Path, tasks: list[str]) -> dict[str, dict[str, 
     A group's metrics are those its tasks share; a group metric is higher-is-better
     when it is so for every task in the group.
     """
-    from lm_eval.api.group import Group
-
     suite = load_suite(tasks_dir, tasks)
     out: dict[str, dict[str, bool]] = {}
     for name, task in suite.leaves.items():
