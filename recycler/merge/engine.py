@@ -10,6 +10,9 @@ Two paths, the same bits:
   file, where the method is one linear combination of stored tensors (linear, task
   arithmetic): the C kernel reads, combines and writes chunks on its threads, and no
   tensor is ever mapped or allocated. The export uses it on the CPU wherever it can.
+
+PyTorch is imported inside the functions that make tensors, not with the module: a
+file-to-file `recycler merge` runs without it.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ from recycler.merge.recipe import Recipe
 from recycler.pool import Checkpoint, Pool, StoredTensor
 from recycler.pool.safetensors_file import itemsize
 
-# PyTorch (and `merge.fisher`, which imports it) is imported inside the functions that
-# make tensors: a linear merge that goes file to file runs without it (tests/test_kernel.py).
 if TYPE_CHECKING:
     import torch
 
@@ -106,9 +107,8 @@ def iter_merged(
     check_fits(pool, recipe)
     fisher_sources = None
     if method.needs_fishers:
-        from recycler.merge.fisher import (
-            open_fishers,  # imports PyTorch: only a fisher merge needs it
-        )
+        # fisher.py imports PyTorch with the module: only a fisher merge needs it.
+        from recycler.merge.fisher import open_fishers
 
         fisher_sources = open_fishers(pool)
     stats = stats if stats is not None else MergeStats()
