@@ -1,11 +1,30 @@
-"""`recycler dashboard`: optuna-dashboard on the study's storage (127.0.0.1 unless told)."""
+"""`recycler dashboard`: optuna-dashboard on the study's storage (127.0.0.1 unless told).
+
+The HTTP server runs in a thread of its own and the main thread only waits for it.
+A signal's handler runs in the main thread: had the server run there, a SIGTERM
+(raised as SystemExit by the `recycler` command) or Ctrl-C landing while a request is
+handled would be raised inside wsgiref's request handler, whose catch-all reports it
+as that request's error and serves on, so the signal would be lost. Raised in the
+waiting main thread instead, it stops the server (after the request in hand) and
+the process ends.
+"""
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
+
+
+class _QuietHandler(WSGIRequestHandler):
+    """No access log line per request: the dashboard's page polls every few seconds."""
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
 
 
 def serve_dashboard(study_path: Path, host: str = "127.0.0.1", port: int = 8080) -> None:
@@ -17,14 +36,27 @@ def serve_dashboard(study_path: Path, host: str = "127.0.0.1", port: int = 8080)
     if sqlite is not None and not sqlite.exists():
         raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
     import optuna
-    from optuna_dashboard import run_server
+    from optuna_dashboard import wsgi
 
     try:
         storage = optuna.storages.get_storage(spec.storage_url)
     except Exception as exc:
         raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
-    print(f"optuna-dashboard for study {spec.name!r}: http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
     try:
-        run_server(storage, host=host, port=port)
+        server = make_server(host, port, wsgi(storage), server_class=WSGIServer, handler_class=_QuietHandler)
     except OSError as exc:
         raise RecyclerError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    print(f"optuna-dashboard for study {spec.name!r}: http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+    serve_until_signal(server)
+
+
+def serve_until_signal(server: WSGIServer) -> None:
+    """Serve in a thread until the main thread is interrupted (by a signal's exception),
+    then stop the server and close its socket."""
+    thread = threading.Thread(target=server.serve_forever, name="recycler-dashboard", daemon=True)
+    thread.start()
+    try:
+        thread.join()  # a lock wait: a signal's handler runs (and raises) here at once
+    finally:
+        server.shutdown()  # returns once the request in hand is answered
+        server.server_close()
