@@ -12,6 +12,7 @@ the process ends.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
@@ -22,6 +23,10 @@ from recycler.errors import RecyclerError
 
 class _QuietHandler(WSGIRequestHandler):
     """No access log line per request: the dashboard's page polls every few seconds."""
+
+    # A client that stops reading or sending is dropped after this many seconds, so the
+    # request in hand, which stopping the server waits for, cannot hold it forever.
+    timeout = 5
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -56,7 +61,11 @@ def serve_until_signal(server: WSGIServer) -> None:
     thread = threading.Thread(target=server.serve_forever, name="recycler-dashboard", daemon=True)
     thread.start()
     try:
-        thread.join()  # a lock wait: a signal's handler runs (and raises) here at once
+        # Short sleeps, not one long wait (a join): the kernel may hand the signal to the
+        # server thread, and Python then runs its handler in the main thread only when that
+        # wakes up; an interrupted join on Python 3.11 also marks the live thread stopped.
+        while thread.is_alive():
+            time.sleep(0.2)
     finally:
         server.shutdown()  # returns once the request in hand is answered
         server.server_close()
