@@ -47,6 +47,7 @@ from recycler.search.study import (
     single_objective,
     view_of,
 )
+from recycler.search.trial_log import FinishedTrial, trial_label, trial_line
 
 TEST_SPLIT = "test"
 
@@ -157,12 +158,16 @@ class SearchDriver:
         *,
         capacity: int,
         on_progress: Callable[[int, int, float | None, float | None], None] | None = None,
+        on_trial: Callable[[FinishedTrial], None] | None = None,
     ) -> None:
+        """`on_progress(done, target, hypervolume, seconds per trial)` after every change of
+        the count; `on_trial` with every search trial told (complete or failed)."""
         self.p = prepared
         self.study = prepared.handle.study
         self.make_evaluator = make_evaluator
         self.capacity = max(1, capacity)
         self.on_progress = on_progress
+        self.on_trial = on_trial
         self.cache = ResultCache()
         self.owner = owner_id()
         self.split = prepared.spec.eval.split
@@ -352,6 +357,13 @@ class SearchDriver:
         self.study.tell(trial, told)
         if not cached:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
+        if self.on_trial is not None:
+            self.on_trial(FinishedTrial(
+                trial.number, trial_label(trial.user_attrs), values,
+                merge_seconds=None if cached else result.merge_seconds,
+                eval_seconds=None if cached else result.eval_seconds,
+                cache_hit=trial.user_attrs.get("cache_hit"),
+            ))
 
     def _fail(self, trial: optuna.Trial, reason: str, result: EvalResult | None = None) -> None:
         trial.set_user_attr("fail_reason", reason[:2000])
@@ -359,6 +371,12 @@ class SearchDriver:
             trial.set_user_attr("merge_seconds", round(result.merge_seconds, 3))
             trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
         self.study.tell(trial, state=TrialState.FAIL)
+        if self.on_trial is not None:
+            self.on_trial(FinishedTrial(
+                trial.number, trial_label(trial.user_attrs), None, failure=reason,
+                merge_seconds=None if result is None else result.merge_seconds,
+                eval_seconds=None if result is None else result.eval_seconds,
+            ))
 
     def _store_test(self, number: int, result: EvalResult) -> None:
         entry: dict[str, Any]
@@ -487,6 +505,18 @@ def run_search(study_path: Path, n_trials: int | None) -> None:
     print(summary_line(view_of(prepared.handle.study), prepared.spec))
 
 
+def trial_printer(console: Any) -> Callable[[FinishedTrial], None] | None:
+    """A line per finished trial on `console` when it is not a terminal (a log file, a
+    Ray job's log); None on a terminal, where the progress bar says it."""
+    if console.is_terminal:
+        return None
+
+    def print_trial(t: FinishedTrial) -> None:
+        console.print(trial_line(t), markup=False, highlight=False, soft_wrap=True)
+
+    return print_trial
+
+
 def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
     """Run the search to `target` trials with a progress bar, then re-score the front on test."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -517,6 +547,7 @@ def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
             lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
             capacity=spec.cluster.eval_workers,
             on_progress=on_progress,
+            on_trial=trial_printer(console),
         ) as driver:
             driver.run(target)
             if driver.stale:
