@@ -26,7 +26,10 @@ import pytest
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
-OBJECTIVES = [{"name": "inc", "task": "zoo_inc", "metric": "acc"}, {"name": "rev", "task": "zoo_rev", "metric": "acc"}]
+OBJECTIVES = [
+    {"name": "inc", "task": "zoo_inc", "metric": "acc"},
+    {"name": "rev", "task": "zoo_rev", "metric": "acc"},
+]
 TRIAL_LINE = re.compile(r"^trial (\d+) \[([^\]]+)\] (complete|failed)(?: \([^)]*\))?: (.*)$")
 
 
@@ -45,7 +48,14 @@ def processes_using(folder: Path) -> list[str]:
             continue
         try:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            state = next((ln for ln in (entry / "status").read_text().splitlines() if ln.startswith("State:")), "")
+            state = next(
+                (
+                    ln
+                    for ln in (entry / "status").read_text().splitlines()
+                    if ln.startswith("State:")
+                ),
+                "",
+            )
         except OSError:
             continue
         if str(folder) in cmdline and "zombie" not in state:
@@ -98,12 +108,20 @@ def start_search(study: Path, ray_tmpdir: Path) -> subprocess.Popen[str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TMPDIR")}
     env["RAY_TMPDIR"] = str(ray_tmpdir)
     env["PYTHONPATH"] = str(ROOT)
-    return subprocess.Popen([sys.executable, "-m", "recycler.cli", "search", str(study)], cwd=study.parent,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "recycler.cli", "search", str(study)],
+        cwd=study.parent,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def load(study: Path) -> optuna.Study:
-    return optuna.load_study(study_name="lifecycle", storage=f"sqlite:///{study.parent / 'study.db'}")
+    return optuna.load_study(
+        study_name="lifecycle", storage=f"sqlite:///{study.parent / 'study.db'}"
+    )
 
 
 def test_a_stale_cluster_file_does_not_change_where_a_search_runs_and_a_piped_run_logs_each_trial(
@@ -127,11 +145,14 @@ def test_a_stale_cluster_file_does_not_change_where_a_search_runs_and_a_piped_ru
         assert m.group(2) == t.user_attrs.get("baseline", "search") and m.group(3) == "complete"
         scores = dict(kv.split("=") for kv in m.group(4).split(" · ")[0].split())
         assert {k: float(v) for k, v in scores.items()} == pytest.approx(
-            {"inc": t.values[0], "rev": t.values[1]}, rel=1e-5)
+            {"inc": t.values[0], "rev": t.values[1]}, rel=1e-5
+        )
         assert f"merge {t.user_attrs['merge_seconds']:.2f} s" in m.group(4)
         assert f"eval {t.user_attrs['eval_seconds']:.2f} s" in m.group(4)
     # The same summary as on a terminal, at the end.
-    assert out.strip().splitlines()[-1].startswith("study lifecycle: 3 trials (3 complete, 0 failed)")
+    assert (
+        out.strip().splitlines()[-1].startswith("study lifecycle: 3 trials (3 complete, 0 failed)")
+    )
 
 
 @pytest.mark.parametrize("scheme", ["", "ray://"], ids=["gcs", "ray-client"])
@@ -145,7 +166,13 @@ def test_an_address_that_does_not_answer_fails_in_bounded_time_with_one_line(
         silent.bind(("127.0.0.1", 0))
         silent.listen(8)
         port = int(silent.getsockname()[1]) if kind == "silent" else dead_port()
-        study = study_file(tmp_path, micro_zoo, n_trials=2, address=f"{scheme}127.0.0.1:{port}", connect_timeout_s=3)
+        study = study_file(
+            tmp_path,
+            micro_zoo,
+            n_trials=2,
+            address=f"{scheme}127.0.0.1:{port}",
+            connect_timeout_s=3,
+        )
         proc = start_search(study, ray_tmpdir)
         try:
             _, err = proc.communicate(timeout=240)  # before: no end at all
@@ -156,12 +183,17 @@ def test_an_address_that_does_not_answer_fails_in_bounded_time_with_one_line(
     assert proc.returncode == 2, err
     errors = [ln for ln in err.splitlines() if ln.startswith("recycler: error:")]
     assert len(errors) == 1 and "Traceback" not in err, err
-    assert errors[0].startswith(f"recycler: error: cluster.address: cannot connect to Ray at {scheme}127.0.0.1:{port}") \
-        or errors[0].startswith(f"recycler: error: cluster.address: Ray at {scheme}127.0.0.1:{port} did not answer")
+    assert errors[0].startswith(
+        f"recycler: error: cluster.address: cannot connect to Ray at {scheme}127.0.0.1:{port}"
+    ) or errors[0].startswith(
+        f"recycler: error: cluster.address: Ray at {scheme}127.0.0.1:{port} did not answer"
+    )
     if kind == "silent":
         assert "did not answer within 3 s (cluster.connect_timeout_s)" in errors[0], errors[0]
     else:
-        assert errors[0].endswith(f"cannot connect to 127.0.0.1:{port}: Connection refused"), errors[0]
+        assert errors[0].endswith(f"cannot connect to 127.0.0.1:{port}: Connection refused"), (
+            errors[0]
+        )
     # Nothing of the study is left running.
     assert not [t for t in load(study).get_trials() if t.state.name == "RUNNING"]
 

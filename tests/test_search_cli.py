@@ -36,29 +36,50 @@ def one_error_line(err: str) -> str:
 
 
 def test_bad_study_file_in_a_subprocess_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    (tmp_path / "study.yaml").write_text("name: x\npool: {checkpoints: [a]}\nsearch: {sampler: sobol}\n")
-    proc = subprocess.run([sys.executable, "-m", "recycler.cli", "search", str(tmp_path / "study.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "study.yaml").write_text(
+        "name: x\npool: {checkpoints: [a]}\nsearch: {sampler: sobol}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "search", str(tmp_path / "study.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     line = one_error_line(proc.stderr)
-    assert line.endswith("study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes (and 2 more)")
+    assert line.endswith(
+        "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes (and 2 more)"
+    )
     assert not (tmp_path / "recycler.db").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("command", ["search", "front", "export", "dashboard", "report"])
-def test_every_command_refuses_a_bad_study_file(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "pool": {"checkpoints": ["a"]}, "objectives": []}))
+def test_every_command_refuses_a_bad_study_file(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "study.yaml").write_text(
+        yaml.safe_dump({"name": "x", "pool": {"checkpoints": ["a"]}, "objectives": []})
+    )
     extra = [tmp_path / "out"] if command in ("export", "report") else []
     code, _, err = run_cli(command, tmp_path / "study.yaml", *extra, capsys=capsys)
     assert code == 2
-    assert "objectives: list should have at least 1 item" in one_error_line(err) or "eval: required" in err
+    assert (
+        "objectives: list should have at least 1 item" in one_error_line(err)
+        or "eval: required" in err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
 @pytest.mark.parametrize("command", ["front", "export", "dashboard", "report"])
-def test_commands_on_a_study_never_run(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    data = {"name": "x", "pool": {"checkpoints": ["a"]}, "eval": {"tasks_dir": "."},
-            "objectives": [{"name": "a", "task": "t", "metric": "acc"}]}
+def test_commands_on_a_study_never_run(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {
+        "name": "x",
+        "pool": {"checkpoints": ["a"]},
+        "eval": {"tasks_dir": "."},
+        "objectives": [{"name": "a", "task": "t", "metric": "acc"}],
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     extra = [tmp_path / "out"] if command in ("export", "report") else []
     code, _, err = run_cli(command, tmp_path / "study.yaml", *extra, capsys=capsys)
@@ -110,9 +131,19 @@ def start_dashboard(tmp_path: Path) -> tuple[subprocess.Popen[bytes], str]:
             driver.run(4)
     port = free_port()
     url = f"http://127.0.0.1:{port}/api/studies"
-    proc = subprocess.Popen([sys.executable, "-c", RECYCLER_AS_FROM_A_TERMINAL, "dashboard",
-                             str(tmp_path / "study.yaml"), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            RECYCLER_AS_FROM_A_TERMINAL,
+            "dashboard",
+            str(tmp_path / "study.yaml"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
@@ -138,8 +169,13 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path: Path) -> None:
         port = int(url.split(":")[2].split("/")[0])
         with socket.socket() as s:
             s.settimeout(1)
-            other = [a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-                     if not a.startswith("127.")]
+            other = [
+                a
+                for a in {
+                    i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+                }
+                if not a.startswith("127.")
+            ]
             for address in other:
                 assert s.connect_ex((address, port)) != 0
     finally:
@@ -186,8 +222,10 @@ def signal_while_clients_poll(tmp_path: Path, signum: int) -> None:
         try:
             _, err = proc.communicate(timeout=10)  # reads its pipes: a full one would block it
         except subprocess.TimeoutExpired:
-            raise AssertionError(f"the dashboard still serves 10 s after signal {signum}; "
-                                 f"its threads' signal state: {signal_state(proc.pid)}") from None
+            raise AssertionError(
+                f"the dashboard still serves 10 s after signal {signum}; "
+                f"its threads' signal state: {signal_state(proc.pid)}"
+            ) from None
         assert proc.returncode == (130 if signum == signal.SIGINT else 128 + signal.SIGTERM)
         assert "Traceback" not in err.decode(), err.decode()
     finally:

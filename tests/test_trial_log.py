@@ -19,15 +19,27 @@ class HalfFailingEvaluator(ToyEvaluator):
         recipe = self.pending[-1][1]
         out = super().wait()
         if recipe["models"][0]["parameters"]["weight"] > 0.5:
-            return [(ticket, EvalResult(ok=False, error="CUDA out of memory\nsecond line", merge_seconds=0.01,
-                                        eval_seconds=0.5)) for ticket, _ in out]
+            return [
+                (
+                    ticket,
+                    EvalResult(
+                        ok=False,
+                        error="CUDA out of memory\nsecond line",
+                        merge_seconds=0.01,
+                        eval_seconds=0.5,
+                    ),
+                )
+                for ticket, _ in out
+            ]
         return out
 
 
 def test_one_line_per_search_trial_with_what_the_study_stored(tmp_path: Path) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     told: list[FinishedTrial] = []
-    with SearchDriver(toy_study(tmp_path), HalfFailingEvaluator, capacity=2, on_trial=told.append) as driver:
+    with SearchDriver(
+        toy_study(tmp_path), HalfFailingEvaluator, capacity=2, on_trial=told.append
+    ) as driver:
         driver.run(8)
         study = driver.study
     trials = study.get_trials()

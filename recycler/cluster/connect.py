@@ -47,7 +47,11 @@ def resolve_address(address: str | None) -> str:
 def describe(address: str | None, target: str) -> str:
     """How the error line names what was tried."""
     if address is None:
-        return "a local cluster of its own" if target == "local" else f"{target} (from {RAY_ADDRESS_ENV})"
+        return (
+            "a local cluster of its own"
+            if target == "local"
+            else f"{target} (from {RAY_ADDRESS_ENV})"
+        )
     if address == "auto":
         return "the cluster started on this machine by `ray start` (auto)"
     return target

@@ -39,19 +39,30 @@ def serve_dashboard(study_path: Path, host: str = "127.0.0.1", port: int = 8080)
         raise RecyclerError(f"--port: must be 1..65535, got {port}")
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
     import optuna
     from optuna_dashboard import wsgi
 
     try:
         storage = optuna.storages.get_storage(spec.storage_url)
     except Exception as exc:
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     try:
-        server = make_server(host, port, wsgi(storage), server_class=WSGIServer, handler_class=_QuietHandler)
+        server = make_server(
+            host, port, wsgi(storage), server_class=WSGIServer, handler_class=_QuietHandler
+        )
     except OSError as exc:
-        raise RecyclerError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    print(f"optuna-dashboard for study {spec.name!r}: http://{host}:{port}/  (Ctrl-C to stop)", flush=True)
+        raise RecyclerError(
+            f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}"
+        ) from None
+    print(
+        f"optuna-dashboard for study {spec.name!r}: http://{host}:{port}/  (Ctrl-C to stop)",
+        flush=True,
+    )
     serve_until_signal(server)
 
 

@@ -21,7 +21,9 @@ class FinishedTrial:
     label: str  # the baseline's name, "greedy step", or "search"
     values: dict[str, float] | None  # None when it failed
     failure: str | None = None
-    merge_seconds: float | None = None  # None when nothing was merged (a cache hit, a refused recipe)
+    merge_seconds: float | None = (
+        None  # None when nothing was merged (a cache hit, a refused recipe)
+    )
     eval_seconds: float | None = None
     cache_hit: int | None = None  # the trial whose identical recipe's scores it reused
 
