@@ -199,7 +199,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    from recycler.cluster.evaluator import start_ray
+    from recycler.cluster.connect import start_ray
     from recycler.zoo.build import build_zoo
 
     torch.set_num_threads(1)

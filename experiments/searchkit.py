@@ -173,7 +173,8 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
 
 def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     """The run's stored study, after running (or resuming) it to its budget."""
-    from recycler.cluster.evaluator import RayEvaluator, start_ray
+    from recycler.cluster.connect import start_ray
+    from recycler.cluster.evaluator import RayEvaluator
     from recycler.search.run import SearchDriver, prepare
 
     spec = load_study_spec(study_path(run, seed, SETTINGS.zoo(seed, say)))

@@ -17,7 +17,7 @@ from typing import NoReturn
 
 import recycler
 from recycler import __version__
-from recycler.errors import RecyclerError
+from recycler.errors import RecyclerError, UnreachableError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -77,19 +77,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.handler(args)
     except RecyclerError as exc:
         print(f"recycler: error: {exc}", file=sys.stderr)
+        if isinstance(exc, UnreachableError):
+            _leave_now(2)
         return 2
     except KeyboardInterrupt:
         print("recycler: interrupted", file=sys.stderr)
-        return 130
+        _leave_now(130)  # as after SIGTERM: every `finally` has run
     except _Terminated as exc:
         # Every `finally` has run. Leave at once: a worker thread that the signal caught
         # while its pool was starting it is known to no pool, and the interpreter's exit
         # would wait for it forever.
-        logging.shutdown()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(int(exc.code or 1))
+        _leave_now(int(exc.code or 1))
     return 0
+
+
+def _leave_now(code: int) -> NoReturn:
+    """Exit without the interpreter's shutdown, which would wait for blocked threads."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -245,14 +245,35 @@ class EvalSpec(_Strict):
     batch_size: int = Field(default=32, ge=1)
 
 
+# How long connecting to (or starting) a search's Ray cluster may take by default.
+CONNECT_TIMEOUT_S = 60.0
+
+
 class ClusterSpec(_Strict):
+    # null: a Ray cluster of the search's own; "auto", "HOST:PORT", "ray://HOST:PORT": attach
+    # (recycler.cluster.connect).
     address: str | None = None
+    # How long connecting to (or starting) Ray may take before the search gives up
+    # (recycler.cluster.connect).
+    connect_timeout_s: float = Field(default=CONNECT_TIMEOUT_S, gt=0)
     shard_workers: int = Field(default=1, ge=1)
     eval_workers: int = Field(default=1, ge=1)
     gpus_per_worker: float = Field(default=0, ge=0)
     # none, or a Ray placement-group strategy for all the search's workers together
     # (recycler.cluster.evaluator): pack / strict_pack keep them on as few nodes as possible.
     placement: Literal["none", "pack", "strict_pack", "spread", "strict_spread"] = "none"
+
+    @field_validator("address")
+    @classmethod
+    def _address(cls, value: str | None) -> str | None:
+        if value is not None and value.startswith(("http://", "https://")):
+            raise ValueError(
+                f"{value} is a Ray dashboard's address (where `recycler submit` sends a "
+                "study as a Ray job); give the cluster's ray://HOST:10001 or HOST:6379 here"
+            )
+        if value is not None and not value.strip():
+            raise ValueError("empty; leave it out (null) for a local cluster of the search's own")
+        return value
 
 
 class StudySpec(_Strict):

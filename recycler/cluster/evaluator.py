@@ -1,9 +1,9 @@
 """The search's Evaluator on Ray: a set of TrialWorker actors, one trial in flight on each.
 
-`ray.init()` with no address starts a local cluster, so the laptop, CI and a GPU cluster
-run this same code; `cluster.address` ("auto", "ray://…") joins an existing one. When
-Ray is already initialised in this process (a test session, a Ray job) it is reused and
-left running on close.
+With no `cluster.address` the search starts a local cluster of its own, so the laptop, CI
+and a GPU cluster run this same code; `cluster.address` ("auto", "HOST:PORT", "ray://…")
+joins an existing one (`connect.py`: which, and within what time). When Ray is already
+initialised in this process (a test session) it is reused and left running on close.
 
 A worker whose process dies is restarted by Ray (`max_restarts`) and the call it was
 serving is retried once (`max_task_retries`); if that fails too the trial fails with
@@ -19,53 +19,22 @@ typed recipe is what crosses to the workers.
 from __future__ import annotations
 
 import contextlib
-import logging
-import signal
-import threading
 from collections.abc import Sequence
 from typing import Any
 
 import ray
 from ray.util.placement_group import remove_placement_group
 
+from recycler.cluster.connect import start_ray, stop_ray
 from recycler.cluster.placement import PLACEMENT_TIMEOUT_S, PLACEMENTS, in_bundle, reserve
 from recycler.cluster.shard_worker import ShardConfig, ShardWorker
 from recycler.cluster.shards import plan_shards, pool_sizes
 from recycler.cluster.worker import TrialWorker, WorkerConfig
+from recycler.config import CONNECT_TIMEOUT_S
 from recycler.errors import RecyclerError
 from recycler.evaluate.evaluator import EvalResult, describe_failure
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
-
-RAY_NAMESPACE = "recycler"
-
-
-def start_ray(address: str | None) -> bool:
-    """Connect to (address) or start (None) a Ray cluster; True when this call started it."""
-    if ray.is_initialized():
-        return False
-    kwargs: dict[str, Any] = {
-        "namespace": RAY_NAMESPACE,
-        "log_to_driver": False,  # lm-eval's per-trial logging would drown the progress bar
-        "logging_level": logging.WARNING,
-    }
-    if address is None:
-        # A local cluster: no Ray dashboard server (recycler has optuna-dashboard for that).
-        kwargs["include_dashboard"] = False
-    # ray.init installs its own SIGTERM handler over the process's; the `recycler` command's
-    # (SIGTERM → SystemExit, so in-flight trials are failed and re-queued on the way out) is
-    # put back, else a terminated search dies with SIGABRT after Ray's handler runs.
-    main_thread = threading.current_thread() is threading.main_thread()
-    signals = (signal.SIGTERM, signal.SIGINT)
-    previous = {s: signal.getsignal(s) for s in signals} if main_thread else {}
-    try:
-        ray.init(address=address, **kwargs)
-    except ConnectionError as exc:
-        raise RecyclerError(f"cluster.address: cannot connect to Ray at {address}: {exc}") from None
-    for sig, handler in previous.items():
-        if callable(handler):
-            signal.signal(sig, handler)
-    return True
 
 
 class RayEvaluator:
@@ -81,6 +50,7 @@ class RayEvaluator:
         max_piece_bytes: int | None = None,
         placement: str = "none",
         placement_timeout_s: float = PLACEMENT_TIMEOUT_S,
+        connect_timeout_s: float = CONNECT_TIMEOUT_S,
     ) -> None:
         """`shard_workers` > 1: the pool lives in that many ShardWorker actors, split by a
         shard plan for `merge_method` (`max_piece_bytes` caps a piece, else a fair share);
@@ -96,7 +66,7 @@ class RayEvaluator:
         self._bundle_of: dict[
             Any, int
         ] = {}  # evaluation worker → its bundle in the placement group
-        self._started = start_ray(address)
+        self._started = start_ray(address, connect_timeout_s)
         sharded = shard_workers > 1
         self.cfg = WorkerConfig(**{**cfg.__dict__, "hold_pool": False}) if sharded else cfg
         self.n_workers = n_workers
@@ -193,6 +163,7 @@ class RayEvaluator:
             shard_workers=spec.cluster.shard_workers,
             merge_method=spec.merge.method,
             placement=spec.cluster.placement,
+            connect_timeout_s=spec.cluster.connect_timeout_s,
         )
 
     def _spawn(self, bundle_index: int) -> Any:
@@ -281,7 +252,7 @@ class RayEvaluator:
                 remove_placement_group(self._placement_group)
             self._placement_group = None
         if self._started:
-            ray.shutdown()
+            stop_ray()
             self._started = False
 
 

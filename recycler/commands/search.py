@@ -1,5 +1,9 @@
 """`recycler search STUDY.yaml [--n-trials N]`: run, or resume, a study with a progress
-bar, then re-score its Pareto set on the test split and print a summary line."""
+bar, then re-score its Pareto set on the test split and print a summary line.
+
+When stderr is not a terminal (a log file; a search submitted as a Ray job, watched
+with `ray job logs --follow`) a bar redrawn in place says nothing about which trial
+finished with what: there a line per finished trial is printed as well."""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ import argparse
 import contextlib
 import io
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -19,7 +23,8 @@ from recycler.cluster.evaluator import RayEvaluator
 from recycler.commands._args import positive_int
 from recycler.commands.front import summary_line
 from recycler.config import StudySpec, load_study_spec
-from recycler.search.run import Prepared, SearchDriver, prepare
+from recycler.search.baselines import GREEDY
+from recycler.search.run import FinishedTrial, Prepared, SearchDriver, prepare
 from recycler.search.stored import view_of
 
 
@@ -65,6 +70,36 @@ def prepare_quietly(spec: StudySpec) -> Prepared:
         return prepare(spec)
 
 
+def trial_line(t: FinishedTrial) -> str:
+    """`trial 7 [search] complete: quality=0.8125 cost=1.25 · merge 0.02 s · eval 1.31 s`."""
+    label = "greedy step" if t.baseline == GREEDY else t.baseline or "search"
+    head = f"trial {t.number} [{label}]"
+    if t.values is None:
+        lines = (t.failure or "").strip().splitlines()
+        text = f"{head} failed: {lines[0] if lines else 'no reason given'}"
+    else:
+        scores = " ".join(f"{name}={value:.6g}" for name, value in t.values.items())
+        cached = f" (scores of trial {t.cache_hit}, same recipe)" if t.cache_hit is not None else ""
+        text = f"{head} complete{cached}: {scores}"
+    if t.merge_seconds is not None:
+        text += f" · merge {t.merge_seconds:.2f} s"
+    if t.eval_seconds is not None:
+        text += f" · eval {t.eval_seconds:.2f} s"
+    return text
+
+
+def trial_printer(console: Console) -> Callable[[FinishedTrial], None] | None:
+    """A line per finished trial on `console` when it is not a terminal; None on a
+    terminal, where the progress bar says it."""
+    if console.is_terminal:
+        return None
+
+    def print_trial(t: FinishedTrial) -> None:
+        console.print(trial_line(t), markup=False, highlight=False, soft_wrap=True)
+
+    return print_trial
+
+
 def search_and_rescore(prepared: Prepared, target: int, console: Console) -> None:
     """Run the search to `target` trials with a progress bar, then re-score the front on test."""
     spec = prepared.spec
@@ -93,6 +128,7 @@ def search_and_rescore(prepared: Prepared, target: int, console: Console) -> Non
             lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
             capacity=spec.cluster.eval_workers,
             on_progress=on_progress,
+            on_trial=trial_printer(console),
         ) as driver:
             driver.run(target)
             if driver.stale:

@@ -35,6 +35,7 @@ from recycler.search.space import SearchSpace
 from recycler.search.stored import (
     Objective,
     TrialWriter,
+    baseline_of,
     baselines_enqueued,
     greedy_soup_settled,
     mark_baselines_enqueued,
@@ -129,6 +130,20 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     return Prepared(spec, pool, space, objectives, handle, notes)
 
 
+@dataclass(frozen=True)
+class FinishedTrial:
+    """What a search trial ended with, as it was told: its objective values, or the reason
+    it failed."""
+
+    number: int
+    baseline: str | None  # the baseline an enqueued trial is (GREEDY: a greedy step)
+    values: dict[str, float] | None  # None when it failed
+    failure: str | None = None
+    merge_seconds: float | None = None  # None when nothing was merged (a cache hit, a refusal)
+    eval_seconds: float | None = None
+    cache_hit: int | None = None  # the trial whose identical recipe's scores it reused
+
+
 @dataclass
 class _Flight:
     kind: str  # "dev": a trial of the search; "test": a front member re-scored
@@ -148,12 +163,16 @@ class SearchDriver:
         *,
         capacity: int,
         on_progress: Callable[[int, int, float | None, float | None], None] | None = None,
+        on_trial: Callable[[FinishedTrial], None] | None = None,
     ) -> None:
+        """`on_progress(done, target, hypervolume, seconds per trial)` after every change of
+        the count; `on_trial` with every search trial told (complete or failed)."""
         self.prepared = prepared
         self.study = prepared.handle.study
         self.make_evaluator = make_evaluator
         self.capacity = max(1, capacity)
         self.on_progress = on_progress
+        self.on_trial = on_trial
         self.cache = ResultCache()
         self.owner = owner_id()
         self.split = prepared.spec.eval.split
@@ -282,7 +301,8 @@ class SearchDriver:
         hit = self.cache.get(recipe, self.split)
         if hit is not None:
             writer.cache_hit(hit.trial_number)
-            self._complete(trial, recipe, EvalResult(ok=True, metrics=hit.metrics), cached=True)
+            result = EvalResult(ok=True, metrics=hit.metrics)
+            self._complete(trial, recipe, result, cache_hit=hit.trial_number)
             return None
         return recipe
 
@@ -310,7 +330,7 @@ class SearchDriver:
         if not result.ok:
             self._fail(flight.trial, result.error or "evaluation failed", result)
         else:
-            self._complete(flight.trial, flight.recipe, result, cached=False)
+            self._complete(flight.trial, flight.recipe, result)
         return "dev"
 
     def _objective_values(self, metrics: dict[str, dict[str, float]]) -> dict[str, float] | str:
@@ -334,8 +354,14 @@ class SearchDriver:
         return values
 
     def _complete(
-        self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool
+        self,
+        trial: optuna.Trial,
+        recipe: dict[str, Any],
+        result: EvalResult,
+        *,
+        cache_hit: int | None = None,
     ) -> None:
+        """Tell the trial its scores; `cache_hit`: the trial whose scores these are."""
         values = self._objective_values(result.metrics)
         if isinstance(values, str):
             self._fail(trial, values, result)
@@ -349,8 +375,20 @@ class SearchDriver:
             else [values[o.name] for o in self.prepared.objectives]
         )
         self.study.tell(trial, told)
-        if not cached:
+        merged = cache_hit is None
+        if merged:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
+        if self.on_trial is not None:
+            self.on_trial(
+                FinishedTrial(
+                    trial.number,
+                    baseline_of(trial.user_attrs),
+                    values,
+                    merge_seconds=result.merge_seconds if merged else None,
+                    eval_seconds=result.eval_seconds if merged else None,
+                    cache_hit=cache_hit,
+                )
+            )
 
     def _fail(self, trial: optuna.Trial, reason: str, result: EvalResult | None = None) -> None:
         writer = TrialWriter.of(trial)
@@ -358,6 +396,17 @@ class SearchDriver:
         if result is not None:
             writer.timings(result.merge_seconds, result.eval_seconds)
         self.study.tell(trial, state=TrialState.FAIL)
+        if self.on_trial is not None:
+            self.on_trial(
+                FinishedTrial(
+                    trial.number,
+                    baseline_of(trial.user_attrs),
+                    None,
+                    failure=reason,
+                    merge_seconds=None if result is None else result.merge_seconds,
+                    eval_seconds=None if result is None else result.eval_seconds,
+                )
+            )
 
     def _store_test(self, number: int, result: EvalResult) -> None:
         if not result.ok:

@@ -276,7 +276,7 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         metrics=ua.get(TrialKey.DEV) or {},
         weights=ua.get(TrialKey.WEIGHTS) or {},
         recipe=ua.get(TrialKey.RECIPE),
-        baseline=ua.get(TrialKey.BASELINE),
+        baseline=baseline_of(ua),
         merge_seconds=ua.get(TrialKey.MERGE_SECONDS),
         eval_seconds=ua.get(TrialKey.EVAL_SECONDS),
         fail_reason=ua.get(TrialKey.FAIL_REASON),
@@ -291,6 +291,13 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         stale=bool(ua.get(TrialKey.STALE, False)),
         enqueued_params=ua.get(TrialKey.ENQUEUED_PARAMS),
     )
+
+
+def baseline_of(trial_attrs: Mapping[str, Any]) -> str | None:
+    """The baseline an enqueued trial is (from a trial's user attributes); None for the
+    search's own."""
+    baseline = trial_attrs.get(TrialKey.BASELINE)
+    return baseline if isinstance(baseline, str) else None
 
 
 def stored_objectives(study_attrs: Mapping[str, Any]) -> list[Objective] | None:

@@ -1,0 +1,64 @@
+"""The line per finished trial that a search prints when its stderr is not a terminal."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+from test_search_front import ToyEvaluator, toy_study
+
+from recycler.commands.search import trial_line
+from recycler.evaluate.evaluator import EvalResult
+from recycler.search.run import FinishedTrial, SearchDriver
+
+
+class HalfFailingEvaluator(ToyEvaluator):
+    """The toy problem, but every evaluation whose first weight exceeds 0.5 fails."""
+
+    def wait(self) -> list[tuple[int, EvalResult]]:
+        recipe = self.pending[-1][1]
+        out = super().wait()
+        if recipe["models"][0]["parameters"]["weight"] > 0.5:
+            return [
+                (
+                    ticket,
+                    EvalResult(
+                        ok=False,
+                        error="CUDA out of memory\nsecond line",
+                        merge_seconds=0.01,
+                        eval_seconds=0.5,
+                    ),
+                )
+                for ticket, _ in out
+            ]
+        return out
+
+
+def test_one_line_per_search_trial_with_what_the_study_stored(tmp_path: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    told: list[FinishedTrial] = []
+    with SearchDriver(
+        toy_study(tmp_path), HalfFailingEvaluator, capacity=2, on_trial=told.append
+    ) as driver:
+        driver.run(8)
+        study = driver.study
+    trials = study.get_trials()
+    assert sorted(t.number for t in told) == [t.number for t in trials] == list(range(8))
+    assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}
+    for t in told:
+        stored = trials[t.number]
+        line = trial_line(t)
+        assert line.startswith(f"trial {t.number} [{stored.user_attrs.get('baseline', 'search')}] ")
+        if stored.state.name == "COMPLETE":
+            assert t.values == {"quality": stored.values[0], "cost": stored.values[1]}
+            assert f"complete: quality={stored.values[0]:.6g} cost={stored.values[1]:.6g}" in line
+            assert line.endswith("· merge 0.01 s · eval 0.02 s")
+        else:
+            assert t.values is None
+            assert line.endswith("failed: CUDA out of memory · merge 0.01 s · eval 0.50 s")
+            assert stored.user_attrs["fail_reason"].startswith("CUDA out of memory")
+
+
+def test_a_cache_hit_names_the_trial_it_reused() -> None:
+    line = trial_line(FinishedTrial(9, None, {"q": 0.5}, cache_hit=3))
+    assert line == "trial 9 [search] complete (scores of trial 3, same recipe): q=0.5"
