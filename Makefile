@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -34,9 +34,12 @@ test: lint $(MERGEKIT)
 demo: $(STAMP)
 	$(BIN)/recycler demo
 
+# bench_ray measures a study on PostgreSQL too where a server can be started here.
 bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
-	$(BIN)/python experiments/bench_ray.py
+	if ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; then \
+		bash .ci/with-postgres $(BIN)/python experiments/bench_ray.py; \
+	else $(BIN)/python experiments/bench_ray.py; fi
 
 # Experiments (issue 6): each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.

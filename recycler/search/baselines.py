@@ -121,8 +121,9 @@ def greedy_state(records: Sequence[TrialRecord], names: Sequence[str], objective
 
 
 def _rerun(r: TrialRecord) -> bool:
-    """A trial failed because its process went away: its re-run (a later trial) counts instead."""
-    return r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted"))
+    """A trial failed because its process went away (its re-run, a later trial, counts
+    instead) or dropped as a duplicate of an earlier one (that one counts)."""
+    return r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted", "duplicate"))
 
 
 def members_weights(names: Sequence[str], members: Sequence[str]) -> list[float]:
