@@ -222,3 +222,34 @@ def test_a_study_name_taken_with_other_objectives(tmp_path: Path, micro_zoo: Pat
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert lines[0].startswith("recycler: error: storage: study 'e2e'") and "other objectives (inc/maximize, rev/maximize)" in lines[0]
+
+
+def test_a_trial_put_back_is_taken_again_and_a_duplicate_step_counts_for_nothing(storage_url: str) -> None:
+    """The budget's and the duplicate rule's storage operations, on the real storages."""
+    from recycler.search.storage import open_storage
+    from recycler.search.study import (
+        StudyHandle,
+        budget_held,
+        duplicate_of,
+        enqueue,
+        n_counted,
+        put_back,
+    )
+
+    storage = open_storage(storage_url)
+    study = optuna.create_study(study_name=f"unit-{uuid.uuid4().hex[:8]}", storage=storage)
+    handle = StudyHandle(study, storage, created=True)
+    step = {"baseline": "greedy", "greedy_members": ["a", "b"]}
+    enqueue(study, {"x": 0.5}, step)
+    enqueue(study, {"x": 0.5}, step)  # a second process queued the same step meanwhile
+    first, second = study.ask(), study.ask()
+    assert budget_held(study) == 2
+    assert duplicate_of(study, first.number) is None and duplicate_of(study, second.number) == first.number
+    second.set_user_attr("duplicate_of", first.number)
+    study.tell(second, state=TrialState.FAIL)
+    put_back(handle, first.number)  # over the budget: back in the queue, untouched
+    assert budget_held(study) == 0 and study.get_trials()[first.number].state == TrialState.WAITING
+    again = study.ask()
+    assert again.number == first.number and budget_held(study) == 1
+    study.tell(again, 1.0)
+    assert n_counted(study) == 1  # the duplicate counts for nothing
