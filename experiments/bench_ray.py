@@ -326,19 +326,24 @@ def main() -> int:
     return 0
 
 
+def header(title: str, detail: str) -> list[str]:
+    """A results page's title and the line saying when, on what machine, under what load."""
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return [
+        f"# {title}",
+        "",
+        f"Written by `experiments/bench_ray.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
+        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, load at the end {load}; "
+        f"{detail}",
+        "",
+    ]
+
+
 def write_drivers(drivers: dict[str, Any]) -> None:
     """experiments/results/bench_drivers.md and .json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_drivers.json").write_text(json.dumps(drivers, indent=2) + "\n")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    lines = [
-        "# Many drivers, one study: throughput and storage writes",
-        "",
-        f"Written by `experiments/bench_ray.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, load at the end {load}; "
-        f"the {drivers['pool']} demo pool.",
-        "",
-    ]
+    lines = header("Many drivers, one study: throughput and storage writes", f"the {drivers['pool']} demo pool.")
     if "skipped" in drivers:
         lines.append(f"Not measured: {drivers['skipped']}.")
     else:
@@ -377,14 +382,9 @@ def write_drivers(drivers: dict[str, Any]) -> None:
 def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_ray.json").write_text(json.dumps(rows, indent=2) + "\n")
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     lines = [
-        "# Ray: merge placement and search cost on the demo pools",
-        "",
-        f"Written by `experiments/bench_ray.py` on {time.strftime('%Y-%m-%d %H:%M')}; "
-        f"{platform.processor() or platform.machine()}, {psutil.cpu_count()} cores, load at the end {load}; "
-        f"a real local Ray cluster; medians of {args.repeats} merges after one warm-up.",
-        "",
+        *header("Ray: merge placement and search cost on the demo pools",
+                f"a real local Ray cluster; medians of {args.repeats} merges after one warm-up."),
         "## Recipe → merged weights inside the evaluation model",
         "",
         "| pool | dtype | one process s | Ray, 1 shard worker s | Ray, 2 shard workers s |",
