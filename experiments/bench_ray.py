@@ -124,11 +124,23 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
-        checkpoints=tuple(m["model"] for m in recipe["models"]), base=str(zoo / "base"),
-        model_dir=str(zoo / "base"), tasks_dir=str(zoo / "tasks"), tasks=("zoo_inc",), limit=4,
-        batch_size=32, dtype=dtype,
+        checkpoints=tuple(m["model"] for m in recipe["models"]),
+        base=str(zoo / "base"),
+        model_dir=str(zoo / "base"),
+        tasks_dir=str(zoo / "tasks"),
+        tasks=("zoo_inc",),
+        limit=4,
+        batch_size=32,
+        dtype=dtype,
     )
-    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=shard_workers, merge_method="linear")
+    ev = RayEvaluator(
+        cfg,
+        address=None,
+        n_workers=1,
+        gpus_per_worker=0,
+        shard_workers=shard_workers,
+        merge_method="linear",
+    )
     try:
         times = []
         for i in range(repeats + 1):
@@ -142,12 +154,17 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
         ev.close()
 
 
-def write_study(zoo: Path, work: Path, name: str, storage: str, trials: int, eval_workers: int) -> Path:
+def write_study(
+    zoo: Path, work: Path, name: str, storage: str, trials: int, eval_workers: int
+) -> Path:
     """The zoo's study file with absolute paths, one baseline (the uniform soup), in `work`."""
     data = yaml.safe_load((zoo / "study.yaml").read_text())
     data["name"] = name
     data["storage"] = storage
-    data["pool"] = {k: (str(zoo / v) if isinstance(v, str) else [str(zoo / x) for x in v]) for k, v in data["pool"].items()}
+    data["pool"] = {
+        k: (str(zoo / v) if isinstance(v, str) else [str(zoo / x) for x in v])
+        for k, v in data["pool"].items()
+    }
     data["eval"]["tasks_dir"] = str(zoo / data["eval"]["tasks_dir"])
     data["search"]["n_trials"] = trials
     data["search"]["seeds"] = ["uniform"]
@@ -157,14 +174,18 @@ def write_study(zoo: Path, work: Path, name: str, storage: str, trials: int, eva
     return study
 
 
-def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None) -> dict[str, Any]:
+def search(
+    zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None
+) -> dict[str, Any]:
     """One search from scratch; its SQLite file in its own folder, or in `storage_dir`."""
     from recycler.search.run import run_search
 
     work = Path(tempfile.mkdtemp(prefix="bench-ray-"))
     db = (storage_dir or work) / f"bench-ray-{os.getpid()}-{eval_workers}.db"
     try:
-        study = write_study(zoo, work, f"bench-{eval_workers}", f"sqlite:///{db}", trials, eval_workers)
+        study = write_study(
+            zoo, work, f"bench-{eval_workers}", f"sqlite:///{db}", trials, eval_workers
+        )
         with TreeWrites() as writes:
             start = time.perf_counter()
             run_search(study, trials)
@@ -200,8 +221,12 @@ def drivers_throughput(zoo: Path, storage: str, n_drivers: int, trials: int) -> 
         study = write_study(zoo, work, name, storage, trials, eval_workers=1)
         start = time.perf_counter()
         procs = [
-            subprocess.Popen([sys.executable, "-m", "recycler.cli", "search", str(study)],
-                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+            subprocess.Popen(
+                [sys.executable, "-m", "recycler.cli", "search", str(study)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
             for _ in range(n_drivers)
         ]
         for proc in procs:
@@ -215,8 +240,11 @@ def drivers_throughput(zoo: Path, storage: str, n_drivers: int, trials: int) -> 
         end = max(t.datetime_complete for t in counted if t.datetime_complete is not None)
         span = (end - begin).total_seconds()
         return {
-            "drivers": n_drivers, "trials_counted": len(counted), "trials_stored": len(stored),
-            "span_s": round(span, 2), "wall_s": round(wall, 2),
+            "drivers": n_drivers,
+            "trials_counted": len(counted),
+            "trials_stored": len(stored),
+            "span_s": round(span, 2),
+            "wall_s": round(wall, 2),
             "trials_per_min": round(len(counted) / span * 60, 1),
         }
     finally:
@@ -240,11 +268,17 @@ def storage_writes(zoo: Path, storage: str, trials: int) -> dict[str, Any]:
         storage = f"sqlite:///{work / 'study.db'}"
     statements: Counter[str] = Counter()
 
-    def count(conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool) -> None:
-        statements[statement.lstrip().split(None, 1)[0].upper()] += len(params) if executemany else 1
+    def count(
+        conn: Any, cursor: Any, statement: str, params: Any, context: Any, executemany: bool
+    ) -> None:
+        statements[statement.lstrip().split(None, 1)[0].upper()] += (
+            len(params) if executemany else 1
+        )
 
     try:
-        study = write_study(zoo, work, f"bench-writes-{os.getpid()}-{time.time_ns()}", storage, trials, 1)
+        study = write_study(
+            zoo, work, f"bench-writes-{os.getpid()}-{time.time_ns()}", storage, trials, 1
+        )
         engine = rdb_storage(storage).engine
         event.listen(engine, "before_cursor_execute", count)
         wal_before = _wal_lsn(storage)
@@ -253,8 +287,11 @@ def storage_writes(zoo: Path, storage: str, trials: int) -> dict[str, Any]:
         event.remove(engine, "before_cursor_execute", count)
         written = writes.written if kind == "sqlite" else _wal_lsn(storage) - wal_before
         return {
-            "storage": kind, "trials": trials,
-            "writes_per_trial": round(sum(statements[k] for k in ("INSERT", "UPDATE", "DELETE")) / trials, 1),
+            "storage": kind,
+            "trials": trials,
+            "writes_per_trial": round(
+                sum(statements[k] for k in ("INSERT", "UPDATE", "DELETE")) / trials, 1
+            ),
             "reads_per_trial": round(statements["SELECT"] / trials, 1),
             "bytes_per_trial": round(written / trials),
             "bytes_measured": "process tree write_bytes" if kind == "sqlite" else "server WAL",
@@ -272,14 +309,18 @@ def _wal_lsn(storage: str) -> int:
     from recycler.search.storage import rdb_storage
 
     with rdb_storage(storage).engine.connect() as conn:
-        return int(conn.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')")).scalar_one())
+        return int(
+            conn.execute(text("SELECT pg_wal_lsn_diff(pg_current_wal_lsn(), '0/0')")).scalar_one()
+        )
 
 
 def many_drivers(zoo: Path, trials: int) -> dict[str, Any]:
     """One driver against two on a PostgreSQL study; storage writes on SQLite and PostgreSQL."""
     url = os.environ.get(POSTGRES_ENV)
     if not url:
-        return {"skipped": f"no PostgreSQL server ({POSTGRES_ENV} unset; `make bench` sets it where it can)"}
+        return {
+            "skipped": f"no PostgreSQL server ({POSTGRES_ENV} unset; `make bench` sets it where it can)"
+        }
     return {
         "throughput": [drivers_throughput(zoo, url, n, trials) for n in (1, 2)],
         "writes": [storage_writes(zoo, storage, trials) for storage in ("sqlite", url)],
@@ -288,13 +329,21 @@ def many_drivers(zoo: Path, trials: int) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"])
+    parser.add_argument(
+        "--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"]
+    )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--drivers-pool", default="small", choices=["micro", "small"],
-                        help="the pool of the one-vs-two-drivers and storage-writes figures")
+    parser.add_argument(
+        "--drivers-pool",
+        default="small",
+        choices=["micro", "small"],
+        help="the pool of the one-vs-two-drivers and storage-writes figures",
+    )
     parser.add_argument("--drivers-trials", type=int, default=16)
-    parser.add_argument("--only-drivers", action="store_true", help="measure only the many-driver figures")
+    parser.add_argument(
+        "--only-drivers", action="store_true", help="measure only the many-driver figures"
+    )
     args = parser.parse_args()
 
     from recycler.cluster.evaluator import start_ray
@@ -309,13 +358,17 @@ def main() -> int:
         row: dict[str, Any] = {"size": size, "dtype": dtype}
         row["merge_one_process_s"] = round(merge_in_one_process(zoo, dtype, args.repeats), 4)
         for shards in (1, 2):
-            row[f"merge_ray_{shards}_shards_s"] = round(merge_on_ray(zoo, dtype, shards, args.repeats), 4)
+            row[f"merge_ray_{shards}_shards_s"] = round(
+                merge_on_ray(zoo, dtype, shards, args.repeats), 4
+            )
         row["searches"] = [search(zoo, workers, args.trials) for workers in (1, 2)]
         if RAM_DISK.is_dir():
             row["searches"].append(search(zoo, 1, args.trials, storage_dir=RAM_DISK))
         rows.append(row)
         print(json.dumps(row))
-    zoo = build_zoo(POOLS / f"zoo-{args.drivers_pool}-seed0", size=args.drivers_pool, seed=0, quiet=True)
+    zoo = build_zoo(
+        POOLS / f"zoo-{args.drivers_pool}-seed0", size=args.drivers_pool, seed=0, quiet=True
+    )
     drivers = {"pool": args.drivers_pool, **many_drivers(zoo, args.drivers_trials)}
     print(json.dumps(drivers))
     if args.only_drivers:
@@ -343,7 +396,10 @@ def write_drivers(drivers: dict[str, Any]) -> None:
     """experiments/results/bench_drivers.md and .json."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_drivers.json").write_text(json.dumps(drivers, indent=2) + "\n")
-    lines = header("Many drivers, one study: throughput and storage writes", f"the {drivers['pool']} demo pool.")
+    lines = header(
+        "Many drivers, one study: throughput and storage writes",
+        f"the {drivers['pool']} demo pool.",
+    )
     if "skipped" in drivers:
         lines.append(f"Not measured: {drivers['skipped']}.")
     else:
@@ -383,8 +439,10 @@ def write(rows: list[dict[str, Any]], args: argparse.Namespace) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / "bench_ray.json").write_text(json.dumps(rows, indent=2) + "\n")
     lines = [
-        *header("Ray: merge placement and search cost on the demo pools",
-                f"a real local Ray cluster; medians of {args.repeats} merges after one warm-up."),
+        *header(
+            "Ray: merge placement and search cost on the demo pools",
+            f"a real local Ray cluster; medians of {args.repeats} merges after one warm-up.",
+        ),
         "## Recipe → merged weights inside the evaluation model",
         "",
         "| pool | dtype | one process s | Ray, 1 shard worker s | Ray, 2 shard workers s |",

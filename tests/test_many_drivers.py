@@ -61,7 +61,12 @@ def storage_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 
 
 def shared_study(tmp_path: Path, zoo: Path, storage: str, **search: object) -> Path:
-    path = study_file(tmp_path, zoo, search={"n_trials": N_TRIALS, "seeds": BASELINES, **search}, eval={"limit": 16})
+    path = study_file(
+        tmp_path,
+        zoo,
+        search={"n_trials": N_TRIALS, "seeds": BASELINES, **search},
+        eval={"limit": 16},
+    )
     data = yaml.safe_load(path.read_text())
     data["storage"] = storage
     path.write_text(yaml.safe_dump(data))
@@ -72,7 +77,9 @@ def start_search(study_path: Path) -> subprocess.Popen[bytes]:
     """`recycler search` in a process group of its own (its local Ray cluster included)."""
     return subprocess.Popen(
         [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,
     )
 
@@ -117,12 +124,25 @@ def owner_pid(trial: FrozenTrial) -> int | None:
 def assert_one_budget(trials: list[FrozenTrial], n_checkpoints: int) -> None:
     """Exactly n_trials counted, every baseline run once, no recipe evaluated twice."""
     counted = [t for t in trials if counts_toward_budget(t)]
-    assert len(counted) == N_TRIALS, [(t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials]
+    assert len(counted) == N_TRIALS, [
+        (t.number, t.state.name, t.user_attrs.get("fail_reason")) for t in trials
+    ]
     assert all(t.state == TrialState.COMPLETE for t in counted)
-    labels = [t.user_attrs["baseline"] for t in trials if "baseline" in t.user_attrs and "rerun_of" not in t.user_attrs]
+    labels = [
+        t.user_attrs["baseline"]
+        for t in trials
+        if "baseline" in t.user_attrs and "rerun_of" not in t.user_attrs
+    ]
     assert len(labels) == len(set(labels)) == 1 + n_checkpoints, labels  # each enqueued once
-    assert len({t.user_attrs["baseline"] for t in counted if "baseline" in t.user_attrs}) == 1 + n_checkpoints
-    fresh = [repr(sorted(t.user_attrs["weights"].items())) for t in counted if "cache_hit" not in t.user_attrs]
+    assert (
+        len({t.user_attrs["baseline"] for t in counted if "baseline" in t.user_attrs})
+        == 1 + n_checkpoints
+    )
+    fresh = [
+        repr(sorted(t.user_attrs["weights"].items()))
+        for t in counted
+        if "cache_hit" not in t.user_attrs
+    ]
     assert len(fresh) == len(set(fresh))
     assert not any("duplicate_of" in t.user_attrs for t in trials)
 
@@ -149,25 +169,38 @@ def test_two_searches_spend_one_budget(
     assert_one_budget(trials, n_checkpoints)
     # Neither failed a trial of the other's: nothing failed at all.
     assert not [t.number for t in trials if t.state == TrialState.FAIL]
-    assert {owner_pid(t) for t in trials if t.state == TrialState.COMPLETE} <= {first.pid, second.pid}
+    assert {owner_pid(t) for t in trials if t.state == TrialState.COMPLETE} <= {
+        first.pid,
+        second.pid,
+    }
 
 
-def test_a_killed_search_is_finished_by_the_other(tmp_path: Path, micro_zoo: Path, storage_url: str) -> None:
+def test_a_killed_search_is_finished_by_the_other(
+    tmp_path: Path, micro_zoo: Path, storage_url: str
+) -> None:
     study_path = shared_study(tmp_path, micro_zoo, storage_url)
     n_checkpoints = len(list((micro_zoo / "checkpoints").iterdir()))
     with searches(study_path, 2) as (survivor, victim):
         deadline = time.monotonic() + 300
         while True:
             trials = trials_of(study_path)
-            victims = [t for t in trials if t.state == TrialState.RUNNING and owner_pid(t) == victim.pid]
+            victims = [
+                t for t in trials if t.state == TrialState.RUNNING and owner_pid(t) == victim.pid
+            ]
             if victims and sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
                 break
             assert_running(victim, survivor)
-            assert time.monotonic() < deadline, f"no trial of the victim running within 300 s: {trials}"
+            assert time.monotonic() < deadline, (
+                f"no trial of the victim running within 300 s: {trials}"
+            )
             time.sleep(0.1)
         os.killpg(victim.pid, signal.SIGKILL)  # the driver and its Ray, a trial in flight
         victim.wait(timeout=30)
-        done_before = {t.number: (t.params, t.values) for t in trials_of(study_path) if t.state == TrialState.COMPLETE}
+        done_before = {
+            t.number: (t.params, t.values)
+            for t in trials_of(study_path)
+            if t.state == TrialState.COMPLETE
+        }
         finish(survivor)
     trials = trials_of(study_path)
     for number, (params, values) in done_before.items():  # nothing completed is lost
@@ -182,7 +215,9 @@ def test_a_killed_search_is_finished_by_the_other(tmp_path: Path, micro_zoo: Pat
 
 
 @pytest.mark.parametrize("case", ["unreachable", "wrong password", "missing driver"])
-def test_bad_storage_is_one_line(case: str, tmp_path: Path, micro_zoo: Path, request: pytest.FixtureRequest) -> None:
+def test_bad_storage_is_one_line(
+    case: str, tmp_path: Path, micro_zoo: Path, request: pytest.FixtureRequest
+) -> None:
     if case == "unreachable":
         import socket
 
@@ -193,23 +228,40 @@ def test_bad_storage_is_one_line(case: str, tmp_path: Path, micro_zoo: Path, req
     elif case == "wrong password":
         from sqlalchemy.engine import make_url
 
-        url = make_url(request.getfixturevalue("postgres_url")).set(password="wrong").render_as_string(hide_password=False)
+        url = (
+            make_url(request.getfixturevalue("postgres_url"))
+            .set(password="wrong")
+            .render_as_string(hide_password=False)
+        )
     else:  # a driver SQLAlchemy knows and recycler does not install
         url = "postgresql+pg8000://recycler:pw@127.0.0.1:5432/recycler"
     study_path = shared_study(tmp_path, micro_zoo, url)
     started = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
-    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("recycler: error: storage: "), proc.stderr
+    assert (
+        proc.returncode == 2
+        and len(lines) == 1
+        and lines[0].startswith("recycler: error: storage: ")
+    ), proc.stderr
     assert ":pw@" not in lines[0] and ":wrong@" not in lines[0]  # the password is masked
     assert time.monotonic() - started < 90
-    expected = {"unreachable": "Connection refused", "wrong password": "password authentication failed",
-                "missing driver": "pg8000"}[case]
+    expected = {
+        "unreachable": "Connection refused",
+        "wrong password": "password authentication failed",
+        "missing driver": "pg8000",
+    }[case]
     assert expected in lines[0]
 
 
-def test_a_study_name_taken_with_other_objectives(tmp_path: Path, micro_zoo: Path, storage_url: str) -> None:
+def test_a_study_name_taken_with_other_objectives(
+    tmp_path: Path, micro_zoo: Path, storage_url: str
+) -> None:
     study_path = shared_study(tmp_path, micro_zoo, storage_url)
     from recycler.search.run import prepare
 
@@ -217,14 +269,23 @@ def test_a_study_name_taken_with_other_objectives(tmp_path: Path, micro_zoo: Pat
     data = yaml.safe_load(study_path.read_text())
     data["objectives"] = data["objectives"][:1]
     study_path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run([sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     lines = proc.stderr.strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
-    assert lines[0].startswith("recycler: error: storage: study 'e2e'") and "other objectives (inc/maximize, rev/maximize)" in lines[0]
+    assert (
+        lines[0].startswith("recycler: error: storage: study 'e2e'")
+        and "other objectives (inc/maximize, rev/maximize)" in lines[0]
+    )
 
 
-def test_a_trial_put_back_is_taken_again_and_a_duplicate_step_counts_for_nothing(storage_url: str) -> None:
+def test_a_trial_put_back_is_taken_again_and_a_duplicate_step_counts_for_nothing(
+    storage_url: str,
+) -> None:
     """The budget's and the duplicate rule's storage operations, on the real storages."""
     from recycler.search.storage import open_storage
     from recycler.search.study import (
@@ -244,7 +305,10 @@ def test_a_trial_put_back_is_taken_again_and_a_duplicate_step_counts_for_nothing
     enqueue(study, {"x": 0.5}, step)  # a second process queued the same step meanwhile
     first, second = study.ask(), study.ask()
     assert budget_held(study) == 2
-    assert duplicate_of(study, first.number) is None and duplicate_of(study, second.number) == first.number
+    assert (
+        duplicate_of(study, first.number) is None
+        and duplicate_of(study, second.number) == first.number
+    )
     second.set_user_attr("duplicate_of", first.number)
     study.tell(second, state=TrialState.FAIL)
     put_back(handle, first.number)  # over the budget: back in the queue, untouched

@@ -56,8 +56,12 @@ class Objective:
     maximize: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "metric": self.metric,
-                "direction": "maximize" if self.maximize else "minimize"}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "metric": self.metric,
+            "direction": "maximize" if self.maximize else "minimize",
+        }
 
 
 def resolve_objectives(
@@ -82,7 +86,9 @@ def resolve_objectives(
 
 def macro_average(values: dict[str, float], objectives: Sequence[Objective]) -> float:
     """The mean of the objectives, each signed so that larger is better."""
-    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(objectives)
+    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(
+        objectives
+    )
 
 
 def single_objective(spec: StudySpec) -> bool:
@@ -133,22 +139,30 @@ def open_study(
     """Load the study (or create it when `create`), check it matches, attach a seeded sampler."""
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first")
+        raise RecyclerError(
+            f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first"
+        )
     storage = open_storage(spec.storage_url)
     try:
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # the server went away after the connection was made
-        raise RecyclerError(f"storage: cannot read {shown(spec.storage)}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot read {shown(spec.storage)}: {str(exc).splitlines()[0]}"
+        ) from None
     n_values = 1 if single_objective(spec) else len(objectives)
     exists = spec.name in names
     if not exists and not create:
-        raise RecyclerError(f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first")
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
+        )
     n_existing, in_use = 0, False
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
         trials = probe.get_trials(deepcopy=False)
         n_existing = len(trials)
-        in_use = ATTR_SEEDED not in probe.user_attrs or any(t.state == TrialState.RUNNING for t in trials)
+        in_use = ATTR_SEEDED not in probe.user_attrs or any(
+            t.state == TrialState.RUNNING for t in trials
+        )
     sampler = _sampler(spec, n_values, n_existing, in_use=in_use)
     if exists:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
@@ -156,11 +170,14 @@ def open_study(
         _check_matches(spec, study, space_fingerprint, objectives)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
-        ["maximize"] if single_objective(spec)
+        ["maximize"]
+        if single_objective(spec)
         else ["maximize" if o.maximize else "minimize" for o in objectives]
     )
     try:
-        study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, directions=directions)
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, sampler=sampler, directions=directions
+        )
     except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
         sampler = _sampler(spec, n_values, 0, in_use=True)
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
@@ -176,14 +193,18 @@ def open_study(
     return StudyHandle(study, storage, created=True)
 
 
-def _sampler(spec: StudySpec, n_values: int, n_existing: int, *, in_use: bool) -> optuna.samplers.BaseSampler:
+def _sampler(
+    spec: StudySpec, n_values: int, n_existing: int, *, in_use: bool
+) -> optuna.samplers.BaseSampler:
     """The study's sampler, seeded from the study file. A study another process is driving
     now also mixes in this process's id: two drivers with one seed would propose the same
     weights in the same order."""
     seed = effective_seed(spec.search.seed, n_existing)
     if in_use:
         seed = (seed ^ zlib.crc32(owner_id().encode())) % (2**32)
-    return make_sampler(spec.search.sampler, seed, n_objectives=n_values, n_trials=spec.search.n_trials)
+    return make_sampler(
+        spec.search.sampler, seed, n_objectives=n_values, n_trials=spec.search.n_trials
+    )
 
 
 # How long a start waits for a process that created the study a moment ago to record
@@ -201,11 +222,16 @@ def _await_creator(study: optuna.Study, key: str) -> None:
 
 
 def _check_matches(
-    spec: StudySpec, study: optuna.Study, space_fingerprint: dict[str, Any], objectives: Sequence[Objective]
+    spec: StudySpec,
+    study: optuna.Study,
+    space_fingerprint: dict[str, Any],
+    objectives: Sequence[Objective],
 ) -> None:
     stored_obj = study.user_attrs.get(ATTR_OBJECTIVES)
     if stored_obj is None:
-        raise RecyclerError(f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler; choose another name")
+        raise RecyclerError(
+            f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler; choose another name"
+        )
     if stored_obj != [o.as_dict() for o in objectives]:
         raise RecyclerError(
             f"storage: study {spec.name!r} in {shown(spec.storage)} was created with other objectives "
@@ -228,6 +254,7 @@ def _check_matches(
 
 # ---- trials left RUNNING by a process that died ------------------------------------------
 
+
 def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     """Why a RUNNING trial is presumed abandoned, or None while it may still be running."""
     owner = trial.user_attrs.get("owner")
@@ -235,7 +262,11 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     if isinstance(owner, str):
         alive = _owner_alive(owner)
         if alive is not None:  # an owner on this host: its process is alive or it is not
-            return None if alive else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            return (
+                None
+                if alive
+                else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            )
         beat = trial.user_attrs.get("heartbeat")
         last = float(beat) if isinstance(beat, int | float) else started
         if now - last > STALE_AFTER:
@@ -250,13 +281,21 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
 ATTR_ENQUEUED = "enqueued_params"
 
 
-def enqueue(study: optuna.Study, params: dict[str, float], attrs: dict[str, Any], *, skip_if_exists: bool = False) -> None:
+def enqueue(
+    study: optuna.Study,
+    params: dict[str, float],
+    attrs: dict[str, Any],
+    *,
+    skip_if_exists: bool = False,
+) -> None:
     """Queue a trial with fixed parameters, also kept as a user attribute.
 
     Optuna stores a trial's parameters one call at a time as they are suggested, so a
     process killed in between leaves only some on the trial; its re-run needs them all.
     """
-    study.enqueue_trial(params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists)
+    study.enqueue_trial(
+        params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists
+    )
 
 
 def rerun_attrs(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
@@ -325,6 +364,7 @@ def _not_run(trial: FrozenTrial) -> bool:
 # (two processes both seeing the other and both putting back) leaves budget unspent for a
 # moment; the driver then tries again after a random pause.
 
+
 def holds_budget(trial: FrozenTrial) -> bool:
     """A trial spending one of n_trials: reserved while RUNNING, counted once finished."""
     return trial.state == TrialState.RUNNING or counts_toward_budget(trial)
@@ -344,7 +384,9 @@ def put_back(handle: StudyHandle, number: int) -> None:
     """Return a trial this process has just taken, before it suggested anything, to the queue."""
     storage = handle.storage
     study_id = storage.get_study_id_from_name(handle.study.study_name)
-    storage.set_trial_state_values(storage.get_trial_id_from_study_id_trial_number(study_id, number), TrialState.WAITING)
+    storage.set_trial_state_values(
+        storage.get_trial_id_from_study_id_trial_number(study_id, number), TrialState.WAITING
+    )
 
 
 ATTR_DUPLICATE_OF = "duplicate_of"
@@ -370,12 +412,17 @@ def duplicate_of(study: optuna.Study, number: int) -> int | None:
     if mine is None:
         return None
     for t in trials:
-        if t.number < number and _baseline_identity(t) == mine and not (t.state == TrialState.FAIL and _not_run(t)):
+        if (
+            t.number < number
+            and _baseline_identity(t) == mine
+            and not (t.state == TrialState.FAIL and _not_run(t))
+        ):
             return t.number
     return None
 
 
 # ---- reading a study back as plain records -----------------------------------------------
+
 
 @dataclass
 class TrialRecord:
@@ -428,29 +475,33 @@ class StudyView:
 def view_of(study: optuna.Study) -> StudyView:
     attrs = dict(study.user_attrs)
     stored = attrs.get(ATTR_OBJECTIVES) or []
-    objectives = [Objective(o["name"], o["task"], o["metric"], o["direction"] == "maximize") for o in stored]
+    objectives = [
+        Objective(o["name"], o["task"], o["metric"], o["direction"] == "maximize") for o in stored
+    ]
     records = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         test = attrs.get(f"{TEST_PREFIX}{t.number}") or {}
-        records.append(TrialRecord(
-            number=t.number,
-            state=t.state.name,
-            objectives={k: float(v) for k, v in (ua.get("objectives") or {}).items()},
-            metrics=ua.get("dev") or {},
-            weights=ua.get("weights") or {},
-            recipe=ua.get("recipe"),
-            baseline=ua.get("baseline"),
-            merge_seconds=ua.get("merge_seconds"),
-            eval_seconds=ua.get("eval_seconds"),
-            fail_reason=ua.get("fail_reason"),
-            test_objectives=test.get("objectives"),
-            test_metrics=test.get("metrics"),
-            test_error=test.get("error"),
-            cache_hit=ua.get("cache_hit"),
-            completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
-            user_members=ua.get("greedy_members"),
-        ))
+        records.append(
+            TrialRecord(
+                number=t.number,
+                state=t.state.name,
+                objectives={k: float(v) for k, v in (ua.get("objectives") or {}).items()},
+                metrics=ua.get("dev") or {},
+                weights=ua.get("weights") or {},
+                recipe=ua.get("recipe"),
+                baseline=ua.get("baseline"),
+                merge_seconds=ua.get("merge_seconds"),
+                eval_seconds=ua.get("eval_seconds"),
+                fail_reason=ua.get("fail_reason"),
+                test_objectives=test.get("objectives"),
+                test_metrics=test.get("metrics"),
+                test_error=test.get("error"),
+                cache_hit=ua.get("cache_hit"),
+                completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
+                user_members=ua.get("greedy_members"),
+            )
+        )
     for r in records:
         r.vector_dev = r.vector(objectives, "dev")
     return StudyView(study.study_name, objectives, records, attrs)
@@ -460,17 +511,25 @@ def load_view(spec: StudySpec) -> StudyView:
     """The stored study as records, for `front`, `export`, `report` (never creates anything)."""
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
     storage = open_storage(spec.storage_url)
     try:
         study = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
-        raise RecyclerError(f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first") from None
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
+        ) from None
     except Exception as exc:
-        raise RecyclerError(f"storage: cannot open {shown(spec.storage)}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {shown(spec.storage)}: {str(exc).splitlines()[0]}"
+        ) from None
     view = view_of(study)
     if not view.objectives:
-        raise RecyclerError(f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler")
+        raise RecyclerError(
+            f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler"
+        )
     return view
 
 
