@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
 install:
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet $(TORCH)
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,postgres]'
 	touch $(STAMP)
 
 lint: $(STAMP)
@@ -28,15 +28,18 @@ MERGEKIT := .venv-mergekit/.mergekit-installed
 $(MERGEKIT):
 	bash experiments/mergekit_env.sh || echo "mergekit unavailable: comparing against the reference merge only"
 
+# A throwaway PostgreSQL server for the tests that need one (.ci/with-postgres installs
+# it as root; where it cannot, it says so and those tests are skipped).
 test: lint $(MERGEKIT)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	bash .ci/with-postgres $(BIN)/python -m pytest -q -p no:cacheprovider
 
 demo: $(STAMP)
 	$(BIN)/recycler demo
 
+# bench_ray measures a study on PostgreSQL too where a server can be started here.
 bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
-	$(BIN)/python experiments/bench_ray.py
+	bash .ci/with-postgres $(BIN)/python experiments/bench_ray.py
 
 # Experiments: each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.

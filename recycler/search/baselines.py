@@ -132,8 +132,11 @@ def greedy_state(
 
 
 def _rerun(r: TrialRecord) -> bool:
-    """A trial failed because its process went away: its re-run (a later trial) counts instead."""
-    return r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted"))
+    """A trial failed because its process went away (its re-run, a later trial, counts
+    instead) or dropped as a duplicate of an earlier one (that one counts)."""
+    return r.state == "FAIL" and (
+        r.duplicate_of is not None or (r.fail_reason or "").startswith(("stale", "interrupted"))
+    )
 
 
 def members_weights(names: Sequence[str], members: Sequence[str]) -> list[float]:

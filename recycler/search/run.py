@@ -11,6 +11,7 @@ the test split.
 from __future__ import annotations
 
 import contextlib
+import random
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -48,17 +49,22 @@ from recycler.search.stored import (
 from recycler.search.study import (
     HEARTBEAT_INTERVAL,
     StudyHandle,
-    counts_toward_budget,
+    budget_held,
+    duplicate_of,
     enqueue,
     fail_stale_trials,
     macro_average,
+    n_counted,
     open_study,
     owner_id,
+    put_back,
     resolve_objectives,
     single_objective,
 )
 
 TEST_SPLIT = "test"
+# Seconds between looks at the study while other processes hold the rest of the budget.
+OTHERS_POLL = 2.0
 
 
 @dataclass
@@ -203,30 +209,44 @@ class SearchDriver:
 
     # ---- the search -----------------------------------------------------------------
     def run(self, target: int) -> None:
+        """Run trials until the study holds `target` counted ones, whoever runs them.
+
+        Other processes may drive the same study: the budget is the study's
+        (study.budget_held), and once it is all taken this driver waits for the trials
+        others still run, so that one of them failing as stale is run again here.
+        """
         self.stale = fail_stale_trials(self.prepared.handle)
         self._seed_cache()
-        done = sum(counts_toward_budget(t) for t in self.study.get_trials(deepcopy=False))
-        self._report(done, target)
+        self._report(target)
         with self._heartbeat():
             try:
                 while True:
-                    while (
-                        self._n_flying("dev") < self.capacity
-                        and done + self._n_flying("dev") < target
-                    ):
-                        if self._start_next():
-                            done += 1
-                            self._report(done, target)
+                    while self._n_flying("dev") < self.capacity:
+                        started = self._start_next(target)
+                        if started is None:
+                            break
+                        if not started:  # finished at once: a cache hit, refused weights
+                            self._report(target)
                     if not self._flights:
-                        break
+                        if n_counted(self.study) >= target:
+                            break
+                        self._await_others()
+                        continue
                     for ticket, result in self.evaluator.wait():
-                        if self._finish(ticket, result) == "dev":
-                            done += 1
-                            self._report(done, target)
+                        self._finish(ticket, result)
+                        self._report(target)
             except BaseException:
                 self._abandon_flights("interrupted")
                 raise
         self._settle_greedy()
+
+    def _await_others(self) -> None:
+        """Nothing of ours in flight, budget left but held by others' RUNNING trials (or a
+        trial put back a moment ago): pause, then fail what a dead process left running.
+        Bounded: a live process finishes its trials; a dead one's are failed as stale (at
+        once on this host, after STALE_AFTER s without heartbeat on another)."""
+        time.sleep(random.uniform(0.5, 1.5) * OTHERS_POLL)
+        self.stale.extend(fail_stale_trials(self.prepared.handle))
 
     def rescore_front(self) -> int:
         """Score the Pareto set (chosen on dev) and the baselines on the test split.
@@ -267,20 +287,31 @@ class SearchDriver:
         return count
 
     # ---- one trial ------------------------------------------------------------------
-    def _start_next(self) -> bool:
-        """Ask for a trial and start it; True when it finished at once (cache hit, bad weights)."""
+    def _start_next(self, target: int) -> bool | None:
+        """Take a trial and start it: True when in flight, False when it finished at once
+        (cache hit, refused weights), None when the study's budget is all taken."""
         self._maybe_enqueue_greedy()
+        if budget_held(self.study) >= target:  # spent already: do not even take a trial
+            return None
         trial = self.study.ask()
+        if budget_held(self.study) > target:  # counted after taking it: see study.py, budget
+            put_back(self.prepared.handle, trial.number)
+            return None
+        duplicate = duplicate_of(self.study, trial.number)
+        if duplicate is not None:
+            TrialWriter.of(trial).duplicate(duplicate)
+            self._fail(trial, f"duplicate of trial {duplicate}: not run")
+            return False
         try:
             recipe = self._prepare_trial(trial)
         except Exception as exc:  # a proposal Optuna or the recipe refuses: fail it, go on
             self._fail(trial, describe_failure(exc))
-            return True
+            return False
         if recipe is None:
-            return True
+            return False
         # Outside the try: a worker that cannot start is the run's error, not this trial's.
         self._submit("dev", trial.number, recipe, trial, self.split)
-        return False
+        return True
 
     def _prepare_trial(self, trial: optuna.Trial) -> dict[str, Any] | None:
         """Suggest, record and check the trial's recipe; None when it is already finished."""
@@ -488,10 +519,11 @@ class SearchDriver:
     def _n_flying(self, kind: str) -> int:
         return sum(1 for f in self._flights.values() if f.kind == kind)
 
-    def _report(self, done: int, target: int) -> None:
+    def _report(self, target: int) -> None:
         if self.on_progress is None:
             return
         view = view_of(self.study)
+        done = n_counted(self.study)
         hv = None
         vectors = [v for r in view.complete if (v := r.vector(view.objectives)) is not None]
         if vectors:

@@ -52,6 +52,9 @@ class TrialKey:
     BASELINE = "baseline"  # the baseline an enqueued trial is
     GREEDY_MEMBERS = "greedy_members"  # a greedy-soup step's checkpoints
     RERUN_OF = "rerun_of"  # the stale trial this one repeats
+    # The earlier trial that runs the same baseline or greedy step (two drivers queued it
+    # at once); this one failed without running and counts for nothing.
+    DUPLICATE_OF = "duplicate_of"
     # Optuna stores a trial's parameters one call at a time as they are suggested, so a
     # process killed in between leaves only some on the trial; its re-run needs them all.
     ENQUEUED_PARAMS = "enqueued_params"
@@ -134,6 +137,9 @@ class TrialWriter:
     def timings(self, merge_seconds: float, eval_seconds: float) -> None:
         self._set(TrialKey.MERGE_SECONDS, round(merge_seconds, 3))
         self._set(TrialKey.EVAL_SECONDS, round(eval_seconds, 3))
+
+    def duplicate(self, trial_number: int) -> None:
+        self._set(TrialKey.DUPLICATE_OF, trial_number)
 
     def failure(self, reason: str, *, stale: bool = False) -> None:
         self._set(TrialKey.FAIL_REASON, reason[:_MAX_REASON])
@@ -235,6 +241,7 @@ class TrialRecord:
     heartbeat: float | None = None
     stale: bool = False
     enqueued_params: dict[str, float] | None = None
+    duplicate_of: int | None = None
 
     def vector(self, objectives: Sequence[Objective], split: str = "dev") -> list[float] | None:
         src = self.objectives if split == "dev" else self.test_objectives
@@ -290,6 +297,7 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         heartbeat=float(beat) if isinstance(beat, int | float) else None,
         stale=bool(ua.get(TrialKey.STALE, False)),
         enqueued_params=ua.get(TrialKey.ENQUEUED_PARAMS),
+        duplicate_of=dup if isinstance(dup := ua.get(TrialKey.DUPLICATE_OF), int) else None,
     )
 
 
@@ -308,6 +316,11 @@ def stored_objectives(study_attrs: Mapping[str, Any]) -> list[Objective] | None:
 
 def stored_space(study_attrs: Mapping[str, Any]) -> dict[str, Any]:
     return dict(study_attrs.get(StudyKey.SPACE) or {})
+
+
+def identity_written(study_attrs: Mapping[str, Any]) -> bool:
+    """`write_identity` has finished (it writes the space last)."""
+    return StudyKey.SPACE in study_attrs
 
 
 def baselines_enqueued(study_attrs: Mapping[str, Any]) -> bool:

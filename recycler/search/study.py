@@ -8,6 +8,7 @@ import os
 import socket
 import time
 import warnings
+import zlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -19,10 +20,13 @@ from optuna.trial import FrozenTrial, TrialState
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.search.samplers import effective_seed, make_sampler
+from recycler.search.storage import open_storage, shown
 from recycler.search.stored import (
     Objective,
     StudyView,
     TrialWriter,
+    baselines_enqueued,
+    identity_written,
     read_trial,
     rerun_attrs,
     stored_objectives,
@@ -108,37 +112,36 @@ def open_study(
     create: bool = True,
 ) -> StudyHandle:
     """Load the study (or create it when `create`), check it matches, attach a seeded sampler."""
-    url = spec.storage_url
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
         raise RecyclerError(
             f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first"
         )
+    storage = open_storage(spec.storage_url)
     try:
-        storage = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage)
-    except Exception as exc:  # SQLAlchemy's many errors: a bad URL, no driver, no server
+    except Exception as exc:  # the server went away after the connection was made
         raise RecyclerError(
-            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+            f"storage: cannot read {shown(spec.storage)}: {str(exc).splitlines()[0]}"
         ) from None
     n_values = 1 if single_objective(spec) else len(objectives)
     exists = spec.name in names
     if not exists and not create:
         raise RecyclerError(
-            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
         )
-    n_existing = 0
+    n_existing, in_use = 0, False
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
-        n_existing = len(probe.get_trials(deepcopy=False))
-    sampler = make_sampler(
-        spec.search.sampler,
-        effective_seed(spec.search.seed, n_existing),
-        n_objectives=n_values,
-        n_trials=spec.search.n_trials,
-    )
+        trials = probe.get_trials(deepcopy=False)
+        n_existing = len(trials)
+        in_use = not baselines_enqueued(probe.user_attrs) or any(
+            t.state == TrialState.RUNNING for t in trials
+        )
+    sampler = _sampler(spec, n_values, n_existing, in_use=in_use)
     if exists:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
+        _await_creator(study, baselines_enqueued if create else identity_written)
         _check_matches(spec, study, space_fingerprint, objectives)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
@@ -146,15 +149,50 @@ def open_study(
         if single_objective(spec)
         else ["maximize" if o.maximize else "minimize" for o in objectives]
     )
-    study = optuna.create_study(
-        study_name=spec.name, storage=storage, sampler=sampler, directions=directions
-    )
+    try:
+        study = optuna.create_study(
+            study_name=spec.name, storage=storage, sampler=sampler, directions=directions
+        )
+    except optuna.exceptions.DuplicatedStudyError:  # another process created it a moment ago
+        sampler = _sampler(spec, n_values, 0, in_use=True)
+        study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
+        _await_creator(study, baselines_enqueued if create else identity_written)
+        _check_matches(spec, study, space_fingerprint, objectives)
+        return StudyHandle(study, storage, created=False)
     with warnings.catch_warnings():
         # Experimental since Optuna 3.2 and still the only way to name the objectives.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
     write_identity(study, objectives, space_fingerprint)
     return StudyHandle(study, storage, created=True)
+
+
+def _sampler(
+    spec: StudySpec, n_values: int, n_existing: int, *, in_use: bool
+) -> optuna.samplers.BaseSampler:
+    """The study's sampler, seeded from the study file. A study another process is driving
+    now also mixes in this process's id: two drivers with one seed would propose the same
+    weights in the same order."""
+    seed = effective_seed(spec.search.seed, n_existing)
+    if in_use:
+        seed = (seed ^ zlib.crc32(owner_id().encode())) % (2**32)
+    return make_sampler(
+        spec.search.sampler, seed, n_objectives=n_values, n_trials=spec.search.n_trials
+    )
+
+
+# How long a start waits for a process that created the study a moment ago to record
+# its objectives and space (a few writes; longer means that process died doing it).
+CREATOR_WAIT = 30.0
+
+
+def _await_creator(study: optuna.Study, written: Callable[[Mapping[str, Any]], bool]) -> None:
+    """Wait, bounded, until the study's creator has stored what `written` looks for: its
+    identity (what _check_matches reads), or that the baselines are queued (a second
+    driver starting with the first must not queue them again)."""
+    deadline = time.monotonic() + CREATOR_WAIT
+    while not written(study.user_attrs) and time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def _check_matches(
@@ -166,16 +204,16 @@ def _check_matches(
     stored = stored_objectives(study.user_attrs)
     if stored is None:
         raise RecyclerError(
-            f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another "
-            "name"
+            f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler; "
+            "choose another name"
         )
     if stored != list(objectives):
         created = ", ".join(
             o.name + "/" + ("maximize" if o.maximize else "minimize") for o in stored
         )
         raise RecyclerError(
-            f"objectives: differ from those study {spec.name!r} was created with ({created}); use "
-            "a new study name"
+            f"storage: study {spec.name!r} in {shown(spec.storage)} was created with other "
+            f"objectives ({created}); use a new study name"
         )
     space = stored_space(study.user_attrs)
     for key, value in space_fingerprint.items():
@@ -261,10 +299,85 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
 
 
 def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Finished trials count toward n_trials, except stale ones that were run again."""
+    """Finished trials count toward n_trials, except stale ones that were run again and
+    duplicates that were never run."""
     if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
         return True
-    return trial.state == TrialState.FAIL and not read_trial(trial).stale
+    return trial.state == TrialState.FAIL and not _not_run(trial)
+
+
+def _not_run(trial: FrozenTrial) -> bool:
+    """A failed trial that stands for no result: re-run elsewhere, or a duplicate dropped."""
+    record = read_trial(trial)
+    return record.stale or record.duplicate_of is not None
+
+
+# ---- the budget: n_trials is the study's, whichever processes run its trials -------------
+#
+# Several processes may drive one study. Each takes a trial (study.ask: a new RUNNING
+# trial, or a queued one set RUNNING) and only then counts the trials that hold budget:
+# the finished ones that count and every RUNNING one, its own included. Over n_trials,
+# it puts its trial back in the queue and starts nothing. This cannot overshoot: suppose
+# more than n_trials trials were kept. Take the kept trial whose count was read last. Every
+# other kept trial turned RUNNING (a committed write: trial creation locks the study row,
+# a queued trial's RUNNING update is a compare-and-set) before its own count, so before
+# this last count, which (read committed, or SQLite's single writer) saw them all, plus
+# itself: more than n_trials, so it was put back, not kept. A contradiction. The converse
+# (two processes both seeing the other and both putting back) leaves budget unspent for a
+# moment; the driver then tries again after a random pause.
+
+
+def holds_budget(trial: FrozenTrial) -> bool:
+    """A trial spending one of n_trials: reserved while RUNNING, counted once finished."""
+    return trial.state == TrialState.RUNNING or counts_toward_budget(trial)
+
+
+def budget_held(study: optuna.Study) -> int:
+    """How many of the study's trials hold budget now (read fresh from the storage)."""
+    return sum(holds_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def n_counted(study: optuna.Study) -> int:
+    """How many finished trials count toward n_trials."""
+    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+def put_back(handle: StudyHandle, number: int) -> None:
+    """Return a trial this process has just taken, before it suggested anything, to the queue."""
+    storage = handle.storage
+    study_id = storage.get_study_id_from_name(handle.study.study_name)
+    storage.set_trial_state_values(
+        storage.get_trial_id_from_study_id_trial_number(study_id, number), TrialState.WAITING
+    )
+
+
+def _baseline_identity(trial: FrozenTrial) -> tuple[str, tuple[str, ...]] | None:
+    record = read_trial(trial)
+    if not isinstance(record.baseline, str):
+        return None
+    return record.baseline, tuple(record.user_members or ())
+
+
+def duplicate_of(study: optuna.Study, number: int) -> int | None:
+    """The earlier trial that already runs (or ran, or will run) the same baseline or greedy
+    step as trial `number`, if any.
+
+    Two processes may enqueue one baseline at the same moment; trial numbers follow the
+    order the trials were created in, so the earliest live copy is the one that runs, and
+    each later copy, whichever process takes it, sees that earlier one.
+    """
+    trials = study.get_trials(deepcopy=False)
+    mine = next((_baseline_identity(t) for t in trials if t.number == number), None)
+    if mine is None:
+        return None
+    for t in trials:
+        if (
+            t.number < number
+            and _baseline_identity(t) == mine
+            and not (t.state == TrialState.FAIL and _not_run(t))
+        ):
+            return t.number
+    return None
 
 
 # ---- reading a study back as records ------------------------------------------------------
@@ -277,17 +390,20 @@ def load_view(spec: StudySpec) -> StudyView:
         raise RecyclerError(
             f"storage: no study yet ({sqlite} does not exist); run recycler search first"
         )
+    storage = open_storage(spec.storage_url)
     try:
-        study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
+        study = optuna.load_study(study_name=spec.name, storage=storage)
     except KeyError:
         raise RecyclerError(
-            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
         ) from None
     except Exception as exc:
         raise RecyclerError(
-            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+            f"storage: cannot open {shown(spec.storage)}: {str(exc).splitlines()[0]}"
         ) from None
     view = view_of(study)
     if not view.objectives:
-        raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler")
+        raise RecyclerError(
+            f"name: study {spec.name!r} in {shown(spec.storage)} was not made by recycler"
+        )
     return view
