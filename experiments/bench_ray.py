@@ -113,11 +113,12 @@ def merge_in_one_process(zoo: Path, dtype: str, repeats: int) -> float:
 def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> float:
     from recycler.cluster.evaluator import RayEvaluator
     from recycler.cluster.worker import WorkerConfig
+    from recycler.evaluate.tasks import folder_request
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
         checkpoints=tuple(m["model"] for m in recipe["models"]), base=str(zoo / "base"),
-        model_dir=str(zoo / "base"), tasks_dir=str(zoo / "tasks"), tasks=("zoo_inc",), limit=4,
+        model_dir=str(zoo / "base"), suite=folder_request(zoo / "tasks", ["zoo_inc"]), limit=4,
         batch_size=32, dtype=dtype,
     )
     ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=shard_workers, merge_method="linear")

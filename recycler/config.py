@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -24,6 +24,9 @@ from pydantic import (
 
 from recycler.errors import RecyclerError
 from recycler.yaml_file import load_yaml
+
+if TYPE_CHECKING:
+    from recycler.evaluate.tasks import SuiteRequest
 
 # Methods that add task vectors to a base model: without `pool.base` they mean nothing.
 METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
@@ -185,6 +188,8 @@ class ObjectiveSpec(_Strict):
     metric: str
     # None: lm-eval's higher_is_better for the task's metric decides.
     direction: Literal["maximize", "minimize"] | None = None
+    # None: the task's own (its YAML's num_fewshot, else zero-shot).
+    num_fewshot: int | None = Field(default=None, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -194,11 +199,41 @@ class ObjectiveSpec(_Strict):
         return value
 
 
+GenKwarg = str | int | float | bool | list[str]
+
+
 class EvalSpec(_Strict):
-    tasks_dir: Path  # lm-eval's include_path: the folder of task YAMLs
+    # lm-eval's include_path: the study's own folder(s) of task YAMLs, searched before
+    # lm-eval's built-in tasks. Left out: built-in tasks only.
+    tasks_dir: Path | list[Path] | None = None
+    # A task name or a Hub dataset id -> a local copy of its data: a folder written by
+    # datasets' save_to_disk (for a Hub id with configs, FOLDER/<config> may hold one),
+    # or data files by split. For clusters that cannot reach the Hub.
+    datasets: dict[str, Path | dict[str, Path | list[Path]]] = Field(default_factory=dict)
+    # What the search optimises; "test" is what the Pareto set is re-scored on. A task
+    # without both splits by name is split by document (dev_fraction, split_seed).
     split: str = "dev"
+    dev_fraction: float = Field(default=0.5, gt=0, lt=1)
+    split_seed: int = 0
     limit: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int | Literal["auto"] = 32
+    apply_chat_template: bool = False
+    # None: as lm-eval's command line does, true exactly when apply_chat_template is.
+    fewshot_as_multiturn: bool | None = None
+    gen_kwargs: dict[str, GenKwarg] | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _multiturn(self) -> EvalSpec:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise _KeyError("eval.fewshot_as_multiturn", "needs apply_chat_template: true")
+        return self
 
 
 class ClusterSpec(_Strict):
@@ -241,6 +276,15 @@ class StudySpec(_Strict):
         pairs = [(o.task, o.metric) for o in self.objectives]
         if len(set(pairs)) != len(pairs):
             raise _KeyError("objectives", "the same task and metric are listed twice")
+        shots: dict[str, int | None] = {}
+        for i, o in enumerate(self.objectives):
+            # lm-eval builds a task once per evaluation: one few-shot setting per task.
+            if o.task in shots and shots[o.task] != o.num_fewshot:
+                raise _KeyError(
+                    f"objectives.{i}.num_fewshot",
+                    f"task {o.task} is scored with num_fewshot {shots[o.task]} by another objective: one setting per task",
+                )
+            shots[o.task] = o.num_fewshot
         method = self.merge.method
         if method in METHODS_NEEDING_BASE and self.pool.base is None:
             raise _KeyError("pool.base", f"required by merge.method {method}")
@@ -280,8 +324,39 @@ class StudySpec(_Strict):
         return None if self.pool.base is None else self.resolve(self.pool.base)
 
     @property
-    def tasks_dir(self) -> Path:
-        return self.resolve(self.eval.tasks_dir)
+    def task_dirs(self) -> list[Path]:
+        """The study's own task folders (absolute), in lm-eval include_path order."""
+        value = self.eval.tasks_dir
+        folders = [] if value is None else value if isinstance(value, list) else [value]
+        return [self.resolve(f) for f in folders]
+
+    def suite_request(self) -> SuiteRequest:
+        """What the evaluation workers build: the objectives' tasks and every eval option."""
+        from recycler.evaluate.tasks import SuiteRequest
+
+        datasets: dict[str, str | dict[str, list[str]]] = {}
+        for key, source in self.eval.datasets.items():
+            if isinstance(source, dict):
+                datasets[key] = {
+                    split: [str(self.resolve(f)) for f in (files if isinstance(files, list) else [files])]
+                    for split, files in source.items()
+                }
+            else:
+                datasets[key] = str(self.resolve(source))
+        return SuiteRequest(
+            names=tuple(dict.fromkeys(o.task for o in self.objectives)),
+            include=tuple(str(d.resolve()) for d in self.task_dirs),
+            datasets=datasets,
+            num_fewshot={o.task: o.num_fewshot for o in self.objectives if o.num_fewshot is not None},
+            gen_kwargs=self.eval.gen_kwargs,
+            apply_chat_template=self.eval.apply_chat_template,
+            fewshot_as_multiturn=(
+                self.eval.apply_chat_template if self.eval.fewshot_as_multiturn is None else self.eval.fewshot_as_multiturn
+            ),
+            dev_split=self.eval.split,
+            dev_fraction=self.eval.dev_fraction,
+            split_seed=self.eval.split_seed,
+        )
 
     def resolve(self, path: str | Path) -> Path:
         p = Path(path).expanduser()
@@ -348,9 +423,9 @@ def parse_study_spec(data: Any, path: Path) -> StudySpec:
         key, message = _describe(errors[0])
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
         raise RecyclerError(f"{path}: {key}: {message}{more}") from None
-    tasks_dir = spec.tasks_dir
-    if not tasks_dir.is_dir():
-        raise RecyclerError(f"{path}: eval.tasks_dir: no such folder: {tasks_dir}")
+    for tasks_dir in spec.task_dirs:
+        if not tasks_dir.is_dir():
+            raise RecyclerError(f"{path}: eval.tasks_dir: no such folder: {tasks_dir}")
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.parent.is_dir():
         raise RecyclerError(f"{path}: storage: no such folder for the SQLite file: {sqlite.parent}")

@@ -24,7 +24,7 @@ from recycler.search import front as pareto
 from recycler.search.analysis import FrontSummary, analyse
 from recycler.search.baselines import SINGLE
 from recycler.search.show import format_weights
-from recycler.search.study import StudyView, load_view
+from recycler.search.study import ATTR_DOC_SPLIT, StudyView, describe_doc_split, load_view
 
 
 def _save(fig: Any, path: Path) -> None:
@@ -207,6 +207,9 @@ Hypervolume: {hv} on dev, {hv_test} on test for the Pareto set. Objectives:
 {html.escape(", ".join(f"{n} ({'max' if up else 'min'})" for n, up in zip(summary.objectives, summary.maximize)))}.
 Storage: <code>{html.escape(spec.storage)}</code>, method <code>{html.escape(spec.merge.method)}</code>,
 sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
+<p>Documents each score used:</p><ul>{"".join(
+    f"<li>{html.escape(line)}</li>" for line in describe_doc_split(view.attrs.get(ATTR_DOC_SPLIT) or {}, spec.eval.split)
+)}</ul>
 <h2>Pareto set</h2>
 {_html_table(summary, summary.members, test, True)}
 <h2>Baselines</h2>

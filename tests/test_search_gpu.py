@@ -9,6 +9,7 @@ import torch
 
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.config import load_study_spec
+from recycler.evaluate.tasks import folder_request
 from recycler.search.space import SearchSpace
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -29,8 +30,8 @@ def test_worker_on_cuda_scores_like_the_cpu(micro_zoo: Path) -> None:
         return TrialWorker(WorkerConfig(
             checkpoints=tuple(str(c.path) for c in pool.checkpoints),
             base=str(pool.base.path) if pool.base is not None else None,
-            model_dir=str(pool.config_dir), tasks_dir=str(spec.tasks_dir),
-            tasks=("zoo_inc", "zoo_rev"), limit=None, batch_size=64, dtype="float32", device=device,
+            model_dir=str(pool.config_dir), suite=folder_request(spec.task_dirs[0], ["zoo_inc", "zoo_rev"]),
+            limit=None, batch_size=64, dtype="float32", device=device,
         ))
 
     gpu = worker("cuda")

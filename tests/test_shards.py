@@ -22,6 +22,7 @@ from recycler.errors import RecyclerError
 
 if TYPE_CHECKING:
     from recycler.cluster.worker import WorkerConfig
+    from recycler.evaluate.tasks import folder_request
 
 # --- the plan (pure) ---------------------------------------------------------------
 
@@ -139,7 +140,7 @@ def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> Wor
     ckpts = tuple(str(p) for p in sorted((zoo / "checkpoints").iterdir()))
     return WorkerConfig(
         checkpoints=ckpts, base=str(zoo / "base"), model_dir=str(zoo / "base"),
-        tasks_dir=str(zoo / "tasks"), tasks=tasks, limit=24, batch_size=64, dtype="bfloat16",
+        suite=folder_request(zoo / "tasks", list(tasks)), limit=24, batch_size=64, dtype="bfloat16",
     )
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.errors import RecyclerError
+from recycler.evaluate.tasks import pinned_request
 from recycler.search.evaluator import EvalResult
 
 RAY_NAMESPACE = "recycler"
@@ -163,13 +164,11 @@ class RayEvaluator:
     def from_spec(cls, spec: Any, pool: Any, objectives: Sequence[Any]) -> RayEvaluator:
         """From a StudySpec, its opened Pool and its objectives."""
         gpus = float(spec.cluster.gpus_per_worker)
-        tasks = tuple(dict.fromkeys(o.task for o in objectives))
         cfg = WorkerConfig(
             checkpoints=tuple(str(c.path.resolve()) for c in pool.checkpoints),
             base=str(pool.base.path.resolve()) if pool.base is not None else None,
             model_dir=str(pool.config_dir.resolve()),
-            tasks_dir=str(spec.tasks_dir),
-            tasks=tasks,
+            suite=pinned_request(spec.suite_request()),
             limit=spec.eval.limit,
             batch_size=spec.eval.batch_size,
             dtype=spec.merge.dtype,

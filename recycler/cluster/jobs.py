@@ -159,13 +159,21 @@ def plan_job(study_path: Path, *, n_trials: int | None, excludes: Sequence[str] 
         if rel is not None:
             ignore.extend(_literal(rel) + suffix for suffix in ("", "-journal", "-wal", "-shm"))
 
-    tasks = spec.eval.tasks_dir
-    relative = not tasks.is_absolute() and not str(tasks).startswith("~")
-    if relative and _relative_inside(root / tasks, root) is None:
-        # Outside the folder, so not uploaded: read it where it is.
-        outside = _norm(root / tasks)
-        job_data["eval"] = {**job_data["eval"], "tasks_dir": str(outside)}
-        notes.append(f"eval.tasks_dir: outside the study folder, read on the cluster at {outside}")
+    folders = _task_folders(spec)
+    job_folders: list[str] = []
+    for tasks in folders:
+        relative = not tasks.is_absolute() and not str(tasks).startswith("~")
+        if relative and _relative_inside(root / tasks, root) is None:
+            # Outside the folder, so not uploaded: read it where it is.
+            outside = _norm(root / tasks)
+            job_folders.append(str(outside))
+            notes.append(f"eval.tasks_dir: outside the study folder, read on the cluster at {outside}")
+        else:
+            job_folders.append(str(tasks))
+    if [str(f) for f in folders] != job_folders:
+        job_data["eval"] = {
+            **job_data["eval"], "tasks_dir": job_folders if isinstance(spec.eval.tasks_dir, list) else job_folders[0]
+        }
 
     ignore.extend(str(p) for p in excludes)
     header = (
@@ -192,6 +200,12 @@ def plan_job(study_path: Path, *, n_trials: int | None, excludes: Sequence[str] 
     )
 
 
+def _task_folders(spec: StudySpec) -> list[Path]:
+    """`eval.tasks_dir` as written in the study file (none, one or several folders)."""
+    value = spec.eval.tasks_dir
+    return [] if value is None else list(value) if isinstance(value, list) else [value]
+
+
 def _validated_study(path: Path) -> tuple[StudySpec, dict[str, Any], list[str]]:
     """The study, its YAML mapping, and notes; RecyclerError naming the key otherwise.
 
@@ -205,11 +219,11 @@ def _validated_study(path: Path) -> tuple[StudySpec, dict[str, Any], list[str]]:
     except RecyclerError as exc:
         spec = _schema_only(path, exc)
         remote = []
-        tasks = spec.eval.tasks_dir
-        if not spec.tasks_dir.is_dir():
-            if not (tasks.is_absolute() or str(tasks).startswith("~")):
-                raise
-            remote.append(f"eval.tasks_dir {tasks}")
+        for tasks in _task_folders(spec):
+            if not spec.resolve(tasks).is_dir():
+                if not (tasks.is_absolute() or str(tasks).startswith("~")):
+                    raise
+                remote.append(f"eval.tasks_dir {tasks}")
         db = spec.sqlite_path
         if db is not None and not db.parent.is_dir():
             if not _is_absolute_sqlite(spec.storage):

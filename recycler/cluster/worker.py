@@ -21,9 +21,12 @@ import time
 import traceback
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recycler.search.evaluator import EvalResult
+
+if TYPE_CHECKING:
+    from recycler.evaluate.tasks import SuiteRequest
 
 
 def placement_facts() -> dict[str, Any]:
@@ -41,10 +44,9 @@ class WorkerConfig:
     checkpoints: tuple[str, ...]  # absolute paths, in pool order
     base: str | None
     model_dir: str  # config.json + tokenizer of the model the merged tensors go into
-    tasks_dir: str
-    tasks: tuple[str, ...]
+    suite: SuiteRequest  # the lm-eval tasks and options every evaluation scores
     limit: int | None
-    batch_size: int
+    batch_size: int | str  # an integer, or "auto"
     dtype: str  # the merge's dtype: the resident model is kept in it
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -197,14 +199,11 @@ class TrialWorker:
         """lm-eval on the resident model as it is now."""
         eval_seconds = 0.0
         try:
-            from pathlib import Path
-
             from recycler.evaluate.runner import evaluate_tasks
 
             start = time.perf_counter()
             metrics = evaluate_tasks(
-                self.model, Path(self.cfg.tasks_dir), list(self.cfg.tasks), split,
-                limit=self.cfg.limit, batch_size=self.cfg.batch_size,
+                self.model, self.cfg.suite, split, limit=self.cfg.limit, batch_size=self.cfg.batch_size,
             )
             eval_seconds = time.perf_counter() - start
             clean = {

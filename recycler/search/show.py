@@ -12,7 +12,7 @@ from typing import Any
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
 from recycler.search.analysis import FrontSummary, Member, analyse
-from recycler.search.study import StudyView, load_view
+from recycler.search.study import ATTR_DOC_SPLIT, StudyView, describe_doc_split, load_view
 
 
 def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:
@@ -62,7 +62,8 @@ def summary_line(view: StudyView, spec: StudySpec) -> str:
     )
 
 
-def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
+def front_as_dict(s: FrontSummary, spec: StudySpec, view_doc_split: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The front as JSON; `view_doc_split`: each task's dev/test documents, as the study stored them."""
     def entry(m: Member) -> dict[str, Any]:
         r = m.record
         return {
@@ -81,6 +82,7 @@ def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
         "study": spec.name,
         "storage": spec.storage,
         "split": s.split,
+        "documents": view_doc_split,
         "objectives": [{"name": n, "direction": "maximize" if up else "minimize"}
                        for n, up in zip(s.objectives, s.maximize)],
         "trials": {"total": s.n_trials, "complete": s.n_complete, "failed": s.n_failed},
@@ -165,10 +167,12 @@ def print_front(study_path: Path, fmt: str = "table", split: str = "dev") -> Non
     if not summary.members:
         raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
     if fmt == "json":
-        print(json.dumps(front_as_dict(summary, spec), indent=2))
+        print(json.dumps(front_as_dict(summary, spec, view.attrs.get(ATTR_DOC_SPLIT)), indent=2))
     elif fmt == "csv":
         sys.stdout.write(render_csv(summary))
     elif fmt == "table":
         render_table(summary, spec)
+        for line in describe_doc_split(view.attrs.get(ATTR_DOC_SPLIT) or {}, spec.eval.split):
+            print(f"documents: {line}")
     else:
         raise RecyclerError(f"--format: must be table, csv or json, got {fmt!r}")

@@ -5,7 +5,8 @@ read one source of truth):
 
 - the study: objective names (`set_metric_names`), directions, and user attributes
   `recycler:objectives` / `recycler:space` (a resume with a different space or objective
-  list is refused rather than mixed in), `recycler:seeded` (baselines were enqueued),
+  list is refused rather than mixed in), `recycler:doc_split` (each task's dev/test
+  documents; a resume that would score others is refused), `recycler:seeded` (baselines were enqueued),
   and `test:<trial number>` (the Pareto set's test-split scores: Optuna forbids changing
   a finished trial, so they are kept on the study, keyed by trial);
 - each trial: `weights` (by checkpoint name), `recipe` (the mergekit dict that was
@@ -37,6 +38,9 @@ ATTR_OBJECTIVES = "recycler:objectives"
 ATTR_SPACE = "recycler:space"
 ATTR_SEEDED = "recycler:seeded"
 ATTR_GREEDY = "recycler:greedy_soup"
+# Per leaf task, which documents dev and test are (TaskSuite.split_records): a resume
+# whose split differs is refused, and `front`/the report say which documents a score used.
+ATTR_DOC_SPLIT = "recycler:doc_split"
 TEST_PREFIX = "test:"
 MACRO = "macro"
 # A trial of another host is presumed dead once its heartbeat is this old (seconds).
@@ -127,8 +131,12 @@ def open_study(
     objectives: Sequence[Objective],
     *,
     create: bool = True,
+    doc_split: dict[str, dict[str, Any]] | None = None,
 ) -> StudyHandle:
-    """Load the study (or create it when `create`), check it matches, attach a seeded sampler."""
+    """Load the study (or create it when `create`), check it matches, attach a seeded sampler.
+
+    `doc_split`: each task's dev/test documents (stored on creation, compared on resume).
+    """
     url = spec.storage_url
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
@@ -153,6 +161,8 @@ def open_study(
     if exists:
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
         _check_matches(spec, study, space_fingerprint, objectives)
+        if doc_split is not None:
+            check_doc_split(spec, study.user_attrs.get(ATTR_DOC_SPLIT), doc_split)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
         ["maximize"] if single_objective(spec)
@@ -165,7 +175,56 @@ def open_study(
         study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
     study.set_user_attr(ATTR_OBJECTIVES, [o.as_dict() for o in objectives])
     study.set_user_attr(ATTR_SPACE, space_fingerprint)
+    if doc_split is not None:
+        study.set_user_attr(ATTR_DOC_SPLIT, doc_split)
     return StudyHandle(study, storage, created=True)
+
+
+# What a changed field of a task's split record means to the user, and the key to look at.
+_SPLIT_FIELDS = {
+    "seed": ("eval.split_seed", "split seed"),
+    "fraction": ("eval.dev_fraction", "dev fraction"),
+    "source": ("objectives", "scored split"),
+    "docs": ("eval.datasets", "number of documents"),
+    "docs_sha256": ("eval.datasets", "documents (the dataset changed)"),
+    "dev_ids_sha256": ("eval.split_seed", "dev document ids"),
+    "splits": ("eval.split", "named splits"),
+}
+
+
+def check_doc_split(spec: StudySpec, stored: Any, now: dict[str, dict[str, Any]]) -> None:
+    """Refuse a resume that would score other documents than the study did, naming what changed."""
+    if stored is None:
+        return  # a study made before splits were recorded: nothing to compare
+    for task in sorted(set(stored) | set(now)):
+        old, new = stored.get(task), now.get(task)
+        if old is None or new is None:
+            raise RecyclerError(
+                f"objectives: study {spec.name!r} {'did not score' if old is None else 'scored'} task {task}; "
+                "use a new study name"
+            )
+        for key in _SPLIT_FIELDS:
+            if old.get(key) != new.get(key):
+                where, what = _SPLIT_FIELDS[key]
+                raise RecyclerError(
+                    f"{where}: study {spec.name!r} split task {task} with {what} {old.get(key)!r}, "
+                    f"this study file gives {new.get(key)!r}; use a new study name or the study's setting"
+                )
+
+
+def describe_doc_split(records: dict[str, dict[str, Any]], dev: str = "dev") -> list[str]:
+    """One line per task: which documents its dev and test scores use."""
+    lines = []
+    for task, r in sorted(records.items()):
+        if "splits" in r:
+            lines.append(f"{task}: {dev} = its split {r['splits'][0]!r}, test = its split {r['splits'][1]!r}")
+        else:
+            n, n_dev = r["docs"], r["dev_docs"]
+            lines.append(
+                f"{task}: {dev} = {n_dev} of the {n} documents of its {r['source']!r} split, test = the other "
+                f"{n - n_dev} (seed {r['seed']}, fraction {r['fraction']}, dev ids sha256 {r['dev_ids_sha256']})"
+            )
+    return lines
 
 
 def _check_matches(

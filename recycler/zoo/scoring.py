@@ -17,6 +17,7 @@ import torch
 
 from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.runner import evaluate_tasks
+from recycler.evaluate.tasks import folder_request
 from recycler.zoo import checkpoints as ck
 from recycler.zoo.soup import linear_merge
 from recycler.zoo.spec import ZooSpec
@@ -40,7 +41,9 @@ class Scorer:
         """split -> task -> metric -> value for these weights."""
         self.model.load_tensors(weights)
         return {
-            split: evaluate_tasks(self.model, self.zoo_dir / "tasks", [GROUP], split, batch_size=self.batch_size)
+            split: evaluate_tasks(
+                self.model, folder_request(self.zoo_dir / "tasks", [GROUP]), split, batch_size=self.batch_size
+            )
             for split in splits
         }
 
