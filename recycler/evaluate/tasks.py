@@ -107,6 +107,7 @@ class TaskSuite:
         when every task is scored on a named split (then lm-eval's `limit` applies).
         """
         samples: dict[str, list[int]] = {}
+        derived = not all(self.splits[n].named for n in self.leaves)
         for name, task in self.leaves.items():
             how = self.splits[name]
             if how.named:
@@ -116,12 +117,17 @@ class TaskSuite:
                         f"task {name!r} has no split {part!r} (it has: {', '.join(splits) or 'none'})"
                     )
                 task.config.test_split = part
-                samples[name] = list(range(len(task.eval_docs)))
+                if derived:  # lm-eval takes `samples` or `limit`, not both: name every document
+                    samples[name] = list(range(len(task.eval_docs)))
             else:
+                if part not in (self.request.dev_split, docsplit.TEST):
+                    raise RecyclerError(
+                        f"task {name!r} is split into {self.request.dev_split!r} and {docsplit.TEST!r}, not {part!r}"
+                    )
                 task.config.test_split = how.source
                 which = docsplit.TEST if part == docsplit.TEST else "dev"
                 samples[name] = docsplit.part_ids(how.n_docs, self.request.dev_fraction, self.request.split_seed, which)
-        if all(self.splits[n].named for n in self.leaves):
+        if not derived:
             return None
         return {n: ids[:limit] if limit is not None else ids for n, ids in samples.items()}
 
