@@ -22,7 +22,6 @@ from recycler.errors import RecyclerError
 
 if TYPE_CHECKING:
     from recycler.cluster.worker import WorkerConfig
-    from recycler.evaluate.tasks import folder_request
 
 # --- the plan (pure) ---------------------------------------------------------------
 
@@ -136,6 +135,7 @@ RECIPES = [("linear", "bfloat16"), ("dare_linear", "float32")]
 def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> WorkerConfig:
     """A WorkerConfig over the micro zoo's checkpoints, scoring `tasks` on 24 examples."""
     from recycler.cluster.worker import WorkerConfig
+    from recycler.evaluate.tasks import folder_request
 
     ckpts = tuple(str(p) for p in sorted((zoo / "checkpoints").iterdir()))
     return WorkerConfig(
