@@ -61,7 +61,9 @@ class PoolSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = "linear"
+    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = (
+        "linear"
+    )
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     params: dict[str, float | int | bool] = Field(default_factory=dict)
 
@@ -135,11 +137,14 @@ class SearchSpec(_Strict):
                 low, high = TUNABLE[item][0]
                 out.append({"name": item, "low": low, "high": high})
             elif isinstance(item, dict) and len(item) == 1:
-                (name, rng), = item.items()
+                ((name, rng),) = item.items()
                 if name not in TUNABLE:
                     raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(TUNABLE)}")
-                if not (isinstance(rng, list | tuple) and len(rng) == 2
-                        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)):
+                if not (
+                    isinstance(rng, list | tuple)
+                    and len(rng) == 2
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)
+                ):
                     raise ValueError(f"{name}: range must be [low, high]")
                 if not rng[0] < rng[1]:
                     raise ValueError(f"{name}: range must have low < high, got {list(rng)}")
@@ -163,7 +168,9 @@ class SearchSpec(_Strict):
     @property
     def scalarised(self) -> bool:
         """True when the study optimises the macro-average instead of a Pareto set."""
-        return self.objective == "macro_average" or (self.objective is None and self.sampler == "cmaes")
+        return self.objective == "macro_average" or (
+            self.objective is None and self.sampler == "cmaes"
+        )
 
     @property
     def layer_groups(self) -> int | None:
@@ -176,7 +183,7 @@ class SearchSpec(_Strict):
         """The seeds with `mwa` expanded into its two variants, in enqueue order."""
         out: list[str] = []
         for seed in self.seeds:
-            for name in (("mwa_loss", "mwa_step") if seed == "mwa" else (seed,)):
+            for name in ("mwa_loss", "mwa_step") if seed == "mwa" else (seed,):
                 if name not in out:
                     out.append(name)
         return out
@@ -297,7 +304,9 @@ class StudySpec(_Strict):
                     "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
                 )
         if self.search.sampler == "cmaes" and self.search.objective == "pareto":
-            raise _KeyError("search.objective", "cmaes optimises one value: use macro_average or leave it out")
+            raise _KeyError(
+                "search.objective", "cmaes optimises one value: use macro_average or leave it out"
+            )
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
             raise _KeyError("search.bounds", "only used with weights: box")
         if self.eval.split == "test":
@@ -338,7 +347,10 @@ class StudySpec(_Strict):
         for key, source in self.eval.datasets.items():
             if isinstance(source, dict):
                 datasets[key] = {
-                    split: [str(self.resolve(f)) for f in (files if isinstance(files, list) else [files])]
+                    split: [
+                        str(self.resolve(f))
+                        for f in (files if isinstance(files, list) else [files])
+                    ]
                     for split, files in source.items()
                 }
             else:
@@ -347,11 +359,15 @@ class StudySpec(_Strict):
             names=tuple(dict.fromkeys(o.task for o in self.objectives)),
             include=tuple(str(d.resolve()) for d in self.task_dirs),
             datasets=datasets,
-            num_fewshot={o.task: o.num_fewshot for o in self.objectives if o.num_fewshot is not None},
+            num_fewshot={
+                o.task: o.num_fewshot for o in self.objectives if o.num_fewshot is not None
+            },
             gen_kwargs=self.eval.gen_kwargs,
             apply_chat_template=self.eval.apply_chat_template,
             fewshot_as_multiturn=(
-                self.eval.apply_chat_template if self.eval.fewshot_as_multiturn is None else self.eval.fewshot_as_multiturn
+                self.eval.apply_chat_template
+                if self.eval.fewshot_as_multiturn is None
+                else self.eval.fewshot_as_multiturn
             ),
             dev_split=self.eval.split,
             dev_fraction=self.eval.dev_fraction,
@@ -372,7 +388,7 @@ def resolve_storage_url(url: str, root: Path) -> str:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
         return url
-    rest = url[len(prefix):]
+    rest = url[len(prefix) :]
     if rest.startswith("/") or rest.startswith(":memory:"):
         return url
     return prefix + str((root / rest).resolve())

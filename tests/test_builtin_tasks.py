@@ -40,7 +40,12 @@ def offline(monkeypatch: pytest.MonkeyPatch) -> None:
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(namespace="recycler", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        namespace="recycler",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     yield
     ray.shutdown()
 
@@ -62,8 +67,10 @@ def _arc(i: int) -> dict[str, Any]:
 
 def _gsm8k(i: int) -> dict[str, str]:
     a, b = i % 7 + 1, i % 5 + 2
-    return {"question": f"Tom has {a} apples and buys {b} more. How many?",
-            "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}"}
+    return {
+        "question": f"Tom has {a} apples and buys {b} more. How many?",
+        "answer": f"He has {a} + {b} = <<{a}+{b}={a + b}>>{a + b} apples.\n#### {a + b}",
+    }
 
 
 def _wiki(i: int) -> dict[str, str]:
@@ -71,14 +78,20 @@ def _wiki(i: int) -> dict[str, str]:
 
 
 def _mmlu(subject: str, i: int) -> dict[str, Any]:
-    return {"question": f"{subject} {_words(i, 3)}?", "subject": subject,
-            "choices": [_words(i + k, 2) for k in range(4)], "answer": i % 4}
+    return {
+        "question": f"{subject} {_words(i, 3)}?",
+        "subject": subject,
+        "choices": [_words(i + k, 2) for k in range(4)],
+        "answer": i % 4,
+    }
 
 
 def _save(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> Path:
     import datasets
 
-    datasets.DatasetDict({s: datasets.Dataset.from_list(rows) for s, rows in splits.items()}).save_to_disk(str(folder))
+    datasets.DatasetDict(
+        {s: datasets.Dataset.from_list(rows) for s, rows in splits.items()}
+    ).save_to_disk(str(folder))
     return folder
 
 
@@ -86,30 +99,54 @@ def _save(folder: Path, splits: dict[str, list[dict[str, Any]]]) -> Path:
 def local_data(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Local copies, in the three shapes eval.datasets accepts, and a tasks folder with a small MMLU-style group."""
     root = tmp_path_factory.mktemp("data")
-    arc = _save(root / "arc_easy", {"train": [_arc(i) for i in range(100, 108)],
-                                    "validation": [_arc(i) for i in range(200, 204)],
-                                    "test": [_arc(i) for i in range(N_TEST)]})
+    arc = _save(
+        root / "arc_easy",
+        {
+            "train": [_arc(i) for i in range(100, 108)],
+            "validation": [_arc(i) for i in range(200, 204)],
+            "test": [_arc(i) for i in range(N_TEST)],
+        },
+    )
     gsm = root / "gsm8k"
     gsm.mkdir()
-    for split, rows in {"train": [_gsm8k(i) for i in range(100, 108)], "test": [_gsm8k(i) for i in range(N_TEST)]}.items():
+    for split, rows in {
+        "train": [_gsm8k(i) for i in range(100, 108)],
+        "test": [_gsm8k(i) for i in range(N_TEST)],
+    }.items():
         (gsm / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     wiki = root / "wikitext"  # a Hub id with configs: FOLDER/<dataset_name> holds the copy
-    _save(wiki / "wikitext-2-raw-v1", {"train": [_wiki(i) for i in range(100, 104)],
-                                       "validation": [_wiki(i) for i in range(200, 204)],
-                                       "test": [_wiki(i) for i in range(N_TEST)]})
+    _save(
+        wiki / "wikitext-2-raw-v1",
+        {
+            "train": [_wiki(i) for i in range(100, 104)],
+            "validation": [_wiki(i) for i in range(200, 204)],
+            "test": [_wiki(i) for i in range(N_TEST)],
+        },
+    )
     mmlu = root / "mmlu"
     for subject in MMLU_SUBJECTS:
-        _save(mmlu / subject, {"test": [_mmlu(subject, i) for i in range(N_TEST + MMLU_SUBJECTS.index(subject) * 4)],
-                               "validation": [_mmlu(subject, i) for i in range(200, 204)],
-                               "dev": [_mmlu(subject, i) for i in range(300, 305)]})
+        _save(
+            mmlu / subject,
+            {
+                "test": [
+                    _mmlu(subject, i) for i in range(N_TEST + MMLU_SUBJECTS.index(subject) * 4)
+                ],
+                "validation": [_mmlu(subject, i) for i in range(200, 204)],
+                "dev": [_mmlu(subject, i) for i in range(300, 305)],
+            },
+        )
     tasks = root / "tasks"
     tasks.mkdir()
-    (tasks / "mini_mmlu.yaml").write_text(yaml.safe_dump({
-        "group": "mini_mmlu",
-        "task": [f"mmlu_{s}" for s in MMLU_SUBJECTS],
-        "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
-        "metadata": {"version": 1},
-    }))
+    (tasks / "mini_mmlu.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "group": "mini_mmlu",
+                "task": [f"mmlu_{s}" for s in MMLU_SUBJECTS],
+                "aggregate_metric_list": [{"metric": "acc", "weight_by_size": True}],
+                "metadata": {"version": 1},
+            }
+        )
+    )
     datasets_key = {
         "arc_easy": str(arc),
         "openai/gsm8k": {s: str(gsm / f"{s}.jsonl") for s in ("train", "test")},
@@ -127,16 +164,27 @@ OBJECTIVES = [
 ]
 
 
-def study_file(tmp_path: Path, zoo: Path, data: dict[str, Any], *, objectives: list[dict[str, Any]] | None = None,
-               **eval_keys: Any) -> Path:
+def study_file(
+    tmp_path: Path,
+    zoo: Path,
+    data: dict[str, Any],
+    *,
+    objectives: list[dict[str, Any]] | None = None,
+    **eval_keys: Any,
+) -> Path:
     study = yaml.safe_load((zoo / "study.yaml").read_text())
     study["name"] = "builtin"
     study["storage"] = "sqlite:///study.db"
     study["pool"] = {"base": str(zoo / "base"), "checkpoints": [str(zoo / "checkpoints" / "*")]}
     study["objectives"] = objectives or OBJECTIVES
     study["search"] = {**study["search"], "n_trials": 2, "seeds": ["uniform"]}
-    study["eval"] = {"tasks_dir": str(data["tasks"]), "datasets": data["datasets"], "batch_size": 16,
-                     "gen_kwargs": {"max_gen_toks": 4}, **eval_keys}
+    study["eval"] = {
+        "tasks_dir": str(data["tasks"]),
+        "datasets": data["datasets"],
+        "batch_size": 16,
+        "gen_kwargs": {"max_gen_toks": 4},
+        **eval_keys,
+    }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
@@ -158,7 +206,9 @@ def test_the_split_is_seeded_disjoint_and_covers_every_document() -> None:
     dev = docsplit.part_ids(101, 0.3, 7, "dev")
     test = docsplit.part_ids(101, 0.3, 7, "test")
     assert len(dev) == 30 and not set(dev) & set(test) and sorted(dev + test) == list(range(101))
-    assert dev == docsplit.part_ids(101, 0.3, 7, "dev") and dev != docsplit.part_ids(101, 0.3, 8, "dev")
+    assert dev == docsplit.part_ids(101, 0.3, 7, "dev") and dev != docsplit.part_ids(
+        101, 0.3, 8, "dev"
+    )
 
 
 def _cli_tasks(folder: Path, data: dict[str, Any]) -> Path:
@@ -166,18 +216,32 @@ def _cli_tasks(folder: Path, data: dict[str, Any]) -> Path:
     import lm_eval.tasks
 
     builtin = Path(lm_eval.tasks.__file__).parent
-    yaml_of = {"arc_easy": "arc/arc_easy.yaml", "gsm8k": "gsm8k/gsm8k.yaml", "wikitext": "wikitext/wikitext.yaml",
-               **{f"mmlu_{s}": f"mmlu/default/mmlu_{s}.yaml" for s in MMLU_SUBJECTS}}
+    yaml_of = {
+        "arc_easy": "arc/arc_easy.yaml",
+        "gsm8k": "gsm8k/gsm8k.yaml",
+        "wikitext": "wikitext/wikitext.yaml",
+        **{f"mmlu_{s}": f"mmlu/default/mmlu_{s}.yaml" for s in MMLU_SUBJECTS},
+    }
     folder.mkdir()
     files: dict[str, dict[str, list[str]]] = {}
-    for task, src in (("arc_easy", data["root"] / "arc_easy"), ("wikitext", data["root"] / "wikitext" / "wikitext-2-raw-v1"),
-                      *((f"mmlu_{s}", data["root"] / "mmlu" / s) for s in MMLU_SUBJECTS)):
+    for task, src in (
+        ("arc_easy", data["root"] / "arc_easy"),
+        ("wikitext", data["root"] / "wikitext" / "wikitext-2-raw-v1"),
+        *((f"mmlu_{s}", data["root"] / "mmlu" / s) for s in MMLU_SUBJECTS),
+    ):
         splits = json.loads((src / "dataset_dict.json").read_text())["splits"]
         files[task] = {s: [str(p) for p in sorted((src / s).glob("*.arrow"))] for s in splits}
     for task, fmt in [*((t, "arrow") for t in files), ("gsm8k", "json")]:
-        data_files = files.get(task) or {s: [str(data["root"] / "gsm8k" / f"{s}.jsonl")] for s in ("train", "test")}
-        cfg: dict[str, Any] = {"include": str(builtin / yaml_of[task]), "task": task, "dataset_path": fmt,
-                               "dataset_name": None, "dataset_kwargs": {"data_files": data_files}}
+        data_files = files.get(task) or {
+            s: [str(data["root"] / "gsm8k" / f"{s}.jsonl")] for s in ("train", "test")
+        }
+        cfg: dict[str, Any] = {
+            "include": str(builtin / yaml_of[task]),
+            "task": task,
+            "dataset_path": fmt,
+            "dataset_name": None,
+            "dataset_kwargs": {"data_files": data_files},
+        }
         if task == "gsm8k":
             cfg["num_fewshot"] = 1
         (folder / f"{task}.yaml").write_text(yaml.safe_dump(cfg))
@@ -186,7 +250,11 @@ def _cli_tasks(folder: Path, data: dict[str, Any]) -> Path:
 
 
 def test_builtin_tasks_study_matches_the_lm_eval_command_line(
-    tmp_path: Path, micro_zoo: Path, local_data: dict[str, Any], ray_cluster: None, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    micro_zoo: Path,
+    local_data: dict[str, Any],
+    ray_cluster: None,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     import optuna
 
@@ -202,10 +270,17 @@ def test_builtin_tasks_study_matches_the_lm_eval_command_line(
         dev = docsplit.part_ids(r["docs"], 0.5, 0, "dev")
         assert r["dev_ids_sha256"] == docsplit.ids_digest(dev) and r["dev_docs"] == len(dev)
     directions = {o: d.name for o, d in zip(study.metric_names or [], study.directions)}
-    assert directions == {"arc": "MAXIMIZE", "gsm": "MAXIMIZE", "wiki": "MINIMIZE", "mmlu": "MAXIMIZE"}
+    assert directions == {
+        "arc": "MAXIMIZE",
+        "gsm": "MAXIMIZE",
+        "wiki": "MINIMIZE",
+        "mmlu": "MAXIMIZE",
+    }
 
     code, out, _ = cli("front", path, capsys=capsys)
-    assert code == 0 and "documents: arc_easy: dev = 10 of the 20 documents of its 'test' split" in out
+    assert (
+        code == 0 and "documents: arc_easy: dev = 10 of the 20 documents of its 'test' split" in out
+    )
 
     # The knee, exported and scored by `lm_eval run` on the dev documents, scores what its trial did.
     code, out, err = cli("export", path, tmp_path / "knee", capsys=capsys)
@@ -215,19 +290,43 @@ def test_builtin_tasks_study_matches_the_lm_eval_command_line(
     samples = {t: docsplit.part_ids(r["docs"], 0.5, 0, "dev") for t, r in records.items()}
     cli_tasks = _cli_tasks(tmp_path / "cli_tasks", local_data)
     result = subprocess.run(
-        [sys.executable, "-m", "lm_eval", "run", "--model", "hf",
-         "--model_args", f"pretrained={tmp_path / 'knee'},dtype=float32", "--device", "cpu",
-         "--tasks", "arc_easy,gsm8k,wikitext,mini_mmlu", "--include_path", str(cli_tasks),
-         "--samples", json.dumps(samples), "--batch_size", "16", "--gen_kwargs", "max_gen_toks=4",
-         "--output_path", str(tmp_path / "lm_eval_out")],
-        capture_output=True, text=True, env={**os.environ, **OFFLINE}, timeout=600,
+        [
+            sys.executable,
+            "-m",
+            "lm_eval",
+            "run",
+            "--model",
+            "hf",
+            "--model_args",
+            f"pretrained={tmp_path / 'knee'},dtype=float32",
+            "--device",
+            "cpu",
+            "--tasks",
+            "arc_easy,gsm8k,wikitext,mini_mmlu",
+            "--include_path",
+            str(cli_tasks),
+            "--samples",
+            json.dumps(samples),
+            "--batch_size",
+            "16",
+            "--gen_kwargs",
+            "max_gen_toks=4",
+            "--output_path",
+            str(tmp_path / "lm_eval_out"),
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **OFFLINE},
+        timeout=600,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out_file = next((tmp_path / "lm_eval_out").rglob("results_*.json"))
     theirs = json.loads(out_file.read_text())["results"]
     want = {
-        "arc_easy": ("acc_norm,none", "acc_norm"), "gsm8k": ("exact_match,strict-match", "exact_match,strict-match"),
-        "wikitext": ("word_perplexity,none", "word_perplexity"), "mini_mmlu": ("acc,none", "acc"),
+        "arc_easy": ("acc_norm,none", "acc_norm"),
+        "gsm8k": ("exact_match,strict-match", "exact_match,strict-match"),
+        "wikitext": ("word_perplexity,none", "word_perplexity"),
+        "mini_mmlu": ("acc,none", "acc"),
     }
     for task, (their_key, our_key) in want.items():
         assert stored[task][our_key] == pytest.approx(theirs[task][their_key], rel=1e-6), task
@@ -241,8 +340,12 @@ def test_builtin_tasks_study_matches_the_lm_eval_command_line(
     study_file(tmp_path, micro_zoo, local_data)
     code, _, err = cli("search", path, "--n-trials", "3", capsys=capsys)
     assert code == 0, err
-    assert optuna.load_study(study_name="builtin", storage=f"sqlite:///{tmp_path / 'study.db'}").user_attrs[
-        ATTR_DOC_SPLIT] == records
+    assert (
+        optuna.load_study(
+            study_name="builtin", storage=f"sqlite:///{tmp_path / 'study.db'}"
+        ).user_attrs[ATTR_DOC_SPLIT]
+        == records
+    )
     study_file(tmp_path, micro_zoo, local_data, split_seed=1)
     line = one_error(*cli("search", path, capsys=capsys)[::2])
     assert "eval.split_seed" in line and "split seed 0" in line and "gives 1" in line
@@ -254,7 +357,9 @@ def test_bad_task_inputs_are_one_line_before_anything_starts(
     arc = [{"name": "arc", "task": "arc_easy", "metric": "acc"}]
 
     def error(objectives: list[dict[str, Any]] | None = None, **eval_keys: Any) -> str:
-        path = study_file(tmp_path, micro_zoo, local_data, objectives=objectives or arc, **eval_keys)
+        path = study_file(
+            tmp_path, micro_zoo, local_data, objectives=objectives or arc, **eval_keys
+        )
         code, _, err = cli("search", path, capsys=capsys)
         assert not (tmp_path / "study.db").exists() or code == 2
         return one_error(code, err)
@@ -269,9 +374,16 @@ def test_bad_task_inputs_are_one_line_before_anything_starts(
     assert "eval.dev_fraction" in line
     line = error(dev_fraction=0.95)
     assert "eval.dev_fraction" in line and "'arc_easy'" in line and "at least 10" in line
-    only_train = {**local_data["datasets"], "arc_easy": {"train": str(local_data["root"] / "gsm8k" / "train.jsonl")}}
+    only_train = {
+        **local_data["datasets"],
+        "arc_easy": {"train": str(local_data["root"] / "gsm8k" / "train.jsonl")},
+    }
     line = error(datasets=only_train)
     assert "eval.datasets.arc_easy" in line and "'test'" in line
     line = error([{"name": "c", "task": "arc_challenge", "metric": "acc"}])
-    assert "'arc_challenge'" in line and "allenai/ai2_arc" in line and "eval.datasets.arc_challenge" in line
+    assert (
+        "'arc_challenge'" in line
+        and "allenai/ai2_arc" in line
+        and "eval.datasets.arc_challenge" in line
+    )
     assert not (tmp_path / "study.db").exists()

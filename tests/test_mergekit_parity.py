@@ -66,8 +66,9 @@ WEIGHTS = (0.6, 0.4, 0.7)
 DENSITIES = (0.5, 0.3, 0.7)
 
 
-def _models(ckpts: list[str], weights: tuple[Any, ...] = WEIGHTS,
-            densities: tuple[float, ...] | None = None) -> list[dict[str, Any]]:
+def _models(
+    ckpts: list[str], weights: tuple[Any, ...] = WEIGHTS, densities: tuple[float, ...] | None = None
+) -> list[dict[str, Any]]:
     out = []
     for i, (c, w) in enumerate(zip(ckpts, weights)):
         params: dict[str, Any] = {"weight": w}
@@ -81,12 +82,25 @@ def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
     r: dict[str, dict[str, Any]] = {}
     for dt in ("bfloat16", "float32"):
         r[f"linear-{dt}"] = {"merge_method": "linear", "models": _models(ckpts), "dtype": dt}
-        r[f"ta-{dt}"] = {"merge_method": "task_arithmetic", "base_model": base,
-                         "models": _models(ckpts), "parameters": {"lambda": 0.8}, "dtype": dt}
-        r[f"ties-{dt}"] = {"merge_method": "ties", "base_model": base,
-                           "models": _models(ckpts, densities=DENSITIES), "dtype": dt}
-    r["linear-nonorm-bfloat16"] = {"merge_method": "linear", "models": _models(ckpts),
-                                   "parameters": {"normalize": False}, "dtype": "bfloat16"}
+        r[f"ta-{dt}"] = {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": _models(ckpts),
+            "parameters": {"lambda": 0.8},
+            "dtype": dt,
+        }
+        r[f"ties-{dt}"] = {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "dtype": dt,
+        }
+    r["linear-nonorm-bfloat16"] = {
+        "merge_method": "linear",
+        "models": _models(ckpts),
+        "parameters": {"normalize": False},
+        "dtype": "bfloat16",
+    }
     # gradients: interpolated over t = layer / (n_layers - 1); t = 0 outside the layers
     r["linear-gradient-bfloat16"] = {
         "merge_method": "linear",
@@ -96,28 +110,58 @@ def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
     # filters: the first entry whose filter is absent, "*" or a substring of the tensor name
     r["linear-filter-bfloat16"] = {
         "merge_method": "linear",
-        "models": _models(ckpts, weights=(0.6, [{"filter": "mlp", "value": 0.7}, {"filter": "*", "value": 0.2}],
-                                          [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}])),
+        "models": _models(
+            ckpts,
+            weights=(
+                0.6,
+                [{"filter": "mlp", "value": 0.7}, {"filter": "*", "value": 0.2}],
+                [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
+            ),
+        ),
         "dtype": "bfloat16",
     }
-    r["ta-normalize-bfloat16"] = {"merge_method": "task_arithmetic", "base_model": base,
-                                  "models": _models(ckpts),
-                                  "parameters": {"normalize": True, "lambda": 1.5}, "dtype": "bfloat16"}
+    r["ta-normalize-bfloat16"] = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": _models(ckpts),
+        "parameters": {"normalize": True, "lambda": 1.5},
+        "dtype": "bfloat16",
+    }
     # density for every model from the recipe-level parameters
-    r["ties-nonorm-bfloat16"] = {"merge_method": "ties", "base_model": base, "models": _models(ckpts),
-                                 "parameters": {"normalize": False, "lambda": 1.2, "density": 0.4},
-                                 "dtype": "bfloat16"}
-    r["dare_linear-bfloat16"] = {"merge_method": "dare_linear", "base_model": base,
-                                 "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
-    r["dare_ties-bfloat16"] = {"merge_method": "dare_ties", "base_model": base,
-                               "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
+    r["ties-nonorm-bfloat16"] = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": _models(ckpts),
+        "parameters": {"normalize": False, "lambda": 1.2, "density": 0.4},
+        "dtype": "bfloat16",
+    }
+    r["dare_linear-bfloat16"] = {
+        "merge_method": "dare_linear",
+        "base_model": base,
+        "models": _models(ckpts, densities=DENSITIES),
+        "dtype": "bfloat16",
+    }
+    r["dare_ties-bfloat16"] = {
+        "merge_method": "dare_ties",
+        "base_model": base,
+        "models": _models(ckpts, densities=DENSITIES),
+        "dtype": "bfloat16",
+    }
     return r
 
 
 DETERMINISTIC = [
-    "linear-bfloat16", "linear-float32", "linear-nonorm-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16",
-    "ta-bfloat16", "ta-float32", "ta-normalize-bfloat16",
-    "ties-bfloat16", "ties-float32", "ties-nonorm-bfloat16",
+    "linear-bfloat16",
+    "linear-float32",
+    "linear-nonorm-bfloat16",
+    "linear-gradient-bfloat16",
+    "linear-filter-bfloat16",
+    "ta-bfloat16",
+    "ta-float32",
+    "ta-normalize-bfloat16",
+    "ties-bfloat16",
+    "ties-float32",
+    "ties-nonorm-bfloat16",
 ]
 DARE = ["dare_linear-bfloat16", "dare_ties-bfloat16"]
 
@@ -167,8 +211,14 @@ def _run(cmd: list[str], what: str) -> str | None:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("parity")
-    spec = pool_mod.PoolSpec(shape=pool_mod.SHAPES["tiny"], n_checkpoints=3, with_base=True,
-                             checkpoint_dtypes=DTYPES, delta_scale=0.5, seed=1)
+    spec = pool_mod.PoolSpec(
+        shape=pool_mod.SHAPES["tiny"],
+        n_checkpoints=3,
+        with_base=True,
+        checkpoint_dtypes=DTYPES,
+        delta_scale=0.5,
+        seed=1,
+    )
     pool = pool_mod.build_pool(root / "pool", spec)
     assert pool.base is not None
     recipes = build_recipes(str(pool.base), [str(c) for c in pool.checkpoints])
@@ -180,7 +230,14 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     ours_again = {n: root / "ours-again" / n for n in DARE}
     for label, outs in (("", ours), (" (again)", ours_again)):
         for name, out in outs.items():
-            cmd = [sys.executable, "-m", "recycler.cli", "merge", str(root / f"{name}.yaml"), str(out)]
+            cmd = [
+                sys.executable,
+                "-m",
+                "recycler.cli",
+                "merge",
+                str(root / f"{name}.yaml"),
+                str(out),
+            ]
             jobs.append((name + label, cmd, f"recycler merge {name}.yaml"))
 
     mergekit: dict[str, Path] | None = None
@@ -191,8 +248,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         cmd = [str(MERGEKIT_PYTHON), "-c", MERGEKIT_DRIVER, json.dumps(pairs)]
         jobs.insert(0, ("mergekit", cmd, "mergekit-yaml (its entry point, in the mergekit venv)"))
     else:
-        reason = (f"mergekit venv not found at {MERGEKIT_VENV} (run experiments/mergekit_env.sh); "
-                  "checked against tests/reference_merge.py only")
+        reason = (
+            f"mergekit venv not found at {MERGEKIT_VENV} (run experiments/mergekit_env.sh); "
+            "checked against tests/reference_merge.py only"
+        )
 
     with ThreadPoolExecutor(max_workers=2) as ex:
         results = list(ex.map(lambda job: _run(job[1], job[2]), jobs))
@@ -219,22 +278,33 @@ class Check:
     compared: int
 
 
-def compare(got: dict[str, torch.Tensor], want: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-            names: list[str]) -> Check:
+def compare(
+    got: dict[str, torch.Tensor],
+    want: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    names: list[str],
+) -> Check:
     """want(name) -> (expected float64, tolerance per entry, mask of entries to leave out)."""
     worst, where, amb, total = 0.0, "", 0, 0
     for name in names:
         expected, tol, skip = want(name)
         actual = got[name].to(torch.float64)
-        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.shape == expected.shape, (
+            f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        )
         ratio = ((actual - expected).abs() / tol)[~skip]
         amb += int(skip.sum())
         total += skip.numel()
         if ratio.numel() and float(ratio.max()) > worst:
-            i = int(torch.argmax(torch.where(skip, torch.zeros_like(actual), (actual - expected).abs() / tol)))
+            i = int(
+                torch.argmax(
+                    torch.where(skip, torch.zeros_like(actual), (actual - expected).abs() / tol)
+                )
+            )
             worst = float(ratio.max())
-            where = (f"{name}[flat {i}]: got {actual.reshape(-1)[i].item():.8g}, "
-                     f"want {expected.reshape(-1)[i].item():.8g}, tol {tol.reshape(-1)[i].item():.3g}")
+            where = (
+                f"{name}[flat {i}]: got {actual.reshape(-1)[i].item():.8g}, "
+                f"want {expected.reshape(-1)[i].item():.8g}, tol {tol.reshape(-1)[i].item():.3g}"
+            )
     return Check(worst, where, amb / max(total, 1), total - amb)
 
 
@@ -250,7 +320,9 @@ def _dtype(runs: Runs, name: str) -> torch.dtype:
 # --------------------------------------------------------------------------- deterministic
 
 
-def _ours_vs_reference(ref: Any, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ours_vs_reference(
+    ref: Any, dtype: torch.dtype, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     res = ref.merge(name, tie_rel=1e-6, sign_rel=1e-5)
     tol = _ulp_out(res.out, dtype) + 16 * U[torch.float32] * ref.coefficient_scale(name)
     return res.out, tol, res.ambiguous
@@ -275,22 +347,48 @@ def _wrong(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     method = recipe["merge_method"]
     params = dict(recipe.get("parameters") or {})
     normalize = params.get("normalize", ref_mod.NORMALIZE_DEFAULT[method])
-    out.append(("normalize flipped", {**recipe, "parameters": {**params, "normalize": not normalize}}))
+    out.append(
+        ("normalize flipped", {**recipe, "parameters": {**params, "normalize": not normalize}})
+    )
     if method != "linear":
-        out.append(("lambda * 1.1", {**recipe, "parameters": {**params, "lambda": 1.1 * params.get("lambda", 1.0)}}))
+        out.append(
+            (
+                "lambda * 1.1",
+                {**recipe, "parameters": {**params, "lambda": 1.1 * params.get("lambda", 1.0)}},
+            )
+        )
     if method == "ties":
         if "density" in params:
-            out.append(("density + 0.05", {**recipe, "parameters": {**params, "density": params["density"] + 0.05}}))
+            out.append(
+                (
+                    "density + 0.05",
+                    {**recipe, "parameters": {**params, "density": params["density"] + 0.05}},
+                )
+            )
         else:
-            models = [{**m, "parameters": {**m["parameters"], "density": m["parameters"]["density"] + 0.05}}
-                      for m in recipe["models"]]
+            models = [
+                {
+                    **m,
+                    "parameters": {**m["parameters"], "density": m["parameters"]["density"] + 0.05},
+                }
+                for m in recipe["models"]
+            ]
             out.append(("density + 0.05", {**recipe, "models": models}))
         out.append(("task_arithmetic instead", {**recipe, "merge_method": "task_arithmetic"}))
     return out
 
 
-@pytest.mark.parametrize("name", ["linear-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16", "ta-bfloat16",
-                                  "ties-bfloat16", "ties-nonorm-bfloat16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear-bfloat16",
+        "linear-gradient-bfloat16",
+        "linear-filter-bfloat16",
+        "ta-bfloat16",
+        "ties-bfloat16",
+        "ties-nonorm-bfloat16",
+    ],
+)
 def test_tolerance_rejects_wrong_semantics(runs: Runs, name: str) -> None:
     """The comparison can fail: each misreading of the recipe is far outside it."""
     ref = _reference(runs, name)
@@ -317,8 +415,11 @@ def test_matches_mergekit(runs: Runs, name: str) -> None:
         emulated = ref.merge(n, compute_dtype=dtype, tie_rel=1e-6, sign_rel=2.0**-6)
         # entries where rounding the task vectors to the recipe dtype (as mergekit does)
         # changes a TIES decision are not comparable between fp32 and bf16 arithmetic
-        differs = (exact.decisions != emulated.decisions).any(0) if exact.decisions.numel() else \
-            torch.zeros_like(exact.ambiguous)
+        differs = (
+            (exact.decisions != emulated.decisions).any(0)
+            if exact.decisions.numel()
+            else torch.zeros_like(exact.ambiguous)
+        )
         skip = exact.ambiguous | emulated.ambiguous | differs
         tol = 6 * U[dtype] * ref.coefficient_scale(n) + _ulp_out(exact.out, dtype)
         return mk[n].to(torch.float64), tol, skip
@@ -376,7 +477,9 @@ def test_dare_is_some_mask(runs: Runs, name: str) -> None:
             sure = kept_i ^ dropped_i
             kept[i] += float((kept_i & sure).sum())
             decided[i] += float(sure.sum())
-    assert worst <= 1.0, f"{name}: an entry of {where} is no keep/drop pattern's merge ({worst:.2f} tol)"
+    assert worst <= 1.0, (
+        f"{name}: an entry of {where} is no keep/drop pattern's merge ({worst:.2f} tol)"
+    )
     for i, d in enumerate(DENSITIES):
         n_i = float(decided[i])
         assert n_i > 5000, f"model {i}: only {n_i} entries decide the mask"
@@ -404,8 +507,12 @@ def test_dare_linear_statistics(runs: Runs) -> None:
     for who, path in sources.items():
         z = _dare_z(ref, _tensors(path))
         assert z.numel() > 20000
-        assert abs(float(z.mean())) < 0.05, f"{who}: DARE merge is biased (mean z {float(z.mean()):.3f})"
-        assert abs(float(z.var()) - 1) < 0.1, f"{who}: DARE variance off (var z {float(z.var()):.3f})"
+        assert abs(float(z.mean())) < 0.05, (
+            f"{who}: DARE merge is biased (mean z {float(z.mean()):.3f})"
+        )
+        assert abs(float(z.var()) - 1) < 0.1, (
+            f"{who}: DARE variance off (var z {float(z.var()):.3f})"
+        )
 
 
 def test_dare_ties_like_mergekit(runs: Runs) -> None:
@@ -422,7 +529,9 @@ def test_dare_ties_like_mergekit(runs: Runs) -> None:
     assert abs(ratio - 1) < 0.1, f"std of merged deltas: recycler / mergekit = {ratio:.3f}"
     same_ours = float((d_ours == 0).double().mean())
     same_mk = float((d_mk == 0).double().mean())
-    assert abs(same_ours - same_mk) < 0.03, f"entries left at base: {same_ours:.3f} vs {same_mk:.3f}"
+    assert abs(same_ours - same_mk) < 0.03, (
+        f"entries left at base: {same_ours:.3f} vs {same_mk:.3f}"
+    )
 
 
 @pytest.mark.parametrize("name", DARE)

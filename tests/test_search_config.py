@@ -31,7 +31,11 @@ def write(tmp_path: Path, data: Any) -> Path:
 def merged(**overrides: Any) -> dict[str, Any]:
     out = dict(BASE)
     for key, value in overrides.items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            {**out.get(key, {}), **value}
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -43,7 +47,9 @@ def error_of(tmp_path: Path, data: Any) -> str:
     return message
 
 
-def test_defaults_and_paths_resolved_against_the_study_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_and_paths_resolved_against_the_study_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "zoo" / "tasks").mkdir(parents=True)
     data = merged(eval={"tasks_dir": "zoo/tasks"})
     assert data["eval"] == {"tasks_dir": "zoo/tasks"}
@@ -56,7 +62,13 @@ def test_defaults_and_paths_resolved_against_the_study_folder(tmp_path: Path, mo
     assert spec.task_dirs == [tmp_path.resolve() / "zoo" / "tasks"]
     assert spec.merge.method == "linear" and spec.merge.dtype == "bfloat16"
     s = spec.search
-    assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == ("simplex", "model", "tpe", 50, 0)
+    assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == (
+        "simplex",
+        "model",
+        "tpe",
+        50,
+        0,
+    )
     assert s.baselines == ["uniform", "singles"]
     assert spec.eval.split == "dev" and spec.eval.batch_size == 32 and spec.eval.limit is None
     assert spec.cluster.address is None and spec.cluster.eval_workers == 1
@@ -72,71 +84,184 @@ def test_absolute_and_server_storage_urls_are_kept(tmp_path: Path) -> None:
 def test_full_file_with_every_key(tmp_path: Path) -> None:
     (tmp_path / "tasks").mkdir()
     data = {
-        "name": "full", "storage": "sqlite:///s.db",
+        "name": "full",
+        "storage": "sqlite:///s.db",
         "pool": {"base": "b", "checkpoints": ["c/*", "d"]},
         "merge": {"method": "ties", "dtype": "float32", "params": {"normalize": True}},
-        "search": {"weights": "box", "bounds": [0.0, 2.0], "granularity": "layers:4",
-                   "tune": ["density", {"lambda": [0.5, 2.0]}], "sampler": "nsga2", "n_trials": 7,
-                   "seed": 3, "seeds": ["uniform", "mwa_step"]},
-        "objectives": [{"name": "a", "task": "t1", "metric": "acc", "direction": "maximize"},
-                       {"name": "ppl", "task": "t2", "metric": "word_perplexity", "direction": "minimize"}],
+        "search": {
+            "weights": "box",
+            "bounds": [0.0, 2.0],
+            "granularity": "layers:4",
+            "tune": ["density", {"lambda": [0.5, 2.0]}],
+            "sampler": "nsga2",
+            "n_trials": 7,
+            "seed": 3,
+            "seeds": ["uniform", "mwa_step"],
+        },
+        "objectives": [
+            {"name": "a", "task": "t1", "metric": "acc", "direction": "maximize"},
+            {"name": "ppl", "task": "t2", "metric": "word_perplexity", "direction": "minimize"},
+        ],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": 10, "batch_size": 4},
-        "cluster": {"address": "auto", "shard_workers": 2, "eval_workers": 2, "gpus_per_worker": 0.5},
+        "cluster": {
+            "address": "auto",
+            "shard_workers": 2,
+            "eval_workers": 2,
+            "gpus_per_worker": 0.5,
+        },
     }
     spec = load_study_spec(write(tmp_path, data))
     assert spec.search.layer_groups == 4
-    assert [(t.name, t.low, t.high) for t in spec.search.tune] == [("density", 0.1, 1.0), ("lambda", 0.5, 2.0)]
+    assert [(t.name, t.low, t.high) for t in spec.search.tune] == [
+        ("density", 0.1, 1.0),
+        ("lambda", 0.5, 2.0),
+    ]
     assert spec.objectives[1].direction == "minimize"
 
 
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (merged(search={"sampler": "sobol"}), "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes"),
+        (
+            merged(search={"sampler": "sobol"}),
+            "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes",
+        ),
         (merged(colour="red"), "study.yaml: colour: unknown key"),
         (merged(search={"samplr": "tpe"}), "study.yaml: search.samplr: unknown key"),
         ({k: v for k, v in BASE.items() if k != "name"}, "study.yaml: name: required"),
-        (merged(merge={"method": "slerp"}), "study.yaml: merge.method: must be one of linear, task_arithmetic"),
-        (merged(search={"granularity": "layers:0"}), "study.yaml: search.granularity: must be model, blocks or layers:K"),
-        (merged(search={"weights": "box", "bounds": [1, 0]}), "study.yaml: search.bounds: must be [low, high] with low < high"),
-        (merged(search={"bounds": [0, 2]}), "study.yaml: search.bounds: only used with weights: box"),
-        (merged(search={"tune": ["density"]}), "study.yaml: search.tune: density is not a parameter of linear"),
-        (merged(search={"tune": ["temperature"]}), "study.yaml: search.tune: unknown parameter 'temperature'"),
-        (merged(merge={"method": "ties", "params": {"density": 0.5}}, search={"tune": ["density"]}),
-         "study.yaml: search.tune: density is fixed in merge.params and searched"),
-        (merged(merge={"params": {"weight": 1.0}}), "study.yaml: merge.params: weight: unknown parameter"),
-        (merged(merge={"params": {"normalize": 1}}), "study.yaml: merge.params: normalize: must be true or false"),
-        (merged(search={"n_trials": 0}), "study.yaml: search.n_trials: input should be greater than or equal to 1"),
-        (merged(search={"seeds": ["greedy"]}), "study.yaml: search.seeds: greedy is built from the single-checkpoint scores"),
-        (merged(search={"sampler": "cmaes", "objective": "pareto"}), "study.yaml: search.objective: cmaes optimises one value"),
-        (merged(search={"seeds": ["uniform", "uniform"]}), "study.yaml: search.seeds: a baseline is listed twice"),
-        (merged(search={"seeds": ["best"]}), "study.yaml: search.seeds.0: must be one of uniform, singles"),
+        (
+            merged(merge={"method": "slerp"}),
+            "study.yaml: merge.method: must be one of linear, task_arithmetic",
+        ),
+        (
+            merged(search={"granularity": "layers:0"}),
+            "study.yaml: search.granularity: must be model, blocks or layers:K",
+        ),
+        (
+            merged(search={"weights": "box", "bounds": [1, 0]}),
+            "study.yaml: search.bounds: must be [low, high] with low < high",
+        ),
+        (
+            merged(search={"bounds": [0, 2]}),
+            "study.yaml: search.bounds: only used with weights: box",
+        ),
+        (
+            merged(search={"tune": ["density"]}),
+            "study.yaml: search.tune: density is not a parameter of linear",
+        ),
+        (
+            merged(search={"tune": ["temperature"]}),
+            "study.yaml: search.tune: unknown parameter 'temperature'",
+        ),
+        (
+            merged(
+                merge={"method": "ties", "params": {"density": 0.5}}, search={"tune": ["density"]}
+            ),
+            "study.yaml: search.tune: density is fixed in merge.params and searched",
+        ),
+        (
+            merged(merge={"params": {"weight": 1.0}}),
+            "study.yaml: merge.params: weight: unknown parameter",
+        ),
+        (
+            merged(merge={"params": {"normalize": 1}}),
+            "study.yaml: merge.params: normalize: must be true or false",
+        ),
+        (
+            merged(search={"n_trials": 0}),
+            "study.yaml: search.n_trials: input should be greater than or equal to 1",
+        ),
+        (
+            merged(search={"seeds": ["greedy"]}),
+            "study.yaml: search.seeds: greedy is built from the single-checkpoint scores",
+        ),
+        (
+            merged(search={"sampler": "cmaes", "objective": "pareto"}),
+            "study.yaml: search.objective: cmaes optimises one value",
+        ),
+        (
+            merged(search={"seeds": ["uniform", "uniform"]}),
+            "study.yaml: search.seeds: a baseline is listed twice",
+        ),
+        (
+            merged(search={"seeds": ["best"]}),
+            "study.yaml: search.seeds.0: must be one of uniform, singles",
+        ),
         (merged(objectives=[]), "study.yaml: objectives: list should have at least 1 item"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc"}, {"name": "a", "task": "u", "metric": "acc"}]),
-         "study.yaml: objectives: objective name 'a' is used twice"),
-        (merged(objectives=[{"name": "a", "task": "t"}]), "study.yaml: objectives.0.metric: required"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "direction": "up"}]),
-         "study.yaml: objectives.0.direction: must be one of maximize, minimize"),
+        (
+            merged(
+                objectives=[
+                    {"name": "a", "task": "t", "metric": "acc"},
+                    {"name": "a", "task": "u", "metric": "acc"},
+                ]
+            ),
+            "study.yaml: objectives: objective name 'a' is used twice",
+        ),
+        (
+            merged(objectives=[{"name": "a", "task": "t"}]),
+            "study.yaml: objectives.0.metric: required",
+        ),
+        (
+            merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "direction": "up"}]),
+            "study.yaml: objectives.0.direction: must be one of maximize, minimize",
+        ),
         (merged(storage="recycler.db"), "study.yaml: storage: must be an Optuna storage URL"),
-        (merged(storage="sqlite:///:memory:"), "study.yaml: storage: an in-memory SQLite database would lose the study"),
-        (merged(storage="sqlite:///nowhere/x.db"), "study.yaml: storage: no such folder for the SQLite file"),
+        (
+            merged(storage="sqlite:///:memory:"),
+            "study.yaml: storage: an in-memory SQLite database would lose the study",
+        ),
+        (
+            merged(storage="sqlite:///nowhere/x.db"),
+            "study.yaml: storage: no such folder for the SQLite file",
+        ),
         (merged(eval={"tasks_dir": "missing"}), "study.yaml: eval.tasks_dir: no such folder"),
         ({k: v for k, v in BASE.items() if k != "eval"}, "study.yaml: eval: required"),
-        (merged(eval={"split": "test"}), "study.yaml: eval.split: the search must not optimise the test split"),
-        (merged(eval={"batch_size": 0}), "study.yaml: eval.batch_size: must be a positive integer or auto"),
-        (merged(eval={"dev_fraction": 1.5}), "study.yaml: eval.dev_fraction: input should be less than 1"),
-        (merged(eval={"dev_fraction": 0}), "study.yaml: eval.dev_fraction: input should be greater than 0"),
-        (merged(eval={"fewshot_as_multiturn": True}), "study.yaml: eval.fewshot_as_multiturn: needs apply_chat_template"),
+        (
+            merged(eval={"split": "test"}),
+            "study.yaml: eval.split: the search must not optimise the test split",
+        ),
+        (
+            merged(eval={"batch_size": 0}),
+            "study.yaml: eval.batch_size: must be a positive integer or auto",
+        ),
+        (
+            merged(eval={"dev_fraction": 1.5}),
+            "study.yaml: eval.dev_fraction: input should be less than 1",
+        ),
+        (
+            merged(eval={"dev_fraction": 0}),
+            "study.yaml: eval.dev_fraction: input should be greater than 0",
+        ),
+        (
+            merged(eval={"fewshot_as_multiturn": True}),
+            "study.yaml: eval.fewshot_as_multiturn: needs apply_chat_template",
+        ),
         (merged(eval={"datasets": {"gsm8k": 3}}), "study.yaml: eval.datasets.gsm8k"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "num_fewshot": -1}]),
-         "study.yaml: objectives.0.num_fewshot: input should be greater than or equal to 0"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "num_fewshot": 5},
-                            {"name": "b", "task": "t", "metric": "acc_norm"}]),
-         "study.yaml: objectives.1.num_fewshot: task t is scored with num_fewshot 5 by another objective"),
-        (merged(cluster={"eval_workers": "two"}), "study.yaml: cluster.eval_workers: input should be a valid integer"),
-        (merged(pool={"base": None, "checkpoints": ["a"]}, merge={"method": "ties"}),
-         "study.yaml: pool.base: required by merge.method ties"),
-        (merged(pool={"checkpoints": []}), "study.yaml: pool.checkpoints: list should have at least 1 item"),
+        (
+            merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "num_fewshot": -1}]),
+            "study.yaml: objectives.0.num_fewshot: input should be greater than or equal to 0",
+        ),
+        (
+            merged(
+                objectives=[
+                    {"name": "a", "task": "t", "metric": "acc", "num_fewshot": 5},
+                    {"name": "b", "task": "t", "metric": "acc_norm"},
+                ]
+            ),
+            "study.yaml: objectives.1.num_fewshot: task t is scored with num_fewshot 5 by another objective",
+        ),
+        (
+            merged(cluster={"eval_workers": "two"}),
+            "study.yaml: cluster.eval_workers: input should be a valid integer",
+        ),
+        (
+            merged(pool={"base": None, "checkpoints": ["a"]}, merge={"method": "ties"}),
+            "study.yaml: pool.base: required by merge.method ties",
+        ),
+        (
+            merged(pool={"checkpoints": []}),
+            "study.yaml: pool.checkpoints: list should have at least 1 item",
+        ),
         ([1, 2], "study.yaml: the study file must be a YAML mapping of keys"),
         ("name: [unclosed\n", "study.yaml: YAML syntax error at line 2"),
     ],
@@ -149,18 +274,34 @@ def test_bad_study_files_name_the_key(tmp_path: Path, data: Any, expected: str) 
 def test_eval_keys_of_built_in_tasks(tmp_path: Path) -> None:
     """No eval.tasks_dir (lm-eval's tasks only) or several; local data resolved against the study folder."""
     (tmp_path / "mine").mkdir()
-    spec = load_study_spec(write(tmp_path, merged(eval={
-        "tasks_dir": [".", "mine"], "batch_size": "auto", "apply_chat_template": True,
-        "datasets": {"gsm8k": "data/gsm8k", "cais/mmlu": {"test": "mmlu/test.parquet"}}})))
+    spec = load_study_spec(
+        write(
+            tmp_path,
+            merged(
+                eval={
+                    "tasks_dir": [".", "mine"],
+                    "batch_size": "auto",
+                    "apply_chat_template": True,
+                    "datasets": {"gsm8k": "data/gsm8k", "cais/mmlu": {"test": "mmlu/test.parquet"}},
+                }
+            ),
+        )
+    )
     assert spec.task_dirs == [tmp_path.resolve(), tmp_path.resolve() / "mine"]
     request = spec.suite_request()
     assert request.include == (str(tmp_path.resolve()), str(tmp_path.resolve() / "mine"))
-    assert request.datasets == {"gsm8k": str(tmp_path.resolve() / "data" / "gsm8k"),
-                                "cais/mmlu": {"test": [str(tmp_path.resolve() / "mmlu" / "test.parquet")]}}
+    assert request.datasets == {
+        "gsm8k": str(tmp_path.resolve() / "data" / "gsm8k"),
+        "cais/mmlu": {"test": [str(tmp_path.resolve() / "mmlu" / "test.parquet")]},
+    }
     assert request.fewshot_as_multiturn is True and spec.eval.batch_size == "auto"
     spec = load_study_spec(write(tmp_path, {**BASE, "eval": {}}))
     assert spec.task_dirs == [] and spec.suite_request().include == ()
-    assert (spec.eval.dev_fraction, spec.eval.split_seed, spec.suite_request().fewshot_as_multiturn) == (0.5, 0, False)
+    assert (
+        spec.eval.dev_fraction,
+        spec.eval.split_seed,
+        spec.suite_request().fewshot_as_multiturn,
+    ) == (0.5, 0, False)
 
 
 def test_missing_file(tmp_path: Path) -> None:

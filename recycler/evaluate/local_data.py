@@ -28,7 +28,13 @@ from recycler.errors import RecyclerError
 # What a study may map a task or a Hub dataset id to: a `save_to_disk` folder, or split -> file(s).
 LocalSource = str | dict[str, list[str]] | dict[str, str]
 
-_BUILDERS = {".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_BUILDERS = {
+    ".arrow": "arrow",
+    ".json": "json",
+    ".jsonl": "json",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
 
 
 @dataclass(frozen=True)
@@ -82,7 +88,9 @@ def resolve_source(key: str, source: LocalSource, dataset_name: str | None) -> L
                 )
             builders.add(_BUILDERS[suffix])
     if len(builders) != 1:
-        raise RecyclerError(f"eval.datasets.{key}: every file must be of one type (found: {', '.join(sorted(builders))})")
+        raise RecyclerError(
+            f"eval.datasets.{key}: every file must be of one type (found: {', '.join(sorted(builders))})"
+        )
     return LocalData(key, builders.pop(), files_by_split)
 
 
@@ -106,7 +114,9 @@ def write_overlay(configs: Mapping[str, dict[str, Any]]) -> Path:
         return folder
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
     for i, (name, body) in enumerate(text.items()):
-        (staging / f"overlay_{i:04d}.yaml").write_text(f"# {name}: local data (written by recycler)\n{body}")
+        (staging / f"overlay_{i:04d}.yaml").write_text(
+            f"# {name}: local data (written by recycler)\n{body}"
+        )
     try:
         os.rename(staging, folder)
     except OSError:  # another process wrote the same folder first

@@ -53,7 +53,9 @@ class SuiteRequest:
 
     names: tuple[str, ...]
     include: tuple[str, ...] = ()  # the study's own task folders
-    datasets: Mapping[str, LocalSource] = field(default_factory=dict)  # task or Hub id -> local copy
+    datasets: Mapping[str, LocalSource] = field(
+        default_factory=dict
+    )  # task or Hub id -> local copy
     num_fewshot: Mapping[str, int] = field(default_factory=dict)  # requested name -> shots
     gen_kwargs: Mapping[str, Any] | None = None
     apply_chat_template: bool = False
@@ -126,7 +128,9 @@ class TaskSuite:
                     )
                 task.config.test_split = how.source
                 which = docsplit.TEST if part == docsplit.TEST else "dev"
-                samples[name] = docsplit.part_ids(how.n_docs, self.request.dev_fraction, self.request.split_seed, which)
+                samples[name] = docsplit.part_ids(
+                    how.n_docs, self.request.dev_fraction, self.request.split_seed, which
+                )
         if not derived:
             return None
         return {n: ids[:limit] if limit is not None else ids for n, ids in samples.items()}
@@ -171,7 +175,11 @@ def _fingerprint(folders: tuple[str, ...]) -> tuple[tuple[str, int], ...]:
 
 def folder_request(tasks_dir: Path, names: list[str], dev_split: str = "dev") -> SuiteRequest:
     """A request for tasks of one folder, without options (the demo pool's scorer)."""
-    return SuiteRequest(names=tuple(dict.fromkeys(names)), include=(str(Path(tasks_dir).resolve()),), dev_split=dev_split)
+    return SuiteRequest(
+        names=tuple(dict.fromkeys(names)),
+        include=(str(Path(tasks_dir).resolve()),),
+        dev_split=dev_split,
+    )
 
 
 def load_suite(request: SuiteRequest) -> TaskSuite:
@@ -197,7 +205,10 @@ class _DropHints(logging.Filter):
     # replaces (recycler's local-data overlays do so on purpose).
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        return "Custom kwargs can be passed" not in message and "overrides existing task" not in message
+        return (
+            "Custom kwargs can be passed" not in message
+            and "overrides existing task" not in message
+        )
 
 
 def pinned_request(request: SuiteRequest) -> SuiteRequest:
@@ -214,7 +225,9 @@ def pinned_request(request: SuiteRequest) -> SuiteRequest:
     if paths is None:
         return request
     package = _builtin_root()
-    builtin = tuple(str(Path(p).relative_to(package)) for p in paths if Path(p).is_relative_to(package))
+    builtin = tuple(
+        str(Path(p).relative_to(package)) for p in paths if Path(p).is_relative_to(package)
+    )
     return dataclasses.replace(request, builtin_dirs=builtin)
 
 
@@ -338,10 +351,14 @@ def _local_data(manager: TaskManager, request: SuiteRequest) -> dict[str, tuple[
             entry = index[leaf]
             cfg = entry.cfg or {}
             hub_id = cfg.get("dataset_path")
-            key = leaf if leaf in request.datasets else hub_id if hub_id in request.datasets else None
+            key = (
+                leaf if leaf in request.datasets else hub_id if hub_id in request.datasets else None
+            )
             if key is None or entry.yaml_path is None:
                 continue
-            data = resolve_source(key, request.datasets[key], cfg.get("dataset_name") if key == hub_id else None)
+            data = resolve_source(
+                key, request.datasets[key], cfg.get("dataset_name") if key == hub_id else None
+            )
             _check_splits(leaf, cfg, data, _shots_for(manager, request, leaf))
             out[leaf] = (Path(entry.yaml_path), data)
     return out
@@ -359,7 +376,9 @@ def _check_splits(task: str, cfg: dict[str, Any], data: LocalData, shots: int | 
     scored = cfg.get("test_split") or cfg.get("validation_split")
     needed = [scored] if scored else []
     if (shots if shots is not None else cfg.get("num_fewshot") or 0) > 0:
-        fewshot = cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+        fewshot = (
+            cfg.get("fewshot_split") or cfg.get("training_split") or cfg.get("validation_split")
+        )
         if fewshot:
             needed.append(fewshot)
     for split in needed:
@@ -370,7 +389,9 @@ def _check_splits(task: str, cfg: dict[str, Any], data: LocalData, shots: int | 
             )
 
 
-def _unloadable(manager: TaskManager, request: SuiteRequest, mapped: set[str], exc: BaseException) -> RecyclerError:
+def _unloadable(
+    manager: TaskManager, request: SuiteRequest, mapped: set[str], exc: BaseException
+) -> RecyclerError:
     """The one line for a task whose data could not be loaded: name the task, its Hub id, the key to set."""
     cause = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     for name in request.names:
@@ -394,16 +415,27 @@ def _build_suite(request: SuiteRequest) -> TaskSuite:
     lookup, paths = _managers(request)
     for name in request.names:
         if name not in lookup.all_tasks:
-            raise UnknownTaskError(name, difflib.get_close_matches(name, lookup.all_tasks, n=3, cutoff=0.6))
+            raise UnknownTaskError(
+                name, difflib.get_close_matches(name, lookup.all_tasks, n=3, cutoff=0.6)
+            )
     local = _local_data(lookup, request)
     overlay = (
-        [str(write_overlay({leaf: overlay_config(path, leaf, data) for leaf, (path, data) in local.items()}))]
-        if local else []
+        [
+            str(
+                write_overlay(
+                    {leaf: overlay_config(path, leaf, data) for leaf, (path, data) in local.items()}
+                )
+            )
+        ]
+        if local
+        else []
     )
     if paths is not None:
         manager = TaskManager(include_path=[*paths, *overlay], include_defaults=False)
     if paths is None or not all(_complete(manager, n) for n in request.names):
-        manager = TaskManager(include_path=[*request.include, *overlay] or None, include_defaults=True)
+        manager = TaskManager(
+            include_path=[*request.include, *overlay] or None, include_defaults=True
+        )
     requested: list[Task | Group] = []
     try:
         for name in request.names:
@@ -431,7 +463,10 @@ def _build_suite(request: SuiteRequest) -> TaskSuite:
 
 
 def _apply_options(
-    manager: TaskManager, request: SuiteRequest, requested: list[Task | Group], leaves: dict[str, Task]
+    manager: TaskManager,
+    request: SuiteRequest,
+    requested: list[Task | Group],
+    leaves: dict[str, Task],
 ) -> None:
     """What simple_evaluate does to tasks before scoring, done once per build."""
     shots: dict[str, int] = {}
@@ -453,18 +488,28 @@ def _leaf_split(name: str, task: Task, request: SuiteRequest) -> LeafSplit:
     splits = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []
     config = task.config
     fewshot_sources = {config.fewshot_split, config.training_split}
-    if request.dev_split in splits and docsplit.TEST in splits and not fewshot_sources & {request.dev_split, docsplit.TEST}:
+    if (
+        request.dev_split in splits
+        and docsplit.TEST in splits
+        and not fewshot_sources & {request.dev_split, docsplit.TEST}
+    ):
         return LeafSplit(named=True, source="", n_docs=0)
     source = config.test_split or config.validation_split
     if not source:
-        raise RecyclerError(f"task {name!r} names neither a test_split nor a validation_split to score")
+        raise RecyclerError(
+            f"task {name!r} names neither a test_split nor a validation_split to score"
+        )
     if source not in splits:
-        raise RecyclerError(f"task {name!r}: its data has no split {source!r} to score (it has: {', '.join(splits) or 'none'})")
+        raise RecyclerError(
+            f"task {name!r}: its data has no split {source!r} to score (it has: {', '.join(splits) or 'none'})"
+        )
     config.test_split = source
     docs = task.eval_docs
     n_docs = len(docs)
     docsplit.check_sizes(name, source, n_docs, request.dev_fraction)
-    return LeafSplit(named=False, source=source, n_docs=n_docs, docs_digest=docsplit.docs_digest(docs))
+    return LeafSplit(
+        named=False, source=source, n_docs=n_docs, docs_digest=docsplit.docs_digest(docs)
+    )
 
 
 @dataclass(frozen=True)
@@ -486,15 +531,20 @@ def metric_info(request: SuiteRequest) -> dict[str, MetricInfo]:
     suite = load_suite(request)
     out: dict[str, MetricInfo] = {}
     for name, task in suite.leaves.items():
-        filters = tuple(f["name"] for f in (task.config.filter_list or []) if isinstance(f, dict)) or ("none",)
+        filters = tuple(
+            f["name"] for f in (task.config.filter_list or []) if isinstance(f, dict)
+        ) or ("none",)
         out[name] = MetricInfo({m: bool(v) for m, v in task.higher_is_better().items()}, filters)
     for item in suite.requested:
         if isinstance(item, Group):
             members = [out[t.task_name] for t in item.get_all_tasks()]
             shared = set.intersection(*(set(m.directions) for m in members)) if members else set()
-            filters_shared = set.intersection(*(set(m.filters) for m in members)) if members else set()
+            filters_shared = (
+                set.intersection(*(set(m.filters) for m in members)) if members else set()
+            )
             out[item.name] = MetricInfo(
-                {m: all(d.directions[m] for d in members) for m in sorted(shared)}, tuple(sorted(filters_shared))
+                {m: all(d.directions[m] for d in members) for m in sorted(shared)},
+                tuple(sorted(filters_shared)),
             )
     return out
 

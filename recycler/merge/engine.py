@@ -117,7 +117,9 @@ def iter_merged(
             if ahead is not None:
                 ahead.result()
             ahead = reader.submit(_prefetch, sources, names[i + 1]) if i + 1 < len(names) else None
-            merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats)
+            merged = _merge_one(
+                pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats
+            )
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
             stats.per_tensor[name] = elapsed
@@ -158,14 +160,18 @@ def _merge_one(
     return merged
 
 
-def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def merge_state_dict(
+    pool: Pool, recipe: Recipe, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The whole merged model in memory (a search trial's merge; nothing touches the disk)."""
     return dict(iter_merged(pool, recipe, device))
 
 
 def _check_fits(pool: Pool, recipe: Recipe) -> None:
     if len(recipe.models) != len(pool.checkpoints):
-        raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
+        raise RecyclerError(
+            f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}"
+        )
     if METHODS[recipe.merge_method].needs_base and pool.base is None:
         raise RecyclerError(f"{recipe.merge_method} needs a base model")
 
@@ -214,7 +220,11 @@ class FileMerger:
         if terms_of is None:
             return None
         try:
-            terms = terms_of(recipe.weights_for(name, self._n_layers), recipe.normalize, recipe.lambda_for(name, self._n_layers))
+            terms = terms_of(
+                recipe.weights_for(name, self._n_layers),
+                recipe.normalize,
+                recipe.lambda_for(name, self._n_layers),
+            )
         except ZeroDivisionError:
             raise RecyclerError(_zero_weights(name)) from None
         sources = list(pool.checkpoints)
@@ -225,7 +235,9 @@ class FileMerger:
             coeffs.insert(0, terms.base)
         stored = [c.locate(name) for c in sources]
         inputs = [s for s in stored if s is not None]
-        if len(inputs) < len(stored) or not fused_dtypes([recipe.out_code, *(s.info.code for s in inputs)]):
+        if len(inputs) < len(stored) or not fused_dtypes(
+            [recipe.out_code, *(s.info.code for s in inputs)]
+        ):
             return None
         return StoredTerms(inputs, coeffs)
 
@@ -236,7 +248,12 @@ class FileMerger:
         out_code = self._recipe.out_code
         pending = [
             combine_files(
-                job.out_fd, job.out_offset, out_code, [(self._fd(s.path), s.offset, s.info.code) for s in job.terms.inputs], job.terms.coeffs, job.numel
+                job.out_fd,
+                job.out_offset,
+                out_code,
+                [(self._fd(s.path), s.offset, s.info.code) for s in job.terms.inputs],
+                job.terms.coeffs,
+                job.numel,
             )
             for job in jobs
         ]
@@ -244,7 +261,9 @@ class FileMerger:
             for job, ranges in zip(jobs, pending):
                 self._wait(job, ranges)
                 done = time.perf_counter()
-                stats.per_tensor[job.name] = done - started  # time since the previous tensor was done
+                stats.per_tensor[job.name] = (
+                    done - started
+                )  # time since the previous tensor was done
                 started = done
                 stats.bytes_read += sum(s.info.nbytes for s in job.terms.inputs)
                 stats.bytes_written += job.numel * itemsize(out_code)
@@ -258,7 +277,11 @@ class FileMerger:
             finite = ranges.wait()
         except OSError as exc:
             index = exc.filename if isinstance(exc.filename, int) else -1
-            where = f"{job.terms.inputs[index].path}: tensor {job.name}: cannot read" if index >= 0 else f"{job.out_path}: cannot write"
+            where = (
+                f"{job.terms.inputs[index].path}: tensor {job.name}: cannot read"
+                if index >= 0
+                else f"{job.out_path}: cannot write"
+            )
             raise RecyclerError(f"{where}: {exc.strerror or exc}") from None
         if not finite:
             versions = [c.read(job.name) for c in self._pool.checkpoints]
@@ -280,7 +303,9 @@ class FileMerger:
         self._fds.clear()
 
 
-def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None) -> str:
+def _non_finite_culprit(
+    pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None
+) -> str:
     import torch
 
     for ckpt, v in zip(pool.checkpoints, versions):
@@ -288,4 +313,6 @@ def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor],
             return f"{ckpt.path}: tensor {name}: has non-finite values (NaN or inf)"
     if base is not None and pool.base is not None and not bool(torch.isfinite(base).all()):
         return f"{pool.base.path}: tensor {name}: has non-finite values (NaN or inf)"
-    return f"tensor {name}: the merge overflowed to non-finite values (check the weights and lambda)"
+    return (
+        f"tensor {name}: the merge overflowed to non-finite values (check the weights and lambda)"
+    )

@@ -47,7 +47,9 @@ class LinearTerms:
     versions: list[float]
     base: float | None = None
 
-    def apply(self, versions: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    def apply(
+        self, versions: Sequence[torch.Tensor], base: torch.Tensor | None, out_dtype: torch.dtype
+    ) -> torch.Tensor:
         # The base comes first, in every path (export and in-memory merges alike), so
         # both sum in the same order and give the same bits.
         if self.base is None:
@@ -71,7 +73,14 @@ class MergeMethod:
     terms: Callable[[Sequence[float], bool, float], LinearTerms] | None = None
 
 
-__all__ = ["METHODS", "LinearTerms", "MergeInputs", "MergeMethod", "NonFiniteError", "linear_combination"]
+__all__ = [
+    "METHODS",
+    "LinearTerms",
+    "MergeInputs",
+    "MergeMethod",
+    "NonFiniteError",
+    "linear_combination",
+]
 
 
 def _normalized(weights: Sequence[float], normalize: bool) -> list[float]:
@@ -99,11 +108,15 @@ def task_arithmetic_terms(weights: Sequence[float], normalize: bool, lambda_: fl
 
 
 def linear(inp: MergeInputs) -> torch.Tensor:
-    return linear_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, None, inp.out_dtype)
+    return linear_terms(inp.weights, inp.normalize, inp.lambda_).apply(
+        inp.versions, None, inp.out_dtype
+    )
 
 
 def task_arithmetic(inp: MergeInputs) -> torch.Tensor:
-    return task_arithmetic_terms(inp.weights, inp.normalize, inp.lambda_).apply(inp.versions, inp.base, inp.out_dtype)
+    return task_arithmetic_terms(inp.weights, inp.normalize, inp.lambda_).apply(
+        inp.versions, inp.base, inp.out_dtype
+    )
 
 
 def _task_vectors(inp: MergeInputs) -> list[torch.Tensor]:
@@ -171,7 +184,9 @@ def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> t
     last_block = (row_offset + rows - 1) // rows_per_block
     for block in range(first_block, last_block + 1):
         block_start = block * rows_per_block
-        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & (
+            (1 << 63) - 1
+        )
         gen = torch.Generator().manual_seed(seed)
         drawn = torch.rand((rows_per_block, row_numel), generator=gen) < density
         lo = max(row_offset, block_start)
@@ -207,7 +222,9 @@ def _sign_consensus_merge(inp: MergeInputs, trimmed: list[torch.Tensor]) -> torc
     agree = weighted.sign() == elected
     merged = (weighted * agree).sum(0)
     if inp.normalize:
-        w = torch.tensor(list(inp.weights), dtype=torch.float32, device=merged.device).view(-1, *[1] * merged.dim())
+        w = torch.tensor(list(inp.weights), dtype=torch.float32, device=merged.device).view(
+            -1, *[1] * merged.dim()
+        )
         divisor = (w * agree).sum(0)
         divisor[divisor.abs() < 1e-8] = 1.0
         merged /= divisor
@@ -268,9 +285,21 @@ def fisher(inp: MergeInputs) -> torch.Tensor:
 METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in [
-        MergeMethod("linear", linear, needs_base=False, default_normalize=True, checks_finite=True, terms=linear_terms),
         MergeMethod(
-            "task_arithmetic", task_arithmetic, needs_base=True, default_normalize=False, checks_finite=True, terms=task_arithmetic_terms
+            "linear",
+            linear,
+            needs_base=False,
+            default_normalize=True,
+            checks_finite=True,
+            terms=linear_terms,
+        ),
+        MergeMethod(
+            "task_arithmetic",
+            task_arithmetic,
+            needs_base=True,
+            default_normalize=False,
+            checks_finite=True,
+            terms=task_arithmetic_terms,
         ),
         MergeMethod("ties", ties, needs_base=True, default_normalize=True),
         MergeMethod("dare_linear", dare_linear, needs_base=True, default_normalize=False),

@@ -47,7 +47,17 @@ DTYPES: dict[str, str] = {
     "bfloat16": "BF16",
     "bf16": "BF16",
 }
-_TOP_LEVEL_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "random_seed", "name"}
+_TOP_LEVEL_KEYS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "random_seed",
+    "name",
+}
 _MODEL_PARAMS = {"weight", "density"}
 _GLOBAL_PARAMS = {"weight", "density", "normalize", "lambda", "int8_mask", "rescale"}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
@@ -95,7 +105,9 @@ class Recipe:
             raise RecyclerError(f"{where}: slices: not supported; list whole models under models:")
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
-                raise RecyclerError(f"{where}: {key}: unknown key (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+                raise RecyclerError(
+                    f"{where}: {key}: unknown key (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
+                )
         method = data.get("merge_method")
         if not isinstance(method, str):
             raise RecyclerError(f"{where}: merge_method: missing")
@@ -108,10 +120,14 @@ class Recipe:
             raise RecyclerError(f"{where}: parameters: must be a mapping")
         for key, value in params.items():
             if key not in _GLOBAL_PARAMS:
-                raise RecyclerError(f"{where}: parameters.{key}: unknown parameter (known: {', '.join(sorted(_GLOBAL_PARAMS))})")
+                raise RecyclerError(
+                    f"{where}: parameters.{key}: unknown parameter (known: {', '.join(sorted(_GLOBAL_PARAMS))})"
+                )
             if key in {"normalize", "int8_mask", "rescale"}:
                 if not isinstance(value, bool):
-                    raise RecyclerError(f"{where}: parameters.{key}: must be true or false, got {value!r}")
+                    raise RecyclerError(
+                        f"{where}: parameters.{key}: must be true or false, got {value!r}"
+                    )
             else:
                 params[key] = _param(value, f"{where}: parameters.{key}")
         base = data.get("base_model")
@@ -127,7 +143,9 @@ class Recipe:
             parameters=dict(params),
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
-            tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") is not None else None,
+            tokenizer_source=str(data["tokenizer_source"])
+            if data.get("tokenizer_source") is not None
+            else None,
             random_seed=seed,
         )
         recipe.validate(where)
@@ -137,7 +155,9 @@ class Recipe:
         from recycler.merge.methods import METHODS
 
         if self.merge_method not in METHODS:
-            raise RecyclerError(f"{where}: merge_method: unknown method {self.merge_method!r} (known: {', '.join(METHODS)})")
+            raise RecyclerError(
+                f"{where}: merge_method: unknown method {self.merge_method!r} (known: {', '.join(METHODS)})"
+            )
         method = METHODS[self.merge_method]
         if not self.models:
             raise RecyclerError(f"{where}: models: must be a non-empty list")
@@ -146,14 +166,20 @@ class Recipe:
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
-                raise RecyclerError(f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})")
+                raise RecyclerError(
+                    f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})"
+                )
         for i, spec in enumerate(self.models):
             for value in _values(spec.density):
                 if not 0.0 < value <= 1.0:
-                    raise RecyclerError(f"{where}: models[{i}].parameters.density: must be in (0, 1], got {value}")
+                    raise RecyclerError(
+                        f"{where}: models[{i}].parameters.density: must be in (0, 1], got {value}"
+                    )
             for value in _values(spec.weight):
                 if not math.isfinite(value):
-                    raise RecyclerError(f"{where}: models[{i}].parameters.weight: must be finite, got {value}")
+                    raise RecyclerError(
+                        f"{where}: models[{i}].parameters.weight: must be finite, got {value}"
+                    )
         for value in _values(self.parameters.get("density")):
             if not 0.0 < value <= 1.0:
                 raise RecyclerError(f"{where}: parameters.density: must be in (0, 1], got {value}")
@@ -161,14 +187,18 @@ class Recipe:
         if any(not math.isfinite(v) for v in _values(lam)):
             raise RecyclerError(f"{where}: parameters.lambda: must be finite")
         if self.normalize and _weights_can_sum_to_zero(self):
-            raise RecyclerError(f"{where}: models: the weights sum to zero, which normalize cannot divide by")
+            raise RecyclerError(
+                f"{where}: models: the weights sum to zero, which normalize cannot divide by"
+            )
 
     # ---- per-tensor values ---------------------------------------------------------
     @property
     def normalize(self) -> bool:
         from recycler.merge.methods import METHODS
 
-        default = METHODS[self.merge_method].default_normalize if self.merge_method in METHODS else False
+        default = (
+            METHODS[self.merge_method].default_normalize if self.merge_method in METHODS else False
+        )
         return bool(self.parameters.get("normalize", default))
 
     @property
@@ -205,12 +235,18 @@ class Recipe:
         models = []
         for spec in self.models:
             entry: dict[str, Any] = {"model": spec.model}
-            params = {k: _param_to_yaml(v) for k in ("weight", "density") if (v := getattr(spec, k)) is not None}
+            params = {
+                k: _param_to_yaml(v)
+                for k in ("weight", "density")
+                if (v := getattr(spec, k)) is not None
+            }
             if params:
                 entry["parameters"] = params
             models.append(entry)
         out["models"] = models
-        params = {k: (v if isinstance(v, bool) else _param_to_yaml(v)) for k, v in self.parameters.items()}
+        params = {
+            k: (v if isinstance(v, bool) else _param_to_yaml(v)) for k, v in self.parameters.items()
+        }
         if params:
             out["parameters"] = params
         out["dtype"] = self.dtype
@@ -238,7 +274,9 @@ def resolve(value: Param | None, tensor_name: str, n_layers: int) -> float | Non
             if entry.filter in (None, "*") or entry.filter in tensor_name:
                 return entry.value
         return None
-    return _gradient([float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers)
+    return _gradient(
+        [float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers
+    )
 
 
 def _gradient(points: list[float], tensor_name: str, n_layers: int) -> float:
@@ -289,21 +327,34 @@ def _model_spec(entry: Any, where: str) -> ModelSpec:
         raise RecyclerError(f"{where}.parameters: must be a mapping")
     for key in params:
         if key not in _MODEL_PARAMS:
-            raise RecyclerError(f"{where}.parameters.{key}: unknown parameter (known: weight, density)")
+            raise RecyclerError(
+                f"{where}.parameters.{key}: unknown parameter (known: weight, density)"
+            )
     return ModelSpec(
         model=_model_path(entry["model"], f"{where}.model"),
-        weight=_param(params["weight"], f"{where}.parameters.weight") if "weight" in params else None,
-        density=_param(params["density"], f"{where}.parameters.density") if "density" in params else None,
+        weight=_param(params["weight"], f"{where}.parameters.weight")
+        if "weight" in params
+        else None,
+        density=_param(params["density"], f"{where}.parameters.density")
+        if "density" in params
+        else None,
     )
 
 
 def _model_path(value: Any, where: str) -> str:
-    if isinstance(value, dict) and isinstance(value.get("model"), dict) and "path" in value["model"] and not value.get("lora"):
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("model"), dict)
+        and "path" in value["model"]
+        and not value.get("lora")
+    ):
         value = value["model"]["path"]  # mergekit's long form {model: {path: ...}}
     if not isinstance(value, str) or not value:
         raise RecyclerError(f"{where}: must be a path, got {value!r}")
     if "+" in value and not Path(value).exists():
-        raise RecyclerError(f"{where}: 'model+lora' is not supported; list the LoRA adapter dir itself as a model")
+        raise RecyclerError(
+            f"{where}: 'model+lora' is not supported; list the LoRA adapter dir itself as a model"
+        )
     return value
 
 
@@ -317,8 +368,14 @@ def _param(value: Any, where: str) -> Param:
             entries = []
             for j, v in enumerate(value):
                 if set(v) - {"filter", "value"} or "value" not in v or not _is_number(v["value"]):
-                    raise RecyclerError(f"{where}[{j}]: expected {{filter: NAME, value: NUMBER}}, got {v!r}")
-                entries.append(FilterValue(str(v["filter"]) if v.get("filter") is not None else None, float(v["value"])))
+                    raise RecyclerError(
+                        f"{where}[{j}]: expected {{filter: NAME, value: NUMBER}}, got {v!r}"
+                    )
+                entries.append(
+                    FilterValue(
+                        str(v["filter"]) if v.get("filter") is not None else None, float(v["value"])
+                    )
+                )
             return tuple(entries)
     raise RecyclerError(f"{where}: not a number: {value!r}")
 
@@ -327,7 +384,9 @@ def _param_to_yaml(value: Param) -> Any:
     if isinstance(value, (int, float)):
         return float(value)
     return [
-        ({"filter": e.filter, "value": e.value} if e.filter is not None else {"value": e.value}) if isinstance(e, FilterValue) else float(e)
+        ({"filter": e.filter, "value": e.value} if e.filter is not None else {"value": e.value})
+        if isinstance(e, FilterValue)
+        else float(e)
         for e in value
     ]
 

@@ -68,7 +68,9 @@ def study_fingerprint(spec: StudySpec, space: SearchSpace) -> dict[str, Any]:
     return {**space.fingerprint(), "split": spec.eval.split, "limit": spec.eval.limit}
 
 
-def objective_directions(spec: StudySpec) -> tuple[Callable[[str, str], bool | None], dict[str, dict[str, Any]]]:
+def objective_directions(
+    spec: StudySpec,
+) -> tuple[Callable[[str, str], bool | None], dict[str, dict[str, Any]]]:
     """lm-eval's higher_is_better for (task, metric), after checking every objective exists,
     and each task's dev/test documents (`TaskSuite.split_records`).
 
@@ -87,7 +89,9 @@ def objective_directions(spec: StudySpec) -> tuple[Callable[[str, str], bool | N
         i = next(i for i, o in enumerate(spec.objectives) if o.task == exc.name)
         raise RecyclerError(f"objectives.{i}.task: {exc}") from None
     except RecyclerError as exc:
-        raise RecyclerError(f"objectives: {exc}" if not str(exc).startswith("eval.") else str(exc)) from None
+        raise RecyclerError(
+            f"objectives: {exc}" if not str(exc).startswith("eval.") else str(exc)
+        ) from None
     for i, o in enumerate(spec.objectives):
         known = info[o.task]
         metric, _, filt = o.metric.partition(",")
@@ -134,7 +138,9 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     space = SearchSpace.from_pool(spec, pool)
     directions, doc_split = objective_directions(spec)
     objectives = resolve_objectives(spec, directions)
-    handle = open_study(spec, study_fingerprint(spec, space), objectives, create=create, doc_split=doc_split)
+    handle = open_study(
+        spec, study_fingerprint(spec, space), objectives, create=create, doc_split=doc_split
+    )
     notes: list[str] = []
     study = handle.study
     if create and not study.user_attrs.get(ATTR_SEEDED):
@@ -142,7 +148,9 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
         for b in baselines:
             params = space.encode(b.weights)
             if params is None:
-                notes.append(f"baseline {b.label} skipped: its weights are outside the search space")
+                notes.append(
+                    f"baseline {b.label} skipped: its weights are outside the search space"
+                )
                 continue
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, {"baseline": b.label}, skip_if_exists=True)
@@ -212,7 +220,10 @@ class SearchDriver:
         with self._heartbeat():
             try:
                 while True:
-                    while self._n_flying("dev") < self.capacity and done + self._n_flying("dev") < target:
+                    while (
+                        self._n_flying("dev") < self.capacity
+                        and done + self._n_flying("dev") < target
+                    ):
                         if self._start_next():
                             done += 1
                             self._report(done, target)
@@ -310,7 +321,9 @@ class SearchDriver:
             return None
         return recipe
 
-    def _submit(self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str) -> None:
+    def _submit(
+        self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str
+    ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
         flight = _Flight(kind, number, recipe, trial, time.perf_counter())
@@ -344,12 +357,18 @@ class SearchDriver:
             value = lookup_metric(task_metrics, o.metric)
             if value is None:
                 return f"task {o.task} has no metric {o.metric} (got: {', '.join(sorted(task_metrics))})"
-            if not isinstance(value, int | float) or value != value or value in (float("inf"), float("-inf")):
+            if (
+                not isinstance(value, int | float)
+                or value != value
+                or value in (float("inf"), float("-inf"))
+            ):
                 return f"objective {o.name} is not a finite number: {value!r}"
             values[o.name] = float(value)
         return values
 
-    def _complete(self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool) -> None:
+    def _complete(
+        self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool
+    ) -> None:
         values = self._objective_values(result.metrics)
         if isinstance(values, str):
             self._fail(trial, values, result)
@@ -358,9 +377,11 @@ class SearchDriver:
         trial.set_user_attr("objectives", values)
         trial.set_user_attr("merge_seconds", round(result.merge_seconds, 3))
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
-        told = [macro_average(values, self.p.objectives)] if single_objective(self.p.spec) else [
-            values[o.name] for o in self.p.objectives
-        ]
+        told = (
+            [macro_average(values, self.p.objectives)]
+            if single_objective(self.p.spec)
+            else [values[o.name] for o in self.p.objectives]
+        )
         self.study.tell(trial, told)
         if not cached:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
@@ -376,9 +397,11 @@ class SearchDriver:
         entry: dict[str, Any]
         if result.ok:
             values = self._objective_values(result.metrics)
-            entry = {"error": values} if isinstance(values, str) else {
-                "objectives": values, "metrics": _json_safe(result.metrics)
-            }
+            entry = (
+                {"error": values}
+                if isinstance(values, str)
+                else {"objectives": values, "metrics": _json_safe(result.metrics)}
+            )
         else:
             entry = {"error": (result.error or "evaluation failed")[:2000]}
         self.study.set_user_attr(f"{TEST_PREFIX}{number}", entry)
@@ -445,7 +468,9 @@ class SearchDriver:
         vectors = [v for r in view.complete if (v := r.vector(view.objectives)) is not None]
         if vectors:
             hv = pareto.hypervolume(vectors, pareto.nadir(vectors, view.maximize), view.maximize)
-        per_trial = sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        per_trial = (
+            sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        )
         self.on_progress(done, target, hv, per_trial)
 
     @contextmanager
@@ -519,7 +544,9 @@ def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
 
         def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
             progress.update(
-                task_id, completed=min(done, total), total=total,
+                task_id,
+                completed=min(done, total),
+                total=total,
                 hv="-" if hv is None else f"{hv:.4g}",
                 spt="-" if per_trial is None else f"{per_trial:.1f}",
             )
@@ -532,6 +559,8 @@ def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
         ) as driver:
             driver.run(target)
             if driver.stale:
-                console.print(f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}")
+                console.print(
+                    f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}"
+                )
             progress.update(task_id, description=f"study {spec.name}: test split")
             driver.rescore_front()
