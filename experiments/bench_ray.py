@@ -128,14 +128,14 @@ def merge_in_one_process(zoo: Path, dtype: str, repeats: int) -> float:
 def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> float:
     from recycler.cluster.evaluator import RayEvaluator
     from recycler.cluster.worker import WorkerConfig
+    from recycler.evaluate.tasks import folder_request
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
         checkpoints=tuple(m["model"] for m in recipe["models"]),
         base=str(zoo / "base"),
         model_dir=str(zoo / "base"),
-        tasks_dir=str(zoo / "tasks"),
-        tasks=("zoo_inc",),
+        suite=folder_request(zoo / "tasks", ["zoo_inc"]),
         limit=4,
         batch_size=32,
         dtype=dtype,
@@ -171,7 +171,7 @@ def write_study(
         update={
             "name": name,
             "storage": storage,
-            "eval": zoo_study.eval.model_copy(update={"tasks_dir": zoo_study.tasks_dir}),
+            "eval": zoo_study.eval.model_copy(update={"tasks_dir": zoo_study.task_dirs}),
             "search": zoo_study.search.model_copy(
                 update={"n_trials": trials, "baselines": ["uniform"]}
             ),

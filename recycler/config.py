@@ -227,6 +227,8 @@ class ObjectiveSpec(_Strict):
     metric: str
     # None: lm-eval's higher_is_better for the task's metric decides.
     direction: Literal["maximize", "minimize"] | None = None
+    # None: the task's own (its YAML's num_fewshot, else zero-shot).
+    num_fewshot: int | None = Field(default=None, ge=0)
 
     @field_validator("name")
     @classmethod
@@ -238,11 +240,47 @@ class ObjectiveSpec(_Strict):
         )
 
 
+GenKwarg = str | int | float | bool | list[str]
+
+
 class EvalSpec(_Strict):
-    tasks_dir: Path  # lm-eval's include_path: the folder of task YAMLs
+    # lm-eval's include_path: the study's own folder(s) of task YAMLs, searched before
+    # lm-eval's built-in tasks. Left out: built-in tasks only.
+    tasks_dir: Path | list[Path] | None = None
+    # A task name or a Hub dataset id -> a local copy of its data: a folder written by
+    # datasets' save_to_disk (for a Hub id with configs, FOLDER/<config> may hold one),
+    # or data files by split. For clusters that cannot reach the Hub.
+    datasets: dict[str, Path | dict[str, Path | list[Path]]] = Field(default_factory=dict)
+    # What the search optimises; "test" is what the Pareto set is re-scored on. A task
+    # without both splits by name is split by document (dev_fraction, split_seed).
     split: str = "dev"
+    dev_fraction: float = Field(default=0.5, gt=0, lt=1)
+    split_seed: int = 0
     limit: int | None = Field(default=None, ge=1)
-    batch_size: int = Field(default=32, ge=1)
+    batch_size: int | Literal["auto"] = 32
+    apply_chat_template: bool = False
+    # None: as lm-eval's command line does, true exactly when apply_chat_template is.
+    fewshot_as_multiturn: bool | None = None
+    gen_kwargs: dict[str, GenKwarg] | None = None
+
+    @field_validator("batch_size")
+    @classmethod
+    def _batch_size(cls, value: int | str) -> int | str:
+        if isinstance(value, int) and value < 1:
+            raise ValueError("must be a positive integer or auto")
+        return value
+
+    @model_validator(mode="after")
+    def _multiturn(self) -> EvalSpec:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise _KeyError("eval.fewshot_as_multiturn", "needs apply_chat_template: true")
+        return self
+
+    @property
+    def task_folders(self) -> list[Path]:
+        """`tasks_dir` as written (none, one or several folders), in include_path order."""
+        value = self.tasks_dir
+        return [] if value is None else list(value) if isinstance(value, list) else [value]
 
 
 # How long connecting to (or starting) a search's Ray cluster may take by default.
@@ -306,6 +344,16 @@ class StudySpec(_Strict):
         pairs = [(o.task, o.metric) for o in self.objectives]
         if len(set(pairs)) != len(pairs):
             raise _KeyError("objectives", "the same task and metric are listed twice")
+        shots: dict[str, int | None] = {}
+        for i, o in enumerate(self.objectives):
+            # lm-eval builds a task once per evaluation: one few-shot setting per task.
+            if o.task in shots and shots[o.task] != o.num_fewshot:
+                raise _KeyError(
+                    f"objectives.{i}.num_fewshot",
+                    f"task {o.task} is scored with num_fewshot {shots[o.task]} by another "
+                    "objective: one setting per task",
+                )
+            shots[o.task] = o.num_fewshot
         method = self.merge.method
         if method in METHODS_NEEDING_BASE and self.pool.base is None:
             raise _KeyError("pool.base", f"required by merge.method {method}")
@@ -347,8 +395,9 @@ class StudySpec(_Strict):
         return None if self.pool.base is None else self.resolve(self.pool.base)
 
     @property
-    def tasks_dir(self) -> Path:
-        return self.resolve(self.eval.tasks_dir)
+    def task_dirs(self) -> list[Path]:
+        """The study's own task folders (absolute), in lm-eval include_path order."""
+        return [self.resolve(f) for f in self.eval.task_folders]
 
     def resolve(self, path: str | Path) -> Path:
         p = Path(path).expanduser()
@@ -360,9 +409,7 @@ class StudySpec(_Strict):
 
     def missing_folders(self) -> list[tuple[str, Path]]:
         """(key, folder) for each folder the study names that is not on this machine."""
-        missing = []
-        if not self.tasks_dir.is_dir():
-            missing.append(("eval.tasks_dir", self.tasks_dir))
+        missing = [("eval.tasks_dir", d) for d in self.task_dirs if not d.is_dir()]
         sqlite = self.sqlite_path
         if sqlite is not None and not sqlite.parent.is_dir():
             missing.append(("storage", sqlite.parent))
@@ -371,8 +418,8 @@ class StudySpec(_Strict):
     # -- writing ----------------------------------------------------------------------
     def relocated(self) -> StudySpec:
         """This study as read from another folder (a Ray job's working_dir): the pool, a
-        SQLite storage and a tasks folder outside the study's folder become absolute paths;
-        a tasks folder inside it stays relative, since it travels with the study file."""
+        SQLite storage, and task folders or local datasets outside the study's folder become
+        absolute paths; those inside it stay relative, since they travel with the study file."""
 
         def absolute(text: str) -> str:
             if Path(text).is_absolute() or text.startswith("~"):
@@ -388,9 +435,42 @@ class StudySpec(_Strict):
         update: dict[str, Any] = {"pool": pool}
         if self.storage_url != self.storage:
             update["storage"] = self.storage_url
-        tasks = str(self.eval.tasks_dir)
-        if absolute(tasks) != tasks and Path(os.path.normpath(tasks)).parts[:1] == ("..",):
-            update["eval"] = self.eval.model_copy(update={"tasks_dir": Path(absolute(tasks))})
+
+        def travelling(path: Path) -> Path:
+            # Inside the study's folder: relative, it travels with the study file.
+            text = str(path)
+            outside = Path(os.path.normpath(text)).parts[:1] == ("..",)
+            return Path(absolute(text)) if absolute(text) != text and outside else path
+
+        tasks_dir = self.eval.tasks_dir
+        moved_tasks = (
+            None
+            if tasks_dir is None
+            else [travelling(p) for p in tasks_dir]
+            if isinstance(tasks_dir, list)
+            else travelling(tasks_dir)
+        )
+        moved_data = {
+            key: {
+                split: [travelling(f) for f in files]
+                if isinstance(files, list)
+                else travelling(files)
+                for split, files in source.items()
+            }
+            if isinstance(source, dict)
+            else travelling(source)
+            for key, source in self.eval.datasets.items()
+        }
+        moved_eval = {
+            key: value
+            for key, value, before in (
+                ("tasks_dir", moved_tasks, tasks_dir),
+                ("datasets", moved_data, self.eval.datasets),
+            )
+            if value != before
+        }
+        if moved_eval:
+            update["eval"] = self.eval.model_copy(update=moved_eval)
         return self.model_copy(update=update)
 
     def to_yaml(self, header: str = "") -> str:

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.search import front as pareto
-from recycler.search.analysis import FrontSummary, analyse, format_weights
+from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_weights
 from recycler.search.baselines import SINGLE
 from recycler.search.stored import StudyView
 
@@ -226,6 +226,10 @@ def write_report(spec: StudySpec, view: StudyView, out_dir: Path) -> Path:
     directions = ", ".join(
         f"{n} ({'max' if up else 'min'})" for n, up in zip(summary.objectives, summary.maximize)
     )
+    documents = "".join(
+        f"<li>{html.escape(line)}</li>"
+        for line in describe_doc_split(view.doc_split, spec.eval.split)
+    )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>recycler study {html.escape(spec.name)}</title>
 <style>body{{font-family:sans-serif;max-width:1200px;margin:2em auto}}
@@ -241,6 +245,7 @@ Hypervolume: {hv} on dev, {hv_test} on test for the Pareto set. Objectives:
 Storage: <code>{html.escape(spec.storage)}</code>,
 method <code>{html.escape(spec.merge.method)}</code>,
 sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
+<p>Documents each score used:</p><ul>{documents}</ul>
 <h2>Pareto set</h2>
 {_html_table(summary, summary.members, test, True)}
 <h2>Baselines</h2>

@@ -12,7 +12,7 @@ import torch
 from recycler.errors import RecyclerError
 from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.runner import evaluate_tasks, parse_results
-from recycler.evaluate.tasks import load_suite, metric_directions
+from recycler.evaluate.tasks import folder_request, load_suite, metric_info
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS
 from recycler.zoo.tasks import GROUP, task_name
@@ -40,7 +40,7 @@ def test_scores_follow_the_weights_loaded_in_place(
     model, lm = rm.model, rm.lm(64)
     for d in sorted((micro_zoo / "checkpoints").iterdir())[:2]:
         rm.load_tensors(read_full(d))
-        got = evaluate_tasks(rm, micro_zoo / "tasks", [GROUP], "dev", batch_size=64)
+        got = evaluate_tasks(rm, folder_request(micro_zoo / "tasks", [GROUP]), "dev", batch_size=64)
         want = scores["models"][d.name]["dev"]
         assert {t: got[t]["acc"] for t in TASKS} == {t: want[t]["acc"] for t in TASKS}, d.name
     # The same objects throughout: nothing was reloaded.
@@ -50,14 +50,14 @@ def test_scores_follow_the_weights_loaded_in_place(
 def test_split_override_scores_dev_and_test(
     micro_zoo: Path, rm: ResidentModel, scores: dict
 ) -> None:
-    dev = evaluate_tasks(rm, micro_zoo / "tasks", TASKS, "dev")
-    test = evaluate_tasks(rm, micro_zoo / "tasks", TASKS, "test")
+    dev = evaluate_tasks(rm, folder_request(micro_zoo / "tasks", TASKS), "dev")
+    test = evaluate_tasks(rm, folder_request(micro_zoo / "tasks", TASKS), "test")
     base = scores["models"]["base"]
     assert {t: dev[t]["acc"] for t in TASKS} == {t: base["dev"][t]["acc"] for t in TASKS}
     assert {t: test[t]["acc"] for t in TASKS} == {t: base["test"][t]["acc"] for t in TASKS}
     assert dev != test
     with pytest.raises(RecyclerError, match="no split 'train'"):
-        evaluate_tasks(rm, micro_zoo / "tasks", TASKS, "train")
+        evaluate_tasks(rm, folder_request(micro_zoo / "tasks", TASKS), "train")
 
 
 def test_matches_lm_eval_loading_the_checkpoint_itself(micro_zoo: Path, scores: dict) -> None:
@@ -82,12 +82,14 @@ def test_matches_lm_eval_loading_the_checkpoint_itself(micro_zoo: Path, scores: 
 
 
 def test_limit_scores_the_first_questions(micro_zoo: Path, rm: ResidentModel) -> None:
-    got = evaluate_tasks(rm, micro_zoo / "tasks", [task_name("inc")], "dev", limit=5)
+    got = evaluate_tasks(
+        rm, folder_request(micro_zoo / "tasks", [task_name("inc")]), "dev", limit=5
+    )
     assert got[task_name("inc")]["acc"] * 5 == pytest.approx(
         round(got[task_name("inc")]["acc"] * 5)
     )
     with pytest.raises(RecyclerError, match="limit"):
-        evaluate_tasks(rm, micro_zoo / "tasks", [task_name("inc")], "dev", limit=0)
+        evaluate_tasks(rm, folder_request(micro_zoo / "tasks", [task_name("inc")]), "dev", limit=0)
 
 
 def test_load_tensors_checks_before_copying(micro_zoo: Path, rm: ResidentModel) -> None:
@@ -130,37 +132,39 @@ def test_lower_precision_weights_are_cast_into_the_resident_dtype(
 
 
 def test_metric_directions_come_from_the_task_configs(micro_zoo: Path) -> None:
-    dirs = metric_directions(micro_zoo / "tasks", [GROUP])
-    assert dirs[GROUP] == {"acc": True}
-    assert all(dirs[t] == {"acc": True} for t in TASKS)
+    info = metric_info(folder_request(micro_zoo / "tasks", [GROUP]))
+    assert info[GROUP].directions == {"acc": True} and info[GROUP].filters == ("none",)
+    assert all(info[t].directions == {"acc": True} for t in TASKS)
 
 
 def test_task_suites_are_cached_until_the_folder_changes(micro_zoo: Path, tmp_path: Path) -> None:
     import shutil
 
-    assert load_suite(micro_zoo / "tasks", [GROUP]) is load_suite(micro_zoo / "tasks", [GROUP])
+    assert load_suite(folder_request(micro_zoo / "tasks", [GROUP])) is load_suite(
+        folder_request(micro_zoo / "tasks", [GROUP])
+    )
     tasks = tmp_path / "tasks"
     shutil.copytree(micro_zoo / "tasks", tasks)
-    first = load_suite(tasks, [GROUP])
+    first = load_suite(folder_request(tasks, [GROUP]))
     data = tasks / "data" / "inc.dev.jsonl"
     os.utime(data, ns=(data.stat().st_atime_ns, data.stat().st_mtime_ns + 10**9))
-    assert load_suite(tasks, [GROUP]) is not first
+    assert load_suite(folder_request(tasks, [GROUP])) is not first
 
 
 def test_a_named_task_inside_a_named_group_is_scored_once(
     micro_zoo: Path, rm: ResidentModel
 ) -> None:
-    got = evaluate_tasks(rm, micro_zoo / "tasks", [GROUP, task_name("rev")], "dev")
+    got = evaluate_tasks(rm, folder_request(micro_zoo / "tasks", [GROUP, task_name("rev")]), "dev")
     assert set(got) == {GROUP, *TASKS}
 
 
 def test_bad_task_inputs_are_input_errors(
     micro_zoo: Path, rm: ResidentModel, tmp_path: Path
 ) -> None:
-    with pytest.raises(RecyclerError, match="unknown task 'zoo_nope'"):
-        evaluate_tasks(rm, micro_zoo / "tasks", ["zoo_nope"], "dev")
+    with pytest.raises(RecyclerError, match="unknown lm-eval task, group or tag 'zoo_nope'"):
+        evaluate_tasks(rm, folder_request(micro_zoo / "tasks", ["zoo_nope"]), "dev")
     with pytest.raises(RecyclerError, match="not a directory"):
-        evaluate_tasks(rm, tmp_path / "missing", [GROUP], "dev")
+        evaluate_tasks(rm, folder_request(tmp_path / "missing", [GROUP]), "dev")
     with pytest.raises(RecyclerError, match=r"no config\.json"):
         ResidentModel(tmp_path)
 
@@ -176,7 +180,7 @@ def test_resident_model_on_cuda_scores_like_the_cpu(
     rm.load_tensors(read_full(d))  # CPU tensors of the file's dtype, copied onto the GPU
     assert all(t.device.type == "cuda" and t.dtype == dtype for t in rm.state_dict().values())
     assert rm.lm(64).device.type == "cuda"
-    got = evaluate_tasks(rm, micro_zoo / "tasks", [GROUP], "dev", batch_size=64)
+    got = evaluate_tasks(rm, folder_request(micro_zoo / "tasks", [GROUP]), "dev", batch_size=64)
     want = scores["models"][d.name]["dev"]
     for t in TASKS:
         # Other kernels (and bf16 rounding) flip an answer only on a near tie.

@@ -11,6 +11,7 @@ import yaml
 from recycler import config
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
+from recycler.evaluate.tasks import suite_request
 
 BASE: dict[str, Any] = {
     "name": "demo",
@@ -60,7 +61,7 @@ def test_defaults_and_paths_resolved_against_the_study_folder(
     assert spec.storage_url == f"sqlite:///{tmp_path.resolve()}/recycler.db"
     assert spec.sqlite_path == tmp_path.resolve() / "recycler.db"
     assert spec.base_path == tmp_path.resolve() / "zoo" / "base"
-    assert spec.tasks_dir == tmp_path.resolve() / "zoo" / "tasks"
+    assert spec.task_dirs == [tmp_path.resolve() / "zoo" / "tasks"]
     assert spec.merge.method == "linear" and spec.merge.dtype == "bfloat16"
     s = spec.search
     assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == (
@@ -223,7 +224,34 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         ),
         (
             merged(eval={"batch_size": 0}),
-            "study.yaml: eval.batch_size: input should be greater than or equal to 1",
+            "study.yaml: eval.batch_size: must be a positive integer or auto",
+        ),
+        (
+            merged(eval={"dev_fraction": 1.5}),
+            "study.yaml: eval.dev_fraction: input should be less than 1",
+        ),
+        (
+            merged(eval={"dev_fraction": 0}),
+            "study.yaml: eval.dev_fraction: input should be greater than 0",
+        ),
+        (
+            merged(eval={"fewshot_as_multiturn": True}),
+            "study.yaml: eval.fewshot_as_multiturn: needs apply_chat_template",
+        ),
+        (merged(eval={"datasets": {"gsm8k": 3}}), "study.yaml: eval.datasets.gsm8k"),
+        (
+            merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "num_fewshot": -1}]),
+            "study.yaml: objectives.0.num_fewshot: input should be greater than or equal to 0",
+        ),
+        (
+            merged(
+                objectives=[
+                    {"name": "a", "task": "t", "metric": "acc", "num_fewshot": 5},
+                    {"name": "b", "task": "t", "metric": "acc_norm"},
+                ]
+            ),
+            "study.yaml: objectives.1.num_fewshot: task t is scored with num_fewshot 5 by "
+            "another objective",
         ),
         (
             merged(cluster={"eval_workers": "two"}),
@@ -244,6 +272,40 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
 def test_bad_study_files_name_the_key(tmp_path: Path, data: Any, expected: str) -> None:
     message = error_of(tmp_path, data)
     assert message.startswith(str(tmp_path)) and expected in message, message
+
+
+def test_eval_keys_of_built_in_tasks(tmp_path: Path) -> None:
+    """No eval.tasks_dir (lm-eval's tasks only) or several; local data resolved against the
+    study folder."""
+    (tmp_path / "mine").mkdir()
+    spec = load_study_spec(
+        write(
+            tmp_path,
+            merged(
+                eval={
+                    "tasks_dir": [".", "mine"],
+                    "batch_size": "auto",
+                    "apply_chat_template": True,
+                    "datasets": {"gsm8k": "data/gsm8k", "cais/mmlu": {"test": "mmlu/test.parquet"}},
+                }
+            ),
+        )
+    )
+    assert spec.task_dirs == [tmp_path.resolve(), tmp_path.resolve() / "mine"]
+    request = suite_request(spec)
+    assert request.include == (str(tmp_path.resolve()), str(tmp_path.resolve() / "mine"))
+    assert request.datasets == {
+        "gsm8k": str(tmp_path.resolve() / "data" / "gsm8k"),
+        "cais/mmlu": {"test": [str(tmp_path.resolve() / "mmlu" / "test.parquet")]},
+    }
+    assert request.fewshot_as_multiturn is True and spec.eval.batch_size == "auto"
+    spec = load_study_spec(write(tmp_path, {**BASE, "eval": {}}))
+    assert spec.task_dirs == [] and suite_request(spec).include == ()
+    assert (
+        spec.eval.dev_fraction,
+        spec.eval.split_seed,
+        suite_request(spec).fewshot_as_multiturn,
+    ) == (0.5, 0, False)
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ import torch
 
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.config import load_study_spec
+from recycler.evaluate.tasks import folder_request
 from recycler.merge.recipe import Recipe
 from recycler.search.space import SearchSpace
 
@@ -33,8 +34,7 @@ def test_worker_on_cuda_scores_like_the_cpu(micro_zoo: Path) -> None:
                 checkpoints=tuple(str(c.path) for c in pool.checkpoints),
                 base=str(pool.base.path) if pool.base is not None else None,
                 model_dir=str(pool.config_dir),
-                tasks_dir=str(spec.tasks_dir),
-                tasks=("zoo_inc", "zoo_rev"),
+                suite=folder_request(spec.task_dirs[0], ["zoo_inc", "zoo_rev"]),
                 limit=None,
                 batch_size=64,
                 dtype="float32",

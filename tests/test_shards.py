@@ -151,14 +151,14 @@ RECIPES = [("linear", "bfloat16"), ("dare_linear", "float32")]
 def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> WorkerConfig:
     """A WorkerConfig over the micro zoo's checkpoints, scoring `tasks` on 24 examples."""
     from recycler.cluster.worker import WorkerConfig
+    from recycler.evaluate.tasks import folder_request
 
     ckpts = tuple(str(p) for p in sorted((zoo / "checkpoints").iterdir()))
     return WorkerConfig(
         checkpoints=ckpts,
         base=str(zoo / "base"),
         model_dir=str(zoo / "base"),
-        tasks_dir=str(zoo / "tasks"),
-        tasks=tasks,
+        suite=folder_request(zoo / "tasks", list(tasks)),
         limit=24,
         batch_size=64,
         dtype="bfloat16",

@@ -177,7 +177,7 @@ def test_tasks_study_and_scores_cover_the_pool(micro_zoo: Path) -> None:
     assert (tasks / f"{GROUP}.yaml").is_file()
 
     spec = load_study_spec(micro_zoo / "study.yaml")
-    assert spec.tasks_dir.resolve() == tasks.resolve()
+    assert spec.task_dirs[0].resolve() == tasks.resolve()
     assert {o.task for o in spec.objectives} == {task_name(s) for s in SKILLS}
 
     scores = json.loads((micro_zoo / "scores.json").read_text())

@@ -33,6 +33,7 @@ from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.config import CONNECT_TIMEOUT_S
 from recycler.errors import RecyclerError
 from recycler.evaluate.evaluator import EvalResult, describe_failure
+from recycler.evaluate.tasks import pinned_request, suite_request
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 
@@ -143,13 +144,11 @@ class RayEvaluator:
     def from_spec(cls, spec: Any, pool: Any, objectives: Sequence[Any]) -> RayEvaluator:
         """From a StudySpec, its opened Pool and its objectives."""
         gpus = float(spec.cluster.gpus_per_worker)
-        tasks = tuple(dict.fromkeys(o.task for o in objectives))
         cfg = WorkerConfig(
             checkpoints=tuple(str(c.path.resolve()) for c in pool.checkpoints),
             base=str(pool.base.path.resolve()) if pool.base is not None else None,
             model_dir=str(pool.config_dir.resolve()),
-            tasks_dir=str(spec.tasks_dir),
-            tasks=tasks,
+            suite=pinned_request(suite_request(spec)),
             limit=spec.eval.limit,
             batch_size=spec.eval.batch_size,
             dtype=spec.merge.dtype,

@@ -2,9 +2,10 @@
 
 The job runs `python -m recycler.cli search STUDY.yaml [--n-trials N]` with the study's
 folder as its `working_dir`, minus everything heavy. It carries the study file and the
-small files beside it (the lm-eval task folder, a `.rayignore`). It never carries the
-pool or the study's database: those live on storage the cluster shares. Paths the study
-file gives for them (`pool.checkpoints`, `pool.base`, a SQLite `storage`) are made
+small files beside it (the lm-eval task folders, local datasets, a `.rayignore`). It
+never carries the pool or the study's database: those live on storage the cluster shares.
+Paths the study file gives for them (`pool.checkpoints`, `pool.base`, a SQLite
+`storage`), and task folders or local datasets outside the study's folder, are made
 absolute in the job's copy of the study file (`StudySpec.relocated`), so a relative path
 means "this folder, at the same path on the cluster": true for a local cluster and for a
 study folder on a shared filesystem. For a remote cluster without one, write absolute
@@ -114,10 +115,17 @@ def plan_job(study_path: Path, *, n_trials: int | None, excludes: Sequence[str] 
         rel = _relative_inside(db, root)
         if rel is not None:
             ignore.extend(_literal(rel) + suffix for suffix in ("", "-journal", "-wal", "-shm"))
-    if job.eval.tasks_dir != spec.eval.tasks_dir:
-        notes.append(
-            f"eval.tasks_dir: outside the study folder, read on the cluster at {job.eval.tasks_dir}"
-        )
+    for written, moved_dir in zip(spec.eval.task_folders, job.eval.task_folders):
+        if moved_dir != written:
+            notes.append(
+                f"eval.tasks_dir: outside the study folder, read on the cluster at {moved_dir}"
+            )
+    for key, source in job.eval.datasets.items():
+        if source != spec.eval.datasets[key]:
+            notes.append(
+                f"eval.datasets.{key}: outside the study folder, read on the cluster at the same "
+                "absolute path"
+            )
 
     ignore.extend(str(p) for p in excludes)
     header = (
@@ -153,7 +161,11 @@ def _validated_study(path: Path) -> tuple[StudySpec, list[str]]:
     spec = parse_study_spec(load_yaml(path, "study"), path, check_folders=False)
     notes = []
     for key, folder in spec.missing_folders():
-        given = str(spec.eval.tasks_dir) if key == "eval.tasks_dir" else spec.storage
+        given = (
+            next(str(f) for f in spec.eval.task_folders if spec.resolve(f) == folder)
+            if key == "eval.tasks_dir"
+            else spec.storage
+        )
         absolute = (
             given.startswith(("/", "~")) if key == "eval.tasks_dir" else _is_absolute_sqlite(given)
         )
@@ -164,11 +176,7 @@ def _validated_study(path: Path) -> tuple[StudySpec, list[str]]:
                 else "no such folder for the SQLite file"
             )
             raise RecyclerError(f"{path}: {key}: {what}: {folder}")
-        what = (
-            f"eval.tasks_dir {spec.eval.tasks_dir}"
-            if key == "eval.tasks_dir"
-            else f"storage folder {folder}"
-        )
+        what = f"eval.tasks_dir {given}" if key == "eval.tasks_dir" else f"storage folder {folder}"
         notes.append(f"{what} is not on this machine: assumed to be on the cluster")
     return spec, notes
 

@@ -27,6 +27,7 @@ from recycler.cluster.placement import actor_facts
 from recycler.evaluate.evaluator import EvalResult, describe_failure
 from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.runner import evaluate_tasks
+from recycler.evaluate.tasks import SuiteRequest
 from recycler.merge.recipe import DTYPES, Recipe
 from recycler.merge.resident import ResidentPieces, whole_pieces
 from recycler.pool import Pool
@@ -40,10 +41,9 @@ class WorkerConfig:
     checkpoints: tuple[str, ...]  # absolute paths, in pool order
     base: str | None
     model_dir: str  # config.json + tokenizer of the model the merged tensors go into
-    tasks_dir: str
-    tasks: tuple[str, ...]
+    suite: SuiteRequest  # the lm-eval tasks and options every evaluation scores
     limit: int | None
-    batch_size: int
+    batch_size: int | str  # an integer, or "auto"
     dtype: str  # the merge's dtype: the resident model is kept in it
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
@@ -124,8 +124,7 @@ class TrialWorker:
             start = time.perf_counter()
             metrics = evaluate_tasks(
                 self.model,
-                Path(self.cfg.tasks_dir),
-                list(self.cfg.tasks),
+                self.cfg.suite,
                 split,
                 limit=self.cfg.limit,
                 batch_size=self.cfg.batch_size,

@@ -16,7 +16,14 @@ from rich.table import Table
 
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
-from recycler.search.analysis import FrontSummary, Member, analyse, format_number, format_weights
+from recycler.search.analysis import (
+    FrontSummary,
+    Member,
+    analyse,
+    describe_doc_split,
+    format_number,
+    format_weights,
+)
 from recycler.search.stored import StudyView
 from recycler.search.study import load_view
 
@@ -29,15 +36,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> None:
     spec = load_study_spec(args.study)
-    summary = analyse(load_view(spec), args.split)
+    view = load_view(spec)
+    summary = analyse(view, args.split)
     if not summary.members:
         raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
     if args.format == "json":
-        print(json.dumps(front_as_dict(summary, spec), indent=2))
+        print(json.dumps(front_as_dict(summary, spec, view.doc_split), indent=2))
     elif args.format == "csv":
         sys.stdout.write(render_csv(summary))
     else:
         render_table(summary, spec)
+        for line in describe_doc_split(view.doc_split, spec.eval.split):
+            print(f"documents: {line}")
 
 
 def _values(m: Member, n: int, with_mean: bool = False) -> list[str]:
@@ -65,7 +75,12 @@ def summary_line(view: StudyView, spec: StudySpec) -> str:
     )
 
 
-def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
+def front_as_dict(
+    s: FrontSummary, spec: StudySpec, doc_split: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The front as JSON; `doc_split`: each task's dev/test documents, as the study stored
+    them."""
+
     def entry(m: Member) -> dict[str, Any]:
         r = m.record
         return {
@@ -88,6 +103,7 @@ def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
         "study": spec.name,
         "storage": spec.storage,
         "split": s.split,
+        "documents": doc_split,
         "objectives": [
             {"name": n, "direction": "maximize" if up else "minimize"}
             for n, up in zip(s.objectives, s.maximize)

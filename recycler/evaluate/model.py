@@ -68,7 +68,7 @@ class ResidentModel:
         self.device = torch.device(device)
         self.dtype = dtype
         self._slots, self._aliases = _slots(self.model)
-        self._lms: dict[int, HFLM] = {}
+        self._lms: dict[int | str, HFLM] = {}
 
     @property
     def tensor_names(self) -> list[str]:
@@ -120,8 +120,9 @@ class ResidentModel:
         """The resident weights by name (views, tied aliases left out)."""
         return {name: t.detach() for name, t in self._slots.items()}
 
-    def lm(self, batch_size: int = 32) -> HFLM:
-        """lm-eval's HF wrapper around the resident model (not a copy), cached per batch size."""
+    def lm(self, batch_size: int | str = 32) -> HFLM:
+        """lm-eval's HF wrapper around the resident model (not a copy), cached per batch size
+        ("auto": lm-eval finds the largest that fits)."""
         if batch_size not in self._lms:
             self._lms[batch_size] = HFLM(
                 pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size

@@ -14,27 +14,28 @@ from __future__ import annotations
 import contextlib
 import io
 import math
-from pathlib import Path
 from typing import Any
 
 from lm_eval.evaluator import evaluate
 
 from recycler.errors import RecyclerError
 from recycler.evaluate.model import ResidentModel
-from recycler.evaluate.tasks import load_suite
+from recycler.evaluate.tasks import SuiteRequest, load_suite
 
 
 def evaluate_tasks(
     rm: ResidentModel,
-    tasks_dir: Path,
-    tasks: list[str],
+    request: SuiteRequest,
     split: str,
     *,
     limit: int | None = None,
-    batch_size: int = 32,
+    batch_size: int | str = 32,
     progress: bool = False,
 ) -> dict[str, dict[str, float]]:
-    """task (and group) name -> metric -> value, for `tasks` scored on `split`.
+    """task (and group) name -> metric -> value, for the request's tasks scored on `split`.
+
+    `split` is the dev split's name or "test": each task's named split of that name, or
+    that part of its derived dev/test split (`TaskSuite.use_split`).
 
     Metric keys are lm-eval's without the filter suffix when the filter is
     "none" ("acc,none" -> "acc"); other filters keep it ("exact_match,strict").
@@ -43,8 +44,8 @@ def evaluate_tasks(
     """
     if limit is not None and limit <= 0:
         raise RecyclerError(f"eval.limit: must be positive, got {limit}")
-    suite = load_suite(tasks_dir, tasks)
-    suite.use_split(split)
+    suite = load_suite(request)
+    samples = suite.use_split(split, limit)
     # tqdm draws its bars on the sys.stderr of the moment; lm-eval's log
     # messages go through logging handlers and are not affected.
     quiet: contextlib.AbstractContextManager[Any] = (
@@ -54,9 +55,12 @@ def evaluate_tasks(
         out = evaluate(
             lm=rm.lm(batch_size),
             task_dict=suite.task_dict,
-            limit=limit,
+            limit=limit if samples is None else None,
+            samples=samples,
             bootstrap_iters=0,
             log_samples=False,
+            apply_chat_template=request.apply_chat_template,
+            fewshot_as_multiturn=request.fewshot_as_multiturn,
         )
     if out is None:  # only non-zero ranks get None; recycler runs one rank
         raise RuntimeError("lm-eval returned no results")

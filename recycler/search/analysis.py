@@ -9,6 +9,7 @@ comparable between trials of one study, not between studies.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -134,3 +135,24 @@ def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:
 
 def format_number(value: Any, digits: int = 4) -> str:
     return f"{value:.{digits}f}" if isinstance(value, int | float) else "n/a"
+
+
+def describe_doc_split(
+    records: Mapping[str, Mapping[str, Any]] | None, dev: str = "dev"
+) -> list[str]:
+    """One line per task: which documents its dev and test scores use."""
+    lines = []
+    for task, r in sorted((records or {}).items()):
+        if "splits" in r:
+            dev_split, test_split = r["splits"][0], r["splits"][1]
+            lines.append(
+                f"{task}: {dev} = its split {dev_split!r}, test = its split {test_split!r}"
+            )
+        else:
+            n, n_dev = r["docs"], r["dev_docs"]
+            lines.append(
+                f"{task}: {dev} = {n_dev} of the {n} documents of its {r['source']!r} split, "
+                f"test = the other {n - n_dev} (seed {r['seed']}, fraction {r['fraction']}, "
+                f"dev ids sha256 {r['dev_ids_sha256']})"
+            )
+    return lines

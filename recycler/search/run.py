@@ -25,7 +25,7 @@ from optuna.trial import TrialState
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.evaluate.evaluator import EvalResult, Evaluator, describe_failure, lookup_metric
-from recycler.evaluate.tasks import metric_directions
+from recycler.evaluate.tasks import UnknownTaskError, load_suite, metric_info, suite_request
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 from recycler.search import front as pareto
@@ -84,30 +84,46 @@ def study_fingerprint(spec: StudySpec, space: SearchSpace) -> dict[str, Any]:
     return {**space.fingerprint(), "split": spec.eval.split, "limit": spec.eval.limit}
 
 
-def objective_directions(spec: StudySpec) -> Callable[[str, str], bool | None]:
-    """lm-eval's higher_is_better for (task, metric), after checking every objective exists.
+def objective_directions(
+    spec: StudySpec,
+) -> tuple[Callable[[str, str], bool | None], dict[str, dict[str, Any]]]:
+    """lm-eval's higher_is_better for (task, metric), after checking every objective exists,
+    and each task's dev/test documents (`TaskSuite.split_records`).
 
-    Builds the task suite once (lm-eval indexes the folder and loads the data), so a
-    misspelt task or metric fails here, before a cluster starts.
+    Builds the task suite once (lm-eval indexes the folders and loads the data), so a
+    misspelt task, metric or filter, a missing local dataset or a split too small fails
+    here, before a cluster starts.
     """
-    tasks = list(dict.fromkeys(o.task for o in spec.objectives))
+    request = suite_request(spec)
     try:
-        directions = metric_directions(spec.tasks_dir, tasks)
+        info = metric_info(request)
+        records = load_suite(request).split_records()
+    except UnknownTaskError as exc:
+        i = next(i for i, o in enumerate(spec.objectives) if o.task == exc.name)
+        raise RecyclerError(f"objectives.{i}.task: {exc}") from None
     except RecyclerError as exc:
-        raise RecyclerError(f"objectives: {exc}") from None
+        raise RecyclerError(
+            f"objectives: {exc}" if not str(exc).startswith("eval.") else str(exc)
+        ) from None
     for i, o in enumerate(spec.objectives):
-        known = directions.get(o.task, {})
-        if o.metric not in known and o.metric.split(",", 1)[0] not in known:
+        known = info[o.task]
+        metric, _, filt = o.metric.partition(",")
+        if o.metric not in known.directions and metric not in known.directions:
             raise RecyclerError(
-                f"objectives.{i}.metric: task {o.task} has no metric {o.metric!r} "
-                f"(it has: {', '.join(sorted(known)) or 'none'})"
+                f"objectives.{i}.metric: task {o.task} has no metric {metric!r} "
+                f"(it has: {', '.join(sorted(known.directions)) or 'none'})"
+            )
+        if filt and filt not in known.filters:
+            raise RecyclerError(
+                f"objectives.{i}.metric: task {o.task} has no filter {filt!r} "
+                f"(it has: {', '.join(known.filters)})"
             )
 
     def lookup(task: str, metric: str) -> bool | None:
-        known = directions.get(task, {})
+        known = info[task].directions
         return known.get(metric, known.get(metric.split(",", 1)[0]))
 
-    return lookup
+    return lookup, records
 
 
 def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
@@ -115,8 +131,11 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     the baselines."""
     pool = Pool.open(spec.pool.checkpoints, spec.base_path, root=spec.root)
     space = SearchSpace.from_pool(spec, pool)
-    objectives = resolve_objectives(spec, objective_directions(spec))
-    handle = open_study(spec, study_fingerprint(spec, space), objectives, create=create)
+    directions, doc_split = objective_directions(spec)
+    objectives = resolve_objectives(spec, directions)
+    handle = open_study(
+        spec, study_fingerprint(spec, space), objectives, create=create, doc_split=doc_split
+    )
     notes: list[str] = []
     study = handle.study
     if create and not baselines_enqueued(study.user_attrs):

@@ -5,7 +5,9 @@ storage, so each name below is written here and read back here, nowhere else.
 
 - the study: objective names (`set_metric_names`), directions, and user attributes
   `StudyKey.OBJECTIVES` / `StudyKey.SPACE` (a resume with a different space or
-  objective list is refused rather than mixed in), `StudyKey.BASELINES_ENQUEUED`,
+  objective list is refused rather than mixed in), `StudyKey.DOC_SPLIT` (each task's
+  dev/test documents; a resume that would score others is refused, and `front` and the
+  report say which documents a score used), `StudyKey.BASELINES_ENQUEUED`,
   `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), and
   `StudyKey.TEST_PREFIX` + trial number (the Pareto set's test-split scores: Optuna
   forbids changing a finished trial, so they are kept on the study, keyed by trial);
@@ -30,6 +32,8 @@ class StudyKey:
 
     OBJECTIVES = "recycler:objectives"
     SPACE = "recycler:space"
+    # Per leaf task, which documents dev and test are (`TaskSuite.split_records`).
+    DOC_SPLIT = "recycler:doc_split"
     BASELINES_ENQUEUED = "recycler:seeded"
     GREEDY_SOUP = "recycler:greedy_soup"
     TEST_PREFIX = "test:"
@@ -186,6 +190,11 @@ def write_identity(
     study.set_user_attr(StudyKey.SPACE, dict(space))
 
 
+def write_doc_split(study: optuna.Study, doc_split: Mapping[str, Mapping[str, Any]]) -> None:
+    """Each task's dev/test documents (`TaskSuite.split_records`), kept from creation on."""
+    study.set_user_attr(StudyKey.DOC_SPLIT, json_safe(dict(doc_split)))
+
+
 def mark_baselines_enqueued(study: optuna.Study) -> None:
     study.set_user_attr(StudyKey.BASELINES_ENQUEUED, True)
 
@@ -270,6 +279,11 @@ class StudyView:
         value = self.attrs.get(StudyKey.GREEDY_SOUP)
         return int(value) if isinstance(value, int) else None
 
+    @property
+    def doc_split(self) -> dict[str, dict[str, Any]] | None:
+        """Each task's dev/test documents; None for a study made before they were kept."""
+        return stored_doc_split(self.attrs)
+
 
 def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None) -> TrialRecord:
     """A trial as a record; `study_attrs` adds its test-split scores."""
@@ -321,6 +335,12 @@ def stored_space(study_attrs: Mapping[str, Any]) -> dict[str, Any]:
 def identity_written(study_attrs: Mapping[str, Any]) -> bool:
     """`write_identity` has finished (it writes the space last)."""
     return StudyKey.SPACE in study_attrs
+
+
+def stored_doc_split(study_attrs: Mapping[str, Any]) -> dict[str, dict[str, Any]] | None:
+    """Each task's dev/test documents as the study kept them; None when it kept none."""
+    stored = study_attrs.get(StudyKey.DOC_SPLIT)
+    return None if stored is None else dict(stored)
 
 
 def baselines_enqueued(study_attrs: Mapping[str, Any]) -> bool:

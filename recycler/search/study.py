@@ -29,9 +29,11 @@ from recycler.search.stored import (
     identity_written,
     read_trial,
     rerun_attrs,
+    stored_doc_split,
     stored_objectives,
     stored_space,
     view_of,
+    write_doc_split,
     write_identity,
 )
 
@@ -110,8 +112,12 @@ def open_study(
     objectives: Sequence[Objective],
     *,
     create: bool = True,
+    doc_split: dict[str, dict[str, Any]] | None = None,
 ) -> StudyHandle:
-    """Load the study (or create it when `create`), check it matches, attach a seeded sampler."""
+    """Load the study (or create it when `create`), check it matches, attach a seeded sampler.
+
+    `doc_split`: each task's dev/test documents (stored on creation, compared on resume).
+    """
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
         raise RecyclerError(
@@ -143,6 +149,8 @@ def open_study(
         study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler)
         _await_creator(study, baselines_enqueued if create else identity_written)
         _check_matches(spec, study, space_fingerprint, objectives)
+        if doc_split is not None:
+            check_doc_split(spec, stored_doc_split(study.user_attrs), doc_split)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
         ["maximize"]
@@ -164,6 +172,8 @@ def open_study(
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.set_metric_names([MACRO] if single_objective(spec) else [o.name for o in objectives])
     write_identity(study, objectives, space_fingerprint)
+    if doc_split is not None:
+        write_doc_split(study, doc_split)
     return StudyHandle(study, storage, created=True)
 
 
@@ -193,6 +203,43 @@ def _await_creator(study: optuna.Study, written: Callable[[Mapping[str, Any]], b
     deadline = time.monotonic() + CREATOR_WAIT
     while not written(study.user_attrs) and time.monotonic() < deadline:
         time.sleep(0.2)
+
+
+# What a changed field of a task's split record means to the user, and the key to look at.
+_SPLIT_FIELDS = {
+    "seed": ("eval.split_seed", "split seed"),
+    "fraction": ("eval.dev_fraction", "dev fraction"),
+    "source": ("objectives", "scored split"),
+    "docs": ("eval.datasets", "number of documents"),
+    "docs_sha256": ("eval.datasets", "documents (the dataset changed)"),
+    "dev_ids_sha256": ("eval.split_seed", "dev document ids"),
+    "splits": ("eval.split", "named splits"),
+}
+
+
+def check_doc_split(
+    spec: StudySpec,
+    stored: Mapping[str, Mapping[str, Any]] | None,
+    now: Mapping[str, Mapping[str, Any]],
+) -> None:
+    """Refuse a resume that would score other documents than the study did, naming what
+    changed."""
+    if stored is None:
+        return  # a study made before splits were recorded: nothing to compare
+    for task in sorted(set(stored) | set(now)):
+        old, new = stored.get(task), now.get(task)
+        if old is None or new is None:
+            raise RecyclerError(
+                f"objectives: study {spec.name!r} "
+                f"{'did not score' if old is None else 'scored'} task {task}; use a new study name"
+            )
+        for key, (where, what) in _SPLIT_FIELDS.items():
+            if old.get(key) != new.get(key):
+                raise RecyclerError(
+                    f"{where}: study {spec.name!r} split task {task} with {what} "
+                    f"{old.get(key)!r}, this study file gives {new.get(key)!r}; use a new study "
+                    "name or the study's setting"
+                )
 
 
 def _check_matches(

@@ -17,6 +17,7 @@ import torch
 
 from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.runner import evaluate_tasks
+from recycler.evaluate.tasks import folder_request
 from recycler.zoo import checkpoints as ck
 from recycler.zoo.soup import linear_merge
 from recycler.zoo.spec import ZooSpec
@@ -43,7 +44,10 @@ class Scorer:
         self.model.load_tensors(weights)
         return {
             split: evaluate_tasks(
-                self.model, self.zoo_dir / "tasks", [GROUP], split, batch_size=self.batch_size
+                self.model,
+                folder_request(self.zoo_dir / "tasks", [GROUP]),
+                split,
+                batch_size=self.batch_size,
             )
             for split in splits
         }
