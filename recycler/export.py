@@ -13,6 +13,7 @@ file is created at its full size and every tensor is written at its own offset:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import queue
@@ -346,7 +347,7 @@ def _copy_tokenizer(tmp: Path, source: Path) -> None:
 
 def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
     """The recipe with every model as an absolute path, so it reproduces from anywhere."""
-    models = [type(spec)(str(c.path.resolve()), spec.weight, spec.density) for spec, c in zip(recipe.models, pool.checkpoints)]
+    models = [dataclasses.replace(spec, model=str(c.path.resolve())) for spec, c in zip(recipe.models, pool.checkpoints)]
     base = str(pool.base.path.resolve()) if pool.base is not None and recipe.base_model is not None else recipe.base_model
     return Recipe(
         merge_method=recipe.merge_method,

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from recycler.cluster.shards import ROW_SPLITTABLE, Piece
+from recycler.cluster.shards import Piece
 from recycler.cluster.worker import placement_facts
 
 if TYPE_CHECKING:
@@ -148,13 +148,13 @@ class ShardWorker:
         recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
         if len(recipe.models) != len(self.pool.checkpoints):
             raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}")
-        method = recipe.merge_method
-        if method not in ROW_SPLITTABLE and (split := next((p for p in self.pieces if not p.whole), None)):
-            raise RecyclerError(f"tensor {split.name}: {method} needs whole tensors, but the shard plan split its rows")
-        if METHODS[method].needs_base and self.pool.base is None:
-            raise RecyclerError(f"{method} needs a base model")
-        base = self._base_tensors() if METHODS[method].needs_base else {}
-        fishers = self._fisher_tensors() if method == "fisher" else {}
+        method = METHODS[recipe.merge_method]
+        if not method.row_splittable and (split := next((p for p in self.pieces if not p.whole), None)):
+            raise RecyclerError(f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split its rows")
+        if method.needs_base and self.pool.base is None:
+            raise RecyclerError(f"{method.name} needs a base model")
+        base = self._base_tensors() if method.uses_base else {}
+        fishers = self._fisher_tensors() if method.uses_fishers else {}
         out: list[tuple[Piece, torch.Tensor]] = []
         for p in self.pieces:
             try:

@@ -94,9 +94,9 @@ class ResidentShard:
 
         if len(recipe.models) != len(self.pool.checkpoints):
             raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}")
-        needs_base = METHODS[recipe.merge_method].needs_base
-        base = self._base_tensors() if needs_base else {}
-        fishers = self._fisher_tensors() if recipe.merge_method == "fisher" else {}
+        method = METHODS[recipe.merge_method]
+        base = self._base_tensors() if method.uses_base else {}
+        fishers = self._fisher_tensors() if method.uses_fishers else {}
         out: dict[str, Any] = {}
         for name in self.names:
             try:

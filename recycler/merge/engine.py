@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from recycler.errors import RecyclerError
 from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
-from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
+from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError, UndefinedMerge
 from recycler.merge.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -64,22 +64,27 @@ def merge_tensor(
         # Integer buffers (position ids, masks) are not merged: the reference's copy is kept.
         return (base if base is not None else versions[0]).clone()
     method = METHODS[recipe.merge_method]
+    params = recipe.tensor_params(name, n_layers)
+    ones = [1.0] * len(versions)
     inputs = MergeInputs(
         versions=versions,
-        weights=recipe.weights_for(name, n_layers),
+        weights=params.per_model.get("weight", ones),
         base=base,
         out_dtype=out_dtype,
         normalize=recipe.normalize,
-        lambda_=recipe.lambda_for(name, n_layers),
-        densities=recipe.densities_for(name, n_layers),
+        lambda_=params.lambda_,
+        densities=params.per_model.get("density", ones),
         seed_key=f"{recipe.random_seed}:{name}",
         row_offset=row_offset,
         fishers=fishers,
+        params=params,
     )
     try:
         merged = method.fn(inputs)
     except ZeroDivisionError:
         raise RecyclerError(_zero_weights(name)) from None
+    except UndefinedMerge as exc:
+        raise RecyclerError(f"tensor {name}: {exc}") from None
     if not method.checks_finite and not bool(torch.isfinite(merged).all()):
         raise NonFiniteError(name)
     return merged
@@ -96,14 +101,14 @@ def iter_merged(
     method = METHODS[recipe.merge_method]
     _check_fits(pool, recipe)
     fisher_sources = None
-    if recipe.merge_method == "fisher":
+    if method.uses_fishers:
         from recycler.merge.fisher import open_fishers
 
         fisher_sources = open_fishers(pool)
     stats = stats if stats is not None else MergeStats()
     names = list(names) if names is not None else pool.tensor_names
     sources = list(pool.checkpoints)
-    use_base = method.needs_base and pool.base is not None
+    use_base = method.uses_base and pool.base is not None
     if use_base:
         assert pool.base is not None
         sources.append(pool.base)
@@ -168,6 +173,9 @@ def _check_fits(pool: Pool, recipe: Recipe) -> None:
         raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
     if METHODS[recipe.merge_method].needs_base and pool.base is None:
         raise RecyclerError(f"{recipe.merge_method} needs a base model")
+    method = METHODS[recipe.merge_method]
+    if (why := method.count_error(len(pool.checkpoints), method.uses_base and pool.base is not None)) is not None:
+        raise RecyclerError(why)
 
 
 def _zero_weights(name: str) -> str:
@@ -214,7 +222,7 @@ class FileMerger:
         if terms_of is None:
             return None
         try:
-            terms = terms_of(recipe.weights_for(name, self._n_layers), recipe.normalize, recipe.lambda_for(name, self._n_layers))
+            terms = terms_of(recipe.tensor_params(name, self._n_layers))
         except ZeroDivisionError:
             raise RecyclerError(_zero_weights(name)) from None
         sources = list(pool.checkpoints)
