@@ -226,7 +226,7 @@ def describe_contract(m: MethodDescription) -> str:
     """The input contract in words (README table, docs)."""
     low, high = m.models
     count = f"{low}" if low == high else (f"≥ {low}" if high is None else f"{low}–{high}")
-    text = f"base {m.base}; {count} models"
+    text = f"base {m.base}; {count} model{'' if count == '1' else 's'}"
     if m.models_with_base is not None:
         wl, wh = m.models_with_base
         text += f" ({wl if wl == wh else f'{wl}–{wh}'} beside a base)"

@@ -42,6 +42,11 @@ def _traits(m: MethodDescription) -> str:
     return "; ".join(out) or "–"
 
 
+def _cell(text: str) -> str:
+    """A table cell: the formulas' absolute values would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def method_table() -> str:
     lines = [
         "| method | formula | parameters (default) | inputs | serving | differs from mergekit 0.1.5 |",
@@ -50,7 +55,8 @@ def method_table() -> str:
     for m in METHODS.values():
         params = ", ".join(f"`{p.name}` ({_default(p)})" for p in m.params) or "–"
         lines.append(
-            f"| [`{m.name}`]({m.source}) | {m.formula} | {params} | {describe_contract(m)} | {_traits(m)} | {m.differs or '–'} |"
+            f"| [`{m.name}`]({m.source}) | {_cell(m.formula)} | {params} | {describe_contract(m)} | {_traits(m)} "
+            f"| {_cell(m.differs) or '–'} |"
         )
     return "\n".join(lines)
 
