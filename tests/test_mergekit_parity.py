@@ -582,15 +582,22 @@ def _logits(model_dir: Path, tensors: dict[str, torch.Tensor] | None = None) -> 
 def test_method_logits_match_mergekit(runs: Runs, name: str) -> None:
     """The merged models' logits on fixed tokens agree within bf16 rounding of their range.
 
-    Breadcrumbs' entries at a magnitude tie (left out entry by entry above) are taken
-    from recycler's merge into mergekit's model, so that the logits compare the rest."""
+    Entries at a magnitude tie (TIES, Breadcrumbs: left out entry by entry above, as
+    either choice is right) are taken from recycler's merge into mergekit's model, so
+    that the logits compare the rest."""
     if runs.mergekit is None:
         pytest.skip(runs.mergekit_skip_reason)
     recipe = runs.recipes[name]
     replaced = None
-    if recipe["merge_method"].startswith("breadcrumbs"):
-        ours_t, mk_t, inputs = _tensors(runs.out("ours", name)), _tensors(runs.out("mergekit", name)), _inputs_of(recipe)
-        replaced = {n: torch.where(_band_ties(recipe, inputs, n), ours_t[n], mk_t[n]) for n in mk_t}
+    if recipe["merge_method"] in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        ours_t, mk_t = _tensors(runs.out("ours", name)), _tensors(runs.out("mergekit", name))
+        if recipe["merge_method"] == "ties":
+            ref = _reference(runs, name)
+            tied = {n: ref.merge(n, tie_rel=1e-6, sign_rel=1e-5).ambiguous for n in mk_t}
+        else:
+            inputs = _inputs_of(recipe)
+            tied = {n: _band_ties(recipe, inputs, n) for n in mk_t}
+        replaced = {n: torch.where(tied[n], ours_t[n], mk_t[n]) for n in mk_t}
     ours, mk = _logits(runs.out("ours", name)), _logits(runs.out("mergekit", name), replaced)
     gap = float((ours - mk).abs().max())
     assert gap <= U[torch.bfloat16] * float(mk.abs().max()), f"{name}: logits differ by {gap:.3g}"
