@@ -203,7 +203,11 @@ def run_measured(cmd: Sequence[str], env: dict[str, str]) -> Measured:
                 return
             while not done.is_set():
                 try:
-                    procs = launcher.children(recursive=True) if TIME else [launcher, *launcher.children(recursive=True)]
+                    procs = (
+                        launcher.children(recursive=True)
+                        if TIME
+                        else [launcher, *launcher.children(recursive=True)]
+                    )
                     rss = anon = 0
                     for p in procs:
                         try:
@@ -230,8 +234,14 @@ def run_measured(cmd: Sequence[str], env: dict[str, str]) -> Measured:
         fields = rss_path.read_text().strip().splitlines()[-1].split()
         rss_path.unlink()
         with contextlib.suppress(IndexError, ValueError):
-            ru_mb, cpu, faults = int(fields[0]) / 1024, float(fields[1]) + float(fields[2]), int(fields[3])
-    return Measured(rc, wall, max(peak_rss / 2**20, ru_mb), peak_anon / 2**20, ru_mb, cpu, faults, tail)
+            ru_mb, cpu, faults = (
+                int(fields[0]) / 1024,
+                float(fields[1]) + float(fields[2]),
+                int(fields[3]),
+            )
+    return Measured(
+        rc, wall, max(peak_rss / 2**20, ru_mb), peak_anon / 2**20, ru_mb, cpu, faults, tail
+    )
 
 
 def out_bytes(out: Path) -> int:
@@ -275,7 +285,9 @@ def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
             assert stored is not None
             step = TASK * stored.info.dtype.itemsize
             end = stored.offset + stored.info.nbytes
-            ranges += [(stored.path, lo, min(end, lo + step)) for lo in range(stored.offset, end, step)]
+            ranges += [
+                (stored.path, lo, min(end, lo + step)) for lo in range(stored.offset, end, step)
+            ]
     fds = {path: os.open(path, os.O_RDONLY) for path in {r[0] for r in ranges}}
     local = threading.local()
 
@@ -304,24 +316,39 @@ def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
 def write_recipe(method: str, pool: Any, path: Path) -> list[Path]:
     """The benchmark's recipe for `method` on `pool`; the input files it reads."""
     if method == "linear":
-        models = "\n".join(f"  - model: {c}\n    parameters: {{weight: {w}}}" for c, w in zip(pool.checkpoints, WEIGHTS))
-        path.write_text(f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: bfloat16\n")
+        models = "\n".join(
+            f"  - model: {c}\n    parameters: {{weight: {w}}}"
+            for c, w in zip(pool.checkpoints, WEIGHTS)
+        )
+        path.write_text(
+            f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: bfloat16\n"
+        )
         return list(pool.files())
     if method == "ties":
-        models = "\n".join(f"  - model: {c}\n    parameters: {{weight: {w}, density: 0.5}}" for c, w in zip(pool.checkpoints, WEIGHTS))
+        models = "\n".join(
+            f"  - model: {c}\n    parameters: {{weight: {w}, density: 0.5}}"
+            for c, w in zip(pool.checkpoints, WEIGHTS)
+        )
     else:
         models = "\n".join(f"  - model: {c}" for c in pool.checkpoints)
-    path.write_text(f"merge_method: {method}\nbase_model: {pool.base}\nmodels:\n{models}\ndtype: bfloat16\n")
+    path.write_text(
+        f"merge_method: {method}\nbase_model: {pool.base}\nmodels:\n{models}\ndtype: bfloat16\n"
+    )
     return list(pool.files(include_base=True))
 
 
-def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], methods: Sequence[str], log: Any) -> list[Run]:
+def bench_size(
+    size: str, runs: int, pools_dir: Path, tools: list[str], methods: Sequence[str], log: Any
+) -> list[Run]:
     shape = make_pool.SHAPES[size]
-    spec = make_pool.PoolSpec(shape=shape, n_checkpoints=4, with_base=True, base_dtype="bfloat16",
-                              delta_scale=0.1, seed=0)
+    spec = make_pool.PoolSpec(
+        shape=shape, n_checkpoints=4, with_base=True, base_dtype="bfloat16", delta_scale=0.1, seed=0
+    )
     t0 = time.perf_counter()
     pool = make_pool.build_pool(pools_dir / f"llama-{size}-base", spec)
-    log(f"[{size}] pool ready in {time.perf_counter() - t0:.1f} s: {shape.n_params() / 1e6:.1f}M params x 4 bf16 + base")
+    log(
+        f"[{size}] pool ready in {time.perf_counter() - t0:.1f} s: {shape.n_params() / 1e6:.1f}M params x 4 bf16 + base"
+    )
     results: list[Run] = []
     for method in methods:
         results += bench_method(size, method, pool, runs, pools_dir, tools, log)
@@ -333,7 +360,9 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], methods:
     return results
 
 
-def bench_method(size: str, method: str, pool: Any, runs: int, pools_dir: Path, tools: list[str], log: Any) -> list[Run]:
+def bench_method(
+    size: str, method: str, pool: Any, runs: int, pools_dir: Path, tools: list[str], log: Any
+) -> list[Run]:
     recipe = pools_dir / f"llama-{size}-{method}.yaml"
     inputs = write_recipe(method, pool, recipe)
     bytes_read = sum(f.stat().st_size for f in inputs)
@@ -350,10 +379,21 @@ def bench_method(size: str, method: str, pool: Any, runs: int, pools_dir: Path, 
             work.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "RECYCLER_TIMINGS_JSON": str(timings)}
             m = run_measured(tool_command(tool, recipe, out), env)
-            run = Run(tool=tool, size=size, method=method, index=i, ok=m.rc == 0, wall_s=round(m.wall_s, 3),
-                      peak_rss_mb=round(m.peak_rss_mb, 1), peak_anon_mb=round(m.peak_anon_mb, 1),
-                      ru_maxrss_mb=round(m.ru_maxrss_mb, 1), cpu_s=round(m.cpu_s, 2),
-                      major_faults=m.major_faults, bytes_read=bytes_read, bytes_written=out_bytes(out))
+            run = Run(
+                tool=tool,
+                size=size,
+                method=method,
+                index=i,
+                ok=m.rc == 0,
+                wall_s=round(m.wall_s, 3),
+                peak_rss_mb=round(m.peak_rss_mb, 1),
+                peak_anon_mb=round(m.peak_anon_mb, 1),
+                ru_maxrss_mb=round(m.ru_maxrss_mb, 1),
+                cpu_s=round(m.cpu_s, 2),
+                major_faults=m.major_faults,
+                bytes_read=bytes_read,
+                bytes_written=out_bytes(out),
+            )
             if m.rc != 0:
                 tail = m.stderr_tail.strip()
                 run.error = f"exit {m.rc}: {tail.splitlines()[-1] if tail else ''}"
@@ -362,10 +402,13 @@ def bench_method(size: str, method: str, pool: Any, runs: int, pools_dir: Path, 
                 run.merge_s = float(t["merge_seconds"])
                 run.extra = {k: t[k] for k in ("bytes_read", "bytes_written") if k in t}
             results.append(run)
-            log(f"[{size} {method}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
+            log(
+                f"[{size} {method}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
                 + (f", merge {run.merge_s:.2f} s" if run.merge_s is not None else "")
                 + f", peak RSS {m.peak_rss_mb:5.0f} MB (anon {m.peak_anon_mb:5.0f} MB)"
-                + f", {m.major_faults} major faults" + ("" if run.ok else f"  FAILED {run.error}"))
+                + f", {m.major_faults} major faults"
+                + ("" if run.ok else f"  FAILED {run.error}")
+            )
             shutil.rmtree(out, ignore_errors=True)
             timings.unlink(missing_ok=True)
             os.sync()
@@ -378,12 +421,22 @@ def bench_method(size: str, method: str, pool: Any, runs: int, pools_dir: Path, 
 def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
     rows = []
     order = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in runs))}
-    keys = sorted({(r.size, r.method, r.tool) for r in runs},
-                  key=lambda k: (make_pool.SHAPES[k[0]].n_params(), order[k[1]], k[2] != "recycler"))
+    keys = sorted(
+        {(r.size, r.method, r.tool) for r in runs},
+        key=lambda k: (make_pool.SHAPES[k[0]].n_params(), order[k[1]], k[2] != "recycler"),
+    )
     for size, method, tool in keys:
         ok = [r for r in runs if (r.size, r.method, r.tool) == (size, method, tool) and r.ok]
-        failed = [r for r in runs if (r.size, r.method, r.tool) == (size, method, tool) and not r.ok]
-        row: dict[str, Any] = {"size": size, "method": method, "tool": tool, "runs": len(ok), "failed": len(failed)}
+        failed = [
+            r for r in runs if (r.size, r.method, r.tool) == (size, method, tool) and not r.ok
+        ]
+        row: dict[str, Any] = {
+            "size": size,
+            "method": method,
+            "tool": tool,
+            "runs": len(ok),
+            "failed": len(failed),
+        }
         if failed:
             row["error"] = failed[0].error
         if ok:
@@ -406,20 +459,38 @@ def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
             merges = [r.merge_s for r in ok if r.merge_s]
             if merges:
                 m = statistics.median(merges)
-                row.update(merge_median_s=round(m, 3), merge_min_s=round(min(merges), 3),
-                           gbs_merge=round(moved / m / 1e9, 3),
-                           bw_fraction_merge=round(moved / m / 1e9 / bandwidth, 3),
-                           gbs_merge_best=round(moved / min(merges) / 1e9, 3),
-                           bw_fraction_merge_best=round(moved / min(merges) / 1e9 / bandwidth, 3))
+                row.update(
+                    merge_median_s=round(m, 3),
+                    merge_min_s=round(min(merges), 3),
+                    gbs_merge=round(moved / m / 1e9, 3),
+                    bw_fraction_merge=round(moved / m / 1e9 / bandwidth, 3),
+                    gbs_merge_best=round(moved / min(merges) / 1e9, 3),
+                    bw_fraction_merge_best=round(moved / min(merges) / 1e9 / bandwidth, 3),
+                )
             read_pass = ok[0].extra.get("read_pass_s")
             if read_pass:
-                row.update(read_pass_s=read_pass, read_pass_gbs=round(ok[0].bytes_read / read_pass / 1e9, 2))
+                row.update(
+                    read_pass_s=read_pass,
+                    read_pass_gbs=round(ok[0].bytes_read / read_pass / 1e9, 2),
+                )
                 if merges:
                     row["merge_over_read_pass"] = round(min(merges) / read_pass, 2)
         rows.append(row)
     for row in rows:
-        other = next((r for r in rows if (r["size"], r["method"], r["tool"]) == (row["size"], row["method"], "mergekit")), None)
-        if row["tool"] == "recycler" and other and "wall_median_s" in row and "wall_median_s" in other:
+        other = next(
+            (
+                r
+                for r in rows
+                if (r["size"], r["method"], r["tool"]) == (row["size"], row["method"], "mergekit")
+            ),
+            None,
+        )
+        if (
+            row["tool"] == "recycler"
+            and other
+            and "wall_median_s" in row
+            and "wall_median_s" in other
+        ):
             row["speedup_vs_mergekit"] = round(other["wall_median_s"] / row["wall_median_s"], 2)
             row["speedup_vs_mergekit_best"] = round(other["wall_min_s"] / row["wall_min_s"], 2)
             if row["cpu_median_s"] > 0 and other["cpu_median_s"] > 0:
@@ -434,11 +505,22 @@ def _fmt(v: Any, spec: str = "") -> str:
     return format(v, spec) if spec else str(v)
 
 
-def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list[dict[str, Any]],
-                 runs: list[Run], notes: list[str]) -> None:
+def write_report(
+    out: Path,
+    info: dict[str, Any],
+    bw: dict[str, Any],
+    rows: list[dict[str, Any]],
+    runs: list[Run],
+    notes: list[str],
+) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": info, "bandwidth": bw, "summary": rows, "runs": [asdict(r) for r in runs],
-               "notes": notes}
+    payload = {
+        "machine": info,
+        "bandwidth": bw,
+        "summary": rows,
+        "runs": [asdict(r) for r in runs],
+        "notes": notes,
+    }
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     with open(out.with_suffix(".csv"), "w", newline="") as f:
         fields = [k for k in asdict(runs[0]) if k != "extra"] if runs else []
@@ -476,14 +558,20 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
     ]
     for r in rows:
         if "wall_median_s" not in r:
-            lines.append(f"| {r['size']} | {r['method']} | {r['tool']} | 0 ({r['failed']} failed) | {r.get('error', '')} "
-                         "| | | | | | | | | |")
+            lines.append(
+                f"| {r['size']} | {r['method']} | {r['tool']} | 0 ({r['failed']} failed) | {r.get('error', '')} "
+                "| | | | | | | | | |"
+            )
             continue
-        frac = f"{r['bw_fraction_wall']:.1%}" + (f" / {r['bw_fraction_merge']:.1%}" if "bw_fraction_merge" in r else "")
+        frac = f"{r['bw_fraction_wall']:.1%}" + (
+            f" / {r['bw_fraction_merge']:.1%}" if "bw_fraction_merge" in r else ""
+        )
         failed = f" ({r['failed']} failed)" if r["failed"] else ""
         speed = "–"
         if "speedup_vs_mergekit" in r:
-            speed = f"{r['speedup_vs_mergekit']:.2f}x / {_fmt(r.get('cpu_ratio_vs_mergekit'), '.2f')}x"
+            speed = (
+                f"{r['speedup_vs_mergekit']:.2f}x / {_fmt(r.get('cpu_ratio_vs_mergekit'), '.2f')}x"
+            )
         lines.append(
             f"| {r['size']} | {r['method']} | {r['tool']} | {r['runs']}{failed} "
             f"| {r['wall_median_s']:.2f} ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | {r['cpu_median_s']:.2f} "
@@ -505,7 +593,9 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
         if "wall_min_s" not in r:
             continue
         best_frac = f"{r['bw_fraction_merge_best']:.1%}" if "bw_fraction_merge_best" in r else "–"
-        best_speed = f"{r['speedup_vs_mergekit_best']:.2f}x" if "speedup_vs_mergekit_best" in r else "–"
+        best_speed = (
+            f"{r['speedup_vs_mergekit_best']:.2f}x" if "speedup_vs_mergekit_best" in r else "–"
+        )
         lines.append(
             f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_min_s']:.2f} | {r['gbs_wall_best']:.2f} "
             f"| {_fmt(r.get('merge_min_s'), '.2f')} | {_fmt(r.get('gbs_merge_best'), '.2f')} | {best_frac} "
@@ -522,14 +612,20 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
             "| size | input bytes | read-only pass s | its GB/s | min merge s | merge / read-only pass |",
             "|---|---|---|---|---|---|",
         ]
-        lines += [f"| {r['size']} | {r['bytes_read']:,} | {r['read_pass_s']:.3f} | {r['read_pass_gbs']:.2f} "
-                  f"| {r['merge_min_s']:.3f} | {r['merge_over_read_pass']:.2f}x |" for r in floors]
+        lines += [
+            f"| {r['size']} | {r['bytes_read']:,} | {r['read_pass_s']:.3f} | {r['read_pass_gbs']:.2f} "
+            f"| {r['merge_min_s']:.3f} | {r['merge_over_read_pass']:.2f}x |"
+            for r in floors
+        ]
     cores = info["logical_cores"] or 1
     load = max([*info["loadavg_start"][:1], *info.get("loadavg_end", [])[:1]])
     if load > 0.5 * cores:
-        lines += ["", f"**Note:** the 1-minute load average reached {load:.1f} on {cores} cores during this run "
-                  "(other work on a shared machine): wall times and bandwidth figures are disturbed; CPU "
-                  "seconds and the min wall times are the steadier comparison."]
+        lines += [
+            "",
+            f"**Note:** the 1-minute load average reached {load:.1f} on {cores} cores during this run "
+            "(other work on a shared machine): wall times and bandwidth figures are disturbed; CPU "
+            "seconds and the min wall times are the steadier comparison.",
+        ]
     lines += ["", "## How it was measured", ""]
     lines += [f"- {n}" for n in notes]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
@@ -537,13 +633,23 @@ def write_report(out: Path, info: dict[str, Any], bw: dict[str, Any], rows: list
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sizes", default="60M,440M", help=f"comma-separated, of {sorted(make_pool.SHAPES)}")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each tool per size (default 3)")
+    parser.add_argument(
+        "--sizes", default="60M,440M", help=f"comma-separated, of {sorted(make_pool.SHAPES)}"
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="runs of each tool per size (default 3)"
+    )
     parser.add_argument("--pools-dir", type=Path, default=HERE / "_pools")
-    parser.add_argument("--out", type=Path, default=HERE / "results" / "bench_merge",
-                        help="report path without suffix (.md, .json and .csv are written)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results" / "bench_merge",
+        help="report path without suffix (.md, .json and .csv are written)",
+    )
     parser.add_argument("--no-mergekit", action="store_true", help="measure recycler only")
-    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}"
+    )
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in make_pool.SHAPES]
@@ -551,8 +657,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if any(m not in METHODS for m in methods):
         parser.error(f"--methods: choose from {list(METHODS)}")
     if unknown or args.runs < 1:
-        parser.error(f"unknown size(s) {unknown}; choose from {sorted(make_pool.SHAPES)}" if unknown
-                     else "--runs must be >= 1")
+        parser.error(
+            f"unknown size(s) {unknown}; choose from {sorted(make_pool.SHAPES)}"
+            if unknown
+            else "--runs must be >= 1"
+        )
 
     def log(msg: str) -> None:
         print(msg, flush=True)
@@ -569,13 +678,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif MERGEKIT_YAML.is_file():
         tools.append("mergekit")
     else:
-        msg = (f"mergekit not measured: {MERGEKIT_YAML} not found (run experiments/mergekit_env.sh); "
-               "recycler only, no ratios.")
+        msg = (
+            f"mergekit not measured: {MERGEKIT_YAML} not found (run experiments/mergekit_env.sh); "
+            "recycler only, no ratios."
+        )
         notes.append(msg)
         log(msg)
 
     info = machine_info()
-    log(f"machine: {info['cpu']}, {info['logical_cores']} cores, {info['ram_gb']} GB; load {info['loadavg_start']}")
+    log(
+        f"machine: {info['cpu']}, {info['logical_cores']} cores, {info['ram_gb']} GB; load {info['loadavg_start']}"
+    )
     bw_before = measure_bandwidth()
     log(f"memory bandwidth: {bw_before}")
     runs: list[Run] = []

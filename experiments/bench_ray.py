@@ -116,11 +116,23 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
-        checkpoints=tuple(m["model"] for m in recipe["models"]), base=str(zoo / "base"),
-        model_dir=str(zoo / "base"), tasks_dir=str(zoo / "tasks"), tasks=("zoo_inc",), limit=4,
-        batch_size=32, dtype=dtype,
+        checkpoints=tuple(m["model"] for m in recipe["models"]),
+        base=str(zoo / "base"),
+        model_dir=str(zoo / "base"),
+        tasks_dir=str(zoo / "tasks"),
+        tasks=("zoo_inc",),
+        limit=4,
+        batch_size=32,
+        dtype=dtype,
     )
-    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=shard_workers, merge_method="linear")
+    ev = RayEvaluator(
+        cfg,
+        address=None,
+        n_workers=1,
+        gpus_per_worker=0,
+        shard_workers=shard_workers,
+        merge_method="linear",
+    )
     try:
         times = []
         for i in range(repeats + 1):
@@ -134,7 +146,9 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
         ev.close()
 
 
-def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None) -> dict[str, Any]:
+def search(
+    zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None = None
+) -> dict[str, Any]:
     """One search from scratch; its SQLite file in its own folder, or in `storage_dir`."""
     from recycler.search.run import run_search
 
@@ -144,7 +158,10 @@ def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None =
         data = yaml.safe_load((zoo / "study.yaml").read_text())
         data["name"] = f"bench-{eval_workers}"
         data["storage"] = f"sqlite:///{db}"
-        data["pool"] = {k: (str(zoo / v) if isinstance(v, str) else [str(zoo / x) for x in v]) for k, v in data["pool"].items()}
+        data["pool"] = {
+            k: (str(zoo / v) if isinstance(v, str) else [str(zoo / x) for x in v])
+            for k, v in data["pool"].items()
+        }
         data["eval"]["tasks_dir"] = str(zoo / data["eval"]["tasks_dir"])
         data["search"]["n_trials"] = trials
         data["search"]["seeds"] = ["uniform"]
@@ -171,7 +188,9 @@ def search(zoo: Path, eval_workers: int, trials: int, storage_dir: Path | None =
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"])
+    parser.add_argument(
+        "--sizes", nargs="+", default=["micro", "small"], choices=["micro", "small"]
+    )
     parser.add_argument("--trials", type=int, default=12)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
@@ -188,7 +207,9 @@ def main() -> int:
         row: dict[str, Any] = {"size": size, "dtype": dtype}
         row["merge_one_process_s"] = round(merge_in_one_process(zoo, dtype, args.repeats), 4)
         for shards in (1, 2):
-            row[f"merge_ray_{shards}_shards_s"] = round(merge_on_ray(zoo, dtype, shards, args.repeats), 4)
+            row[f"merge_ray_{shards}_shards_s"] = round(
+                merge_on_ray(zoo, dtype, shards, args.repeats), 4
+            )
         row["searches"] = [search(zoo, workers, args.trials) for workers in (1, 2)]
         if RAM_DISK.is_dir():
             row["searches"].append(search(zoo, 1, args.trials, storage_dir=RAM_DISK))

@@ -65,12 +65,19 @@ SCORE_COLS = (*TRAINED, HELD_OUT, "mean4", "zoo_mean")
 NOISE = 0.005  # 4 questions of the 800 behind mean (4): below this, no win or loss is called
 
 
-def write_data(path: Path, mixture: dict[str, float], seed: int, size: str, n: int, tag: str) -> Path:
+def write_data(
+    path: Path, mixture: dict[str, float], seed: int, size: str, n: int, tag: str
+) -> Path:
     """n training-distribution texts (prompt + clean answer), no dev/test prompt, as jsonl."""
     from recycler.zoo.skills import TrainStream, eval_sets
     from recycler.zoo.spec import get_spec
 
-    exclude = {e.prompt for splits in eval_sets(seed, get_spec(size).eval_per_split).values() for exs in splits.values() for e in exs}
+    exclude = {
+        e.prompt
+        for splits in eval_sets(seed, get_spec(size).eval_per_split).values()
+        for exs in splits.values()
+        for e in exs
+    }
     pairs = TrainStream(mixture, exclude, f"fisher-{seed}-{tag}").take(n)
     assert not exclude & {p for p, _ in pairs}
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +110,9 @@ def uninstall(ckpts: Sequence[Path]) -> None:
         (c / "fisher.safetensors").unlink(missing_ok=True)
 
 
-def rel_distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]) -> float:
+def rel_distance(
+    a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], base: dict[str, torch.Tensor]
+) -> float:
     """‖a − b‖ / ‖b − θ0‖ over all tensors: how far Fisher weighting moves the merge, relative to the average's delta."""
     num = sum(float((a[k].float() - b[k].float()).square().sum()) for k in b)
     den = sum(float((b[k].float() - base[k].float()).square().sum()) for k in b if k in base)
@@ -122,15 +131,23 @@ def run_seed(seed: int, args: argparse.Namespace, say: Clock) -> list[dict[str, 
     mixtures = {r.name: r.mixture for r in spec.runs}
     work = args.workdir / "fisher" / f"{args.size}-seed{seed}-n{args.examples}"
 
-    data = {("shared", run): write_data(work / "data-shared.jsonl", SHARED_MIXTURE, seed, args.size, args.examples, "shared")
-            for run in runs}
+    data = {
+        ("shared", run): write_data(
+            work / "data-shared.jsonl", SHARED_MIXTURE, seed, args.size, args.examples, "shared"
+        )
+        for run in runs
+    }
     for run in runs:
-        data[("own", run)] = write_data(work / f"data-own-{run}.jsonl", mixtures[run], seed, args.size, args.examples, run)
+        data[("own", run)] = write_data(
+            work / f"data-own-{run}.jsonl", mixtures[run], seed, args.size, args.examples, run
+        )
     fishers: dict[str, dict[Path, Path]] = {k: {} for k in DATA_KINDS}
     for kind in DATA_KINDS:
         for run, dirs in runs.items():
             for d in dirs:
-                fishers[kind][d] = fisher_for(d, data[(kind, run)], work / kind / f"{d.name}.safetensors", args.examples, say)
+                fishers[kind][d] = fisher_for(
+                    d, data[(kind, run)], work / kind / f"{d.name}.safetensors", args.examples, say
+                )
         say(f"seed {seed}: Fisher ({kind} data) ready for {len(fishers[kind])} checkpoints")
 
     sets: list[tuple[str, str, list[Path]]] = [
@@ -138,7 +155,10 @@ def run_seed(seed: int, args: argparse.Namespace, say: Clock) -> list[dict[str, 
         ("finals", f"final checkpoints of the {len(finals)} runs", list(finals.values())),
     ]
     if not args.no_pairs:
-        sets += [("pair", f"{a} + {b}", [finals[a], finals[b]]) for a, b in itertools.combinations(sorted(finals), 2)]
+        sets += [
+            ("pair", f"{a} + {b}", [finals[a], finals[b]])
+            for a, b in itertools.combinations(sorted(finals), 2)
+        ]
 
     scorer = TestScorer(zoo)
     base_sd = ck.read_full(zoo / "base")
@@ -148,18 +168,40 @@ def run_seed(seed: int, args: argparse.Namespace, say: Clock) -> list[dict[str, 
         for group, label, paths in sets:
             equal = [1.0 / len(paths)] * len(paths)
             avg = merge(paths, equal, None, "linear", {"normalize": True})
-            rows.append({"seed": seed, "group": group, "set": label, "n": len(paths), "method": "average", "data": "",
-                         "moved": 0.0, **scorer.score(avg)})
+            rows.append(
+                {
+                    "seed": seed,
+                    "group": group,
+                    "set": label,
+                    "n": len(paths),
+                    "method": "average",
+                    "data": "",
+                    "moved": 0.0,
+                    **scorer.score(avg),
+                }
+            )
             for kind in DATA_KINDS:
                 install({p: fishers[kind][p] for p in paths})
                 try:
                     fm = merge(paths, equal, None, "fisher", {})
                 finally:
                     uninstall(paths)
-                rows.append({"seed": seed, "group": group, "set": label, "n": len(paths), "method": "fisher", "data": kind,
-                             "moved": rel_distance(fm, avg, base_sd), **scorer.score(fm)})
+                rows.append(
+                    {
+                        "seed": seed,
+                        "group": group,
+                        "set": label,
+                        "n": len(paths),
+                        "method": "fisher",
+                        "data": kind,
+                        "moved": rel_distance(fm, avg, base_sd),
+                        **scorer.score(fm),
+                    }
+                )
             a, f1, f2 = (r["mean4"] for r in rows[-3:])
-            say(f"seed {seed} {label}: mean4 average {a:.3f}, fisher(own) {f1:.3f}, fisher(shared) {f2:.3f}")
+            say(
+                f"seed {seed} {label}: mean4 average {a:.3f}, fisher(own) {f1:.3f}, fisher(shared) {f2:.3f}"
+            )
     finally:
         uninstall(every)
     return rows
@@ -178,7 +220,12 @@ def _pair_means(rows: list[dict[str, Any]], method: str, data: str) -> list[dict
     for seed in sorted({r["seed"] for r in rows}):
         sel = _sel(rows, group="pair", method=method, data=data, seed=seed)
         if sel:
-            out.append({"seed": seed, **{c: sum(r[c] for r in sel) / len(sel) for c in (*SCORE_COLS, "moved")}})
+            out.append(
+                {
+                    "seed": seed,
+                    **{c: sum(r[c] for r in sel) / len(sel) for c in (*SCORE_COLS, "moved")},
+                }
+            )
     return out
 
 
@@ -204,11 +251,30 @@ def table(rows: list[dict[str, Any]]) -> str:
             d = _delta(sel, ref)
             name = "average" if method == "average" else f"Fisher ({data} data)"
             moved = "" if method == "average" else f"{mean_std([r['moved'] for r in sel])[0]:.2f}"
-            delta = "" if method == "average" else f"{mean_std(d)[0] * 100:+.2f} ± {mean_std(d)[1] * 100:.2f} ({sum(x > 0 for x in d)}/{len(d)})"
-            body.append([label, name, *(pm([r[c] for r in sel]) for c in (*TRAINED, "mean4", HELD_OUT)), delta, moved])
+            delta = (
+                ""
+                if method == "average"
+                else f"{mean_std(d)[0] * 100:+.2f} ± {mean_std(d)[1] * 100:.2f} ({sum(x > 0 for x in d)}/{len(d)})"
+            )
+            body.append(
+                [
+                    label,
+                    name,
+                    *(pm([r[c] for r in sel]) for c in (*TRAINED, "mean4", HELD_OUT)),
+                    delta,
+                    moved,
+                ]
+            )
     return md_table(
-        ["checkpoints", "merge", *TRAINED, "**mean (4)**", "sort (held out)", "Δ mean vs average (seeds higher)",
-         "‖θ_F − θ_avg‖ / ‖θ_avg − θ₀‖"],
+        [
+            "checkpoints",
+            "merge",
+            *TRAINED,
+            "**mean (4)**",
+            "sort (held out)",
+            "Δ mean vs average (seeds higher)",
+            "‖θ_F − θ_avg‖ / ‖θ_avg − θ₀‖",
+        ],
         body,
     )
 
@@ -219,22 +285,33 @@ def verdict(rows: list[dict[str, Any]]) -> list[str]:
     targets = [("all", "all checkpoints"), ("finals", "the runs' final checkpoints")]
     for group, name in targets:
         for kind in DATA_KINDS:
-            d = _delta(_sel(rows, group=group, method="fisher", data=kind), _sel(rows, group=group, method="average"))
+            d = _delta(
+                _sel(rows, group=group, method="fisher", data=kind),
+                _sel(rows, group=group, method="average"),
+            )
             if not d:
                 continue
             m, s = mean_std(d)
             wins = sum(x > 0 for x in d)
-            word = "beats" if m >= NOISE and wins == n_seeds else ("is worse than" if m <= -NOISE else "does not beat")
-            out.append(f"- {name}, Fisher on {kind} data {word} plain averaging: Δ mean {m * 100:+.2f} ± {s * 100:.2f} pp "
-                       f"(higher in {wins}/{n_seeds} seeds).")
+            word = (
+                "beats"
+                if m >= NOISE and wins == n_seeds
+                else ("is worse than" if m <= -NOISE else "does not beat")
+            )
+            out.append(
+                f"- {name}, Fisher on {kind} data {word} plain averaging: Δ mean {m * 100:+.2f} ± {s * 100:.2f} pp "
+                f"(higher in {wins}/{n_seeds} seeds)."
+            )
     for kind in DATA_KINDS:
         pairs = _sel(rows, group="pair", method="fisher", data=kind)
         if pairs:
             d = _delta(pairs, _sel(rows, group="pair", method="average"))
             wins = sum(x > 0 for x in d)
             ties = sum(abs(x) < NOISE for x in d)
-            out.append(f"- pairs of final checkpoints, Fisher on {kind} data: higher mean in {wins}/{len(d)} "
-                       f"(pair, seed) cases, within ±0.5 pp in {ties}; mean Δ {mean_std(d)[0] * 100:+.2f} pp.")
+            out.append(
+                f"- pairs of final checkpoints, Fisher on {kind} data: higher mean in {wins}/{len(d)} "
+                f"(pair, seed) cases, within ±0.5 pp in {ties}; mean Δ {mean_std(d)[0] * 100:+.2f} pp."
+            )
     return out
 
 
@@ -247,14 +324,25 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     labels = list(dict.fromkeys(r["set"] for r in rows if r["group"] != "pair"))
     has_pairs = bool(_sel(rows, group="pair"))
     xs = [*labels, *(["mean over pairs"] if has_pairs else [])]
-    methods = (("average", "", "plain average"), ("fisher", "own", "Fisher (own data)"), ("fisher", "shared", "Fisher (shared data)"))
+    methods = (
+        ("average", "", "plain average"),
+        ("fisher", "own", "Fisher (own data)"),
+        ("fisher", "shared", "Fisher (shared data)"),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    for ax, col, title in ((axes[0], "mean4", "mean test acc, 4 trained skills"), (axes[1], HELD_OUT, "test acc, held-out sort")):
+    for ax, col, title in (
+        (axes[0], "mean4", "mean test acc, 4 trained skills"),
+        (axes[1], HELD_OUT, "test acc, held-out sort"),
+    ):
         width = 0.27
         for k, (method, data, name) in enumerate(methods):
             means, stds = [], []
             for x in xs:
-                sel = _pair_means(rows, method, data) if x == "mean over pairs" else _sel(rows, set=x, method=method, data=data)
+                sel = (
+                    _pair_means(rows, method, data)
+                    if x == "mean over pairs"
+                    else _sel(rows, set=x, method=method, data=data)
+                )
                 m, s = mean_std([r[col] for r in sel])
                 means.append(m)
                 stds.append(s)
@@ -268,7 +356,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.grid(axis="y", alpha=0.3)
         ax.legend(fontsize=8)
     n_seeds = len({r["seed"] for r in rows})
-    fig.suptitle(f"Fisher merging vs plain averaging, equal weights (test split, mean ± std over {n_seeds} pool seeds)")
+    fig.suptitle(
+        f"Fisher merging vs plain averaging, equal weights (test split, mean ± std over {n_seeds} pool seeds)"
+    )
     save_figure(fig, path)
 
 
@@ -281,7 +371,9 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
             w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in cols})
 
 
-def write_md(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, built: int, path: Path) -> None:
+def write_md(
+    rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, built: int, path: Path
+) -> None:
     seeds = sorted({r["seed"] for r in rows})
     parts = [
         "# Experiment 3: Fisher merging (Matena & Raffel 2021) vs plain averaging",
@@ -308,10 +400,17 @@ def write_md(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", default="small", choices=["micro", "small"])
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where pools and Fisher files are built and cached")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=DEFAULT_WORKDIR,
+        help="where pools and Fisher files are built and cached",
+    )
     ap.add_argument("--examples", type=int, default=256, help="examples per Fisher estimate")
     ap.add_argument("--no-pairs", action="store_true", help="skip the pairs of final checkpoints")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")

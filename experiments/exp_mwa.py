@@ -99,11 +99,23 @@ def score_set(
             cache[key] = scorer.score(linear_merge(paths, weights, base), own)
         return cache[key]
 
-    def add(method: str, weights: Sequence[float], metric: str = "", p: float | None = None, member: str = "") -> None:
+    def add(
+        method: str,
+        weights: Sequence[float],
+        metric: str = "",
+        p: float | None = None,
+        member: str = "",
+    ) -> None:
         rows.append(
             {
-                "seed": seed, "set": kind, "run": run, "n": len(paths), "method": method, "metric": metric,
-                "p": "" if p is None else p, "member": member,
+                "seed": seed,
+                "set": kind,
+                "run": run,
+                "n": len(paths),
+                "method": method,
+                "metric": metric,
+                "p": "" if p is None else p,
+                "member": member,
                 "weights": json.dumps([round(w, 4) for w in weights]),
                 "own_skills": "+".join(own),
                 **scored(weights),
@@ -144,7 +156,9 @@ def run_seed(seed: int, args: argparse.Namespace, say: Clock) -> list[dict[str, 
     scorer = TestScorer(zoo)
     rows: list[dict[str, Any]] = []
     for kind, run, paths in sets:
-        rows += score_set(seed, kind, run, paths, base, skills_of(mixtures[run]), scorer, args.penalties, say)
+        rows += score_set(
+            seed, kind, run, paths, base, skills_of(mixtures[run]), scorer, args.penalties, say
+        )
     return rows
 
 
@@ -159,7 +173,9 @@ def _by_seed(rows: list[dict[str, Any]], col: str) -> dict[int, float]:
     return {int(r["seed"]): float(r[col]) for r in rows}
 
 
-def _delta(rows: list[dict[str, Any]], ref: list[dict[str, Any]], col: str) -> tuple[list[float], int]:
+def _delta(
+    rows: list[dict[str, Any]], ref: list[dict[str, Any]], col: str
+) -> tuple[list[float], int]:
     a, b = _by_seed(rows, col), _by_seed(ref, col)
     d = [a[s] - b[s] for s in sorted(a) if s in b]
     return d, sum(x > 0 for x in d)
@@ -171,7 +187,10 @@ def verdict(rows: list[dict[str, Any]], kind: str, penalties: Sequence[float]) -
     last = _select(rows, set=kind, method="last")
     n_seeds = len(uni)
     out = []
-    for col, what in (("mean4", "the mean of the 4 trained skills"), ("own_mean", f"the run's own skills ({uni[0]['own_skills']})")):
+    for col, what in (
+        ("mean4", "the mean of the 4 trained skills"),
+        ("own_mean", f"the run's own skills ({uni[0]['own_skills']})"),
+    ):
         out.append(f"On {what}:")
         for metric in METRICS:
             p0 = PAPER_POINT[metric]
@@ -192,8 +211,15 @@ def verdict(rows: list[dict[str, Any]], kind: str, penalties: Sequence[float]) -
                 f"Δ {m * 100:+.2f} ± {s * 100:.2f} pp, higher in {wins}/{n_seeds} seeds; "
                 f"vs the last checkpoint {mean_std(dl)[0] * 100:+.2f} pp (higher in {wins_l}/{n_seeds})."
             )
-            curve = [(p, mean_std([r[col] for r in _select(rows, set=kind, method="mwa", metric=metric, p=p)])[0])
-                     for p in penalties]
+            curve = [
+                (
+                    p,
+                    mean_std(
+                        [r[col] for r in _select(rows, set=kind, method="mwa", metric=metric, p=p)]
+                    )[0],
+                )
+                for p in penalties
+            ]
             best_p, best = max(curve, key=lambda t: t[1])
             spread = best - min(v for _, v in curve)
             lo, hi = PAPER_P[metric]
@@ -212,36 +238,72 @@ def verdict(rows: list[dict[str, Any]], kind: str, penalties: Sequence[float]) -
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
-    cols = ["seed", "set", "run", "n", "method", "metric", "p", "member", "weights", "own_skills", *SCORE_COLS]
+    cols = [
+        "seed",
+        "set",
+        "run",
+        "n",
+        "method",
+        "metric",
+        "p",
+        "member",
+        "weights",
+        "own_skills",
+        *SCORE_COLS,
+    ]
     with path.open("w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=cols, extrasaction="ignore")
         w.writeheader()
         for r in rows:
-            w.writerow({k: (f"{r[k]:.4f}" if isinstance(r[k], float) and k in SCORE_COLS else r[k]) for k in cols})
+            w.writerow(
+                {
+                    k: (f"{r[k]:.4f}" if isinstance(r[k], float) and k in SCORE_COLS else r[k])
+                    for k in cols
+                }
+            )
 
 
 def summary_table(rows: list[dict[str, Any]], kind: str, penalties: Sequence[float]) -> str:
     uni = _select(rows, set=kind, method="uniform")
-    lines: list[tuple[str, list[dict[str, Any]]]] = [("last checkpoint", _select(rows, set=kind, method="last"))]
+    lines: list[tuple[str, list[dict[str, Any]]]] = [
+        ("last checkpoint", _select(rows, set=kind, method="last"))
+    ]
     members = sorted({r["member"] for r in _select(rows, set=kind, method="member")})
-    lines += [(f"member {m}", _select(rows, set=kind, method="member", member=m)) for m in members[:-1]]
+    lines += [
+        (f"member {m}", _select(rows, set=kind, method="member", member=m)) for m in members[:-1]
+    ]
     lines.append(("uniform average", uni))
     for metric in METRICS:
-        lines += [(f"MWA {metric}, p = {p:g}", _select(rows, set=kind, method="mwa", metric=metric, p=p))
-                  for p in penalties if p > 0]
+        lines += [
+            (f"MWA {metric}, p = {p:g}", _select(rows, set=kind, method="mwa", metric=metric, p=p))
+            for p in penalties
+            if p > 0
+        ]
     body = []
     for label, sel in lines:
         d, wins = _delta(sel, uni, "mean4")
         body.append(
-            [label, *(pm([r[c] for r in sel]) for c in (*TRAINED, "mean4", "own_mean", HELD_OUT)),
-             f"{mean_std(d)[0] * 100:+.2f} ({wins}/{len(d)})"]
+            [
+                label,
+                *(pm([r[c] for r in sel]) for c in (*TRAINED, "mean4", "own_mean", HELD_OUT)),
+                f"{mean_std(d)[0] * 100:+.2f} ({wins}/{len(d)})",
+            ]
         )
     own = uni[0]["own_skills"]
-    header = ["model", *TRAINED, "**mean (4)**", f"run's skills ({own})", "sort (held out)", "Δ mean vs uniform (seeds higher)"]
+    header = [
+        "model",
+        *TRAINED,
+        "**mean (4)**",
+        f"run's skills ({own})",
+        "sort (held out)",
+        "Δ mean vs uniform (seeds higher)",
+    ]
     return md_table(header, body)
 
 
-def weights_table(rows: list[dict[str, Any]], kind: str, seed: int, penalties: Sequence[float]) -> str:
+def weights_table(
+    rows: list[dict[str, Any]], kind: str, seed: int, penalties: Sequence[float]
+) -> str:
     body = []
     for metric in METRICS:
         for p in penalties:
@@ -258,17 +320,33 @@ def plot(rows: list[dict[str, Any]], penalties: Sequence[float], path: Path) -> 
     import matplotlib.pyplot as plt
 
     kinds = list(dict.fromkeys(r["set"] for r in rows))
-    cols = [("mean4", "mean test acc, 4 trained skills"), ("own_mean", "mean test acc, the run's own skills")]
+    cols = [
+        ("mean4", "mean test acc, 4 trained skills"),
+        ("own_mean", "mean test acc, the run's own skills"),
+    ]
     fig, axes = plt.subplots(len(kinds), 2, figsize=(11, 4.2 * len(kinds)), squeeze=False)
     for i, kind in enumerate(kinds):
         run = _select(rows, set=kind)[0]["run"]
         for j, (col, label) in enumerate(cols):
             ax = axes[i][j]
             for metric, color in zip(METRICS, ("tab:blue", "tab:orange")):
-                ms = [mean_std([r[col] for r in _select(rows, set=kind, method="mwa", metric=metric, p=p)]) for p in penalties]
+                ms = [
+                    mean_std(
+                        [r[col] for r in _select(rows, set=kind, method="mwa", metric=metric, p=p)]
+                    )
+                    for p in penalties
+                ]
                 mean = [m for m, _ in ms]
                 std = [s for _, s in ms]
-                ax.errorbar(penalties, mean, yerr=std, marker="o", capsize=3, color=color, label=f"MWA by {metric}")
+                ax.errorbar(
+                    penalties,
+                    mean,
+                    yerr=std,
+                    marker="o",
+                    capsize=3,
+                    color=color,
+                    label=f"MWA by {metric}",
+                )
             for method, style, color in (("uniform", "--", "black"), ("last", ":", "tab:red")):
                 m, s = mean_std([r[col] for r in _select(rows, set=kind, method=method)])
                 ax.axhline(m, linestyle=style, color=color, label=f"{method} ({m:.3f} ± {s:.3f})")
@@ -281,11 +359,15 @@ def plot(rows: list[dict[str, Any]], penalties: Sequence[float], path: Path) -> 
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     n_seeds = len({r["seed"] for r in rows})
-    fig.suptitle(f"Metric-weighted averaging on the demo pool (test split, mean ± std over {n_seeds} pool seeds)")
+    fig.suptitle(
+        f"Metric-weighted averaging on the demo pool (test split, mean ± std over {n_seeds} pool seeds)"
+    )
     save_figure(fig, path)
 
 
-def write_md(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, built: int, path: Path) -> None:
+def write_md(
+    rows: list[dict[str, Any]], args: argparse.Namespace, seconds: float, built: int, path: Path
+) -> None:
     seeds = sorted({int(r["seed"]) for r in rows})
     parts = [
         "# Experiment 2: metric-weighted averaging (Yu & Choi 2025)",
@@ -322,10 +404,14 @@ def write_md(rows: list[dict[str, Any]], args: argparse.Namespace, seconds: floa
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", default="small", choices=["micro", "small"])
-    ap.add_argument("--workdir", type=Path, default=DEFAULT_WORKDIR, help="where pools are built and cached")
+    ap.add_argument(
+        "--workdir", type=Path, default=DEFAULT_WORKDIR, help="where pools are built and cached"
+    )
     ap.add_argument("--penalties", type=float, nargs="+", default=list(PENALTIES))
     ap.add_argument("--out", type=Path, default=RESULTS, help="results folder")
     args = ap.parse_args(argv)

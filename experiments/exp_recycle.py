@@ -71,7 +71,10 @@ def chosen(kind: str, seed: int, say: Clock) -> tuple[dict[str, Any], int, dict[
         view = ensure_run(RUNS["baselines"], seed, say)
         done = [r for r in view.complete]
         if kind == "single":
-            pick = max((r for r in done if (r.baseline or "").startswith("single:")), key=lambda r: dev_macro(view, r))
+            pick = max(
+                (r for r in done if (r.baseline or "").startswith("single:")),
+                key=lambda r: dev_macro(view, r),
+            )
             spent = sum(1 for r in done if (r.baseline or "").startswith("single:"))
         elif kind == "uniform":
             pick, spent = next(r for r in done if r.baseline == "uniform"), 1
@@ -96,7 +99,10 @@ def chosen(kind: str, seed: int, say: Clock) -> tuple[dict[str, Any], int, dict[
 def active_counts(key: str, seed: int, say: Clock) -> list[int]:
     """For each member of the run's Pareto set (dev): checkpoints with weight > ACTIVE."""
     view = ensure_run(RUNS[key], seed, say)
-    return [sum(w > ACTIVE for w in checkpoint_weights(m.record).values()) for m in analyse(view, "dev").members]
+    return [
+        sum(w > ACTIVE for w in checkpoint_weights(m.record).values())
+        for m in analyse(view, "dev").members
+    ]
 
 
 def run_seed(seed: int, say: Clock) -> list[dict[str, Any]]:
@@ -107,8 +113,17 @@ def run_seed(seed: int, say: Clock) -> list[dict[str, Any]]:
         test = scores.score(recipe, "test")
         dev = scores.score(recipe, "dev")
         active = sum(w > ACTIVE for w in weights.values()) if weights else len(recipe["models"])
-        rows.append({"seed": seed, "model": label, "kind": kind, "evaluations": spent, "active": active,
-                     "dev_mean4": dev["mean4"], **{c: test[c] for c in COLS}})
+        rows.append(
+            {
+                "seed": seed,
+                "model": label,
+                "kind": kind,
+                "evaluations": spent,
+                "active": active,
+                "dev_mean4": dev["mean4"],
+                **{c: test[c] for c in COLS},
+            }
+        )
         say(f"seed {seed}: {label}: test mean4 {test['mean4']:.3f}, sort {test[HELD_OUT]:.3f}")
     return rows
 
@@ -132,15 +147,26 @@ def table(rows: list[dict[str, Any]]) -> str:
         sel = _by(rows, kind=kind)
         if not sel:
             continue
-        body.append([
-            label, f"{statistics.fmean(r['evaluations'] for r in sel):.0f}",
-            f"{statistics.fmean(r['active'] for r in sel):.1f}",
-            *(pm([r[c] for r in sel]) for c in COLS),
-            _delta(_paired(rows, kind, "single", "mean4")) if kind != "single" else "",
-            _delta(_paired(rows, kind, "uniform", "mean4")) if kind != "uniform" else "",
-        ])
-    header = ["model (chosen on dev)", "dev evaluations", "ckpts > 0.01", *TRAINED, "mean (4)", "sort (held out)",
-              "Δ mean (4) vs best single (seeds higher)", "Δ vs uniform soup"]
+        body.append(
+            [
+                label,
+                f"{statistics.fmean(r['evaluations'] for r in sel):.0f}",
+                f"{statistics.fmean(r['active'] for r in sel):.1f}",
+                *(pm([r[c] for r in sel]) for c in COLS),
+                _delta(_paired(rows, kind, "single", "mean4")) if kind != "single" else "",
+                _delta(_paired(rows, kind, "uniform", "mean4")) if kind != "uniform" else "",
+            ]
+        )
+    header = [
+        "model (chosen on dev)",
+        "dev evaluations",
+        "ckpts > 0.01",
+        *TRAINED,
+        "mean (4)",
+        "sort (held out)",
+        "Δ mean (4) vs best single (seeds higher)",
+        "Δ vs uniform soup",
+    ]
     return md_table(header, body)
 
 
@@ -150,10 +176,27 @@ def active_table(seeds: Sequence[int], say: Clock) -> str:
         per_seed = [active_counts(key, s, say) for s in seeds]
         counts = [c for cs in per_seed for c in cs]
         n = len(ensure_run(RUNS[key], seeds[0], say).complete[0].weights)
-        body.append([key, f"{statistics.fmean(len(cs) for cs in per_seed):.1f}", f"{statistics.fmean(counts):.1f}",
-                     min(counts), max(counts), f"{100 * sum(c == n for c in counts) / len(counts):.0f} %"])
-    return md_table(["run", "front members (mean over seeds)", "ckpts > 0.01 per member, mean", "min", "max",
-                     "members using every checkpoint"], body)
+        body.append(
+            [
+                key,
+                f"{statistics.fmean(len(cs) for cs in per_seed):.1f}",
+                f"{statistics.fmean(counts):.1f}",
+                min(counts),
+                max(counts),
+                f"{100 * sum(c == n for c in counts) / len(counts):.0f} %",
+            ]
+        )
+    return md_table(
+        [
+            "run",
+            "front members (mean over seeds)",
+            "ckpts > 0.01 per member, mean",
+            "min",
+            "max",
+            "members using every checkpoint",
+        ],
+        body,
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: Path) -> None:
@@ -172,7 +215,9 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         ax.scatter(100 * statistics.fmean(r["mean4"] for r in sel), i, color="C0", s=80, marker="|")
     ax.set_yticks(range(len(shown)), [label for label, _ in shown])
     ax.invert_yaxis()
-    ax.set_xlabel("test accuracy, %: dots, mean of the 4 trained skills per seed (bar: their mean); x, held-out sort")
+    ax.set_xlabel(
+        "test accuracy, %: dots, mean of the 4 trained skills per seed (bar: their mean); x, held-out sort"
+    )
     ax.set_title("Experiment 1: models chosen on dev, scored on test")
     ax.grid(axis="x", alpha=0.3)
     save_figure(fig, path)
@@ -189,26 +234,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(rows, args.out / "exp_recycle.csv")
     plot(rows, args.out / "exp_recycle.png")
-    (args.out / "exp_recycle.md").write_text("\n".join([
-        "# Experiment 1: recycling checkpoints, searched merge vs the usual merges",
-        "",
-        f"Demo pool `--size {SETTINGS.size}`, pool seeds {args.seeds}, its full checkpoints. Every model is chosen on the "
-        f"dev split and scored on the TEST split; accuracy in percent, mean ± sample std over the seeds; "
-        f"**mean (4)** = the four trained skills (what the searches optimise); `sort` is held out of every search "
-        f"and every choice. Searches and tuned methods: {SETTINGS.budget} dev evaluations each. Δ is paired per seed.",
-        "",
-        table(rows),
-        "",
-        f"Checkpoints with weight > {ACTIVE} in the members of each search's Pareto set (dev), over all seeds:",
-        "",
-        active,
-        "",
-        "![recycling](exp_recycle.png)",
-        "",
-        f"Measured: {say.elapsed():.0f} s wall for this script (searches already run are read back from their "
-        f"storage). Command: `{' '.join(sys.argv)}`.",
-        "",
-    ]))
+    (args.out / "exp_recycle.md").write_text(
+        "\n".join(
+            [
+                "# Experiment 1: recycling checkpoints, searched merge vs the usual merges",
+                "",
+                f"Demo pool `--size {SETTINGS.size}`, pool seeds {args.seeds}, its full checkpoints. Every model is chosen on the "
+                f"dev split and scored on the TEST split; accuracy in percent, mean ± sample std over the seeds; "
+                f"**mean (4)** = the four trained skills (what the searches optimise); `sort` is held out of every search "
+                f"and every choice. Searches and tuned methods: {SETTINGS.budget} dev evaluations each. Δ is paired per seed.",
+                "",
+                table(rows),
+                "",
+                f"Checkpoints with weight > {ACTIVE} in the members of each search's Pareto set (dev), over all seeds:",
+                "",
+                active,
+                "",
+                "![recycling](exp_recycle.png)",
+                "",
+                f"Measured: {say.elapsed():.0f} s wall for this script (searches already run are read back from their "
+                f"storage). Command: `{' '.join(sys.argv)}`.",
+                "",
+            ]
+        )
+    )
     say(f"wrote {args.out / 'exp_recycle.md'}, .csv, .png")
     print((args.out / "exp_recycle.md").read_text())
     return 0

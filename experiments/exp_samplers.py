@@ -37,8 +37,13 @@ from recycler.search.study import StudyView
 
 KEYS = ("tpe", "nsga2", "gp", "random", "cmaes", "tpe-macro", "tpe-layers2")
 LABELS = {
-    "tpe": "tpe", "nsga2": "nsga2", "gp": "gp", "random": "random", "cmaes": "cmaes (on the mean)",
-    "tpe-macro": "tpe (on the mean)", "tpe-layers2": "tpe, layers:2",
+    "tpe": "tpe",
+    "nsga2": "nsga2",
+    "gp": "gp",
+    "random": "random",
+    "cmaes": "cmaes (on the mean)",
+    "tpe-macro": "tpe (on the mean)",
+    "tpe-layers2": "tpe, layers:2",
 }
 CHECKPOINTS = (10, 20, 30, 40, 50)
 
@@ -46,8 +51,11 @@ CHECKPOINTS = (10, 20, 30, 40, 50)
 def budget_trials(view: StudyView) -> list[Any]:
     """The trials that count toward the budget, in order: not those a killed run left
     behind (failed as stale or interrupted and run again by the resumed search)."""
-    return [r for r in sorted(view.trials, key=lambda r: r.number)
-            if not (r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted")))]
+    return [
+        r
+        for r in sorted(view.trials, key=lambda r: r.number)
+        if not (r.state == "FAIL" and (r.fail_reason or "").startswith(("stale", "interrupted")))
+    ]
 
 
 def trajectory(view: StudyView) -> list[list[float] | None]:
@@ -60,7 +68,9 @@ def hv_curve(traj: list[list[float] | None], ref: np.ndarray, scale: float) -> l
     for v in traj:
         if v is not None:
             seen.append(v)
-        out.append(pareto.hypervolume(np.asarray(seen), ref, [True] * len(ref)) / scale if seen else 0.0)
+        out.append(
+            pareto.hypervolume(np.asarray(seen), ref, [True] * len(ref)) / scale if seen else 0.0
+        )
     return out
 
 
@@ -79,14 +89,22 @@ def run_seed(seed: int, say: Clock) -> tuple[list[dict[str, Any]], dict[str, lis
         best = max(view.complete, key=lambda r: (dev_macro(view, r), -r.number))
         assert best.recipe is not None
         test = scores.score(best.recipe, "test")
-        rows.append({
-            "seed": seed, "run": key, "trials": len(budget_trials(view)),
-            "failed": sum(r.state == "FAIL" for r in budget_trials(view)),
-            **{f"hv@{k}": curve[min(k, len(curve)) - 1] for k in CHECKPOINTS},
-            "best_dev_mean4": dev_macro(view, best), "test_mean4": test["mean4"], "test_sort": test[HELD_OUT],
-            "trial_of_best": best.number,
-        })
-        say(f"seed {seed}: {key}: HV@{SETTINGS.budget} {curve[-1]:.3f}, best dev mean {rows[-1]['best_dev_mean4']:.3f}")
+        rows.append(
+            {
+                "seed": seed,
+                "run": key,
+                "trials": len(budget_trials(view)),
+                "failed": sum(r.state == "FAIL" for r in budget_trials(view)),
+                **{f"hv@{k}": curve[min(k, len(curve)) - 1] for k in CHECKPOINTS},
+                "best_dev_mean4": dev_macro(view, best),
+                "test_mean4": test["mean4"],
+                "test_sort": test[HELD_OUT],
+                "trial_of_best": best.number,
+            }
+        )
+        say(
+            f"seed {seed}: {key}: HV@{SETTINGS.budget} {curve[-1]:.3f}, best dev mean {rows[-1]['best_dev_mean4']:.3f}"
+        )
     return rows, curves
 
 
@@ -94,20 +112,37 @@ def table(rows: list[dict[str, Any]]) -> str:
     body = []
     for key in KEYS:
         sel = [r for r in rows if r["run"] == key]
-        body.append([
-            LABELS[key], *(pm([r[f"hv@{k}"] for r in sel], 1, 3) for k in CHECKPOINTS),
-            pm([r["best_dev_mean4"] for r in sel], 100, 1), pm([r["test_mean4"] for r in sel], 100, 1),
-            pm([r["test_sort"] for r in sel], 100, 1), f"{statistics.fmean(r['trial_of_best'] for r in sel):.0f}",
-        ])
-    return md_table(["sampler", *(f"HV @ {k}" for k in CHECKPOINTS), "best dev mean (4)",
-                     "its test mean (4)", "its test sort (held out)", "trial that found it"], body)
+        body.append(
+            [
+                LABELS[key],
+                *(pm([r[f"hv@{k}"] for r in sel], 1, 3) for k in CHECKPOINTS),
+                pm([r["best_dev_mean4"] for r in sel], 100, 1),
+                pm([r["test_mean4"] for r in sel], 100, 1),
+                pm([r["test_sort"] for r in sel], 100, 1),
+                f"{statistics.fmean(r['trial_of_best'] for r in sel):.0f}",
+            ]
+        )
+    return md_table(
+        [
+            "sampler",
+            *(f"HV @ {k}" for k in CHECKPOINTS),
+            "best dev mean (4)",
+            "its test mean (4)",
+            "its test sort (held out)",
+            "trial that found it",
+        ],
+        body,
+    )
 
 
 def ranks(rows: list[dict[str, Any]]) -> str:
     """Rank of each sampler by final hypervolume, per seed (1 = best)."""
     seeds = sorted({r["seed"] for r in rows})
     body = []
-    per_seed = {s: sorted((r for r in rows if r["seed"] == s), key=lambda r: -r[f"hv@{CHECKPOINTS[-1]}"]) for s in seeds}
+    per_seed = {
+        s: sorted((r for r in rows if r["seed"] == s), key=lambda r: -r[f"hv@{CHECKPOINTS[-1]}"])
+        for s in seeds
+    }
     for key in KEYS:
         rk = [next(i + 1 for i, r in enumerate(per_seed[s]) if r["run"] == key) for s in seeds]
         body.append([LABELS[key], *rk, f"{statistics.fmean(rk):.1f}"])
@@ -148,27 +183,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     write_rows_csv(rows, args.out / "exp_samplers.csv")
     plot(curves, args.out / "exp_samplers.png")
-    (args.out / "exp_samplers.md").write_text("\n".join([
-        "# Experiment 4: samplers and weight granularity",
-        "",
-        f"Demo pool `--size {SETTINGS.size}`, pool (= sampler) seeds {args.seeds}; {SETTINGS.budget} trials per run, no baseline "
-        "seeds; objectives: the four trained skills on dev. **HV @ k**: hypervolume of the first k trials against "
-        "the pool's worst value of each skill over all runs, divided by the hypervolume of every run's trials "
-        "together; mean ± sample std over seeds. Accuracies in percent; the test columns score the run's member with "
-        "the best dev mean.",
-        "",
-        table(rows),
-        "",
-        "Rank by final hypervolume, per seed:",
-        "",
-        ranks(rows),
-        "",
-        "![samplers](exp_samplers.png)",
-        "",
-        f"Measured: {say.elapsed():.0f} s wall for this script (runs already stored are read back). "
-        f"Command: `{' '.join(sys.argv)}`.",
-        "",
-    ]))
+    (args.out / "exp_samplers.md").write_text(
+        "\n".join(
+            [
+                "# Experiment 4: samplers and weight granularity",
+                "",
+                f"Demo pool `--size {SETTINGS.size}`, pool (= sampler) seeds {args.seeds}; {SETTINGS.budget} trials per run, no baseline "
+                "seeds; objectives: the four trained skills on dev. **HV @ k**: hypervolume of the first k trials against "
+                "the pool's worst value of each skill over all runs, divided by the hypervolume of every run's trials "
+                "together; mean ± sample std over seeds. Accuracies in percent; the test columns score the run's member with "
+                "the best dev mean.",
+                "",
+                table(rows),
+                "",
+                "Rank by final hypervolume, per seed:",
+                "",
+                ranks(rows),
+                "",
+                "![samplers](exp_samplers.png)",
+                "",
+                f"Measured: {say.elapsed():.0f} s wall for this script (runs already stored are read back). "
+                f"Command: `{' '.join(sys.argv)}`.",
+                "",
+            ]
+        )
+    )
     say(f"wrote {args.out / 'exp_samplers.md'}, .csv, .png")
     print((args.out / "exp_samplers.md").read_text())
     return 0

@@ -70,13 +70,19 @@ def runs_in(zoo: Path, sub: str) -> dict[str, list[Path]]:
     return out
 
 
-def linear_merge(paths: Sequence[Path], weights: Sequence[float], base: Path | None) -> dict[str, torch.Tensor]:
+def linear_merge(
+    paths: Sequence[Path], weights: Sequence[float], base: Path | None
+) -> dict[str, torch.Tensor]:
     """Σ w_i θ_i / Σ w_i in float32 through recycler's engine; adapters read as base + delta."""
     return merge(paths, weights, base, "linear", {"normalize": True})
 
 
 def merge(
-    paths: Sequence[Path], weights: Sequence[float], base: Path | None, method: str, parameters: Mapping[str, Any]
+    paths: Sequence[Path],
+    weights: Sequence[float],
+    base: Path | None,
+    method: str,
+    parameters: Mapping[str, Any],
 ) -> dict[str, torch.Tensor]:
     recipe = Recipe(
         merge_method=method,
@@ -100,7 +106,9 @@ class TestScorer:
         self.scorer = Scorer(zoo)
         self.evaluations = 0
 
-    def score(self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = (), split: str = "test") -> dict[str, float]:
+    def score(
+        self, weights: Mapping[str, torch.Tensor], own: Sequence[str] = (), split: str = "test"
+    ) -> dict[str, float]:
         """inc..sort accuracies, `mean4` (the four trained skills), `zoo_mean` (all five, the zoo group),
         and `own_mean` (the skills in `own`, e.g. the run's training mixture); on the test split
         unless told (the searches' experiments also choose on dev)."""
@@ -134,7 +142,9 @@ def write_rows_csv(rows: Sequence[Mapping[str, Any]], path: Path) -> None:
     with path.open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
-        w.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows)
+        w.writerows(
+            {k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()} for r in rows
+        )
 
 
 def save_figure(fig: Any, path: Path) -> None:

@@ -55,7 +55,9 @@ SHAPES: dict[str, LlamaShape] = {
     # ~58.6M parameters (117 MB per bf16 checkpoint)
     "60M": LlamaShape(hidden=512, intermediate=1408, layers=8, heads=8, kv_heads=8, vocab=32000),
     # ~438M parameters (877 MB per bf16 checkpoint)
-    "440M": LlamaShape(hidden=1024, intermediate=2816, layers=29, heads=16, kv_heads=16, vocab=32000),
+    "440M": LlamaShape(
+        hidden=1024, intermediate=2816, layers=29, heads=16, kv_heads=16, vocab=32000
+    ),
 }
 
 
@@ -129,8 +131,13 @@ def _base_tensor(name: str, shape: torch.Size, gen: torch.Generator) -> torch.Te
     return torch.randn(shape, generator=gen) * 0.02
 
 
-def _save(model_shape: LlamaShape, tensors: dict[str, torch.Tensor], out: Path, dtype: str,
-          max_shard_size: str) -> None:
+def _save(
+    model_shape: LlamaShape,
+    tensors: dict[str, torch.Tensor],
+    out: Path,
+    dtype: str,
+    max_shard_size: str,
+) -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
@@ -195,11 +202,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--force", action="store_true")
     args = parser.parse_args(argv)
-    spec = PoolSpec(shape=SHAPES[args.size], n_checkpoints=args.checkpoints, with_base=args.base,
-                    base_dtype=args.dtype, delta_scale=args.delta_scale, seed=args.seed)
+    spec = PoolSpec(
+        shape=SHAPES[args.size],
+        n_checkpoints=args.checkpoints,
+        with_base=args.base,
+        base_dtype=args.dtype,
+        delta_scale=args.delta_scale,
+        seed=args.seed,
+    )
     pool = build_pool(Path(args.out_dir), spec, force=args.force)
-    print(f"{spec.shape.n_params():,} parameters; {len(pool.checkpoints)} checkpoints"
-          f"{' + base' if pool.base else ''} in {pool.root}")
+    print(
+        f"{spec.shape.n_params():,} parameters; {len(pool.checkpoints)} checkpoints"
+        f"{' + base' if pool.base else ''} in {pool.root}"
+    )
     return 0
 
 

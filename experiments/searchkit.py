@@ -71,13 +71,25 @@ SETTINGS = Settings()
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--size", default=SETTINGS.size, choices=["micro", "small"])
-    ap.add_argument("--workdir", type=Path, default=SETTINGS.workdir, help="where the pools are built and cached")
-    ap.add_argument("--runs-dir", type=Path, default=SETTINGS.runs_dir, help="where the searches are stored")
+    ap.add_argument(
+        "--workdir",
+        type=Path,
+        default=SETTINGS.workdir,
+        help="where the pools are built and cached",
+    )
+    ap.add_argument(
+        "--runs-dir", type=Path, default=SETTINGS.runs_dir, help="where the searches are stored"
+    )
     ap.add_argument("--budget", type=int, default=SETTINGS.budget, help="evaluations per search")
 
 
 def configure(args: argparse.Namespace) -> None:
-    SETTINGS.size, SETTINGS.workdir, SETTINGS.runs_dir, SETTINGS.budget = args.size, args.workdir, args.runs_dir, args.budget
+    SETTINGS.size, SETTINGS.workdir, SETTINGS.runs_dir, SETTINGS.budget = (
+        args.size,
+        args.workdir,
+        args.runs_dir,
+        args.budget,
+    )
 
 
 def experiment_args(doc: str, argv: Sequence[str] | None) -> argparse.Namespace:
@@ -111,21 +123,24 @@ class RunSpec:
         return SETTINGS.budget
 
 
-RUNS: dict[str, RunSpec] = {r.key: r for r in (
-    # The baselines of recycler's search, alone: uniform soup, every single checkpoint and the
-    # greedy soup (one trial at a time, so the greedy steps are not interleaved with random ones).
-    RunSpec("baselines", "random", seeds=("uniform", "singles", "greedy"), capacity=1),
-    RunSpec("tpe", "tpe"),
-    RunSpec("cmaes", "cmaes", objective="macro_average"),
-    RunSpec("tpe-macro", "tpe", objective="macro_average"),
-    RunSpec("tpe-seeded", "tpe", seeds=("uniform", "singles", "mwa", "greedy")),
-    RunSpec("nsga2", "nsga2"),
-    RunSpec("gp", "gp"),
-    RunSpec("random", "random"),
-    RunSpec("tpe-layers2", "tpe", granularity="layers:2"),
-    # Simplex weights times a searched λ: the merge may scale the task vectors beyond their mean.
-    RunSpec("tpe-ta", "tpe", method="task_arithmetic", tune=(("lambda", 0.5, 3.0),)),
-)}
+RUNS: dict[str, RunSpec] = {
+    r.key: r
+    for r in (
+        # The baselines of recycler's search, alone: uniform soup, every single checkpoint and the
+        # greedy soup (one trial at a time, so the greedy steps are not interleaved with random ones).
+        RunSpec("baselines", "random", seeds=("uniform", "singles", "greedy"), capacity=1),
+        RunSpec("tpe", "tpe"),
+        RunSpec("cmaes", "cmaes", objective="macro_average"),
+        RunSpec("tpe-macro", "tpe", objective="macro_average"),
+        RunSpec("tpe-seeded", "tpe", seeds=("uniform", "singles", "mwa", "greedy")),
+        RunSpec("nsga2", "nsga2"),
+        RunSpec("gp", "gp"),
+        RunSpec("random", "random"),
+        RunSpec("tpe-layers2", "tpe", granularity="layers:2"),
+        # Simplex weights times a searched λ: the merge may scale the task vectors beyond their mean.
+        RunSpec("tpe-ta", "tpe", method="task_arithmetic", tune=(("lambda", 0.5, 3.0),)),
+    )
+}
 
 
 def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
@@ -139,8 +154,13 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
         "pool": {"base": str(zoo / "base"), "checkpoints": [str(zoo / "checkpoints" / "*")]},
         "merge": {"method": run.method, "dtype": "float32", "params": {}},
         "search": {
-            "weights": "simplex", "granularity": run.granularity, "sampler": run.sampler, "objective": run.objective,
-            "n_trials": run.n_trials(n_checkpoints), "seeds": list(run.seeds), "seed": seed,
+            "weights": "simplex",
+            "granularity": run.granularity,
+            "sampler": run.sampler,
+            "objective": run.objective,
+            "n_trials": run.n_trials(n_checkpoints),
+            "seeds": list(run.seeds),
+            "seed": seed,
             **({"tune": [{name: [low, high]} for name, low, high in run.tune]} if run.tune else {}),
         },
         "objectives": [{"name": s, "task": f"zoo_{s}", "metric": "acc"} for s in TRAINED],
@@ -168,7 +188,9 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
             say(f"seed {seed}: search {run.key} ({n_trials} trials)")
             start_ray(None)  # one local cluster for every run of this process
             with SearchDriver(
-                prepared, lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives), capacity=run.capacity
+                prepared,
+                lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+                capacity=run.capacity,
             ) as driver:
                 driver.run(n_trials)
             view = view_of(prepared.handle.study)
@@ -199,7 +221,9 @@ class RecipeScores:
         self.zoo = SETTINGS.zoo(seed, say)
         self.path = SETTINGS.folder(seed) / "recipe_scores.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.cache: dict[str, dict[str, float]] = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.cache: dict[str, dict[str, float]] = (
+            json.loads(self.path.read_text()) if self.path.is_file() else {}
+        )
         self._scorer: TestScorer | None = None
 
     def score(self, recipe: Mapping[str, Any], split: str = "test") -> dict[str, float]:
@@ -261,10 +285,15 @@ def ensure_tuned(method: str, seed: int, say: Clock) -> tuple[dict[str, Any], in
     folder.mkdir(parents=True, exist_ok=True)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name=method, storage=f"sqlite:///{folder / 'study.db'}", direction="maximize", load_if_exists=True,
+        study_name=method,
+        storage=f"sqlite:///{folder / 'study.db'}",
+        direction="maximize",
+        load_if_exists=True,
     )
     # Seeded as recycler seeds its samplers: a resumed study does not replay its first proposals.
-    study.sampler = optuna.samplers.TPESampler(seed=effective_seed(seed, len(study.get_trials(deepcopy=False))))
+    study.sampler = optuna.samplers.TPESampler(
+        seed=effective_seed(seed, len(study.get_trials(deepcopy=False)))
+    )
     for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)  # left by a killed run
     budget = SETTINGS.budget

@@ -75,7 +75,9 @@ def _cmd_front(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from recycler.search.pick import export_trial
 
-    export_trial(Path(args.study), Path(args.out_dir), trial=args.trial, pick=args.pick, force=args.force)
+    export_trial(
+        Path(args.study), Path(args.out_dir), trial=args.trial, pick=args.pick, force=args.force
+    )
 
 
 def _cmd_dashboard(args: argparse.Namespace) -> None:
@@ -104,13 +106,24 @@ def _cmd_demo(args: argparse.Namespace) -> None:
 
 def _parse_size(text: str) -> int:
     """'5GB', '500MB', '2GiB' or a plain byte count → bytes."""
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    units = {
+        "": 1,
+        "B": 1,
+        "KB": 10**3,
+        "MB": 10**6,
+        "GB": 10**9,
+        "KIB": 2**10,
+        "MIB": 2**20,
+        "GIB": 2**30,
+    }
     stripped = text.strip().upper()
     number = stripped.rstrip("KMGIB")
     try:
-        value = int(float(number) * units[stripped[len(number):]])
+        value = int(float(number) * units[stripped[len(number) :]])
     except (KeyError, ValueError):
-        raise RecyclerError(f"--max-shard-size: cannot read {text!r} as a size (e.g. 5GB)") from None
+        raise RecyclerError(
+            f"--max-shard-size: cannot read {text!r} as a size (e.g. 5GB)"
+        ) from None
     if value <= 0:
         raise RecyclerError(f"--max-shard-size: must be positive, got {text!r}")
     return value
@@ -121,26 +134,48 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"recycler {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    def command(name: str, handler: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[argparse.Namespace], None], help_: str
+    ) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_, description=help_)
         p.set_defaults(handler=handler)
         return p
 
-    p = command("merge", _cmd_merge, "Merge checkpoints with a mergekit-style recipe into a HF model directory.")
+    p = command(
+        "merge",
+        _cmd_merge,
+        "Merge checkpoints with a mergekit-style recipe into a HF model directory.",
+    )
     p.add_argument("recipe", metavar="RECIPE.yaml")
     p.add_argument("out_dir", metavar="OUT_DIR")
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
     p.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
-    p.add_argument("--allow-pickle", action="store_true", help="accept pickled .bin checkpoints (loaded with weights_only=True)")
+    p.add_argument(
+        "--allow-pickle",
+        action="store_true",
+        help="accept pickled .bin checkpoints (loaded with weights_only=True)",
+    )
     p.add_argument("--max-shard-size", default="5GB", help="largest output shard (default: 5GB)")
 
-    p = command("fisher", _cmd_fisher, "Estimate a checkpoint's diagonal Fisher from a text/jsonl file; writes fisher.safetensors beside it.")
+    p = command(
+        "fisher",
+        _cmd_fisher,
+        "Estimate a checkpoint's diagonal Fisher from a text/jsonl file; writes fisher.safetensors beside it.",
+    )
     p.add_argument("checkpoint", metavar="CHECKPOINT_DIR")
-    p.add_argument("--data", required=True, help="a .txt file (a text per line) or a .jsonl file (a 'text' field, or 'prompt' and 'completion': then only the completion's tokens are scored)")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a .txt file (a text per line) or a .jsonl file (a 'text' field, or 'prompt' and 'completion': then only the completion's tokens are scored)",
+    )
     p.add_argument("--n-examples", type=int, default=256)
     p.add_argument("--max-length", type=int, default=256)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--sampled", action="store_true", help="the exact Fisher (labels sampled from the model) instead of the empirical one")
+    p.add_argument(
+        "--sampled",
+        action="store_true",
+        help="the exact Fisher (labels sampled from the model) instead of the empirical one",
+    )
     p.add_argument("--seed", type=int, default=0)
 
     zoo = command("zoo", lambda a: None, "The built-in demo pool.")
@@ -153,7 +188,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("search", _cmd_search, "Run, or resume, a study.")
     p.add_argument("study", metavar="STUDY.yaml")
-    p.add_argument("--n-trials", type=int, default=None, help="total trials for the study (default: the study file's)")
+    p.add_argument(
+        "--n-trials",
+        type=int,
+        default=None,
+        help="total trials for the study (default: the study file's)",
+    )
 
     p = command("front", _cmd_front, "Print the Pareto front of a study.")
     p.add_argument("study", metavar="STUDY.yaml")
@@ -179,7 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("submit", _cmd_submit, "Submit a study as a Ray job.")
     p.add_argument("study", metavar="STUDY.yaml")
-    p.add_argument("--address", required=True, help="the Ray dashboard address, e.g. http://HEAD:8265")
+    p.add_argument(
+        "--address", required=True, help="the Ray dashboard address, e.g. http://HEAD:8265"
+    )
     p.add_argument("--follow", action="store_true", help="stream the job's logs until it ends")
     p.add_argument("--n-trials", type=int, default=None)
 

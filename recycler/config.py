@@ -71,7 +71,10 @@ class MergeSpec(_Strict):
         for key, v in self.params.items():
             spec = method.param(key)
             if spec is None or key == "weight":
-                raise _KeyError("merge.params", f"{key}: unknown parameter for {self.method} (known: {', '.join(known) or 'none'})")
+                raise _KeyError(
+                    "merge.params",
+                    f"{key}: unknown parameter for {self.method} (known: {', '.join(known) or 'none'})",
+                )
             if spec.kind == "bool" and not isinstance(v, bool):
                 raise _KeyError("merge.params", f"{key}: must be true or false")
             if spec.kind != "bool" and isinstance(v, bool):
@@ -128,13 +131,20 @@ class SearchSpec(_Strict):
         out: list[Any] = []
         for item in value:
             if isinstance(item, str):
-                raise ValueError(f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}")
+                raise ValueError(
+                    f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}"
+                )
             elif isinstance(item, dict) and len(item) == 1:
-                (name, rng), = item.items()
+                ((name, rng),) = item.items()
                 if name not in TUNABLE:
-                    raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(sorted(TUNABLE))}")
-                if not (isinstance(rng, list | tuple) and len(rng) == 2
-                        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)):
+                    raise ValueError(
+                        f"unknown parameter {name!r}; tunable: {', '.join(sorted(TUNABLE))}"
+                    )
+                if not (
+                    isinstance(rng, list | tuple)
+                    and len(rng) == 2
+                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)
+                ):
                     raise ValueError(f"{name}: range must be [low, high]")
                 if not rng[0] < rng[1]:
                     raise ValueError(f"{name}: range must have low < high, got {list(rng)}")
@@ -158,7 +168,9 @@ class SearchSpec(_Strict):
     @property
     def scalarised(self) -> bool:
         """True when the study optimises the macro-average instead of a Pareto set."""
-        return self.objective == "macro_average" or (self.objective is None and self.sampler == "cmaes")
+        return self.objective == "macro_average" or (
+            self.objective is None and self.sampler == "cmaes"
+        )
 
     @property
     def layer_groups(self) -> int | None:
@@ -171,7 +183,7 @@ class SearchSpec(_Strict):
         """The seeds with `mwa` expanded into its two variants, in enqueue order."""
         out: list[str] = []
         for seed in self.seeds:
-            for name in (("mwa_loss", "mwa_step") if seed == "mwa" else (seed,)):
+            for name in ("mwa_loss", "mwa_step") if seed == "mwa" else (seed,):
                 if name not in out:
                     out.append(name)
         return out
@@ -228,7 +240,11 @@ class StudySpec(_Strict):
         if not isinstance(data, dict):
             return data
         search, merge = data.get("search"), data.get("merge") or {}
-        if not isinstance(search, dict) or not isinstance(search.get("tune"), list) or not isinstance(merge, dict):
+        if (
+            not isinstance(search, dict)
+            or not isinstance(search.get("tune"), list)
+            or not isinstance(merge, dict)
+        ):
             return data
         method = METHODS.get(str(merge.get("method", "linear")))
         if method is None:
@@ -238,7 +254,10 @@ class StudySpec(_Strict):
         for item in search["tune"]:
             if isinstance(item, str):
                 if item not in TUNABLE:
-                    raise _KeyError("search.tune", f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}")
+                    raise _KeyError(
+                        "search.tune",
+                        f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}",
+                    )
                 if item not in ranges:
                     raise _KeyError("search.tune", _not_tunable(item, method.name, ranges))
                 item = {item: list(ranges[item])}
@@ -265,7 +284,9 @@ class StudySpec(_Strict):
             raise _KeyError("objectives", "the same task and metric are listed twice")
         self._check_method()
         if self.search.sampler == "cmaes" and self.search.objective == "pareto":
-            raise _KeyError("search.objective", "cmaes optimises one value: use macro_average or leave it out")
+            raise _KeyError(
+                "search.objective", "cmaes optimises one value: use macro_average or leave it out"
+            )
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
             raise _KeyError("search.bounds", "only used with weights: box")
         if self.eval.split == "test":
@@ -279,28 +300,40 @@ class StudySpec(_Strict):
         name = method.name
         if method.needs_base and self.pool.base is None:
             raise _KeyError("pool.base", f"required by merge.method {name}")
-        if not any(_GLOB.search(c) for c in self.pool.checkpoints):  # else checked once the pool is open
+        if not any(
+            _GLOB.search(c) for c in self.pool.checkpoints
+        ):  # else checked once the pool is open
             with_base = self.pool.base is not None and method.uses_base
-            if (why := method.count_error(len(self.pool.checkpoints), with_base, "checkpoints")) is not None:
+            if (
+                why := method.count_error(len(self.pool.checkpoints), with_base, "checkpoints")
+            ) is not None:
                 raise _KeyError("pool.checkpoints", why)
         tunable = method.tunable
         for tune in self.search.tune:
             if tune.name not in tunable:
                 raise _KeyError("search.tune", _not_tunable(tune.name, name, tunable))
             if tune.name in self.merge.params:
-                raise _KeyError("search.tune", f"{tune.name} is fixed in merge.params and searched: choose one")
+                raise _KeyError(
+                    "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
+                )
             spec = method.param(tune.name)
             assert spec is not None
             if not (spec.bounds.contains(tune.low) and spec.bounds.contains(tune.high)):
-                raise _KeyError("search.tune", f"{tune.name}: range [{tune.low:g}, {tune.high:g}] leaves {spec.bounds}")
+                raise _KeyError(
+                    "search.tune",
+                    f"{tune.name}: range [{tune.low:g}, {tune.high:g}] leaves {spec.bounds}",
+                )
         searched = {t.name for t in self.search.tune}
         for spec in method.params:
             if spec.required and spec.name not in self.merge.params and spec.name not in searched:
-                raise _KeyError("merge.params", f"{spec.name}: required by {name}: set it here or tune it")
+                raise _KeyError(
+                    "merge.params", f"{spec.name}: required by {name}: set it here or tune it"
+                )
         if not method.weighted and not searched:
             raise _KeyError(
-                "search.tune", f"{name} reads no weights, so the search needs a parameter to tune "
-                f"({', '.join(tunable) or f'{name} has none: it cannot be searched'})"
+                "search.tune",
+                f"{name} reads no weights, so the search needs a parameter to tune "
+                f"({', '.join(tunable) or f'{name} has none: it cannot be searched'})",
             )
 
     # -- resolved paths ---------------------------------------------------------------
@@ -339,7 +372,7 @@ def resolve_storage_url(url: str, root: Path) -> str:
     prefix = "sqlite:///"
     if not url.startswith(prefix):
         return url
-    rest = url[len(prefix):]
+    rest = url[len(prefix) :]
     if rest.startswith("/") or rest.startswith(":memory:"):
         return url
     return prefix + str((root / rest).resolve())

@@ -40,22 +40,28 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
     from recycler.zoo.build import build_zoo
 
     # build_zoo reuses a complete pool of this size and trains one otherwise.
-    console.print(f"[1/5] demo pool: the {size} pool in {zoo} (trained on the first run, then reused)")
+    console.print(
+        f"[1/5] demo pool: the {size} pool in {zoo} (trained on the first run, then reused)"
+    )
     build_started = time.perf_counter()
     build_zoo(zoo, size=size, seed=0)
     console.print(f"      ready after {time.perf_counter() - build_started:.0f} s")
     study_path = zoo / "study.yaml"
     spec = load_study_spec(study_path)
     target = n_trials if n_trials is not None else spec.search.n_trials
-    console.print(f"[2/5] search: study {spec.name!r}, {target} trials, sampler {spec.search.sampler}, "
-                  f"objectives {', '.join(spec.objective_names)}")
+    console.print(
+        f"[2/5] search: study {spec.name!r}, {target} trials, sampler {spec.search.sampler}, "
+        f"objectives {', '.join(spec.objective_names)}"
+    )
     prepared = prepare(spec)
     for note in prepared.notes:
         console.print(f"note: {note}")
     search_and_rescore(prepared, target, console)
     view = view_of(prepared.handle.study)
-    console.print("[3/5] the Pareto set (chosen on dev) against the single checkpoints and baselines, "
-                  "on the held-out test split")
+    console.print(
+        "[3/5] the Pareto set (chosen on dev) against the single checkpoints and baselines, "
+        "on the held-out test split"
+    )
     render_table(analyse(view, "test"), spec)
     print(summary_line(view, spec))
     console.print("[4/5] export: the knee trial")

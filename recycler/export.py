@@ -73,16 +73,32 @@ def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[_Sha
         size += info.nbytes
     shards = []
     for i, names in enumerate(groups):
-        filename = "model.safetensors" if len(groups) == 1 else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        filename = (
+            "model.safetensors"
+            if len(groups) == 1
+            else f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors"
+        )
         header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
         offset = 0
         for name in names:
             info = infos[name]
-            header[name] = {"dtype": info.code, "shape": list(info.shape), "data_offsets": [offset, offset + info.nbytes]}
+            header[name] = {
+                "dtype": info.code,
+                "shape": list(info.shape),
+                "data_offsets": [offset, offset + info.nbytes],
+            }
             offset += info.nbytes
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)  # keeps tensor data 8-byte aligned
-        shards.append(_Shard(filename, names, len(raw).to_bytes(8, "little") + raw, offset, [infos[n].nbytes for n in names]))
+        shards.append(
+            _Shard(
+                filename,
+                names,
+                len(raw).to_bytes(8, "little") + raw,
+                offset,
+                [infos[n].nbytes for n in names],
+            )
+        )
     return shards
 
 
@@ -127,14 +143,18 @@ class _ShardFiles:
             flat = flat.cpu()
         nbytes = self._slots[name][2]
         if flat.numel() * flat.element_size() != nbytes:
-            raise RuntimeError(f"tensor {name}: {flat.numel() * flat.element_size()} bytes, planned {nbytes}")
+            raise RuntimeError(
+                f"tensor {name}: {flat.numel() * flat.element_size()} bytes, planned {nbytes}"
+            )
         fd, offset, path = self.slot(name)
         if nbytes:
             self._pwrite(fd, flat.contiguous().view(torch.uint8).numpy().data, offset, path)
 
     def check_complete(self) -> None:
         if self._unwritten:
-            raise RuntimeError(f"{len(self._unwritten)} tensors were never written, e.g. {min(self._unwritten)}")
+            raise RuntimeError(
+                f"{len(self._unwritten)} tensors were never written, e.g. {min(self._unwritten)}"
+            )
 
     def close(self) -> None:
         for fd in self._fds:
@@ -225,10 +245,16 @@ def write_model_dir(
         started = time.perf_counter()
         files = _ShardFiles(tmp, shards)
         try:
-            rest = _merge_file_to_file(pool, recipe, files, stats) if device == "cpu" else pool.tensor_names
+            rest = (
+                _merge_file_to_file(pool, recipe, files, stats)
+                if device == "cpu"
+                else pool.tensor_names
+            )
             writer = _WriterThread(files)
             try:
-                for name, tensor in _on_device(iter_merged(pool, recipe, device, stats, names=rest)):
+                for name, tensor in _on_device(
+                    iter_merged(pool, recipe, device, stats, names=rest)
+                ):
                     writer.put(name, tensor)
                 writer.close()
             except BaseException:
@@ -257,7 +283,9 @@ def write_model_dir(
     return out_dir
 
 
-def _merge_file_to_file(pool: Pool, recipe: Recipe, files: _ShardFiles, stats: MergeStats) -> list[str]:
+def _merge_file_to_file(
+    pool: Pool, recipe: Recipe, files: _ShardFiles, stats: MergeStats
+) -> list[str]:
     """Merge every tensor that `FileMerger` can straight into its slot; the names left."""
     merger = FileMerger(pool, recipe)
     jobs, rest = [], []
@@ -335,7 +363,9 @@ def _tokenizer_dir(pool: Pool, recipe: Recipe) -> Path:
         return pool.config_dir
     path = Path(source)
     if not path.is_dir():
-        raise RecyclerError(f"tokenizer_source: {source!r} is not a directory (use base or a model dir)")
+        raise RecyclerError(
+            f"tokenizer_source: {source!r} is not a directory (use base or a model dir)"
+        )
     return path
 
 
@@ -347,8 +377,15 @@ def _copy_tokenizer(tmp: Path, source: Path) -> None:
 
 def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
     """The recipe with every model as an absolute path, so it reproduces from anywhere."""
-    models = [dataclasses.replace(spec, model=str(c.path.resolve())) for spec, c in zip(recipe.models, pool.checkpoints)]
-    base = str(pool.base.path.resolve()) if pool.base is not None and recipe.base_model is not None else recipe.base_model
+    models = [
+        dataclasses.replace(spec, model=str(c.path.resolve()))
+        for spec, c in zip(recipe.models, pool.checkpoints)
+    ]
+    base = (
+        str(pool.base.path.resolve())
+        if pool.base is not None and recipe.base_model is not None
+        else recipe.base_model
+    )
     return Recipe(
         merge_method=recipe.merge_method,
         models=models,
@@ -361,7 +398,9 @@ def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
     )
 
 
-def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None) -> str:
+def model_card(
+    pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None
+) -> str:
     """README.md: what was merged, how, from which exact bytes, and (from a search) how it scored."""
     data = recipe.to_dict()
     lines = [
@@ -382,7 +421,9 @@ def model_card(pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[
     ]
     for entry, ckpt in zip(data["models"], pool.checkpoints):
         params = entry.get("parameters", {})
-        lines.append(f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | {_fmt(params.get('density', '-'))} |")
+        lines.append(
+            f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | {_fmt(params.get('density', '-'))} |"
+        )
     lines += ["", f"- method: `{recipe.merge_method}`", f"- dtype: `{recipe.dtype}`"]
     if recipe.base_model:
         lines.append(f"- base model: `{recipe.base_model}`")
@@ -410,6 +451,7 @@ def _fmt(value: Any) -> str:
         return f"{value:.4g}"
     if isinstance(value, list):
         return "per-tensor: " + ", ".join(
-            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}" for e in value
+            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}"
+            for e in value
         )
     return str(value)

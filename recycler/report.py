@@ -49,6 +49,7 @@ def plot_front(view: StudyView, s: FrontSummary, path: Path) -> None:
     complete = view.complete
     front_numbers = {m.record.number for m in s.members}
     for ax, (i, j) in zip(axes, pairs):
+
         def xy(r: Any, i: int = i, j: int = j) -> tuple[float, float]:
             v = r.vector_dev
             return (float(r.number), v[i]) if i == j else (v[i], v[j])
@@ -59,21 +60,43 @@ def plot_front(view: StudyView, s: FrontSummary, path: Path) -> None:
         front_pts = sorted(xy(m.record) for m in s.members)
         if front_pts:
             ax.scatter(*zip(*front_pts), s=40, c="tab:blue", label="Pareto set", zorder=3)
-        singles = [b for b in s.baselines if b.record.baseline and b.record.baseline.startswith(SINGLE)]
+        singles = [
+            b for b in s.baselines if b.record.baseline and b.record.baseline.startswith(SINGLE)
+        ]
         for b in singles:
             x, y = xy(b.record)
-            ax.scatter([x], [y], marker="s", s=46, c="tab:orange", zorder=4,
-                       label="single checkpoints" if b is singles[0] else None)
-            ax.annotate(b.record.baseline[len(SINGLE):] if b.record.baseline else "", (x, y),
-                        fontsize=7, xytext=(3, 3), textcoords="offset points")
+            ax.scatter(
+                [x],
+                [y],
+                marker="s",
+                s=46,
+                c="tab:orange",
+                zorder=4,
+                label="single checkpoints" if b is singles[0] else None,
+            )
+            ax.annotate(
+                b.record.baseline[len(SINGLE) :] if b.record.baseline else "",
+                (x, y),
+                fontsize=7,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
         markers = ["^", "v", "D", "P", "X", "*"]
         for k, b in enumerate(b for b in s.baselines if b not in singles):
             x, y = xy(b.record)
             ax.scatter([x], [y], marker=markers[k % len(markers)], s=60, zorder=4, label=b.label)
         if s.knee is not None:
             knee = next(m.record for m in s.members if m.record.number == s.knee)
-            ax.scatter(*xy(knee), marker="*", s=260, facecolors="none", edgecolors="red", linewidths=1.5,
-                       zorder=5, label=f"knee (trial {s.knee})")
+            ax.scatter(
+                *xy(knee),
+                marker="*",
+                s=260,
+                facecolors="none",
+                edgecolors="red",
+                linewidths=1.5,
+                zorder=5,
+                label=f"knee (trial {s.knee})",
+            )
         arrow = ["↑" if up else "↓" for up in s.maximize]
         if i == j:
             ax.set_xlabel("trial")
@@ -97,7 +120,9 @@ def plot_hypervolume(view: StudyView, s: FrontSummary, path: Path) -> None:
         vectors = [r.vector_dev for r in complete if r.vector_dev is not None]
         numbers = [r.number for r in complete]
         if len(s.objectives) > 1:
-            ax.plot(numbers, pareto.hypervolume_history(vectors, s.maximize), drawstyle="steps-post")
+            ax.plot(
+                numbers, pareto.hypervolume_history(vectors, s.maximize), drawstyle="steps-post"
+            )
             ax.set_ylabel("hypervolume (dev)")
         else:
             sign = 1.0 if s.maximize[0] else -1.0
@@ -109,7 +134,9 @@ def plot_hypervolume(view: StudyView, s: FrontSummary, path: Path) -> None:
             ax.set_ylabel(f"best {s.objectives[0]} (dev)")
     ax.set_xlabel("trial")
     ax.grid(alpha=0.3)
-    ax.set_title("hypervolume of the trials so far (reference: the worst of each objective)", fontsize=9)
+    ax.set_title(
+        "hypervolume of the trials so far (reference: the worst of each objective)", fontsize=9
+    )
     _save(fig, path)
 
 
@@ -150,10 +177,15 @@ def plot_weights(s: FrontSummary, path: Path) -> None:
 def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, with_weights: bool) -> str:
     """Front members (with weights, what they dominate) or baselines (what dominates them)."""
     test_vals = {m.record.number: m.values for m in [*test.members, *test.baselines]}
-    head = "".join(f"<th>{html.escape(n)} (dev)</th><th>{html.escape(n)} (test)</th>" for n in s.objectives)
+    head = "".join(
+        f"<th>{html.escape(n)} (dev)</th><th>{html.escape(n)} (test)</th>" for n in s.objectives
+    )
     last = "dominates (dev)" if with_weights else "dominated by (dev)"
-    out = [f"<table><tr><th>trial</th><th>label</th>{head}"
-           + ("<th>weights</th>" if with_weights else "") + f"<th>{last}</th></tr>"]
+    out = [
+        f"<table><tr><th>trial</th><th>label</th>{head}"
+        + ("<th>weights</th>" if with_weights else "")
+        + f"<th>{last}</th></tr>"
+    ]
     for m in rows:
         tv = test_vals.get(m.record.number)
         cells = "".join(
@@ -162,12 +194,20 @@ def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, with_weigh
             for k in range(len(s.objectives))
         )
         label = html.escape(m.label + (" (knee)" if m.is_knee else ""))
-        weights = f"<td><code>{html.escape(format_weights(m.record.weights))}</code></td>" if with_weights else ""
-        related = m.dominates if with_weights else [
-            f"trial {f.record.number}" for f in s.members if m.label in f.dominates
-        ]
-        out.append(f"<tr><td>{m.record.number}</td><td>{label}</td>{cells}{weights}"
-                   f"<td>{html.escape(', '.join(related) or '-')}</td></tr>")
+        weights = (
+            f"<td><code>{html.escape(format_weights(m.record.weights))}</code></td>"
+            if with_weights
+            else ""
+        )
+        related = (
+            m.dominates
+            if with_weights
+            else [f"trial {f.record.number}" for f in s.members if m.label in f.dominates]
+        )
+        out.append(
+            f"<tr><td>{m.record.number}</td><td>{label}</td>{cells}{weights}"
+            f"<td>{html.escape(', '.join(related) or '-')}</td></tr>"
+        )
     out.append("</table>")
     return "\n".join(out)
 

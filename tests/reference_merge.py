@@ -111,8 +111,9 @@ def evaluate_setting(setting: Any, tensor_name: str, t: float) -> Any:
     raise ValueError(f"cannot read parameter setting {setting!r}")
 
 
-def resolve(name: str, scopes: Sequence[Mapping[str, Any] | None], tensor_name: str, t: float,
-            default: Any) -> Any:
+def resolve(
+    name: str, scopes: Sequence[Mapping[str, Any] | None], tensor_name: str, t: float, default: Any
+) -> Any:
     for scope in scopes:
         if scope and name in scope:
             value = evaluate_setting(scope[name], tensor_name, t)
@@ -162,9 +163,15 @@ def trim_ambiguous(delta: torch.Tensor, density: float, rel: float) -> torch.Ten
     return ((delta.abs() - kth).abs() <= rel * kth.abs()).reshape(delta.shape)
 
 
-def combine(method: str, base: torch.Tensor | None, deltas: Sequence[torch.Tensor],
-            weights: Sequence[float], normalize: bool, lam: float,
-            tensors: Sequence[torch.Tensor] | None = None) -> torch.Tensor:
+def combine(
+    method: str,
+    base: torch.Tensor | None,
+    deltas: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool,
+    lam: float,
+    tensors: Sequence[torch.Tensor] | None = None,
+) -> torch.Tensor:
     """The shared last step: linear, task arithmetic, or TIES election + disjoint merge."""
     w = torch.tensor(list(weights), dtype=torch.float64)
     if method == "linear":
@@ -243,8 +250,12 @@ class ReferenceMerge:
     def inputs(self, name: str, compute_dtype: torch.dtype | None = None) -> Inputs:
         r = self.recipe
         t = layer_t(name, self.n_layers)
-        weights = [float(resolve("weight", [mp, r.params], name, t, _REQUIRED)) for mp in r.model_params]
-        densities = [float(resolve("density", [mp, r.params], name, t, 1.0)) for mp in r.model_params]
+        weights = [
+            float(resolve("weight", [mp, r.params], name, t, _REQUIRED)) for mp in r.model_params
+        ]
+        densities = [
+            float(resolve("density", [mp, r.params], name, t, 1.0)) for mp in r.model_params
+        ]
         normalize = bool(resolve("normalize", [r.params], name, t, NORMALIZE_DEFAULT[r.method]))
         lam = float(resolve("lambda", [r.params], name, t, 1.0))
 
@@ -262,14 +273,22 @@ class ReferenceMerge:
         x = self.inputs(name)
         z = sum(x.weights) if x.normalize and abs(sum(x.weights)) >= 1e-8 else 1.0
         lam = 1.0 if self.recipe.method == "linear" else x.lam
-        mags = torch.stack([t.abs() for t in x.tensors] + ([x.base.abs()] if x.base is not None else []))
+        mags = torch.stack(
+            [t.abs() for t in x.tensors] + ([x.base.abs()] if x.base is not None else [])
+        )
         coef = 1 + sum(abs(lam * w / z) for w in x.weights)
         if self.recipe.method in DROPPED:
             coef = 1 + sum(abs(lam * w / z) / d for w, d in zip(x.weights, x.densities))
         return mags.amax(0) * coef
 
-    def merge(self, name: str, *, compute_dtype: torch.dtype | None = None,
-              tie_rel: float = 1e-5, sign_rel: float = 1e-5) -> Result:
+    def merge(
+        self,
+        name: str,
+        *,
+        compute_dtype: torch.dtype | None = None,
+        tie_rel: float = 1e-5,
+        sign_rel: float = 1e-5,
+    ) -> Result:
         """Merge one tensor in float64.
 
         compute_dtype: round the inputs and each task vector θ_i − θ_0 to this dtype
@@ -327,8 +346,10 @@ class ReferenceMerge:
         patterns = list(itertools.product([False, True], repeat=len(deltas)))
         cands = []
         for pat in patterns:
-            kept = [d / dens if keep else torch.zeros_like(d)
-                    for d, dens, keep in zip(deltas, x.densities, pat)]
+            kept = [
+                d / dens if keep else torch.zeros_like(d)
+                for d, dens, keep in zip(deltas, x.densities, pat)
+            ]
             cands.append(combine(method, x.base, kept, x.weights, x.normalize, x.lam))
         return torch.stack(cands), torch.tensor(patterns, dtype=torch.bool)
 
@@ -341,6 +362,8 @@ class ReferenceMerge:
         z = sum(x.weights) if x.normalize and abs(sum(x.weights)) >= 1e-8 else 1.0
         scale = x.lam / z
         mean = x.base + scale * sum(w * (t - x.base) for w, t in zip(x.weights, x.tensors))
-        var = scale**2 * sum(w**2 * (t - x.base) ** 2 * (1 - d) / d
-                             for w, t, d in zip(x.weights, x.tensors, x.densities))
+        var = scale**2 * sum(
+            w**2 * (t - x.base) ** 2 * (1 - d) / d
+            for w, t, d in zip(x.weights, x.tensors, x.densities)
+        )
         return mean, var

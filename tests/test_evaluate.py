@@ -34,7 +34,9 @@ def _checkpoint(micro_zoo: Path, index: int = 0) -> Path:
     return sorted((micro_zoo / "checkpoints").iterdir())[index]
 
 
-def test_scores_follow_the_weights_loaded_in_place(micro_zoo: Path, rm: ResidentModel, scores: dict) -> None:
+def test_scores_follow_the_weights_loaded_in_place(
+    micro_zoo: Path, rm: ResidentModel, scores: dict
+) -> None:
     model, lm = rm.model, rm.lm(64)
     for d in sorted((micro_zoo / "checkpoints").iterdir())[:2]:
         rm.load_tensors(read_full(d))
@@ -45,7 +47,9 @@ def test_scores_follow_the_weights_loaded_in_place(micro_zoo: Path, rm: Resident
     assert rm.model is model and rm.lm(64) is lm and lm.model is model
 
 
-def test_split_override_scores_dev_and_test(micro_zoo: Path, rm: ResidentModel, scores: dict) -> None:
+def test_split_override_scores_dev_and_test(
+    micro_zoo: Path, rm: ResidentModel, scores: dict
+) -> None:
     dev = evaluate_tasks(rm, micro_zoo / "tasks", TASKS, "dev")
     test = evaluate_tasks(rm, micro_zoo / "tasks", TASKS, "test")
     base = scores["models"]["base"]
@@ -79,7 +83,9 @@ def test_matches_lm_eval_loading_the_checkpoint_itself(micro_zoo: Path, scores: 
 
 def test_limit_scores_the_first_questions(micro_zoo: Path, rm: ResidentModel) -> None:
     got = evaluate_tasks(rm, micro_zoo / "tasks", [task_name("inc")], "dev", limit=5)
-    assert got[task_name("inc")]["acc"] * 5 == pytest.approx(round(got[task_name("inc")]["acc"] * 5))
+    assert got[task_name("inc")]["acc"] * 5 == pytest.approx(
+        round(got[task_name("inc")]["acc"] * 5)
+    )
     with pytest.raises(RecyclerError, match="limit"):
         evaluate_tasks(rm, micro_zoo / "tasks", [task_name("inc")], "dev", limit=0)
 
@@ -115,7 +121,9 @@ def test_tied_lm_head_is_written_through_the_embedding(rm: ResidentModel) -> Non
     assert torch.equal(embed, other)
 
 
-def test_lower_precision_weights_are_cast_into_the_resident_dtype(micro_zoo: Path, rm: ResidentModel) -> None:
+def test_lower_precision_weights_are_cast_into_the_resident_dtype(
+    micro_zoo: Path, rm: ResidentModel
+) -> None:
     state = {k: v.to(torch.bfloat16) for k, v in read_full(micro_zoo / "base").items()}
     rm.load_tensors(state)
     assert all(v.dtype == torch.float32 for v in rm.state_dict().values())
@@ -139,12 +147,16 @@ def test_task_suites_are_cached_until_the_folder_changes(micro_zoo: Path, tmp_pa
     assert load_suite(tasks, [GROUP]) is not first
 
 
-def test_a_named_task_inside_a_named_group_is_scored_once(micro_zoo: Path, rm: ResidentModel) -> None:
+def test_a_named_task_inside_a_named_group_is_scored_once(
+    micro_zoo: Path, rm: ResidentModel
+) -> None:
     got = evaluate_tasks(rm, micro_zoo / "tasks", [GROUP, task_name("rev")], "dev")
     assert set(got) == {GROUP, *TASKS}
 
 
-def test_bad_task_inputs_are_input_errors(micro_zoo: Path, rm: ResidentModel, tmp_path: Path) -> None:
+def test_bad_task_inputs_are_input_errors(
+    micro_zoo: Path, rm: ResidentModel, tmp_path: Path
+) -> None:
     with pytest.raises(RecyclerError, match="unknown task 'zoo_nope'"):
         evaluate_tasks(rm, micro_zoo / "tasks", ["zoo_nope"], "dev")
     with pytest.raises(RecyclerError, match="not a directory"):
@@ -156,7 +168,9 @@ def test_bad_task_inputs_are_input_errors(micro_zoo: Path, rm: ResidentModel, tm
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_resident_model_on_cuda_scores_like_the_cpu(micro_zoo: Path, scores: dict, dtype: torch.dtype) -> None:
+def test_resident_model_on_cuda_scores_like_the_cpu(
+    micro_zoo: Path, scores: dict, dtype: torch.dtype
+) -> None:
     rm = ResidentModel(micro_zoo / "base", device="cuda", dtype=dtype)
     d = _checkpoint(micro_zoo, 1)
     rm.load_tensors(read_full(d))  # CPU tensors of the file's dtype, copied onto the GPU

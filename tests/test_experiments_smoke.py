@@ -35,7 +35,24 @@ def test_exp_mwa_smoke(workdir: Path) -> None:
     import exp_mwa
 
     out = workdir / "results-mwa"
-    assert exp_mwa.main(["--seeds", "0", "--size", "micro", "--workdir", str(workdir), "--penalties", "0", "1", "--out", str(out)]) == 0
+    assert (
+        exp_mwa.main(
+            [
+                "--seeds",
+                "0",
+                "--size",
+                "micro",
+                "--workdir",
+                str(workdir),
+                "--penalties",
+                "0",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     rows = _rows(out / "exp_mwa.csv")
     assert {r["set"] for r in rows} == {"lora", "full"}
     # p = 0 is the uniform average: the same weights, hence the same scores.
@@ -51,11 +68,25 @@ def test_exp_fisher_smoke(workdir: Path) -> None:
     import exp_fisher
 
     out = workdir / "results-fisher"
-    argv = ["--seeds", "0", "--size", "micro", "--workdir", str(workdir), "--examples", "16", "--no-pairs", "--out", str(out)]
+    argv = [
+        "--seeds",
+        "0",
+        "--size",
+        "micro",
+        "--workdir",
+        str(workdir),
+        "--examples",
+        "16",
+        "--no-pairs",
+        "--out",
+        str(out),
+    ]
     assert exp_fisher.main(argv) == 0
     rows = _rows(out / "exp_fisher.csv")
     assert {(r["group"], r["method"], r["data"]) for r in rows} == {
-        (g, m, d) for g in ("all", "finals") for m, d in (("average", ""), ("fisher", "own"), ("fisher", "shared"))
+        (g, m, d)
+        for g in ("all", "finals")
+        for m, d in (("average", ""), ("fisher", "own"), ("fisher", "shared"))
     }
     assert all(0.0 <= float(r["mean4"]) <= 1.0 for r in rows)
     # The merge's Fisher files are removed again: the pool is left as it was built.
@@ -70,8 +101,18 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
     import exp_samplers
     import ray
 
-    common = ["--seeds", "0", "--size", "micro", "--workdir", str(workdir), "--runs-dir", str(tmp_path / "runs"),
-              "--budget", "4"]
+    common = [
+        "--seeds",
+        "0",
+        "--size",
+        "micro",
+        "--workdir",
+        str(workdir),
+        "--runs-dir",
+        str(tmp_path / "runs"),
+        "--budget",
+        "4",
+    ]
     out = tmp_path / "results"
     try:
         assert exp_recycle.main([*common, "--out", str(out)]) == 0
@@ -79,13 +120,18 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
         assert set(rows) == {kind for _, kind in exp_recycle.MODELS}
         # The greedy soup starts from the best single checkpoint and keeps only what helps on dev.
         assert float(rows["greedy"]["dev_mean4"]) >= float(rows["single"]["dev_mean4"])
-        assert all(int(rows[f"tuned:{m}"]["evaluations"]) == 4 for m in ("task_arithmetic", "ties", "dare_ties"))
+        assert all(
+            int(rows[f"tuned:{m}"]["evaluations"]) == 4
+            for m in ("task_arithmetic", "ties", "dare_ties")
+        )
         assert all(0.0 <= float(r["mean4"]) <= 1.0 for r in rows.values())
 
         # The samplers' experiment reads back the searches it shares and runs the rest.
         assert exp_samplers.main([*common, "--out", str(out)]) == 0
         runs = _rows(out / "exp_samplers.csv")
-        assert {r["run"] for r in runs} == set(exp_samplers.KEYS) and all(r["trials"] == "4" for r in runs)
+        assert {r["run"] for r in runs} == set(exp_samplers.KEYS) and all(
+            r["trials"] == "4" for r in runs
+        )
         hv = [[float(r[f"hv@{k}"]) for k in exp_samplers.CHECKPOINTS] for r in runs]
         assert all(0.0 <= a <= b <= 1.0 + 1e-9 for h in hv for a, b in itertools.pairwise(h))
         assert max(h[-1] for h in hv) > 0.0
@@ -95,6 +141,8 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
             if int(r["opt_dominated_by_front"]) > 0:
                 assert float(r["front_best_dev_mean4"]) >= float(r["opt_dev_mean4"])
         for name in ("exp_recycle", "exp_samplers", "exp_objectives"):
-            assert (out / f"{name}.png").stat().st_size > 0 and (out / f"{name}.md").read_text().startswith("# Experiment")
+            assert (out / f"{name}.png").stat().st_size > 0 and (
+                out / f"{name}.md"
+            ).read_text().startswith("# Experiment")
     finally:
         ray.shutdown()  # the experiments started a local cluster in this process

@@ -19,7 +19,9 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     for name in ("c0", "c1"):
         save_tokenizer(dirs[name])
     data = dirs["base"].parent / "texts.jsonl"
-    data.write_text("".join(json.dumps({"text": "abcdefghij"[i:] + "klmnop"[: i + 2]}) + "\n" for i in range(8)))
+    data.write_text(
+        "".join(json.dumps({"text": "abcdefghij"[i:] + "klmnop"[: i + 2]}) + "\n" for i in range(8))
+    )
     dirs["data"] = data
     return dirs
 
@@ -27,19 +29,27 @@ def pool(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def _recipe(pool: dict[str, Path], path: Path) -> Path:
     path.write_text(
         yaml.safe_dump(
-            {"merge_method": "fisher", "models": [{"model": str(pool["c0"])}, {"model": str(pool["c1"])}], "dtype": "float32"}
+            {
+                "merge_method": "fisher",
+                "models": [{"model": str(pool["c0"])}, {"model": str(pool["c1"])}],
+                "dtype": "float32",
+            }
         )
     )
     return path
 
 
-def test_fisher_is_estimated_then_weights_the_merge(pool: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_fisher_is_estimated_then_weights_the_merge(
+    pool: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     recipe = _recipe(pool, tmp_path / "recipe.yaml")
     # Without the Fisher files the merge says what to run.
     assert main(["merge", str(recipe), str(tmp_path / "early")]) == 2
     assert "run `recycler fisher" in capsys.readouterr().err
     for name in ("c0", "c1"):
-        assert main(["fisher", str(pool[name]), "--data", str(pool["data"]), "--n-examples", "8"]) == 0
+        assert (
+            main(["fisher", str(pool[name]), "--data", str(pool["data"]), "--n-examples", "8"]) == 0
+        )
         assert (pool[name] / "fisher.safetensors").is_file()
     assert main(["merge", str(recipe), str(tmp_path / "out")]) == 0
     merged, a, b = load_state(tmp_path / "out"), load_state(pool["c0"]), load_state(pool["c1"])
@@ -58,11 +68,20 @@ def test_fisher_is_estimated_then_weights_the_merge(pool: dict[str, Path], tmp_p
     [
         (None, "cannot read"),
         ('{"txt": "x"}\n', "line 1: expected a JSON object with a 'text' field"),
-        ('{"text": "abc"}\n{"prompt": "x"}\n', "line 2: expected a JSON object with a 'text' field, or 'prompt' and 'completion'"),
+        (
+            '{"text": "abc"}\n{"prompt": "x"}\n',
+            "line 2: expected a JSON object with a 'text' field, or 'prompt' and 'completion'",
+        ),
         ("", "no examples"),
     ],
 )
-def test_bad_fisher_data_fails_cleanly(content: str | None, fragment: str, pool: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_fisher_data_fails_cleanly(
+    content: str | None,
+    fragment: str,
+    pool: dict[str, Path],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     data = tmp_path / "data.jsonl"
     if content is not None:
         data.write_text(content)
@@ -72,7 +91,9 @@ def test_bad_fisher_data_fails_cleanly(content: str | None, fragment: str, pool:
     assert not (pool["c2"] / "fisher.safetensors").exists()
 
 
-def test_a_prompt_is_context_and_only_the_completion_is_scored(pool: dict[str, Path], tmp_path: Path) -> None:
+def test_a_prompt_is_context_and_only_the_completion_is_scored(
+    pool: dict[str, Path], tmp_path: Path
+) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from recycler.merge.fisher import Example, estimate_fisher, read_examples
@@ -90,7 +111,9 @@ def test_a_prompt_is_context_and_only_the_completion_is_scored(pool: dict[str, P
     ids = tokenizer("abcdefghij", return_tensors="pt")["input_ids"]
     labels = ids.clone()
     labels[:, :6] = -100
-    loss = model(input_ids=ids, labels=labels).loss * 4  # the mean over the 4 completion tokens, as a sum
+    loss = (
+        model(input_ids=ids, labels=labels).loss * 4
+    )  # the mean over the 4 completion tokens, as a sum
     loss.backward()
     for name, p in model.named_parameters():
         assert p.grad is not None

@@ -22,10 +22,15 @@ def pool_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return make_pool(tmp_path_factory.mktemp("gpu-pool"))
 
 
-@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"])
+@pytest.mark.parametrize(
+    "method", ["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"]
+)
 def test_cuda_merge_matches_cpu(method: str, pool_dirs: dict[str, Path]) -> None:
     pool = Pool.open([pool_dirs["c0"], pool_dirs["c1"], pool_dirs["c2"]], pool_dirs["base"])
-    specs = [ModelSpec(str(c.path), weight=w, density=d) for c, w, d in zip(pool.checkpoints, [0.5, 0.3, 0.2], [0.5, 0.7, 0.9])]
+    specs = [
+        ModelSpec(str(c.path), weight=w, density=d)
+        for c, w, d in zip(pool.checkpoints, [0.5, 0.3, 0.2], [0.5, 0.7, 0.9])
+    ]
     recipe = Recipe(method, specs, base_model=str(pool_dirs["base"]), dtype="float32")
     cpu = merge_state_dict(pool, recipe, "cpu")
     gpu = merge_state_dict(pool, recipe, "cuda")
@@ -41,7 +46,10 @@ def test_cli_merges_on_cuda(pool_dirs: dict[str, Path], tmp_path: Path) -> None:
             {
                 "merge_method": "ties",
                 "base_model": str(pool_dirs["base"]),
-                "models": [{"model": str(pool_dirs[c]), "parameters": {"weight": 1.0, "density": 0.5}} for c in ("c0", "c1", "c2")],
+                "models": [
+                    {"model": str(pool_dirs[c]), "parameters": {"weight": 1.0, "density": 0.5}}
+                    for c in ("c0", "c1", "c2")
+                ],
                 "dtype": "bfloat16",
             }
         )

@@ -24,10 +24,22 @@ FLOATS = [torch.float32, torch.bfloat16, torch.float16]
 # Half a unit in the last place of each output dtype, relative to the value (at most).
 HALF_ULP = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 # Inputs of mixed dtypes: four bf16 in a row, a pair, and singles of every dtype.
-MIX = [torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.bfloat16, torch.float32, torch.bfloat16, torch.bfloat16, torch.float16, torch.bfloat16]
+MIX = [
+    torch.bfloat16,
+    torch.bfloat16,
+    torch.bfloat16,
+    torch.bfloat16,
+    torch.float32,
+    torch.bfloat16,
+    torch.bfloat16,
+    torch.float16,
+    torch.bfloat16,
+]
 
 
-def _random(n: int, dtypes: list[torch.dtype], seed: int = 0) -> tuple[list[torch.Tensor], list[float]]:
+def _random(
+    n: int, dtypes: list[torch.dtype], seed: int = 0
+) -> tuple[list[torch.Tensor], list[float]]:
     g = torch.Generator().manual_seed(seed)
     xs = [torch.randn(n, generator=g).to(d) for d in dtypes]
     coeffs = (torch.rand(len(dtypes), generator=g) * 2 - 0.5).tolist()
@@ -40,7 +52,9 @@ def _without_c_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_the_c_kernel_is_built() -> None:
     # setup.py builds it optionally; without it merges fall back to PyTorch, several times slower.
-    assert kernel.fused_dtypes([code_of(d) for d in FLOATS]), "recycler/merge/_fused.c was not compiled (is a C compiler installed?)"
+    assert kernel.fused_dtypes([code_of(d) for d in FLOATS]), (
+        "recycler/merge/_fused.c was not compiled (is a C compiler installed?)"
+    )
 
 
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float16])
@@ -57,7 +71,9 @@ def test_one_fp32_input_rounds_exactly_as_pytorch_casts(out_dtype: torch.dtype) 
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
-def test_matches_a_float64_reference_for_mixed_dtypes(out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_matches_a_float64_reference_for_mixed_dtypes(
+    out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(kernel, "TASK", 4096)  # several ranges, and a ragged last one
     xs, coeffs = _random(3 * 4096 + 1023, MIX)
     got = linear_combination(xs, coeffs, out_dtype)
@@ -66,7 +82,9 @@ def test_matches_a_float64_reference_for_mixed_dtypes(out_dtype: torch.dtype, mo
     assert isinstance(exact, torch.Tensor)
     # One rounding to the output dtype, plus fp32 accumulation error.
     # (2**-24 absolute: fp16's subnormals near zero.)
-    tolerance = exact.abs() * HALF_ULP[out_dtype] + sum(t.abs() for t in terms) * 2.0**-21 + 2.0**-24
+    tolerance = (
+        exact.abs() * HALF_ULP[out_dtype] + sum(t.abs() for t in terms) * 2.0**-21 + 2.0**-24
+    )
     assert bool(((got.double() - exact).abs() <= tolerance).all())
 
 
@@ -78,7 +96,9 @@ def test_same_bits_however_the_work_is_split(monkeypatch: pytest.MonkeyPatch) ->
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
-def test_the_pytorch_fallback_agrees(out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_pytorch_fallback_agrees(
+    out_dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
     xs, coeffs = _random(70_001, MIX, seed=2)
     fused = linear_combination(xs, coeffs, out_dtype)
     _without_c_kernel(monkeypatch)
@@ -87,7 +107,12 @@ def test_the_pytorch_fallback_agrees(out_dtype: torch.dtype, monkeypatch: pytest
     # Both round once from fp32 sums that may differ in their last bits.
     scale = sum(abs(c) * x.double().abs() for c, x in zip(coeffs, xs))
     assert isinstance(scale, torch.Tensor)
-    assert bool(((fused.double() - fallback.double()).abs() <= fallback.double().abs() * 2 * HALF_ULP[out_dtype] + scale * 2.0**-20 + 2.0**-24).all())
+    assert bool(
+        (
+            (fused.double() - fallback.double()).abs()
+            <= fallback.double().abs() * 2 * HALF_ULP[out_dtype] + scale * 2.0**-20 + 2.0**-24
+        ).all()
+    )
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -100,7 +125,9 @@ def test_the_pytorch_fallback_agrees(out_dtype: torch.dtype, monkeypatch: pytest
         ([3e38, 3e38], torch.bfloat16),  # overflows fp32 itself
     ],
 )
-def test_non_finite_results_are_caught(values: list[float], out_dtype: torch.dtype, fused: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_non_finite_results_are_caught(
+    values: list[float], out_dtype: torch.dtype, fused: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
     if not fused:
         _without_c_kernel(monkeypatch)
     xs = [torch.ones(10_000) for _ in values]
@@ -110,7 +137,9 @@ def test_non_finite_results_are_caught(values: list[float], out_dtype: torch.dty
         linear_combination(xs, [1.0, 1.0], out_dtype)
 
 
-def _stored(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, dict[str, tuple[int, int, str]]]:
+def _stored(
+    tmp_path: Path, tensors: dict[str, torch.Tensor]
+) -> tuple[int, dict[str, tuple[int, int, str]]]:
     path = tmp_path / "inputs.safetensors"
     save_file(tensors, str(path))
     fd = os.open(path, os.O_RDONLY)
@@ -119,7 +148,9 @@ def _stored(tmp_path: Path, tensors: dict[str, torch.Tensor]) -> tuple[int, dict
 
 
 @pytest.mark.parametrize("out_dtype", FLOATS)
-def test_combine_files_writes_what_linear_combination_returns(out_dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_combine_files_writes_what_linear_combination_returns(
+    out_dtype: torch.dtype, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(kernel, "TASK", 1 << 16)  # several ranges of FILE_STEP elements
     xs, coeffs = _random(200_003, [torch.bfloat16, torch.float32, torch.float16], seed=3)
     fd, where = _stored(tmp_path, {f"x{i}": x for i, x in enumerate(xs)})
@@ -127,7 +158,9 @@ def test_combine_files_writes_what_linear_combination_returns(out_dtype: torch.d
     out_fd = os.open(out_path, os.O_RDWR | os.O_CREAT)
     try:
         os.pwrite(out_fd, b"header", 0)
-        assert combine_files(out_fd, 6, code_of(out_dtype), [where[f"x{i}"] for i in range(3)], coeffs, 200_003).wait()
+        assert combine_files(
+            out_fd, 6, code_of(out_dtype), [where[f"x{i}"] for i in range(3)], coeffs, 200_003
+        ).wait()
     finally:
         os.close(out_fd)
         os.close(fd)
@@ -142,7 +175,9 @@ def test_combine_files_names_the_input_that_ends_early(tmp_path: Path) -> None:
     out_fd = os.open(tmp_path / "out.bin", os.O_RDWR | os.O_CREAT)
     try:
         with pytest.raises(OSError) as caught:
-            combine_files(out_fd, 0, "F32", [where["a"], where["b"]], [0.5, 0.5], 2000).wait()  # twice the stored length
+            combine_files(
+                out_fd, 0, "F32", [where["a"], where["b"]], [0.5, 0.5], 2000
+            ).wait()  # twice the stored length
     finally:
         os.close(out_fd)
         os.close(fd)
@@ -157,9 +192,17 @@ def test_the_export_writes_the_in_memory_merge_bit_for_bit(method: str, tmp_path
     dirs = make_pool(tmp_path / "pool")  # bf16, sharded fp32 and fp16 checkpoints, an fp32 base
     pool = Pool.open([dirs["c0"], dirs["c1"], dirs["c2"]], dirs["base"])
     models = [ModelSpec(str(c.path), weight=w) for c, w in zip(pool.checkpoints, [0.5, 0.3, 0.4])]
-    recipe = Recipe(method, models, base_model=str(dirs["base"]), parameters={"normalize": True, "lambda": 1.3}, dtype="bfloat16")
+    recipe = Recipe(
+        method,
+        models,
+        base_model=str(dirs["base"]),
+        parameters={"normalize": True, "lambda": 1.3},
+        dtype="bfloat16",
+    )
     merger = FileMerger(pool, recipe)
-    assert all(merger.plan(name) is not None for name in pool.tensor_names)  # the whole model goes file to file
+    assert all(
+        merger.plan(name) is not None for name in pool.tensor_names
+    )  # the whole model goes file to file
     write_model_dir(tmp_path / "out", pool, recipe)
     written = load_state(tmp_path / "out")
     in_memory = merge_state_dict(pool, recipe)
@@ -181,13 +224,17 @@ def test_a_lora_member_sends_only_its_targets_through_memory(tmp_path: Path) -> 
                 p.normal_(0, 0.1)
     adapter.save_pretrained(tmp_path / "adapter")
     pool = Pool.open([dirs["c0"], tmp_path / "adapter"], dirs["base"])
-    recipe = Recipe("linear", [ModelSpec(str(c.path), weight=0.5) for c in pool.checkpoints], dtype="bfloat16")
+    recipe = Recipe(
+        "linear", [ModelSpec(str(c.path), weight=0.5) for c in pool.checkpoints], dtype="bfloat16"
+    )
     merger = FileMerger(pool, recipe)
     in_memory_only = {name for name in pool.tensor_names if merger.plan(name) is None}
     assert in_memory_only and all("q_proj" in name for name in in_memory_only)
     write_model_dir(tmp_path / "out", pool, recipe)
     written, in_memory = load_state(tmp_path / "out"), merge_state_dict(pool, recipe)
-    assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
+    assert written.keys() == in_memory.keys() and all(
+        torch.equal(written[k], in_memory[k]) for k in written
+    )
 
 
 def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
@@ -200,7 +247,9 @@ def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
     dirs = make_pool(tmp_path / "pool")
     recipe = tmp_path / "recipe.yaml"
     models = [{"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in ("c0", "c1", "c2")]
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "bfloat16"}))
+    recipe.write_text(
+        yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "bfloat16"})
+    )
     out = tmp_path / "out"
     check = (
         "import sys; from recycler.cli import main; code = main(['merge', sys.argv[1], sys.argv[2]]); "
@@ -210,4 +259,6 @@ def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
     pool = Pool.open([dirs["c0"], dirs["c1"], dirs["c2"]])
     in_memory = merge_state_dict(pool, Recipe.from_dict(yaml.safe_load(recipe.read_text())))
     written = load_state(out)
-    assert written.keys() == in_memory.keys() and all(torch.equal(written[k], in_memory[k]) for k in written)
+    assert written.keys() == in_memory.keys() and all(
+        torch.equal(written[k], in_memory[k]) for k in written
+    )

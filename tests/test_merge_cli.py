@@ -65,8 +65,10 @@ def write_recipe(root: Path, **overrides: object) -> Path:
         if "parameters" not in overrides:
             recipe["parameters"] = {k: v for k, v in recipe["parameters"].items() if k in takes}
         if "models" not in overrides:
-            recipe["models"] = [{**m, "parameters": {k: v for k, v in m["parameters"].items() if k in takes}}
-                                for m in recipe["models"]]
+            recipe["models"] = [
+                {**m, "parameters": {k: v for k, v in m["parameters"].items() if k in takes}}
+                for m in recipe["models"]
+            ]
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -87,18 +89,30 @@ def assert_clean_error(code: int, err: str, out_dir: Path, *fragments: str) -> N
     assert not list(out_dir.parent.glob(f".{out_dir.name}*")), "temporary output left behind"
 
 
-def test_merge_writes_a_loadable_hf_dir(pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_merge_writes_a_loadable_hf_dir(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     code, err = run_merge(capsys, str(write_recipe(pool)), str(out), "--max-shard-size", "40KB")
     assert code == 0, err
     names = {p.name for p in out.iterdir()}
-    assert {"config.json", "model.safetensors.index.json", "recipe.yaml", "README.md", "tokenizer.json", "generation_config.json"} <= names
+    assert {
+        "config.json",
+        "model.safetensors.index.json",
+        "recipe.yaml",
+        "README.md",
+        "tokenizer.json",
+        "generation_config.json",
+    } <= names
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.dtype == torch.bfloat16
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
     AutoTokenizer.from_pretrained(out)
     card = (out / "README.md").read_text()
-    assert "| c1 | 0.3 | 0.6 |" in card and len([ln for ln in card.splitlines() if "sha256" in ln or "`" in ln]) > 4
+    assert (
+        "| c1 | 0.3 | 0.6 |" in card
+        and len([ln for ln in card.splitlines() if "sha256" in ln or "`" in ln]) > 4
+    )
     # The written recipe reproduces the same tensors.
     again = tmp_path / "again"
     assert main(["merge", str(out / "recipe.yaml"), str(again)]) == 0
@@ -106,7 +120,9 @@ def test_merge_writes_a_loadable_hf_dir(pool: Path, tmp_path: Path, capsys: pyte
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_existing_output_is_refused_unless_forced(pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_existing_output_is_refused_unless_forced(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -203,7 +219,13 @@ def _damage_missing_checkpoint(root: Path) -> str:
 )
 # ties merges tensors in memory; linear goes file to file through the C kernel.
 @pytest.mark.parametrize("method", ["ties", "linear"])
-def test_bad_pool_fails_cleanly(damage: Callable[[Path], str], method: str, pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_pool_fails_cleanly(
+    damage: Callable[[Path], str],
+    method: str,
+    pool: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     fragment = damage(pool)
     out = tmp_path / "out"
     code, err = run_merge(capsys, str(write_recipe(pool, merge_method=method)), str(out))
@@ -222,20 +244,59 @@ def test_bad_pool_fails_cleanly(damage: Callable[[Path], str], method: str, pool
         ({"slices": []}, "slices: not supported"),
         ({"colour": "red"}, "colour: unknown key"),
         # the new methods' contracts and parameters, from their descriptions
-        ({"merge_method": "slerp", "parameters": {}, "models": ONE_MODEL}, "parameters.t: required by slerp"),
-        ({"merge_method": "slerp", "parameters": {"t": 0.5}}, "models: slerp takes 1 model beside the base, got 3"),
-        ({"merge_method": "model_stock", "parameters": {}, "models": ONE_MODEL}, "models: model_stock takes at least 2 models, got 1"),
-        ({"merge_method": "sce", "parameters": {"select_topk": 1.5}}, "parameters.select_topk: must be in (0, 1], got 1.5"),
-        ({"merge_method": "sce", "parameters": {"select_topk": 0}}, "parameters.select_topk: must be in (0, 1], got 0"),
-        ({"merge_method": "della", "parameters": {"epsilon": 0.5}}, "models[0].parameters.epsilon: density 0.6 ± epsilon 0.5 must lie in (0, 1)"),
-        ({"merge_method": "nearswap", "parameters": {"t": -1.0}, "models": ONE_MODEL}, "parameters.t: must be in [0, inf), got -1"),
-        ({"merge_method": "karcher", "parameters": {"max_iter": 2.5}}, "parameters.max_iter: must be an integer, got 2.5"),
-        ({"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": 1}}, "parameters.nuslerp_flatten: must be true or false"),
-        ({"merge_method": "passthrough", "parameters": {}}, "models: passthrough takes 1 model, got 3"),
-        ({"merge_method": "ties", "parameters": {"t": 0.5}}, "parameters.t: unknown parameter for ties"),
+        (
+            {"merge_method": "slerp", "parameters": {}, "models": ONE_MODEL},
+            "parameters.t: required by slerp",
+        ),
+        (
+            {"merge_method": "slerp", "parameters": {"t": 0.5}},
+            "models: slerp takes 1 model beside the base, got 3",
+        ),
+        (
+            {"merge_method": "model_stock", "parameters": {}, "models": ONE_MODEL},
+            "models: model_stock takes at least 2 models, got 1",
+        ),
+        (
+            {"merge_method": "sce", "parameters": {"select_topk": 1.5}},
+            "parameters.select_topk: must be in (0, 1], got 1.5",
+        ),
+        (
+            {"merge_method": "sce", "parameters": {"select_topk": 0}},
+            "parameters.select_topk: must be in (0, 1], got 0",
+        ),
+        (
+            {"merge_method": "della", "parameters": {"epsilon": 0.5}},
+            "models[0].parameters.epsilon: density 0.6 ± epsilon 0.5 must lie in (0, 1)",
+        ),
+        (
+            {"merge_method": "nearswap", "parameters": {"t": -1.0}, "models": ONE_MODEL},
+            "parameters.t: must be in [0, inf), got -1",
+        ),
+        (
+            {"merge_method": "karcher", "parameters": {"max_iter": 2.5}},
+            "parameters.max_iter: must be an integer, got 2.5",
+        ),
+        (
+            {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": 1}},
+            "parameters.nuslerp_flatten: must be true or false",
+        ),
+        (
+            {"merge_method": "passthrough", "parameters": {}},
+            "models: passthrough takes 1 model, got 3",
+        ),
+        (
+            {"merge_method": "ties", "parameters": {"t": 0.5}},
+            "parameters.t: unknown parameter for ties",
+        ),
     ],
 )
-def test_bad_recipe_fails_cleanly(overrides: dict[str, object], fragment: str, pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_recipe_fails_cleanly(
+    overrides: dict[str, object],
+    fragment: str,
+    pool: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     out = tmp_path / "out"
     code, err = run_merge(capsys, str(write_recipe(pool, **overrides)), str(out))
     assert_clean_error(code, err, out, fragment)
@@ -250,17 +311,27 @@ def test_bad_recipe_fails_cleanly(overrides: dict[str, object], fragment: str, p
         ({"weight": 0.5, "sparsity": 0.1}, "models[0].parameters.sparsity: unknown parameter"),
     ],
 )
-def test_bad_model_parameters_fail_cleanly(params: dict[str, object], fragment: str, pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_model_parameters_fail_cleanly(
+    params: dict[str, object],
+    fragment: str,
+    pool: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     models = [{"model": str(pool / "c0"), "parameters": params}, {"model": str(pool / "c1")}]
     out = tmp_path / "out"
     code, err = run_merge(capsys, str(write_recipe(pool, models=models)), str(out))
     assert_clean_error(code, err, out, fragment)
 
 
-def test_zero_weights_with_normalize(pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_zero_weights_with_normalize(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     models = [{"model": str(pool / c), "parameters": {"weight": 0.0}} for c in ("c0", "c1")]
     out = tmp_path / "out"
-    code, err = run_merge(capsys, str(write_recipe(pool, merge_method="linear", models=models)), str(out))
+    code, err = run_merge(
+        capsys, str(write_recipe(pool, merge_method="linear", models=models)), str(out)
+    )
     assert_clean_error(code, err, out, "sum to zero")
 
 
@@ -272,7 +343,9 @@ def test_yaml_syntax_error(pool: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert_clean_error(code, err, out, "YAML syntax error at line")
 
 
-def test_pickle_is_loaded_weights_only_when_allowed(pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_pickle_is_loaded_weights_only_when_allowed(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _damage_pickle(pool)
     code, err = run_merge(capsys, str(write_recipe(pool)), str(tmp_path / "out"), "--allow-pickle")
     assert code == 0, err
@@ -281,12 +354,21 @@ def test_pickle_is_loaded_weights_only_when_allowed(pool: Path, tmp_path: Path, 
 def test_real_process_error_has_no_traceback(pool: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = subprocess.run(
-        [sys.executable, "-m", "recycler.cli", "merge", str(write_recipe(pool, merge_method="soup")), str(out)],
+        [
+            sys.executable,
+            "-m",
+            "recycler.cli",
+            "merge",
+            str(write_recipe(pool, merge_method="soup")),
+            str(out),
+        ],
         capture_output=True,
         text=True,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    assert (
+        proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "Traceback" not in proc.stderr
+    )
     assert not out.exists()
 
 
@@ -297,13 +379,31 @@ def test_a_killed_merge_leaves_no_output_dir(sig: signal.Signals, tmp_path: Path
     torch.manual_seed(0)
     for name in ("a", "b", "c"):
         (root / name).mkdir(parents=True)
-        save_file({f"w{i}": torch.randn(1500, 4000) for i in range(4)}, str(root / name / "model.safetensors"))
+        save_file(
+            {f"w{i}": torch.randn(1500, 4000) for i in range(4)},
+            str(root / name / "model.safetensors"),
+        )
     recipe = root / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "linear", "models": [{"model": str(root / n)} for n in "abc"], "dtype": "float32"}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "linear",
+                "models": [{"model": str(root / n)} for n in "abc"],
+                "dtype": "float32",
+            }
+        )
+    )
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "recycler.cli", "merge", str(recipe), str(out)], stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recycler.cli", "merge", str(recipe), str(out)],
+        stderr=subprocess.PIPE,
+    )
     deadline = time.time() + 60
-    while not list(tmp_path.glob(".out.recycler-tmp-*")) and time.time() < deadline and proc.poll() is None:
+    while (
+        not list(tmp_path.glob(".out.recycler-tmp-*"))
+        and time.time() < deadline
+        and proc.poll() is None
+    ):
         time.sleep(0.01)
     assert proc.poll() is None, "merge finished before it could be killed"
     os.kill(proc.pid, sig)
@@ -314,11 +414,22 @@ def test_a_killed_merge_leaves_no_output_dir(sig: signal.Signals, tmp_path: Path
         assert proc.returncode != 0
 
 
-def test_base_and_first_checkpoint_may_differ_in_dtype(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_base_and_first_checkpoint_may_differ_in_dtype(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     base = make_base(tmp_path / "base")
     make_finetune(base, tmp_path / "a", seed=1, dtype=torch.float16)
     recipe = tmp_path / "r.yaml"
-    recipe.write_text(yaml.safe_dump({"merge_method": "task_arithmetic", "base_model": "base", "models": [{"model": "a", "parameters": {"weight": 1.0}}], "dtype": "float32"}))
+    recipe.write_text(
+        yaml.safe_dump(
+            {
+                "merge_method": "task_arithmetic",
+                "base_model": "base",
+                "models": [{"model": "a", "parameters": {"weight": 1.0}}],
+                "dtype": "float32",
+            }
+        )
+    )
     # Relative paths are found beside the recipe.
     code, err = run_merge(capsys, str(recipe), str(tmp_path / "out"))
     assert code == 0, err

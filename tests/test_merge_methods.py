@@ -17,14 +17,25 @@ from recycler.merge.methods import (
 from recycler.merge.weights import mwa_weights_from_values, uniform_weights
 
 
-def _versions(n: int = 3, shape: tuple[int, ...] = (64, 48), dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def _versions(
+    n: int = 3,
+    shape: tuple[int, ...] = (64, 48),
+    dtype: torch.dtype = torch.bfloat16,
+    seed: int = 0,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     base = torch.randn(shape, generator=g)
-    return base.to(dtype), [(base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)]
+    return base.to(dtype), [
+        (base + 0.05 * torch.randn(shape, generator=g)).to(dtype) for _ in range(n)
+    ]
 
 
 def _inputs(versions: list[torch.Tensor], base: torch.Tensor | None, **kw: object) -> MergeInputs:
-    defaults: dict[str, object] = {"weights": [0.5, 0.3, 0.2], "out_dtype": torch.float32, "densities": [1.0] * len(versions)}
+    defaults: dict[str, object] = {
+        "weights": [0.5, 0.3, 0.2],
+        "out_dtype": torch.float32,
+        "densities": [1.0] * len(versions),
+    }
     defaults.update(kw)
     return MergeInputs(versions=versions, base=base, **defaults)  # type: ignore[arg-type]
 
@@ -44,7 +55,9 @@ def test_fp32_accumulation_then_one_rounding() -> None:
     # bf16 inputs, bf16 output: the result is the exact average rounded once.
     _, vs = _versions(n=4)
     w = uniform_weights(4)
-    got = METHODS["linear"].fn(_inputs(vs, None, weights=w, normalize=True, out_dtype=torch.bfloat16))
+    got = METHODS["linear"].fn(
+        _inputs(vs, None, weights=w, normalize=True, out_dtype=torch.bfloat16)
+    )
     exact = (sum(v.double() for v in vs) / 4).to(torch.bfloat16)
     assert (got.float() - exact.float()).abs().max() <= exact.float().abs().max() * 2**-8
 
@@ -76,9 +89,13 @@ def test_dare_reproduces_and_splits_by_rows_bit_for_bit() -> None:
     again = METHODS["dare_ties"].fn(_inputs(vs, base, **kw))
     assert torch.equal(full, again)
     top = METHODS["dare_ties"].fn(_inputs([v[:123] for v in vs], base[:123], **kw))
-    bottom = METHODS["dare_ties"].fn(_inputs([v[123:] for v in vs], base[123:], row_offset=123, **kw))
+    bottom = METHODS["dare_ties"].fn(
+        _inputs([v[123:] for v in vs], base[123:], row_offset=123, **kw)
+    )
     assert torch.equal(torch.cat([top, bottom]), full)
-    other_seed = METHODS["dare_ties"].fn(_inputs(vs, base, densities=[0.3, 0.5, 0.7], seed_key="1:w"))
+    other_seed = METHODS["dare_ties"].fn(
+        _inputs(vs, base, densities=[0.3, 0.5, 0.7], seed_key="1:w")
+    )
     assert not torch.equal(full, other_seed)
 
 
@@ -86,7 +103,9 @@ def test_dare_mask_density_and_rescale_keep_the_expected_delta() -> None:
     mask = dare_mask(torch.Size([1000, 1000]), 0.1, "k", 0)
     assert abs(mask.float().mean().item() - 0.1) < 0.005
     base, vs = _versions(n=1, shape=(500, 500), dtype=torch.float32)
-    dropped = METHODS["dare_linear"].fn(_inputs(vs, base, weights=[1.0], densities=[0.5], seed_key="s"))
+    dropped = METHODS["dare_linear"].fn(
+        _inputs(vs, base, weights=[1.0], densities=[0.5], seed_key="s")
+    )
     # Rescaling by 1/density keeps the delta's sum in expectation.
     assert abs((dropped - base).sum() - (vs[0] - base).sum()) < 0.05 * (vs[0] - base).abs().sum()
 
@@ -103,7 +122,11 @@ def test_fisher_with_flat_fisher_is_the_normalised_average_and_weighs_by_fisher(
     ones = [torch.ones_like(v) for v in vs]
     got = METHODS["fisher"].fn(_inputs(vs, None, weights=[1.0, 1.0, 2.0], fishers=ones))
     torch.testing.assert_close(got, (vs[0] + vs[1] + 2 * vs[2]) / 4, rtol=0, atol=1e-6)
-    only_first = [torch.ones_like(vs[0]), torch.full_like(vs[1], 1e-6), torch.full_like(vs[2], 1e-6)]
+    only_first = [
+        torch.ones_like(vs[0]),
+        torch.full_like(vs[1], 1e-6),
+        torch.full_like(vs[2], 1e-6),
+    ]
     got = METHODS["fisher"].fn(_inputs(vs, None, weights=[1.0, 1.0, 1.0], fishers=only_first))
     torch.testing.assert_close(got, vs[0], rtol=0, atol=1e-4)
 
@@ -139,7 +162,9 @@ def test_magnitude_trim_keeps_exactly_k_and_breaks_ties_by_index() -> None:
     big = torch.randn(10_000, generator=g).to(torch.bfloat16).float()  # many ties
     trimmed = magnitude_trim(big, 0.3)
     assert int((trimmed != 0).sum()) == 3000
-    assert trimmed.abs().min() == 0 and (big.abs() > trimmed[trimmed != 0].abs().min()).sum() <= 3000
+    assert (
+        trimmed.abs().min() == 0 and (big.abs() > trimmed[trimmed != 0].abs().min()).sum() <= 3000
+    )
 
 
 def test_overflow_in_the_output_dtype_is_detected() -> None:
@@ -153,23 +178,44 @@ def test_overflow_in_the_output_dtype_is_detected() -> None:
 # ---- the methods beyond the linear family, read through their descriptions ------------
 
 
-def _described(name: str, versions: list[torch.Tensor], base: torch.Tensor | None, row_offset: int = 0,
-               seed_key: str = "0:w", **values: float | bool) -> MergeInputs:
+def _described(
+    name: str,
+    versions: list[torch.Tensor],
+    base: torch.Tensor | None,
+    row_offset: int = 0,
+    seed_key: str = "0:w",
+    **values: float | bool,
+) -> MergeInputs:
     """Inputs as the engine builds them: every parameter at its default, required ones 0.3."""
     method = METHODS[name]
     n = len(versions)
-    per_model = {p.name: [float(p.default if p.default is not None else 0.3)] * n for p in method.params if p.scope == "model"}
+    per_model = {
+        p.name: [float(p.default if p.default is not None else 0.3)] * n
+        for p in method.params
+        if p.scope == "model"
+    }
     if "weight" in per_model:
         per_model["weight"] = [0.5, 0.3, 0.2][:n]
     if "density" in per_model:
         per_model["density"] = [0.5, 0.6, 0.4][:n]
-    scalars: dict[str, float | bool] = {p.name: (p.default if p.default is not None else 0.3) for p in method.params if p.scope != "model"}
+    scalars: dict[str, float | bool] = {
+        p.name: (p.default if p.default is not None else 0.3)
+        for p in method.params
+        if p.scope != "model"
+    }
     scalars.update(values)
     params = TensorParams(scalars, per_model)
     return MergeInputs(
-        versions=versions, weights=params.weights or [1.0] * n, base=base, out_dtype=torch.float32,
-        normalize=params.normalize, lambda_=params.lambda_, densities=per_model.get("density", [1.0] * n),
-        seed_key=seed_key, row_offset=row_offset, params=params,
+        versions=versions,
+        weights=params.weights or [1.0] * n,
+        base=base,
+        out_dtype=torch.float32,
+        normalize=params.normalize,
+        lambda_=params.lambda_,
+        densities=per_model.get("density", [1.0] * n),
+        seed_key=seed_key,
+        row_offset=row_offset,
+        params=params,
     )
 
 
@@ -182,15 +228,26 @@ def _fitting_inputs(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]
     return (base if method.uses_base else None), vs[: max(low, n)]
 
 
-@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.row_splittable and not m.uses_fishers])
+@pytest.mark.parametrize(
+    "name", [n for n, m in METHODS.items() if m.row_splittable and not m.uses_fishers]
+)
 def test_row_splittable_methods_merge_row_blocks_bit_for_bit(name: str) -> None:
     """What the descriptions promise the shard plan: rows [a, b) merge on their own."""
     base, vs = _fitting_inputs(name)
-    full = METHODS[name].fn(_described(name, vs, base, t=0.02) if name == "nearswap" else _described(name, vs, base))
+    full = METHODS[name].fn(
+        _described(name, vs, base, t=0.02) if name == "nearswap" else _described(name, vs, base)
+    )
     cut = 123
     parts = [
-        METHODS[name].fn(_described(name, [v[lo:hi] for v in vs], None if base is None else base[lo:hi], row_offset=lo,
-                                    **({"t": 0.02} if name == "nearswap" else {})))
+        METHODS[name].fn(
+            _described(
+                name,
+                [v[lo:hi] for v in vs],
+                None if base is None else base[lo:hi],
+                row_offset=lo,
+                **({"t": 0.02} if name == "nearswap" else {}),
+            )
+        )
         for lo, hi in ((0, cut), (cut, 300))
     ]
     assert torch.equal(torch.cat(parts), full)

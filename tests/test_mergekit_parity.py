@@ -75,8 +75,9 @@ WEIGHTS = (0.6, 0.4, 0.7)
 DENSITIES = (0.5, 0.3, 0.7)
 
 
-def _models(ckpts: list[str], weights: tuple[Any, ...] = WEIGHTS,
-            densities: tuple[float, ...] | None = None) -> list[dict[str, Any]]:
+def _models(
+    ckpts: list[str], weights: tuple[Any, ...] = WEIGHTS, densities: tuple[float, ...] | None = None
+) -> list[dict[str, Any]]:
     out = []
     for i, (c, w) in enumerate(zip(ckpts, weights)):
         params: dict[str, Any] = {"weight": w}
@@ -90,12 +91,25 @@ def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
     r: dict[str, dict[str, Any]] = {}
     for dt in ("bfloat16", "float32"):
         r[f"linear-{dt}"] = {"merge_method": "linear", "models": _models(ckpts), "dtype": dt}
-        r[f"ta-{dt}"] = {"merge_method": "task_arithmetic", "base_model": base,
-                         "models": _models(ckpts), "parameters": {"lambda": 0.8}, "dtype": dt}
-        r[f"ties-{dt}"] = {"merge_method": "ties", "base_model": base,
-                           "models": _models(ckpts, densities=DENSITIES), "dtype": dt}
-    r["linear-nonorm-bfloat16"] = {"merge_method": "linear", "models": _models(ckpts),
-                                   "parameters": {"normalize": False}, "dtype": "bfloat16"}
+        r[f"ta-{dt}"] = {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": _models(ckpts),
+            "parameters": {"lambda": 0.8},
+            "dtype": dt,
+        }
+        r[f"ties-{dt}"] = {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "dtype": dt,
+        }
+    r["linear-nonorm-bfloat16"] = {
+        "merge_method": "linear",
+        "models": _models(ckpts),
+        "parameters": {"normalize": False},
+        "dtype": "bfloat16",
+    }
     # gradients: interpolated over t = layer / (n_layers - 1); t = 0 outside the layers
     r["linear-gradient-bfloat16"] = {
         "merge_method": "linear",
@@ -105,21 +119,43 @@ def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
     # filters: the first entry whose filter is absent, "*" or a substring of the tensor name
     r["linear-filter-bfloat16"] = {
         "merge_method": "linear",
-        "models": _models(ckpts, weights=(0.6, [{"filter": "mlp", "value": 0.7}, {"filter": "*", "value": 0.2}],
-                                          [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}])),
+        "models": _models(
+            ckpts,
+            weights=(
+                0.6,
+                [{"filter": "mlp", "value": 0.7}, {"filter": "*", "value": 0.2}],
+                [{"filter": "self_attn", "value": 0.3}, {"value": 0.5}],
+            ),
+        ),
         "dtype": "bfloat16",
     }
-    r["ta-normalize-bfloat16"] = {"merge_method": "task_arithmetic", "base_model": base,
-                                  "models": _models(ckpts),
-                                  "parameters": {"normalize": True, "lambda": 1.5}, "dtype": "bfloat16"}
+    r["ta-normalize-bfloat16"] = {
+        "merge_method": "task_arithmetic",
+        "base_model": base,
+        "models": _models(ckpts),
+        "parameters": {"normalize": True, "lambda": 1.5},
+        "dtype": "bfloat16",
+    }
     # density for every model from the recipe-level parameters
-    r["ties-nonorm-bfloat16"] = {"merge_method": "ties", "base_model": base, "models": _models(ckpts),
-                                 "parameters": {"normalize": False, "lambda": 1.2, "density": 0.4},
-                                 "dtype": "bfloat16"}
-    r["dare_linear-bfloat16"] = {"merge_method": "dare_linear", "base_model": base,
-                                 "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
-    r["dare_ties-bfloat16"] = {"merge_method": "dare_ties", "base_model": base,
-                               "models": _models(ckpts, densities=DENSITIES), "dtype": "bfloat16"}
+    r["ties-nonorm-bfloat16"] = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": _models(ckpts),
+        "parameters": {"normalize": False, "lambda": 1.2, "density": 0.4},
+        "dtype": "bfloat16",
+    }
+    r["dare_linear-bfloat16"] = {
+        "merge_method": "dare_linear",
+        "base_model": base,
+        "models": _models(ckpts, densities=DENSITIES),
+        "dtype": "bfloat16",
+    }
+    r["dare_ties-bfloat16"] = {
+        "merge_method": "dare_ties",
+        "base_model": base,
+        "models": _models(ckpts, densities=DENSITIES),
+        "dtype": "bfloat16",
+    }
     r.update(build_method_recipes(base, ckpts))
     return r
 
@@ -131,40 +167,111 @@ def build_method_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any
     sparse = _models(ckpts, densities=(0.6, 0.5, 0.7))
     r: dict[str, dict[str, Any]] = {
         # the base listed among the models too, as mergekit's slerp examples do
-        "slerp": {"merge_method": "slerp", "base_model": base, "models": [{"model": base}, {"model": ckpts[0]}],
-                  "parameters": {"t": [0.2, 0.7]}},
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ckpts[0]}],
+            "parameters": {"t": [0.2, 0.7]},
+        },
         "nuslerp": {"merge_method": "nuslerp", "models": two},
-        "nuslerp-rows": {"merge_method": "nuslerp", "base_model": base, "models": two, "parameters": {"nuslerp_flatten": False}},
+        "nuslerp-rows": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": two,
+            "parameters": {"nuslerp_flatten": False},
+        },
         "multislerp": {"merge_method": "multislerp", "base_model": base, "models": _models(ckpts)},
         "karcher": {"merge_method": "karcher", "models": plain},
         "model_stock": {"merge_method": "model_stock", "base_model": base, "models": plain},
-        "nearswap": {"merge_method": "nearswap", "base_model": base, "models": plain[:1], "parameters": {"t": 0.01}},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": plain[:1],
+            "parameters": {"t": 0.01},
+        },
         "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": plain[:1]},
-        "sce": {"merge_method": "sce", "base_model": base, "models": plain, "parameters": {"select_topk": 0.5}},
-        "ram": {"merge_method": "ram", "base_model": base, "models": plain, "parameters": {"epsilon": 0.01}},
-        "ramplus_tl": {"merge_method": "ramplus_tl", "base_model": base, "models": plain,
-                       "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.5}},
-        "passthrough": {"merge_method": "passthrough", "models": [{"model": ckpts[0], "parameters": {"scale": 0.5}}]},
-        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base, "models": sparse, "parameters": {"gamma": 0.05}},
-        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base, "models": sparse,
-                             "parameters": {"gamma": 0.05}},
-        "della": {"merge_method": "della", "base_model": base, "models": _models(ckpts, densities=DENSITIES),
-                  "parameters": {"epsilon": 0.1}},
-        "della_linear": {"merge_method": "della_linear", "base_model": base, "models": _models(ckpts, densities=DENSITIES),
-                         "parameters": {"epsilon": 0.1}},
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"select_topk": 0.5},
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"epsilon": 0.01},
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.5},
+        },
+        "passthrough": {
+            "merge_method": "passthrough",
+            "models": [{"model": ckpts[0], "parameters": {"scale": 0.5}}],
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": sparse,
+            "parameters": {"gamma": 0.05},
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": sparse,
+            "parameters": {"gamma": 0.05},
+        },
+        "della": {
+            "merge_method": "della",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "parameters": {"epsilon": 0.1},
+        },
+        "della_linear": {
+            "merge_method": "della_linear",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "parameters": {"epsilon": 0.1},
+        },
     }
     return {f"{name}-float32": {**recipe, "dtype": "float32"} for name, recipe in r.items()}
 
 
 DETERMINISTIC = [
-    "linear-bfloat16", "linear-float32", "linear-nonorm-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16",
-    "ta-bfloat16", "ta-float32", "ta-normalize-bfloat16",
-    "ties-bfloat16", "ties-float32", "ties-nonorm-bfloat16",
+    "linear-bfloat16",
+    "linear-float32",
+    "linear-nonorm-bfloat16",
+    "linear-gradient-bfloat16",
+    "linear-filter-bfloat16",
+    "ta-bfloat16",
+    "ta-float32",
+    "ta-normalize-bfloat16",
+    "ties-bfloat16",
+    "ties-float32",
+    "ties-nonorm-bfloat16",
 ]
 DARE = ["dare_linear-bfloat16", "dare_ties-bfloat16"]
 METHOD_PARITY = [
-    f"{m}-float32" for m in ("slerp", "nuslerp", "nuslerp-rows", "multislerp", "karcher", "model_stock", "nearswap",
-                             "arcee_fusion", "sce", "ram", "ramplus_tl", "passthrough", "breadcrumbs", "breadcrumbs_ties")
+    f"{m}-float32"
+    for m in (
+        "slerp",
+        "nuslerp",
+        "nuslerp-rows",
+        "multislerp",
+        "karcher",
+        "model_stock",
+        "nearswap",
+        "arcee_fusion",
+        "sce",
+        "ram",
+        "ramplus_tl",
+        "passthrough",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+    )
 ]
 RANDOM = [*DARE, "della-float32", "della_linear-float32"]
 
@@ -234,8 +341,14 @@ def _run(cmd: list[str], what: str) -> tuple[str | None, str]:
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     root = tmp_path_factory.mktemp("parity")
-    spec = pool_mod.PoolSpec(shape=pool_mod.SHAPES["tiny"], n_checkpoints=3, with_base=True,
-                             checkpoint_dtypes=DTYPES, delta_scale=0.5, seed=1)
+    spec = pool_mod.PoolSpec(
+        shape=pool_mod.SHAPES["tiny"],
+        n_checkpoints=3,
+        with_base=True,
+        checkpoint_dtypes=DTYPES,
+        delta_scale=0.5,
+        seed=1,
+    )
     pool = pool_mod.build_pool(root / "pool", spec)
     assert pool.base is not None
     recipes = build_recipes(str(pool.base), [str(c) for c in pool.checkpoints])
@@ -246,9 +359,13 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
     ours = {n: root / "ours" / n for n in recipes}
     ours_again = {n: root / "ours-again" / n for n in RANDOM}
     for label, outs in (("", ours), (" (again)", ours_again)):
-        triples = [[name + label, str(root / f"{name}.yaml"), str(out)] for name, out in outs.items()]
+        triples = [
+            [name + label, str(root / f"{name}.yaml"), str(out)] for name, out in outs.items()
+        ]
         cmd = [sys.executable, "-c", RECYCLER_DRIVER, json.dumps(triples)]
-        jobs.append(("recycler" + label, cmd, f"recycler merge{label} (its entry point, in one process)"))
+        jobs.append(
+            ("recycler" + label, cmd, f"recycler merge{label} (its entry point, in one process)")
+        )
 
     mergekit: dict[str, Path] | None = None
     mergekit_seed1 = {n: root / "mergekit-seed1" / n for n in RANDOM}
@@ -260,8 +377,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
         cmd = [str(MERGEKIT_PYTHON), "-c", MERGEKIT_DRIVER, json.dumps(pairs)]
         jobs.insert(0, ("mergekit", cmd, "mergekit-yaml (its entry point, in the mergekit venv)"))
     else:
-        reason = (f"mergekit venv not found at {MERGEKIT_VENV} (run experiments/mergekit_env.sh); "
-                  "checked against tests/reference_merge.py only")
+        reason = (
+            f"mergekit venv not found at {MERGEKIT_VENV} (run experiments/mergekit_env.sh); "
+            "checked against tests/reference_merge.py only"
+        )
 
     with ThreadPoolExecutor(max_workers=2) as ex:
         results = list(ex.map(lambda job: _run(job[1], job[2]), jobs))
@@ -273,7 +392,11 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
             continue
         label = job.removeprefix("recycler")
         names = ours if not label else ours_again
-        failed = {n + label: err for n in names} if err is not None else json.loads(stdout.strip().splitlines()[-1])
+        failed = (
+            {n + label: err for n in names}
+            if err is not None
+            else json.loads(stdout.strip().splitlines()[-1])
+        )
         errors.update(failed)
     return Runs(root, recipes, ours, ours_again, mergekit, mergekit_seed1, reason, errors)
 
@@ -297,22 +420,33 @@ class Check:
     compared: int
 
 
-def compare(got: dict[str, torch.Tensor], want: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
-            names: list[str]) -> Check:
+def compare(
+    got: dict[str, torch.Tensor],
+    want: Callable[[str], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+    names: list[str],
+) -> Check:
     """want(name) -> (expected float64, tolerance per entry, mask of entries to leave out)."""
     worst, where, amb, total = 0.0, "", 0, 0
     for name in names:
         expected, tol, skip = want(name)
         actual = got[name].to(torch.float64)
-        assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        assert actual.shape == expected.shape, (
+            f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+        )
         ratio = ((actual - expected).abs() / tol)[~skip]
         amb += int(skip.sum())
         total += skip.numel()
         if ratio.numel() and float(ratio.max()) > worst:
-            i = int(torch.argmax(torch.where(skip, torch.zeros_like(actual), (actual - expected).abs() / tol)))
+            i = int(
+                torch.argmax(
+                    torch.where(skip, torch.zeros_like(actual), (actual - expected).abs() / tol)
+                )
+            )
             worst = float(ratio.max())
-            where = (f"{name}[flat {i}]: got {actual.reshape(-1)[i].item():.8g}, "
-                     f"want {expected.reshape(-1)[i].item():.8g}, tol {tol.reshape(-1)[i].item():.3g}")
+            where = (
+                f"{name}[flat {i}]: got {actual.reshape(-1)[i].item():.8g}, "
+                f"want {expected.reshape(-1)[i].item():.8g}, tol {tol.reshape(-1)[i].item():.3g}"
+            )
     return Check(worst, where, amb / max(total, 1), total - amb)
 
 
@@ -328,7 +462,9 @@ def _dtype(runs: Runs, name: str) -> torch.dtype:
 # --------------------------------------------------------------------------- deterministic
 
 
-def _ours_vs_reference(ref: Any, dtype: torch.dtype, name: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _ours_vs_reference(
+    ref: Any, dtype: torch.dtype, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     res = ref.merge(name, tie_rel=1e-6, sign_rel=1e-5)
     tol = _ulp_out(res.out, dtype) + 16 * U[torch.float32] * ref.coefficient_scale(name)
     return res.out, tol, res.ambiguous
@@ -353,22 +489,48 @@ def _wrong(recipe: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     method = recipe["merge_method"]
     params = dict(recipe.get("parameters") or {})
     normalize = params.get("normalize", ref_mod.NORMALIZE_DEFAULT[method])
-    out.append(("normalize flipped", {**recipe, "parameters": {**params, "normalize": not normalize}}))
+    out.append(
+        ("normalize flipped", {**recipe, "parameters": {**params, "normalize": not normalize}})
+    )
     if method != "linear":
-        out.append(("lambda * 1.1", {**recipe, "parameters": {**params, "lambda": 1.1 * params.get("lambda", 1.0)}}))
+        out.append(
+            (
+                "lambda * 1.1",
+                {**recipe, "parameters": {**params, "lambda": 1.1 * params.get("lambda", 1.0)}},
+            )
+        )
     if method == "ties":
         if "density" in params:
-            out.append(("density + 0.05", {**recipe, "parameters": {**params, "density": params["density"] + 0.05}}))
+            out.append(
+                (
+                    "density + 0.05",
+                    {**recipe, "parameters": {**params, "density": params["density"] + 0.05}},
+                )
+            )
         else:
-            models = [{**m, "parameters": {**m["parameters"], "density": m["parameters"]["density"] + 0.05}}
-                      for m in recipe["models"]]
+            models = [
+                {
+                    **m,
+                    "parameters": {**m["parameters"], "density": m["parameters"]["density"] + 0.05},
+                }
+                for m in recipe["models"]
+            ]
             out.append(("density + 0.05", {**recipe, "models": models}))
         out.append(("task_arithmetic instead", {**recipe, "merge_method": "task_arithmetic"}))
     return out
 
 
-@pytest.mark.parametrize("name", ["linear-bfloat16", "linear-gradient-bfloat16", "linear-filter-bfloat16", "ta-bfloat16",
-                                  "ties-bfloat16", "ties-nonorm-bfloat16"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "linear-bfloat16",
+        "linear-gradient-bfloat16",
+        "linear-filter-bfloat16",
+        "ta-bfloat16",
+        "ties-bfloat16",
+        "ties-nonorm-bfloat16",
+    ],
+)
 def test_tolerance_rejects_wrong_semantics(runs: Runs, name: str) -> None:
     """The comparison can fail: each misreading of the recipe is far outside it."""
     ref = _reference(runs, name)
@@ -395,8 +557,11 @@ def test_matches_mergekit(runs: Runs, name: str) -> None:
         emulated = ref.merge(n, compute_dtype=dtype, tie_rel=1e-6, sign_rel=2.0**-6)
         # entries where rounding the task vectors to the recipe dtype (as mergekit does)
         # changes a TIES decision are not comparable between fp32 and bf16 arithmetic
-        differs = (exact.decisions != emulated.decisions).any(0) if exact.decisions.numel() else \
-            torch.zeros_like(exact.ambiguous)
+        differs = (
+            (exact.decisions != emulated.decisions).any(0)
+            if exact.decisions.numel()
+            else torch.zeros_like(exact.ambiguous)
+        )
         skip = exact.ambiguous | emulated.ambiguous | differs
         tol = 6 * U[dtype] * ref.coefficient_scale(n) + _ulp_out(exact.out, dtype)
         return mk[n].to(torch.float64), tol, skip
@@ -454,7 +619,9 @@ def test_dare_is_some_mask(runs: Runs, name: str) -> None:
             sure = kept_i ^ dropped_i
             kept[i] += float((kept_i & sure).sum())
             decided[i] += float(sure.sum())
-    assert worst <= 1.0, f"{name}: an entry of {where} is no keep/drop pattern's merge ({worst:.2f} tol)"
+    assert worst <= 1.0, (
+        f"{name}: an entry of {where} is no keep/drop pattern's merge ({worst:.2f} tol)"
+    )
     for i, d in enumerate(DENSITIES):
         n_i = float(decided[i])
         assert n_i > 5000, f"model {i}: only {n_i} entries decide the mask"
@@ -482,8 +649,12 @@ def test_dare_linear_statistics(runs: Runs) -> None:
     for who, path in sources.items():
         z = _dare_z(ref, _tensors(path))
         assert z.numel() > 20000
-        assert abs(float(z.mean())) < 0.05, f"{who}: DARE merge is biased (mean z {float(z.mean()):.3f})"
-        assert abs(float(z.var()) - 1) < 0.1, f"{who}: DARE variance off (var z {float(z.var()):.3f})"
+        assert abs(float(z.mean())) < 0.05, (
+            f"{who}: DARE merge is biased (mean z {float(z.mean()):.3f})"
+        )
+        assert abs(float(z.var()) - 1) < 0.1, (
+            f"{who}: DARE variance off (var z {float(z.var()):.3f})"
+        )
 
 
 def test_dare_ties_like_mergekit(runs: Runs) -> None:
@@ -500,7 +671,9 @@ def test_dare_ties_like_mergekit(runs: Runs) -> None:
     assert abs(ratio - 1) < 0.1, f"std of merged deltas: recycler / mergekit = {ratio:.3f}"
     same_ours = float((d_ours == 0).double().mean())
     same_mk = float((d_mk == 0).double().mean())
-    assert abs(same_ours - same_mk) < 0.03, f"entries left at base: {same_ours:.3f} vs {same_mk:.3f}"
+    assert abs(same_ours - same_mk) < 0.03, (
+        f"entries left at base: {same_ours:.3f} vs {same_mk:.3f}"
+    )
 
 
 @pytest.mark.parametrize("name", RANDOM)
@@ -517,11 +690,15 @@ def test_random_methods_reproduce(runs: Runs, name: str) -> None:
 
 def _inputs_of(recipe: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
     """The recipe's base (first, where it has one) and models, each read once."""
-    paths = ([recipe["base_model"]] if "base_model" in recipe else []) + [m["model"] for m in recipe["models"]]
+    paths = ([recipe["base_model"]] if "base_model" in recipe else []) + [
+        m["model"] for m in recipe["models"]
+    ]
     return [_tensors(Path(p)) for p in dict.fromkeys(paths)]
 
 
-def _band_ties(recipe: dict[str, Any], inputs: list[dict[str, torch.Tensor]], name: str) -> torch.Tensor:
+def _band_ties(
+    recipe: dict[str, Any], inputs: list[dict[str, torch.Tensor]], name: str
+) -> torch.Tensor:
     """Entries where some model's |τ| ties across an edge of Breadcrumbs' band: which of
     the tied entries is kept depends on the sort's order (mergekit's is unstable)."""
     base = inputs[0][name].float()
@@ -562,7 +739,9 @@ def test_method_matches_mergekit(runs: Runs, name: str) -> None:
         if ratio.numel() and float(ratio.max()) > worst:
             worst, where = float(ratio.max()), n
     assert skipped / total < 0.02, f"{name}: {skipped} of {total} entries at magnitude ties"
-    assert worst <= 1.0, f"{name}: recycler differs from mergekit in {where} by {worst:.3g} bf16 roundings"
+    assert worst <= 1.0, (
+        f"{name}: recycler differs from mergekit in {where} by {worst:.3g} bf16 roundings"
+    )
 
 
 def _logits(model_dir: Path, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
@@ -614,4 +793,6 @@ def test_random_method_as_close_to_mergekit_as_its_own_reseed(runs: Runs, name: 
     ours = _tensors(runs.out("ours", name))
     mk, mk_again = _tensors(runs.out("mergekit", name)), _tensors(runs.out("mergekit-seed1", name))
     ratio = _distance(ours, mk) / _distance(mk_again, mk)
-    assert 0.85 < ratio < 1.15, f"{name}: ‖ours − mergekit‖ / ‖mergekit(seed 1) − mergekit(seed 0)‖ = {ratio:.3f}"
+    assert 0.85 < ratio < 1.15, (
+        f"{name}: ‖ours − mergekit‖ / ‖mergekit(seed 1) − mergekit(seed 0)‖ = {ratio:.3f}"
+    )

@@ -12,7 +12,9 @@ from recycler.merge.methods import METHODS
 def test_docs_match_the_descriptions(block: str) -> None:
     path = method_docs.DOCS[block]
     text = path.read_text()
-    assert method_docs.rewritten(block, text) == text, f"{path} is stale: run python -m recycler.merge.method_docs"
+    assert method_docs.rewritten(block, text) == text, (
+        f"{path} is stale: run python -m recycler.merge.method_docs"
+    )
 
 
 def test_every_method_and_parameter_is_documented() -> None:

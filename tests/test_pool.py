@@ -42,11 +42,17 @@ def test_glob_expansion_skips_the_base_and_sorts(pool_dirs: dict[str, Path]) -> 
 
 def test_merge_state_dict_mixes_dtypes_in_fp32(pool_dirs: dict[str, Path]) -> None:
     pool = Pool.open([pool_dirs["c0"], pool_dirs["c1"], pool_dirs["c2"]])
-    recipe = Recipe("linear", [ModelSpec(str(p), weight=w) for p, w in zip(pool.checkpoints, [1.0, 2.0, 1.0])], dtype="float32")
+    recipe = Recipe(
+        "linear",
+        [ModelSpec(str(p), weight=w) for p, w in zip(pool.checkpoints, [1.0, 2.0, 1.0])],
+        dtype="float32",
+    )
     merged = merge_state_dict(pool, recipe)
     states = [load_state(pool_dirs[k]) for k in ("c0", "c1", "c2")]
     for name, tensor in merged.items():
-        want = (states[0][name].double() + 2 * states[1][name].double() + states[2][name].double()) / 4
+        want = (
+            states[0][name].double() + 2 * states[1][name].double() + states[2][name].double()
+        ) / 4
         torch.testing.assert_close(tensor.double(), want, rtol=0, atol=1e-6)
 
 
@@ -57,16 +63,22 @@ def test_tied_head_is_read_from_the_embedding(tmp_path: Path) -> None:
     tied_state = load_state(tmp_path / "tied")
     assert "lm_head.weight" not in tied_state  # transformers omits a tied head
     pool = Pool.open([tmp_path / "untied", tmp_path / "tied"], tmp_path / "base")
-    recipe = Recipe("linear", [ModelSpec(str(c.path), weight=0.5) for c in pool.checkpoints], dtype="float32")
+    recipe = Recipe(
+        "linear", [ModelSpec(str(c.path), weight=0.5) for c in pool.checkpoints], dtype="float32"
+    )
     merged = merge_state_dict(pool, recipe)
     untied_state = load_state(tmp_path / "untied")
-    want = (untied_state["lm_head.weight"].float() + tied_state["model.embed_tokens.weight"].float()) / 2
+    want = (
+        untied_state["lm_head.weight"].float() + tied_state["model.embed_tokens.weight"].float()
+    ) / 2
     torch.testing.assert_close(merged["lm_head.weight"], want)
 
 
 def test_lora_adapter_reads_as_base_plus_delta(tmp_path: Path) -> None:
     base = make_base(tmp_path / "base")
-    config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0)
+    config = LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], lora_dropout=0.0
+    )
     peft_model = get_peft_model(base, config)
     with torch.no_grad():
         for name, p in peft_model.named_parameters():
@@ -77,7 +89,9 @@ def test_lora_adapter_reads_as_base_plus_delta(tmp_path: Path) -> None:
     pool = Pool.open([tmp_path / "adapter"], tmp_path / "base")
     ckpt = pool.checkpoints[0]
     for name in pool.tensor_names:
-        torch.testing.assert_close(ckpt.read(name).float(), expected[name].float(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(
+            ckpt.read(name).float(), expected[name].float(), rtol=1e-5, atol=1e-6
+        )
     with pytest.raises(RecyclerError, match="needs the pool's base"):
         Pool.open([tmp_path / "adapter"])
 

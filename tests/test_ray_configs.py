@@ -75,7 +75,9 @@ def test_the_validation_catches_broken_configs(launcher: dict[str, Any], damage:
         check_launcher_config(broken)
 
 
-def test_launcher_config_is_a_token_auth_gpu_cluster_with_recycler(launcher: dict[str, Any]) -> None:
+def test_launcher_config_is_a_token_auth_gpu_cluster_with_recycler(
+    launcher: dict[str, Any],
+) -> None:
     types = launcher["available_node_types"]
     head = types[launcher["head_node_type"]]
     workers = [t for name, t in types.items() if name != launcher["head_node_type"]]
@@ -137,7 +139,9 @@ def test_rayjob_cluster_is_token_authenticated_with_gpu_workers(rayjob: dict[str
     assert (major, minor) >= (2, 52), "token auth needs Ray >= 2.52"
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         # KubeRay's rayStartParams is map[string]string: a bare number is rejected.
-        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group["rayStartParams"]
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), group[
+            "rayStartParams"
+        ]
         for c in containers(group):
             assert c["name"] and c["image"]
     for group in cluster["workerGroupSpecs"]:

@@ -33,29 +33,50 @@ def one_error_line(err: str) -> str:
 
 
 def test_bad_study_file_in_a_subprocess_is_one_line_and_exit_2(tmp_path: Path) -> None:
-    (tmp_path / "study.yaml").write_text("name: x\npool: {checkpoints: [a]}\nsearch: {sampler: sobol}\n")
-    proc = subprocess.run([sys.executable, "-m", "recycler.cli", "search", str(tmp_path / "study.yaml")],
-                          capture_output=True, text=True, timeout=120)
+    (tmp_path / "study.yaml").write_text(
+        "name: x\npool: {checkpoints: [a]}\nsearch: {sampler: sobol}\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "search", str(tmp_path / "study.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     line = one_error_line(proc.stderr)
-    assert line.endswith("study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes (and 2 more)")
+    assert line.endswith(
+        "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes (and 2 more)"
+    )
     assert not (tmp_path / "recycler.db").exists()  # nothing half-written
 
 
 @pytest.mark.parametrize("command", ["search", "front", "export", "dashboard", "report"])
-def test_every_command_refuses_a_bad_study_file(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "study.yaml").write_text(yaml.safe_dump({"name": "x", "pool": {"checkpoints": ["a"]}, "objectives": []}))
+def test_every_command_refuses_a_bad_study_file(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "study.yaml").write_text(
+        yaml.safe_dump({"name": "x", "pool": {"checkpoints": ["a"]}, "objectives": []})
+    )
     extra = [tmp_path / "out"] if command in ("export", "report") else []
     code, _, err = run_cli(command, tmp_path / "study.yaml", *extra, capsys=capsys)
     assert code == 2
-    assert "objectives: list should have at least 1 item" in one_error_line(err) or "eval: required" in err
+    assert (
+        "objectives: list should have at least 1 item" in one_error_line(err)
+        or "eval: required" in err
+    )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["study.yaml"]
 
 
 @pytest.mark.parametrize("command", ["front", "export", "dashboard", "report"])
-def test_commands_on_a_study_never_run(tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]) -> None:
-    data = {"name": "x", "pool": {"checkpoints": ["a"]}, "eval": {"tasks_dir": "."},
-            "objectives": [{"name": "a", "task": "t", "metric": "acc"}]}
+def test_commands_on_a_study_never_run(
+    tmp_path: Path, command: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = {
+        "name": "x",
+        "pool": {"checkpoints": ["a"]},
+        "eval": {"tasks_dir": "."},
+        "objectives": [{"name": "a", "task": "t", "metric": "acc"}],
+    }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     extra = [tmp_path / "out"] if command in ("export", "report") else []
     code, _, err = run_cli(command, tmp_path / "study.yaml", *extra, capsys=capsys)
@@ -96,15 +117,28 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path: Path) -> None:
     with SearchDriver(prepared, ToyEvaluator, capacity=1) as driver:
         driver.run(4)
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "recycler.cli", "dashboard", str(tmp_path / "study.yaml"),
-                             "--port", str(port)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "recycler.cli",
+            "dashboard",
+            str(tmp_path / "study.yaml"),
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 60
         body = None
         while time.monotonic() < deadline and body is None:
             assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
             try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=2) as resp:
+                with urllib.request.urlopen(
+                    f"http://127.0.0.1:{port}/api/studies", timeout=2
+                ) as resp:
                     body = json.loads(resp.read())
             except OSError:
                 time.sleep(0.3)
@@ -114,8 +148,13 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path: Path) -> None:
         # Bound to 127.0.0.1 only by default.
         with socket.socket() as s:
             s.settimeout(1)
-            other = [a for a in {i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-                     if not a.startswith("127.")]
+            other = [
+                a
+                for a in {
+                    i[4][0] for i in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)
+                }
+                if not a.startswith("127.")
+            ]
             for address in other:
                 assert s.connect_ex((address, port)) != 0
     finally:

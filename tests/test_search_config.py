@@ -31,7 +31,11 @@ def write(tmp_path: Path, data: Any) -> Path:
 def merged(**overrides: Any) -> dict[str, Any]:
     out = dict(BASE)
     for key, value in overrides.items():
-        out[key] = {**out.get(key, {}), **value} if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        out[key] = (
+            {**out.get(key, {}), **value}
+            if isinstance(value, dict) and isinstance(out.get(key), dict)
+            else value
+        )
     return out
 
 
@@ -43,7 +47,9 @@ def error_of(tmp_path: Path, data: Any) -> str:
     return message
 
 
-def test_defaults_and_paths_resolved_against_the_study_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_defaults_and_paths_resolved_against_the_study_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "zoo" / "tasks").mkdir(parents=True)
     data = merged(eval={"tasks_dir": "zoo/tasks"})
     assert data["eval"] == {"tasks_dir": "zoo/tasks"}
@@ -56,7 +62,13 @@ def test_defaults_and_paths_resolved_against_the_study_folder(tmp_path: Path, mo
     assert spec.tasks_dir == tmp_path.resolve() / "zoo" / "tasks"
     assert spec.merge.method == "linear" and spec.merge.dtype == "bfloat16"
     s = spec.search
-    assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == ("simplex", "model", "tpe", 50, 0)
+    assert (s.weights, s.granularity, s.sampler, s.n_trials, s.seed) == (
+        "simplex",
+        "model",
+        "tpe",
+        50,
+        0,
+    )
     assert s.baselines == ["uniform", "singles"]
     assert spec.eval.split == "dev" and spec.eval.batch_size == 32 and spec.eval.limit is None
     assert spec.cluster.address is None and spec.cluster.eval_workers == 1
@@ -72,73 +84,198 @@ def test_absolute_and_server_storage_urls_are_kept(tmp_path: Path) -> None:
 def test_full_file_with_every_key(tmp_path: Path) -> None:
     (tmp_path / "tasks").mkdir()
     data = {
-        "name": "full", "storage": "sqlite:///s.db",
+        "name": "full",
+        "storage": "sqlite:///s.db",
         "pool": {"base": "b", "checkpoints": ["c/*", "d"]},
         "merge": {"method": "ties", "dtype": "float32", "params": {"normalize": True}},
-        "search": {"weights": "box", "bounds": [0.0, 2.0], "granularity": "layers:4",
-                   "tune": ["density", {"lambda": [0.5, 2.0]}], "sampler": "nsga2", "n_trials": 7,
-                   "seed": 3, "seeds": ["uniform", "mwa_step"]},
-        "objectives": [{"name": "a", "task": "t1", "metric": "acc", "direction": "maximize"},
-                       {"name": "ppl", "task": "t2", "metric": "word_perplexity", "direction": "minimize"}],
+        "search": {
+            "weights": "box",
+            "bounds": [0.0, 2.0],
+            "granularity": "layers:4",
+            "tune": ["density", {"lambda": [0.5, 2.0]}],
+            "sampler": "nsga2",
+            "n_trials": 7,
+            "seed": 3,
+            "seeds": ["uniform", "mwa_step"],
+        },
+        "objectives": [
+            {"name": "a", "task": "t1", "metric": "acc", "direction": "maximize"},
+            {"name": "ppl", "task": "t2", "metric": "word_perplexity", "direction": "minimize"},
+        ],
         "eval": {"tasks_dir": "tasks", "split": "dev", "limit": 10, "batch_size": 4},
-        "cluster": {"address": "auto", "shard_workers": 2, "eval_workers": 2, "gpus_per_worker": 0.5},
+        "cluster": {
+            "address": "auto",
+            "shard_workers": 2,
+            "eval_workers": 2,
+            "gpus_per_worker": 0.5,
+        },
     }
     spec = load_study_spec(write(tmp_path, data))
     assert spec.search.layer_groups == 4
-    assert [(t.name, t.low, t.high) for t in spec.search.tune] == [("density", 0.1, 1.0), ("lambda", 0.5, 2.0)]
+    assert [(t.name, t.low, t.high) for t in spec.search.tune] == [
+        ("density", 0.1, 1.0),
+        ("lambda", 0.5, 2.0),
+    ]
     assert spec.objectives[1].direction == "minimize"
 
 
 @pytest.mark.parametrize(
     ("data", "expected"),
     [
-        (merged(search={"sampler": "sobol"}), "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes"),
+        (
+            merged(search={"sampler": "sobol"}),
+            "study.yaml: search.sampler: must be one of tpe, nsga2, gp, random, cmaes",
+        ),
         (merged(colour="red"), "study.yaml: colour: unknown key"),
         (merged(search={"samplr": "tpe"}), "study.yaml: search.samplr: unknown key"),
         ({k: v for k, v in BASE.items() if k != "name"}, "study.yaml: name: required"),
-        (merged(merge={"method": "frankenmerge"}), "study.yaml: merge.method: must be one of linear, task_arithmetic"),
-        (merged(merge={"method": "slerp"}), "study.yaml: merge.params: t: required by slerp: set it here or tune it"),
-        (merged(merge={"method": "slerp", "params": {"t": 0.5}}, pool={"base": "base", "checkpoints": ["a", "b"]}),
-         "study.yaml: pool.checkpoints: slerp takes 1 checkpoint beside the base, got 2"),
-        (merged(merge={"method": "model_stock"}, pool={"base": "base", "checkpoints": ["a", "b"]}),
-         "study.yaml: search.tune: model_stock reads no weights, so the search needs a parameter to tune (model_stock has none"),
-        (merged(merge={"method": "della"}, pool={"base": "base", "checkpoints": ["a", "b"]}, search={"tune": ["t"]}),
-         "study.yaml: search.tune: t is not a parameter of della that a search can tune (tunable: density, epsilon, lambda)"),
-        (merged(merge={"method": "sce"}, pool={"base": "base", "checkpoints": ["a", "b"]}, search={"tune": [{"select_topk": [0.0, 1.0]}]}),
-         "study.yaml: search.tune: select_topk: range [0, 1] leaves (0, 1]"),
-        (merged(merge={"method": "ties", "params": {"t": 0.5}}, pool={"base": "base", "checkpoints": ["a", "b"]}),
-         "study.yaml: merge.params: t: unknown parameter for ties"),
-        (merged(search={"granularity": "layers:0"}), "study.yaml: search.granularity: must be model, blocks or layers:K"),
-        (merged(search={"weights": "box", "bounds": [1, 0]}), "study.yaml: search.bounds: must be [low, high] with low < high"),
-        (merged(search={"bounds": [0, 2]}), "study.yaml: search.bounds: only used with weights: box"),
-        (merged(search={"tune": ["density"]}), "study.yaml: search.tune: density is not a parameter of linear that a search can tune (tunable: none)"),
-        (merged(search={"tune": ["temperature"]}), "study.yaml: search.tune: unknown parameter 'temperature'"),
-        (merged(merge={"method": "ties", "params": {"density": 0.5}}, search={"tune": ["density"]}),
-         "study.yaml: search.tune: density is fixed in merge.params and searched"),
-        (merged(merge={"params": {"weight": 1.0}}), "study.yaml: merge.params: weight: unknown parameter for linear (known: normalize)"),
-        (merged(merge={"params": {"normalize": 1}}), "study.yaml: merge.params: normalize: must be true or false"),
-        (merged(search={"n_trials": 0}), "study.yaml: search.n_trials: input should be greater than or equal to 1"),
-        (merged(search={"seeds": ["greedy"]}), "study.yaml: search.seeds: greedy is built from the single-checkpoint scores"),
-        (merged(search={"sampler": "cmaes", "objective": "pareto"}), "study.yaml: search.objective: cmaes optimises one value"),
-        (merged(search={"seeds": ["uniform", "uniform"]}), "study.yaml: search.seeds: a baseline is listed twice"),
-        (merged(search={"seeds": ["best"]}), "study.yaml: search.seeds.0: must be one of uniform, singles"),
+        (
+            merged(merge={"method": "frankenmerge"}),
+            "study.yaml: merge.method: must be one of linear, task_arithmetic",
+        ),
+        (
+            merged(merge={"method": "slerp"}),
+            "study.yaml: merge.params: t: required by slerp: set it here or tune it",
+        ),
+        (
+            merged(
+                merge={"method": "slerp", "params": {"t": 0.5}},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+            ),
+            "study.yaml: pool.checkpoints: slerp takes 1 checkpoint beside the base, got 2",
+        ),
+        (
+            merged(
+                merge={"method": "model_stock"}, pool={"base": "base", "checkpoints": ["a", "b"]}
+            ),
+            "study.yaml: search.tune: model_stock reads no weights, so the search needs a parameter to tune (model_stock has none",
+        ),
+        (
+            merged(
+                merge={"method": "della"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": ["t"]},
+            ),
+            "study.yaml: search.tune: t is not a parameter of della that a search can tune (tunable: density, epsilon, lambda)",
+        ),
+        (
+            merged(
+                merge={"method": "sce"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": [{"select_topk": [0.0, 1.0]}]},
+            ),
+            "study.yaml: search.tune: select_topk: range [0, 1] leaves (0, 1]",
+        ),
+        (
+            merged(
+                merge={"method": "ties", "params": {"t": 0.5}},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+            ),
+            "study.yaml: merge.params: t: unknown parameter for ties",
+        ),
+        (
+            merged(search={"granularity": "layers:0"}),
+            "study.yaml: search.granularity: must be model, blocks or layers:K",
+        ),
+        (
+            merged(search={"weights": "box", "bounds": [1, 0]}),
+            "study.yaml: search.bounds: must be [low, high] with low < high",
+        ),
+        (
+            merged(search={"bounds": [0, 2]}),
+            "study.yaml: search.bounds: only used with weights: box",
+        ),
+        (
+            merged(search={"tune": ["density"]}),
+            "study.yaml: search.tune: density is not a parameter of linear that a search can tune (tunable: none)",
+        ),
+        (
+            merged(search={"tune": ["temperature"]}),
+            "study.yaml: search.tune: unknown parameter 'temperature'",
+        ),
+        (
+            merged(
+                merge={"method": "ties", "params": {"density": 0.5}}, search={"tune": ["density"]}
+            ),
+            "study.yaml: search.tune: density is fixed in merge.params and searched",
+        ),
+        (
+            merged(merge={"params": {"weight": 1.0}}),
+            "study.yaml: merge.params: weight: unknown parameter for linear (known: normalize)",
+        ),
+        (
+            merged(merge={"params": {"normalize": 1}}),
+            "study.yaml: merge.params: normalize: must be true or false",
+        ),
+        (
+            merged(search={"n_trials": 0}),
+            "study.yaml: search.n_trials: input should be greater than or equal to 1",
+        ),
+        (
+            merged(search={"seeds": ["greedy"]}),
+            "study.yaml: search.seeds: greedy is built from the single-checkpoint scores",
+        ),
+        (
+            merged(search={"sampler": "cmaes", "objective": "pareto"}),
+            "study.yaml: search.objective: cmaes optimises one value",
+        ),
+        (
+            merged(search={"seeds": ["uniform", "uniform"]}),
+            "study.yaml: search.seeds: a baseline is listed twice",
+        ),
+        (
+            merged(search={"seeds": ["best"]}),
+            "study.yaml: search.seeds.0: must be one of uniform, singles",
+        ),
         (merged(objectives=[]), "study.yaml: objectives: list should have at least 1 item"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc"}, {"name": "a", "task": "u", "metric": "acc"}]),
-         "study.yaml: objectives: objective name 'a' is used twice"),
-        (merged(objectives=[{"name": "a", "task": "t"}]), "study.yaml: objectives.0.metric: required"),
-        (merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "direction": "up"}]),
-         "study.yaml: objectives.0.direction: must be one of maximize, minimize"),
+        (
+            merged(
+                objectives=[
+                    {"name": "a", "task": "t", "metric": "acc"},
+                    {"name": "a", "task": "u", "metric": "acc"},
+                ]
+            ),
+            "study.yaml: objectives: objective name 'a' is used twice",
+        ),
+        (
+            merged(objectives=[{"name": "a", "task": "t"}]),
+            "study.yaml: objectives.0.metric: required",
+        ),
+        (
+            merged(objectives=[{"name": "a", "task": "t", "metric": "acc", "direction": "up"}]),
+            "study.yaml: objectives.0.direction: must be one of maximize, minimize",
+        ),
         (merged(storage="recycler.db"), "study.yaml: storage: must be an Optuna storage URL"),
-        (merged(storage="sqlite:///:memory:"), "study.yaml: storage: an in-memory SQLite database would lose the study"),
-        (merged(storage="sqlite:///nowhere/x.db"), "study.yaml: storage: no such folder for the SQLite file"),
+        (
+            merged(storage="sqlite:///:memory:"),
+            "study.yaml: storage: an in-memory SQLite database would lose the study",
+        ),
+        (
+            merged(storage="sqlite:///nowhere/x.db"),
+            "study.yaml: storage: no such folder for the SQLite file",
+        ),
         (merged(eval={"tasks_dir": "missing"}), "study.yaml: eval.tasks_dir: no such folder"),
         ({k: v for k, v in BASE.items() if k != "eval"}, "study.yaml: eval: required"),
-        (merged(eval={"split": "test"}), "study.yaml: eval.split: the search must not optimise the test split"),
-        (merged(eval={"batch_size": 0}), "study.yaml: eval.batch_size: input should be greater than or equal to 1"),
-        (merged(cluster={"eval_workers": "two"}), "study.yaml: cluster.eval_workers: input should be a valid integer"),
-        (merged(pool={"base": None, "checkpoints": ["a"]}, merge={"method": "ties"}),
-         "study.yaml: pool.base: required by merge.method ties"),
-        (merged(pool={"checkpoints": []}), "study.yaml: pool.checkpoints: list should have at least 1 item"),
+        (
+            merged(eval={"split": "test"}),
+            "study.yaml: eval.split: the search must not optimise the test split",
+        ),
+        (
+            merged(eval={"batch_size": 0}),
+            "study.yaml: eval.batch_size: input should be greater than or equal to 1",
+        ),
+        (
+            merged(cluster={"eval_workers": "two"}),
+            "study.yaml: cluster.eval_workers: input should be a valid integer",
+        ),
+        (
+            merged(pool={"base": None, "checkpoints": ["a"]}, merge={"method": "ties"}),
+            "study.yaml: pool.base: required by merge.method ties",
+        ),
+        (
+            merged(pool={"checkpoints": []}),
+            "study.yaml: pool.checkpoints: list should have at least 1 item",
+        ),
         ([1, 2], "study.yaml: the study file must be a YAML mapping of keys"),
         ("name: [unclosed\n", "study.yaml: YAML syntax error at line 2"),
     ],

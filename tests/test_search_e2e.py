@@ -31,19 +31,29 @@ from recycler.config import load_study_spec
 from recycler.search.run import prepare, run_search
 from recycler.search.study import TEST_PREFIX
 
-OBJECTIVES = [{"name": "inc", "task": "zoo_inc", "metric": "acc"}, {"name": "rev", "task": "zoo_rev", "metric": "acc"}]
+OBJECTIVES = [
+    {"name": "inc", "task": "zoo_inc", "metric": "acc"},
+    {"name": "rev", "task": "zoo_rev", "metric": "acc"},
+]
 
 
 @pytest.fixture(scope="module")
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(namespace="recycler", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        namespace="recycler",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     yield
     ray.shutdown()
 
 
-def study_file(tmp_path: Path, zoo: Path, *, tasks_dir: Path | None = None, **sections: dict[str, Any]) -> Path:
+def study_file(
+    tmp_path: Path, zoo: Path, *, tasks_dir: Path | None = None, **sections: dict[str, Any]
+) -> Path:
     """The zoo's study with absolute paths into the (read-only) zoo and its storage in tmp_path."""
     data = yaml.safe_load((zoo / "study.yaml").read_text())
     data["name"] = "e2e"
@@ -76,7 +86,9 @@ def cli(*argv: str | Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str
 def test_search_front_export_report_and_resume(
     tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 9, "seeds": ["uniform", "singles", "greedy"]})
+    study_path = study_file(
+        tmp_path, micro_zoo, search={"n_trials": 9, "seeds": ["uniform", "singles", "greedy"]}
+    )
     started = time.perf_counter()
     assert cli("search", study_path, capsys=capsys)[0] == 0
     print(f"search of 9 trials: {time.perf_counter() - started:.1f} s", file=sys.stderr)
@@ -86,13 +98,23 @@ def test_search_front_export_report_and_resume(
     assert len(trials) == 9 and all(t.state.name == "COMPLETE" for t in trials)
     assert study.metric_names == ["inc", "rev"]
     # Baselines come first, with their exact weights, then the greedy soup's steps.
-    assert [t.user_attrs.get("baseline") for t in trials[:1 + len(names)]] == ["uniform", *(f"single:{n}" for n in names)]
-    assert trials[1].user_attrs["weights"] == {n: (1.0 if i == 0 else 0.0) for i, n in enumerate(names)}
+    assert [t.user_attrs.get("baseline") for t in trials[: 1 + len(names)]] == [
+        "uniform",
+        *(f"single:{n}" for n in names),
+    ]
+    assert trials[1].user_attrs["weights"] == {
+        n: (1.0 if i == 0 else 0.0) for i, n in enumerate(names)
+    }
     assert any(t.user_attrs.get("baseline") == "greedy" for t in trials)
     for t in trials:
         ua = t.user_attrs
-        assert set(ua["weights"]) == set(names) and math.isclose(sum(ua["weights"].values()), 1.0, abs_tol=1e-5)
-        assert set(ua["dev"]) == {"zoo_inc", "zoo_rev"} and ua["objectives"] == {"inc": t.values[0], "rev": t.values[1]}
+        assert set(ua["weights"]) == set(names) and math.isclose(
+            sum(ua["weights"].values()), 1.0, abs_tol=1e-5
+        )
+        assert set(ua["dev"]) == {"zoo_inc", "zoo_rev"} and ua["objectives"] == {
+            "inc": t.values[0],
+            "rev": t.values[1],
+        }
         assert ua["dev"]["zoo_inc"]["acc"] == t.values[0]
         assert ua["merge_seconds"] >= 0 and ua["eval_seconds"] >= 0
         assert ua["recipe"]["merge_method"] == "linear"
@@ -104,13 +126,19 @@ def test_search_front_export_report_and_resume(
     assert code == 0
     front = json.loads(out)
     values = {t.number: t.values for t in trials}
-    brute = {n for n, v in values.items()
-             if not any(all(w[k] >= v[k] for k in range(2)) and w != v for w in values.values())}
+    brute = {
+        n
+        for n, v in values.items()
+        if not any(all(w[k] >= v[k] for k in range(2)) and w != v for w in values.values())
+    }
     assert {m["trial"] for m in front["front"]} == brute
     assert front["knee"] in brute and front["hypervolume"] >= 0
     for m in front["front"]:
         test = study.user_attrs[f"{TEST_PREFIX}{m['trial']}"]
-        assert set(test["objectives"]) == {"inc", "rev"} and set(test["metrics"]) == {"zoo_inc", "zoo_rev"}
+        assert set(test["objectives"]) == {"inc", "rev"} and set(test["metrics"]) == {
+            "zoo_inc",
+            "zoo_rev",
+        }
     code, out, _ = cli("front", study_path, "--split", "test", "--format", "csv", capsys=capsys)
     rows = list(csv.DictReader(io.StringIO(out)))
     assert code == 0 and {int(r["trial"]) for r in rows if r["role"] == "front"} == brute
@@ -126,12 +154,19 @@ def test_search_front_export_report_and_resume(
     from recycler.evaluate.model import ResidentModel
     from recycler.evaluate.runner import evaluate_tasks
 
-    rescored = evaluate_tasks(ResidentModel(out_dir, dtype=__import__("torch").float32), micro_zoo / "tasks",
-                              ["zoo_inc", "zoo_rev"], "dev", batch_size=64)
+    rescored = evaluate_tasks(
+        ResidentModel(out_dir, dtype=__import__("torch").float32),
+        micro_zoo / "tasks",
+        ["zoo_inc", "zoo_rev"],
+        "dev",
+        batch_size=64,
+    )
     stored = study.trials[front["knee"]].user_attrs["dev"]
     assert {t: m["acc"] for t, m in rescored.items()} == {t: m["acc"] for t, m in stored.items()}
     card = (out_dir / "README.md").read_text()
-    assert f"trial: {front['knee']}" in card and "scores on dev" in card and "scores on test" in card
+    assert (
+        f"trial: {front['knee']}" in card and "scores on dev" in card and "scores on test" in card
+    )
     assert (out_dir / "recipe.yaml").is_file()
     code, _, err = cli("export", study_path, tmp_path / "best", "--pick", "best:rev", capsys=capsys)
     assert code == 0, err
@@ -163,8 +198,12 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     rows = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     rows[-1]["choices"] = []
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    study_path = study_file(tmp_path, micro_zoo, tasks_dir=tasks,
-                            search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "seeds": ["uniform"]})
+    study_path = study_file(
+        tmp_path,
+        micro_zoo,
+        tasks_dir=tasks,
+        search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "seeds": ["uniform"]},
+    )
     prepared = prepare(load_study_spec(study_path))
     # All-zero box weights: linear's normalize has nothing to divide by.
     bad = {name: 0.0 for name in prepared.space.param_names()}
@@ -182,9 +221,18 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     # A merge that overflows: every trial fails in the worker with the tensor named, none is lost.
     other = tmp_path / "overflow"
     other.mkdir()
-    path = study_file(other, micro_zoo, merge={"dtype": "float16", "params": {"normalize": False}},
-                      search={"weights": "box", "bounds": [1.0e6, 2.0e6], "n_trials": 2, "seeds": ["uniform"],
-                              "sampler": "random"})
+    path = study_file(
+        other,
+        micro_zoo,
+        merge={"dtype": "float16", "params": {"normalize": False}},
+        search={
+            "weights": "box",
+            "bounds": [1.0e6, 2.0e6],
+            "n_trials": 2,
+            "seeds": ["uniform"],
+            "sampler": "random",
+        },
+    )
     assert cli("search", path, capsys=capsys)[0] == 0
     failed = load(path).get_trials()
     assert [t.state.name for t in failed] == ["FAIL", "FAIL"]
@@ -205,13 +253,20 @@ def _states(db_url: str) -> list[str]:
     ]
 
 
-def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray_cluster: None) -> None:
-    study_path = study_file(tmp_path, micro_zoo, search={"n_trials": 6, "seeds": ["uniform", "singles"]})
+def test_resume_after_sigkill_loses_nothing(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None
+) -> None:
+    study_path = study_file(
+        tmp_path, micro_zoo, search={"n_trials": 6, "seeds": ["uniform", "singles"]}
+    )
     url = load_study_spec(study_path).storage_url
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env=env,
+        start_new_session=True,
     )
     try:
         deadline = time.monotonic() + 300
@@ -237,25 +292,39 @@ def test_resume_after_sigkill_loses_nothing(tmp_path: Path, micro_zoo: Path, ray
     run_search(study_path, None)  # resume in this process (the shared Ray)
     after = optuna.load_study(study_name="e2e", storage=url).get_trials()
     for number, (params, values) in complete_before.items():
-        assert (after[number].params, after[number].values) == (params, values)  # nothing completed is lost
+        assert (after[number].params, after[number].values) == (
+            params,
+            values,
+        )  # nothing completed is lost
     stale = after[running[0].number]
-    assert stale.state.name == "FAIL" and stale.user_attrs["fail_reason"].startswith("stale: the process")
+    assert stale.state.name == "FAIL" and stale.user_attrs["fail_reason"].startswith(
+        "stale: the process"
+    )
     reruns = [t for t in after if t.user_attrs.get("rerun_of") == stale.number]
     # The re-run has every parameter of the killed trial, even those the kill kept from
     # being stored (Optuna stores them one call at a time): an enqueued trial's from its
     # record, a sampled one's from the trial plus the sampler for the rest.
     intended = stale.user_attrs.get("enqueued_params") or stale.params
     assert len(reruns) == 1 and reruns[0].state.name == "COMPLETE"
-    assert reruns[0].params.items() >= intended.items() and len(reruns[0].params) == len(after[0].params)
-    counted = [t for t in after if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get("stale"))]
+    assert reruns[0].params.items() >= intended.items() and len(reruns[0].params) == len(
+        after[0].params
+    )
+    counted = [
+        t
+        for t in after
+        if t.state.name == "COMPLETE" or (t.state.name == "FAIL" and not t.user_attrs.get("stale"))
+    ]
     assert len(counted) == 6 and all(t.state.name == "COMPLETE" for t in counted)
 
 
-def test_demo_on_the_micro_pool(tmp_path: Path, micro_zoo: Path, ray_cluster: None,
-                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_demo_on_the_micro_pool(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
     # The demo reuses a complete pool in its work folder: give it a copy of the shared one.
     shutil.copytree(micro_zoo, tmp_path / "zoo-micro")
-    code, out, err = cli("demo", "--workdir", tmp_path, "--size", "micro", "--n-trials", "8", capsys=capsys)
+    code, out, err = cli(
+        "demo", "--workdir", tmp_path, "--size", "micro", "--n-trials", "8", capsys=capsys
+    )
     assert code == 0, err
     assert "the micro pool in" in err and "Pareto set of study zoo-micro" in out
     assert (tmp_path / "knee-model" / "config.json").is_file()
@@ -264,10 +333,13 @@ def test_demo_on_the_micro_pool(tmp_path: Path, micro_zoo: Path, ray_cluster: No
     assert len(finished(load(tmp_path / "zoo-micro" / "study.yaml"))) == 8
 
 
-def test_search_with_two_evaluation_and_two_shard_workers(tmp_path: Path, micro_zoo: Path, ray_cluster: None) -> None:
+def test_search_with_two_evaluation_and_two_shard_workers(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None
+) -> None:
     """The same study end to end with the pool sharded and two trials in flight."""
     study_path = study_file(
-        tmp_path, micro_zoo,
+        tmp_path,
+        micro_zoo,
         cluster={"shard_workers": 2, "eval_workers": 2},
         search={"n_trials": 8, "seeds": ["uniform"]},
         eval={"limit": 16},
@@ -275,7 +347,9 @@ def test_search_with_two_evaluation_and_two_shard_workers(tmp_path: Path, micro_
     run_search(study_path, None)
     trials = finished(load(study_path))
     assert len(trials) == 8
-    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [t.user_attrs for t in trials]
+    assert all(t.state == optuna.trial.TrialState.COMPLETE for t in trials), [
+        t.user_attrs for t in trials
+    ]
     # Two workers overlapped: some trial started before the one before it finished.
     ordered = sorted(trials, key=lambda t: t.datetime_start)
     assert any(b.datetime_start < a.datetime_complete for a, b in itertools.pairwise(ordered))

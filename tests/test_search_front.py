@@ -63,13 +63,17 @@ def test_hypervolume_matches_cell_counting(m: int, seed: int) -> None:
     ref = pareto.nadir(points, maximize)
     # Push the reference one unit beyond the worst so every point has volume.
     ref = ref + np.array([-1.0 if up else 1.0 for up in maximize])
-    assert pareto.hypervolume(points, ref, maximize) == pytest.approx(grid_volume(points, ref, maximize))
+    assert pareto.hypervolume(points, ref, maximize) == pytest.approx(
+        grid_volume(points, ref, maximize)
+    )
 
 
 def test_hypervolume_known_values_and_edge_cases() -> None:
     assert pareto.hypervolume([[1.0, 1.0]], [0.0, 0.0], [True, True]) == pytest.approx(1.0)
     # Two overlapping rectangles: 2*1 + 1*2 - 1*1 = 3.
-    assert pareto.hypervolume([[2.0, 1.0], [1.0, 2.0]], [0.0, 0.0], [True, True]) == pytest.approx(3.0)
+    assert pareto.hypervolume([[2.0, 1.0], [1.0, 2.0]], [0.0, 0.0], [True, True]) == pytest.approx(
+        3.0
+    )
     # A point no better than the reference in one objective adds nothing.
     assert pareto.hypervolume([[2.0, 0.0]], [0.0, 0.0], [True, True]) == 0.0
     assert pareto.hypervolume(np.zeros((0, 2)), [0.0, 0.0], [True, True]) == 0.0
@@ -104,6 +108,7 @@ def test_dominated_rows_and_dominates() -> None:
 
 # ---- a toy two-objective study through the real driver, Optuna and SQLite -----------------
 
+
 class ToyEvaluator:
     """A toy problem scored from the recipe's weights; two in flight, answered out of order."""
 
@@ -123,31 +128,50 @@ class ToyEvaluator:
         gain = 1.0 if split == "dev" else 0.9
         quality = gain * (w[0] + 0.6 * w[1] ** 0.5)  # maximised
         cost = (w[2] - 0.2) ** 2 + 0.5 * w[1]  # minimised
-        return [(ticket, EvalResult(ok=True, metrics={"toy_q": {"acc,none": quality}, "toy_c": {"loss": cost}},
-                                    merge_seconds=0.01, eval_seconds=0.02))]
+        return [
+            (
+                ticket,
+                EvalResult(
+                    ok=True,
+                    metrics={"toy_q": {"acc,none": quality}, "toy_c": {"loss": cost}},
+                    merge_seconds=0.01,
+                    eval_seconds=0.02,
+                ),
+            )
+        ]
 
     def close(self) -> None:
         pass
 
 
-def toy_study(tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str | None = None) -> Prepared:
+def toy_study(
+    tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str | None = None
+) -> Prepared:
     search: dict[str, object] = {"sampler": sampler, "seed": 1, "seeds": ["uniform", "singles"]}
     if objective is not None:
         search["objective"] = objective
     data = {
-        "name": "toy", "storage": "sqlite:///toy.db",
+        "name": "toy",
+        "storage": "sqlite:///toy.db",
         "pool": {"checkpoints": [f"c{i}" for i in range(n)]},
         "search": search,
         "eval": {"tasks_dir": "."},
-        "objectives": [{"name": "quality", "task": "toy_q", "metric": "acc", "direction": "maximize"},
-                       {"name": "cost", "task": "toy_c", "metric": "loss", "direction": "minimize"}],
+        "objectives": [
+            {"name": "quality", "task": "toy_q", "metric": "acc", "direction": "maximize"},
+            {"name": "cost", "task": "toy_c", "metric": "loss", "direction": "minimize"},
+        ],
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     spec = load_study_spec(tmp_path / "study.yaml")
-    space = SearchSpace(spec, [f"c{i}" for i in range(n)], [f"/pool/c{i}" for i in range(n)], None, ["w.weight"])
+    space = SearchSpace(
+        spec, [f"c{i}" for i in range(n)], [f"/pool/c{i}" for i in range(n)], None, ["w.weight"]
+    )
     objectives = resolve_objectives(spec, lambda t, m: None)
     handle = open_study(spec, study_fingerprint(spec, space), objectives)
-    for label, w in [("uniform", [1 / n] * n), *((f"single:c{i}", [float(i == j) for j in range(n)]) for i in range(n))]:
+    for label, w in [
+        ("uniform", [1 / n] * n),
+        *((f"single:c{i}", [float(i == j) for j in range(n)]) for i in range(n)),
+    ]:
         params = space.encode(w)
         assert params is not None
         handle.study.enqueue_trial(params, user_attrs={"baseline": label})
@@ -165,7 +189,12 @@ def test_toy_study_front_matches_brute_force_and_optuna(tmp_path: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 24 and all(t.state.name == "COMPLETE" for t in trials)
     # Baselines first, in order, with exactly their weights.
-    assert [t.user_attrs.get("baseline") for t in trials[:4]] == ["uniform", "single:c0", "single:c1", "single:c2"]
+    assert [t.user_attrs.get("baseline") for t in trials[:4]] == [
+        "uniform",
+        "single:c0",
+        "single:c1",
+        "single:c2",
+    ]
     assert trials[2].user_attrs["weights"] == {"c0": 0.0, "c1": 1.0, "c2": 0.0}
     for t in trials:  # simplex weights
         assert sum(t.user_attrs["weights"].values()) == pytest.approx(1.0, abs=1e-5)
@@ -179,7 +208,8 @@ def test_toy_study_front_matches_brute_force_and_optuna(tmp_path: Path) -> None:
     assert {t.number for t in study.best_trials} == brute  # Optuna agrees
     assert summary.knee in brute
     assert summary.hypervolume == pytest.approx(
-        pareto.hypervolume(values, pareto.nadir(values, [True, False]), [True, False]))
+        pareto.hypervolume(values, pareto.nadir(values, [True, False]), [True, False])
+    )
     # The Pareto set and the baselines were re-scored on test (0.9 × quality), stored on the study.
     test = analyse(view_of(study), "test")
     wanted = {m.record.number: m for m in [*test.members, *test.baselines]}
@@ -225,7 +255,10 @@ def test_scalarised_study_optimises_the_macro_average_and_keeps_every_objective(
     summary = analyse(view_of(study), "dev")
     values = np.array([r.vector_dev for r in view_of(study).complete])
     assert {m.record.number for m in summary.members} == {
-        r.number for i, r in enumerate(view_of(study).complete) if i in brute_force_front(values, [True, False])}
+        r.number
+        for i, r in enumerate(view_of(study).complete)
+        if i in brute_force_front(values, [True, False])
+    }
 
 
 def test_a_trial_killed_while_its_parameters_were_stored_is_rerun_whole(tmp_path: Path) -> None:
@@ -247,7 +280,9 @@ def test_a_trial_killed_while_its_parameters_were_stored_is_rerun_whole(tmp_path
         study.tell(t, [0.5, 0.5])
     killed = study.ask()
     killed.suggest_float(names[0], 0.0, 1.0)  # the process died after storing one parameter
-    killed.set_user_attr("owner", f"{socket.gethostname()}:999999999:1.00")  # a pid that cannot exist
+    killed.set_user_attr(
+        "owner", f"{socket.gethostname()}:999999999:1.00"
+    )  # a pid that cannot exist
     assert fail_stale_trials(prepared.handle) == [killed.number]
     [rerun] = [t for t in study.get_trials() if t.user_attrs.get("rerun_of") == killed.number]
     assert rerun.state.name == "WAITING" and rerun.user_attrs["baseline"] == "single:c1"

@@ -26,12 +26,19 @@ def test_worker_on_cuda_scores_like_the_cpu(micro_zoo: Path) -> None:
     recipe = space.recipe_dict(space.decode(params))
 
     def worker(device: str) -> TrialWorker:
-        return TrialWorker(WorkerConfig(
-            checkpoints=tuple(str(c.path) for c in pool.checkpoints),
-            base=str(pool.base.path) if pool.base is not None else None,
-            model_dir=str(pool.config_dir), tasks_dir=str(spec.tasks_dir),
-            tasks=("zoo_inc", "zoo_rev"), limit=None, batch_size=64, dtype="float32", device=device,
-        ))
+        return TrialWorker(
+            WorkerConfig(
+                checkpoints=tuple(str(c.path) for c in pool.checkpoints),
+                base=str(pool.base.path) if pool.base is not None else None,
+                model_dir=str(pool.config_dir),
+                tasks_dir=str(spec.tasks_dir),
+                tasks=("zoo_inc", "zoo_rev"),
+                limit=None,
+                batch_size=64,
+                dtype="float32",
+                device=device,
+            )
+        )
 
     gpu = worker("cuda")
     assert all(t.device.type == "cuda" for vs in gpu.shard.versions.values() for t in vs)

@@ -25,8 +25,11 @@ from recycler.search.study import Objective, TrialRecord
 
 LLAMA_NAMES = [
     "model.embed_tokens.weight",
-    *(f"model.layers.{i}.{part}" for i in range(12) for part in (
-        "self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")),
+    *(
+        f"model.layers.{i}.{part}"
+        for i in range(12)
+        for part in ("self_attn.q_proj.weight", "mlp.up_proj.weight", "input_layernorm.weight")
+    ),
     "model.norm.weight",
     "lm_head.weight",
 ]
@@ -35,17 +38,28 @@ LLAMA_NAMES = [
 def spec_of(tmp_path: Path, **search: Any) -> StudySpec:
     merge = search.pop("merge", {})
     data = {
-        "name": "s", "pool": {"base": "base", "checkpoints": ["c/*"]}, "merge": merge,
-        "search": search, "eval": {"tasks_dir": "."},
+        "name": "s",
+        "pool": {"base": "base", "checkpoints": ["c/*"]},
+        "merge": merge,
+        "search": search,
+        "eval": {"tasks_dir": "."},
         "objectives": [{"name": "a", "task": "t", "metric": "acc"}],
     }
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
     return load_study_spec(tmp_path / "study.yaml")
 
 
-def space_of(tmp_path: Path, n: int = 3, names: list[str] | None = None, **search: Any) -> SearchSpace:
+def space_of(
+    tmp_path: Path, n: int = 3, names: list[str] | None = None, **search: Any
+) -> SearchSpace:
     ckpts = [f"k{i}" for i in range(n)]
-    return SearchSpace(spec_of(tmp_path, **search), ckpts, [f"/p/{c}" for c in ckpts], "/p/base", names or LLAMA_NAMES)
+    return SearchSpace(
+        spec_of(tmp_path, **search),
+        ckpts,
+        [f"/p/{c}" for c in ckpts],
+        "/p/base",
+        names or LLAMA_NAMES,
+    )
 
 
 def suggest_all(space: SearchSpace, seed: int) -> Any:
@@ -55,7 +69,9 @@ def suggest_all(space: SearchSpace, seed: int) -> Any:
 
 
 @pytest.mark.parametrize("seed", range(5))
-def test_simplex_weights_are_a_distribution_and_decode_from_params(tmp_path: Path, seed: int) -> None:
+def test_simplex_weights_are_a_distribution_and_decode_from_params(
+    tmp_path: Path, seed: int
+) -> None:
     space = space_of(tmp_path, n=4)
     proposal, params = suggest_all(space, seed)
     w = proposal.weights["all"]
@@ -86,8 +102,14 @@ def test_zero_coordinates_take_the_limit_and_all_ones_give_uniform(tmp_path: Pat
 
 
 def test_box_weights_and_tuned_parameters(tmp_path: Path) -> None:
-    space = space_of(tmp_path, n=2, weights="box", bounds=[-0.5, 1.5],
-                     merge={"method": "ties"}, tune=["density", {"lambda": [0.5, 2.0]}])
+    space = space_of(
+        tmp_path,
+        n=2,
+        weights="box",
+        bounds=[-0.5, 1.5],
+        merge={"method": "ties"},
+        tune=["density", {"lambda": [0.5, 2.0]}],
+    )
     assert space.param_names() == ["w:k0", "w:k1", "p:density", "p:lambda"]
     proposal, params = suggest_all(space, 0)
     assert all(-0.5 <= x <= 1.5 for x in proposal.weights["all"])
@@ -103,12 +125,23 @@ def test_box_weights_and_tuned_parameters(tmp_path: Path) -> None:
 
 def test_layer_groups_become_filters_that_select_each_layer(tmp_path: Path) -> None:
     space = space_of(tmp_path, n=2, granularity="layers:5")
-    assert [g.name for g in space.groups] == ["layers0-2", "layers3-5", "layers6-7", "layers8-9", "layers10-11", "other"]
+    assert [g.name for g in space.groups] == [
+        "layers0-2",
+        "layers3-5",
+        "layers6-7",
+        "layers8-9",
+        "layers10-11",
+        "other",
+    ]
     proposal, _ = suggest_all(space, 3)
     recipe = Recipe.from_dict(space.recipe_dict(proposal))
     for name in LLAMA_NAMES:
         layer = int(name.split(".")[2]) if ".layers." in name else None
-        group = "other" if layer is None else next(g.name for g in space.groups if f"model.layers.{layer}." in g.filters)
+        group = (
+            "other"
+            if layer is None
+            else next(g.name for g in space.groups if f"model.layers.{layer}." in g.filters)
+        )
         # The engine resolves each tensor's weights to its own group's weights.
         assert recipe.weights_for(name, 12) == pytest.approx(proposal.weights[group])
     attrs = space.weights_by_checkpoint(proposal)
@@ -119,9 +152,15 @@ def test_blocks_groups(tmp_path: Path) -> None:
     space = space_of(tmp_path, n=2, granularity="blocks")
     proposal, _ = suggest_all(space, 4)
     recipe = Recipe.from_dict(space.recipe_dict(proposal))
-    assert recipe.weights_for("model.layers.3.self_attn.q_proj.weight", 12) == pytest.approx(proposal.weights["attn"])
-    assert recipe.weights_for("model.layers.3.mlp.up_proj.weight", 12) == pytest.approx(proposal.weights["mlp"])
-    assert recipe.weights_for("model.layers.3.input_layernorm.weight", 12) == pytest.approx(proposal.weights["other"])
+    assert recipe.weights_for("model.layers.3.self_attn.q_proj.weight", 12) == pytest.approx(
+        proposal.weights["attn"]
+    )
+    assert recipe.weights_for("model.layers.3.mlp.up_proj.weight", 12) == pytest.approx(
+        proposal.weights["mlp"]
+    )
+    assert recipe.weights_for("model.layers.3.input_layernorm.weight", 12) == pytest.approx(
+        proposal.weights["other"]
+    )
     assert recipe.weights_for("lm_head.weight", 12) == pytest.approx(proposal.weights["other"])
 
 
@@ -143,13 +182,17 @@ def test_grouped_recipe_merges_like_the_engine_on_a_real_pool(tmp_path: Path) ->
     a, b = (c.read("model.layers.1.mlp.up_proj.weight").float() for c in pool.checkpoints)
     w = proposal.weights["layers1-1"]
     expected = (w[0] * a + w[1] * b) / sum(w)
-    torch.testing.assert_close(merged["model.layers.1.mlp.up_proj.weight"].float(), expected, atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(
+        merged["model.layers.1.mlp.up_proj.weight"].float(), expected, atol=1e-2, rtol=1e-2
+    )
 
 
 @pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
 def test_samplers_with_the_same_seed_propose_the_same(tmp_path: Path, name: str) -> None:
     def proposals(seed: int) -> list[dict[str, float]]:
-        study = optuna.create_study(directions=["maximize", "maximize"], sampler=make_sampler(name, seed, n_objectives=2))
+        study = optuna.create_study(
+            directions=["maximize", "maximize"], sampler=make_sampler(name, seed, n_objectives=2)
+        )
         out = []
         for _ in range(11):  # past the 10 random start-up trials of tpe and gp
             t = study.ask()
@@ -171,7 +214,10 @@ def test_cmaes_is_single_objective_and_seeded() -> None:
 
 
 def test_cache_keys_round_weights_and_separate_splits() -> None:
-    r1 = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.333333333}}]}
+    r1 = {
+        "merge_method": "linear",
+        "models": [{"model": "a", "parameters": {"weight": 0.333333333}}],
+    }
     r2 = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.33333}}]}
     r3 = {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": 0.3334}}]}
     assert recipe_key(r1) == recipe_key(r2) != recipe_key(r3)
@@ -185,10 +231,18 @@ def test_cache_keys_round_weights_and_separate_splits() -> None:
     assert hit is not None and hit.trial_number == 4 and cache.get(r1, "test") is None
 
 
-def record(number: int, state: str, baseline: str | None, score: float | None = None,
-           members: list[str] | None = None, reason: str | None = None) -> TrialRecord:
+def record(
+    number: int,
+    state: str,
+    baseline: str | None,
+    score: float | None = None,
+    members: list[str] | None = None,
+    reason: str | None = None,
+) -> TrialRecord:
     objectives = {"a": score, "b": score} if score is not None else {}
-    r = TrialRecord(number, state, objectives, {}, {}, {}, baseline, None, None, reason, user_members=members)
+    r = TrialRecord(
+        number, state, objectives, {}, {}, {}, baseline, None, None, reason, user_members=members
+    )
     r.vector_dev = [score, score] if score is not None else None
     return r
 
@@ -196,19 +250,27 @@ def record(number: int, state: str, baseline: str | None, score: float | None = 
 def test_greedy_soup_replays_from_stored_trials() -> None:
     objs = [Objective("a", "t", "acc", True), Objective("b", "u", "acc", True)]
     names = ["x", "y", "z"]
-    singles = [record(0, "COMPLETE", "single:x", 0.5), record(1, "COMPLETE", "single:y", 0.7),
-               record(2, "RUNNING", "single:z")]
+    singles = [
+        record(0, "COMPLETE", "single:x", 0.5),
+        record(1, "COMPLETE", "single:y", 0.7),
+        record(2, "RUNNING", "single:z"),
+    ]
     assert greedy_state(singles, names, objs).blocked
     singles[2] = record(2, "COMPLETE", "single:z", 0.6)
     # Best single first (y), then z: the next soup to score is {y, z}.
     state = greedy_state(singles, names, objs)
     assert state.next_members == ["y", "z"] and not state.done
-    steps = [*singles, record(3, "COMPLETE", "greedy", 0.65, ["y", "z"])]  # dropped: worse than y alone
+    steps = [
+        *singles,
+        record(3, "COMPLETE", "greedy", 0.65, ["y", "z"]),
+    ]  # dropped: worse than y alone
     state = greedy_state(steps, names, objs)
     assert state.next_members == ["x", "y"]
     # A step killed mid-run is re-run; the stale failure does not count.
-    steps += [record(4, "FAIL", "greedy", None, ["x", "y"], "stale: process gone"),
-              record(5, "COMPLETE", "greedy", 0.71, ["x", "y"])]
+    steps += [
+        record(4, "FAIL", "greedy", None, ["x", "y"], "stale: process gone"),
+        record(5, "COMPLETE", "greedy", 0.71, ["x", "y"]),
+    ]
     state = greedy_state(steps, names, objs)
     assert state.done and state.soup_trial == 5
     assert members_weights(names, ["x", "y"]) == [0.5, 0.5, 0.0]
@@ -225,11 +287,16 @@ def test_nsga2_evolves_within_a_small_budget() -> None:
 
 @pytest.mark.parametrize(
     ("method", "n", "tune", "random"),
-    [("slerp", 1, ["t"], False), ("della", 2, ["epsilon", "density"], True), ("sce", 2, ["select_topk"], False),
-     ("karcher", 2, [], False)],
+    [
+        ("slerp", 1, ["t"], False),
+        ("della", 2, ["epsilon", "density"], True),
+        ("sce", 2, ["select_topk"], False),
+        ("karcher", 2, [], False),
+    ],
 )
-def test_new_methods_tune_their_parameters_and_merge(tmp_path: Path, method: str, n: int, tune: list[str],
-                                                     random: bool) -> None:
+def test_new_methods_tune_their_parameters_and_merge(
+    tmp_path: Path, method: str, n: int, tune: list[str], random: bool
+) -> None:
     """The method's own tune ranges (from its description) reach a recipe the engine merges."""
     paths = make_pool(tmp_path / "pool")
     pool = Pool.open([paths["c0"], paths["c2"]][:n], paths["base"])
@@ -239,8 +306,14 @@ def test_new_methods_tune_their_parameters_and_merge(tmp_path: Path, method: str
     space = SearchSpace.from_pool(spec, pool)
     proposal, params = suggest_all(space, 3)
     recipe = space.recipe_dict(proposal)
-    assert recipe["parameters"] == {name: params[f"p:{name}"] for name in tune} if tune else "parameters" not in recipe
+    assert (
+        recipe["parameters"] == {name: params[f"p:{name}"] for name in tune}
+        if tune
+        else "parameters" not in recipe
+    )
     assert ("random_seed" in recipe) == random
     assert all(("parameters" in m) == (method in ("della", "karcher")) for m in recipe["models"])
     merged = merge_state_dict(pool, Recipe.from_dict(recipe))
-    assert set(merged) == set(pool.tensor_names) and all(bool(torch.isfinite(t.float()).all()) for t in merged.values())
+    assert set(merged) == set(pool.tensor_names) and all(
+        bool(torch.isfinite(t.float()).all()) for t in merged.values()
+    )

@@ -76,7 +76,10 @@ def test_plan_covers_balances_and_is_deterministic(n_shards: int, method: str) -
 
 
 def test_plan_splits_big_tensors_by_rows_only_where_the_method_allows() -> None:
-    tensors = [TensorSize("big", (1000, 10), 40_000), *(TensorSize(f"s{i}", (10, 10), 400) for i in range(5))]
+    tensors = [
+        TensorSize("big", (1000, 10), 40_000),
+        *(TensorSize(f"s{i}", (10, 10), 400) for i in range(5)),
+    ]
     plan = plan_shards(tensors, 3, method="linear")
     assert plan.split_tensors == ["big"]
     assert_covers(plan, tensors)
@@ -107,7 +110,12 @@ def test_plan_ties_break_by_pool_order() -> None:
 def ray_cluster() -> Iterator[None]:
     import ray
 
-    ray.init(namespace="recycler", include_dashboard=False, log_to_driver=False, logging_level=logging.WARNING)
+    ray.init(
+        namespace="recycler",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
     yield
     ray.shutdown()
 
@@ -122,7 +130,12 @@ def recipe_dict(zoo: Path, method: str, dtype: str) -> dict[str, Any]:
         if method.startswith("dare"):
             params["density"] = 0.6
         models.append({"model": str(path), "parameters": params})
-    out: dict[str, Any] = {"merge_method": method, "models": models, "dtype": dtype, "random_seed": 7}
+    out: dict[str, Any] = {
+        "merge_method": method,
+        "models": models,
+        "dtype": dtype,
+        "random_seed": 7,
+    }
     if method != "linear":
         out["base_model"] = str(zoo / "base")
         out["parameters"] = {"lambda": 0.9}
@@ -138,8 +151,14 @@ def micro_worker_config(zoo: Path, tasks: tuple[str, ...] = ("zoo_inc",)) -> Wor
 
     ckpts = tuple(str(p) for p in sorted((zoo / "checkpoints").iterdir()))
     return WorkerConfig(
-        checkpoints=ckpts, base=str(zoo / "base"), model_dir=str(zoo / "base"),
-        tasks_dir=str(zoo / "tasks"), tasks=tasks, limit=24, batch_size=64, dtype="bfloat16",
+        checkpoints=ckpts,
+        base=str(zoo / "base"),
+        model_dir=str(zoo / "base"),
+        tasks_dir=str(zoo / "tasks"),
+        tasks=tasks,
+        limit=24,
+        batch_size=64,
+        dtype="bfloat16",
     )
 
 
@@ -161,11 +180,14 @@ def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> Non
     remote = ray.remote(ShardWorker)
     small = max(t.nbytes for t in tensors) // 5  # forces row blocks of the big tensors
     for n_shards in (1, 2, 3):
-        plan = plan_shards(tensors, n_shards, method="dare_linear", max_piece_bytes=small if n_shards > 1 else None)
+        plan = plan_shards(
+            tensors, n_shards, method="dare_linear", max_piece_bytes=small if n_shards > 1 else None
+        )
         if n_shards > 1:
             assert plan.split_tensors
         actors = [
-            remote.options(num_cpus=0.1).remote(ShardConfig(ckpts, base, pieces, threads=1)) for pieces in plan.shards
+            remote.options(num_cpus=0.1).remote(ShardConfig(ckpts, base, pieces, threads=1))
+            for pieces in plan.shards
         ]
         try:
             for recipe, ref in zip(recipes, reference):
@@ -177,13 +199,20 @@ def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> Non
                         assert piece.name not in got
                         got[piece.name] = value.clone()
                     else:
-                        full = got.setdefault(piece.name, torch.full(ref[piece.name].shape, float("nan"), dtype=value.dtype))
+                        full = got.setdefault(
+                            piece.name,
+                            torch.full(ref[piece.name].shape, float("nan"), dtype=value.dtype),
+                        )
                         full[piece.start : piece.start + value.shape[0]] = value
                 assert set(got) == set(ref), n_shards
                 for name, expect in ref.items():
                     assert got[name].dtype == expect.dtype, name
-                    assert torch.equal(got[name].view(torch.uint8), expect.contiguous().view(torch.uint8)), (
-                        n_shards, recipe["merge_method"], name,
+                    assert torch.equal(
+                        got[name].view(torch.uint8), expect.contiguous().view(torch.uint8)
+                    ), (
+                        n_shards,
+                        recipe["merge_method"],
+                        name,
                     )
         finally:
             for a in actors:
@@ -213,13 +242,20 @@ def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
     scores: dict[int, list[dict[str, dict[str, float]]]] = {}
     for n_shards in (1, 2, 3):
         ev = RayEvaluator(
-            cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=n_shards,
-            merge_method="dare_linear", max_piece_bytes=20_000,
+            cfg,
+            address=None,
+            n_workers=1,
+            gpus_per_worker=0,
+            shard_workers=n_shards,
+            merge_method="dare_linear",
+            max_piece_bytes=20_000,
         )
         try:
             if n_shards > 1:
                 assert ev.plan.split_tensors and len(ev.shard_infos) == n_shards
-                assert ev.infos[0]["resident_bytes"] == 0  # the evaluation worker holds only the model
+                assert (
+                    ev.infos[0]["resident_bytes"] == 0
+                )  # the evaluation worker holds only the model
             got = []
             for i, recipe in enumerate(recipes):
                 ev.submit(i, recipe, "dev")
@@ -235,7 +271,9 @@ def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("method", ["linear", "dare_linear"])
-def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path, method: str) -> None:
+def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(
+    micro_zoo: Path, method: str
+) -> None:
     """gpus_per_worker > 0: the pieces live on the GPU; row blocks merge as the whole tensor does there."""
     from recycler.cluster.shard_worker import ShardConfig, ShardWorker
     from recycler.cluster.shards import pool_sizes
@@ -249,7 +287,9 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path,
     recipe = recipe_dict(micro_zoo, method, "float32")
     ref = merge_state_dict(pool, Recipe.from_dict(recipe), device="cuda")
     tensors = pool_sizes(pool)
-    plan = plan_shards(tensors, 3, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5)
+    plan = plan_shards(
+        tensors, 3, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5
+    )
     assert plan.split_tensors
     for pieces in plan.shards:
         worker = ShardWorker(ShardConfig(ckpts, base, pieces, device="cuda"))
@@ -261,7 +301,9 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(micro_zoo: Path,
 
 
 @pytest.mark.parametrize("victim", ["evaluation", "shard"])
-def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_zoo: Path, ray_cluster: None) -> None:
+def test_a_killed_worker_is_restarted_and_its_trial_retried(
+    victim: str, micro_zoo: Path, ray_cluster: None
+) -> None:
     import os
     import signal
 
@@ -270,7 +312,9 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_z
     from recycler.cluster.evaluator import RayEvaluator
 
     cfg = micro_worker_config(micro_zoo)
-    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, merge_method="linear")
+    ev = RayEvaluator(
+        cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, merge_method="linear"
+    )
     try:
         recipe = recipe_dict(micro_zoo, "linear", "bfloat16")
         ev.submit(0, recipe, "dev")
@@ -292,14 +336,18 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(victim: str, micro_z
         ev.close()
 
 
-def test_placement_group_holds_every_worker_and_is_released(micro_zoo: Path, ray_cluster: None) -> None:
+def test_placement_group_holds_every_worker_and_is_released(
+    micro_zoo: Path, ray_cluster: None
+) -> None:
     import ray
     from ray.util.placement_group import placement_group_table
 
     from recycler.cluster.evaluator import RayEvaluator
 
     cfg = micro_worker_config(micro_zoo)
-    ev = RayEvaluator(cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, placement="strict_pack")
+    ev = RayEvaluator(
+        cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, placement="strict_pack"
+    )
     try:
         group = ev._placement_group
         facts = [*ev.shard_infos, *ev.infos]
@@ -317,13 +365,24 @@ def test_placement_group_holds_every_worker_and_is_released(micro_zoo: Path, ray
     assert ray.is_initialized()  # the test's cluster is left running
 
     # Two workers on two different nodes cannot be placed on this one-node cluster.
-    with pytest.raises(RecyclerError, match=r"cluster.placement: Ray could not place 2 worker\(s\).*strict_spread"):
-        RayEvaluator(cfg, address=None, n_workers=2, gpus_per_worker=0, placement="strict_spread", placement_timeout_s=2)
+    with pytest.raises(
+        RecyclerError, match=r"cluster.placement: Ray could not place 2 worker\(s\).*strict_spread"
+    ):
+        RayEvaluator(
+            cfg,
+            address=None,
+            n_workers=2,
+            gpus_per_worker=0,
+            placement="strict_spread",
+            placement_timeout_s=2,
+        )
     assert all(t["state"] == "REMOVED" for t in placement_group_table().values())
 
 
 @pytest.mark.parametrize("method", ["ram", "nearswap", "della", "model_stock", "sce"])
-def test_shard_workers_merge_the_other_methods_as_the_engine_does(micro_zoo: Path, method: str) -> None:
+def test_shard_workers_merge_the_other_methods_as_the_engine_does(
+    micro_zoo: Path, method: str
+) -> None:
     """Each method through shard workers (in this process): split by rows exactly where its
     description allows, and the same bits as the whole-pool merge."""
     from recycler.cluster.shard_worker import ShardConfig, ShardWorker
@@ -339,12 +398,25 @@ def test_shard_workers_merge_the_other_methods_as_the_engine_does(micro_zoo: Pat
     base = str(micro_zoo / "base")
     pool = Pool.open(list(ckpts), base)
     tensors = pool_sizes(pool)
-    plan = plan_shards(tensors, 2, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5)
+    plan = plan_shards(
+        tensors, 2, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5
+    )
     assert bool(plan.split_tensors) == METHODS[method].row_splittable
     params = {"nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}.get(method, {})
-    models = [{"model": c, "parameters": {"weight": 0.5, "density": 0.6}} if method == "della" else {"model": c} for c in ckpts]
-    recipe = {"merge_method": method, "base_model": base, "models": models, "dtype": "float32", "random_seed": 3,
-              **({"parameters": params} if params else {})}
+    models = [
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.6}}
+        if method == "della"
+        else {"model": c}
+        for c in ckpts
+    ]
+    recipe = {
+        "merge_method": method,
+        "base_model": base,
+        "models": models,
+        "dtype": "float32",
+        "random_seed": 3,
+        **({"parameters": params} if params else {}),
+    }
     reference = merge_state_dict(pool, Recipe.from_dict(recipe))
     got: dict[str, torch.Tensor] = {}
     for pieces in plan.shards:

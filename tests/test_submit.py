@@ -38,7 +38,13 @@ pytestmark = pytest.mark.timeout(600)
 BIN = Path(sys.executable).parent
 RAY = BIN / "ray"
 START_TIMEOUT_S = 120
-STRIPPED_ENV = ("RAY_ADDRESS", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_JOB_HEADERS")
+STRIPPED_ENV = (
+    "RAY_ADDRESS",
+    "RAY_AUTH_MODE",
+    "RAY_AUTH_TOKEN",
+    "RAY_AUTH_TOKEN_PATH",
+    "RAY_JOB_HEADERS",
+)
 
 
 def free_ports(n: int) -> list[int]:
@@ -131,7 +137,13 @@ def head() -> Iterator[Head]:
         # The job's `python` is the one on the cluster's PATH: this venv's.
         PATH=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
     )
-    subprocess.run([str(RAY), "get-auth-token", "--generate"], env=env, check=True, capture_output=True, timeout=60)
+    subprocess.run(
+        [str(RAY), "get-auth-token", "--generate"],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
     token = (root / "home" / ".ray" / "auth_token").read_text().strip()
     gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics = free_ports(7)
     cmd = [
@@ -144,14 +156,20 @@ def head() -> Iterator[Head]:
         "--num-cpus=2", f"--temp-dir={root / 'ray'}",
     ]  # fmt: skip
     log = (root / "head.log").open("wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+    )
     url = f"http://127.0.0.1:{dash}"
     try:
         deadline = time.monotonic() + START_TIMEOUT_S
         while True:
             if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}")
-            request = urllib.request.Request(f"{url}/api/version", headers={"Authorization": f"Bearer {token}"})
+                pytest.fail(
+                    f"ray start exited {proc.returncode}:\n{(root / 'head.log').read_text()[-3000:]}"
+                )
+            request = urllib.request.Request(
+                f"{url}/api/version", headers={"Authorization": f"Bearer {token}"}
+            )
             try:
                 with urllib.request.urlopen(request, timeout=2) as resp:
                     if resp.status == 200:
@@ -159,7 +177,9 @@ def head() -> Iterator[Head]:
             except (urllib.error.URLError, OSError):
                 pass
             if time.monotonic() > deadline:
-                pytest.fail(f"the Ray dashboard did not come up:\n{(root / 'head.log').read_text()[-3000:]}")
+                pytest.fail(
+                    f"the Ray dashboard did not come up:\n{(root / 'head.log').read_text()[-3000:]}"
+                )
             time.sleep(0.5)
         yield Head(url=url, root=root, token=token, proc=proc)
     finally:
@@ -169,9 +189,15 @@ def head() -> Iterator[Head]:
         assert not left, f"processes of the test's Ray head still running: {left}"
 
 
-def recycler_cli(*args: str, env: dict[str, str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+def recycler_cli(
+    *args: str, env: dict[str, str], timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "recycler.cli", *args], env=env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "recycler.cli", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
 
 
@@ -205,9 +231,20 @@ def demo_layout(folder: Path, zoo: Path, *, limit: int = 2) -> Path:
 # -- end to end on the cluster ----------------------------------------------------------
 
 
-def test_submitted_study_runs_its_search_on_the_cluster(head: Head, micro_zoo: Path, tmp_path: Path) -> None:
+def test_submitted_study_runs_its_search_on_the_cluster(
+    head: Head, micro_zoo: Path, tmp_path: Path
+) -> None:
     study = demo_layout(tmp_path / "study", micro_zoo)
-    proc = recycler_cli("submit", str(study), "--address", head.url, "--n-trials", "1", "--follow", env=head.client_env())
+    proc = recycler_cli(
+        "submit",
+        str(study),
+        "--address",
+        head.url,
+        "--n-trials",
+        "1",
+        "--follow",
+        env=head.client_env(),
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     job_id = proc.stdout.splitlines()[0]
     assert job_id.startswith("recycler-zoo-micro-"), proc.stdout
@@ -223,40 +260,65 @@ def test_submitted_study_runs_its_search_on_the_cluster(head: Head, micro_zoo: P
     # The search wrote its trials to the study's storage, on the (shared) disk.
     import optuna
 
-    stored = optuna.load_study(study_name="zoo-micro", storage=f"sqlite:///{tmp_path / 'study' / 'results' / 'study.db'}")
+    stored = optuna.load_study(
+        study_name="zoo-micro", storage=f"sqlite:///{tmp_path / 'study' / 'results' / 'study.db'}"
+    )
     complete = [t for t in stored.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(complete) == 1
 
     # What was uploaded: the study file (paths absolute) and small files, no pool, no database.
-    packages = list((head.root / "ray" / "session_latest" / "runtime_resources" / "working_dir_files").glob("_ray_pkg_*"))
+    packages = list(
+        (head.root / "ray" / "session_latest" / "runtime_resources" / "working_dir_files").glob(
+            "_ray_pkg_*"
+        )
+    )
     uploaded = [p for p in packages if p.is_dir() and (p / "study.yaml").is_file()
                 and yaml.safe_load((p / "study.yaml").read_text())["name"] == "zoo-micro"]  # fmt: skip
     assert len(uploaded) == 1, packages
     pkg = uploaded[0]
     job_study = yaml.safe_load((pkg / "study.yaml").read_text())
     folder = (tmp_path / "study").resolve()
-    assert job_study["pool"] == {"base": str(folder / "pool" / "base"), "checkpoints": [str(folder / "pool" / "checkpoints" / "*")]}
+    assert job_study["pool"] == {
+        "base": str(folder / "pool" / "base"),
+        "checkpoints": [str(folder / "pool" / "checkpoints" / "*")],
+    }
     assert job_study["storage"] == f"sqlite:///{folder / 'results' / 'study.db'}"
     assert job_study["eval"]["tasks_dir"] == "pool/tasks"
     files = {p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file()}
     assert "notes.txt" in files and "pool/tasks/zoo_inc.yaml" in files
-    assert not any(f.startswith(("pool/checkpoints/", "pool/base/", "scratch/")) for f in files), sorted(files)
+    assert not any(f.startswith(("pool/checkpoints/", "pool/base/", "scratch/")) for f in files), (
+        sorted(files)
+    )
     assert not any(f.endswith((".safetensors", ".db")) for f in files), sorted(files)
 
 
-def test_a_job_that_fails_on_the_cluster_exits_non_zero(head: Head, micro_zoo: Path, tmp_path: Path) -> None:
+def test_a_job_that_fails_on_the_cluster_exits_non_zero(
+    head: Head, micro_zoo: Path, tmp_path: Path
+) -> None:
     # The real user's layout: the pool on shared storage by absolute path. This one is
     # not there, which only the cluster can tell: the job's search refuses the study.
     folder = tmp_path / "study"
     folder.mkdir()
     shutil.copytree(micro_zoo / "tasks", folder / "tasks")
     study = yaml.safe_load((micro_zoo / "study.yaml").read_text())
-    study["pool"] = {"base": str(micro_zoo / "base"), "checkpoints": [str(tmp_path / "no-such-pool" / "*")]}
+    study["pool"] = {
+        "base": str(micro_zoo / "base"),
+        "checkpoints": [str(tmp_path / "no-such-pool" / "*")],
+    }
     (folder / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
-    proc = recycler_cli("submit", str(folder / "study.yaml"), "--address", head.url, "--follow", env=head.client_env())
+    proc = recycler_cli(
+        "submit",
+        str(folder / "study.yaml"),
+        "--address",
+        head.url,
+        "--follow",
+        env=head.client_env(),
+    )
     line = one_error_line(proc)
     job_id = proc.stdout.splitlines()[0]
-    assert line.startswith(f"recycler: error: job {job_id} failed on the cluster: pool.checkpoints:"), line
+    assert line.startswith(
+        f"recycler: error: job {job_id} failed on the cluster: pool.checkpoints:"
+    ), line
     assert str(head.jobs().get_job_info(job_id).status) == "FAILED"
 
 
@@ -280,14 +342,22 @@ def test_missing_or_wrong_token_is_refused_with_one_line(head: Head, tmp_path: P
     token_file.write_text("1" * 64)
     wrong_file = recycler_cli("submit", str(study), "--address", head.url,
                               env=clean_env(HOME=str(empty_home), RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file)))  # fmt: skip
-    assert f"refused the token from RAY_AUTH_TOKEN_PATH ({token_file})" in one_error_line(wrong_file)
+    assert f"refused the token from RAY_AUTH_TOKEN_PATH ({token_file})" in one_error_line(
+        wrong_file
+    )
 
     # The right token, but RAY_AUTH_MODE unset: Ray's client sends no token at all.
     unsent = recycler_cli("submit", str(study), "--address", head.url,
                           env=clean_env(HOME=str(head.home), RAY_AUTH_TOKEN=head.token))  # fmt: skip
     assert "requires token authentication: set RAY_AUTH_MODE=token" in one_error_line(unsent)
 
-    none = recycler_cli("submit", str(study), "--address", head.url, env=clean_env(HOME=str(empty_home), RAY_AUTH_MODE="token"))
+    none = recycler_cli(
+        "submit",
+        str(study),
+        "--address",
+        head.url,
+        env=clean_env(HOME=str(empty_home), RAY_AUTH_MODE="token"),
+    )
     assert "couldn't find an authentication token" in one_error_line(none)
 
     assert len(head.jobs().list_jobs()) == before, "a refused submission created a job"
@@ -317,11 +387,19 @@ def remote_study(tmp_path: Path) -> Path:
 def test_unreachable_or_wrong_addresses_are_one_line(remote_study: Path) -> None:
     env = clean_env()
     closed = free_ports(1)[0]
-    line = one_error_line(recycler_cli("submit", str(remote_study), "--address", f"http://127.0.0.1:{closed}", env=env))
+    line = one_error_line(
+        recycler_cli(
+            "submit", str(remote_study), "--address", f"http://127.0.0.1:{closed}", env=env
+        )
+    )
     assert f"--address http://127.0.0.1:{closed}: cannot connect to 127.0.0.1:{closed}" in line
-    line = one_error_line(recycler_cli("submit", str(remote_study), "--address", "ray://127.0.0.1:10001", env=env))
+    line = one_error_line(
+        recycler_cli("submit", str(remote_study), "--address", "ray://127.0.0.1:10001", env=env)
+    )
     assert "give the Ray dashboard's http(s) address" in line and "ray://" in line
-    line = one_error_line(recycler_cli("submit", str(remote_study), "--address", "http://127.0.0.1:notaport", env=env))
+    line = one_error_line(
+        recycler_cli("submit", str(remote_study), "--address", "http://127.0.0.1:notaport", env=env)
+    )
     assert "--address http://127.0.0.1:notaport" in line
 
 
@@ -331,7 +409,9 @@ def test_an_http_server_that_is_not_ray_is_one_line(remote_study: Path) -> None:
     thread.start()
     try:
         url = f"http://127.0.0.1:{server.server_address[1]}"
-        line = one_error_line(recycler_cli("submit", str(remote_study), "--address", url, env=clean_env()))
+        line = one_error_line(
+            recycler_cli("submit", str(remote_study), "--address", url, env=clean_env())
+        )
         assert "no Ray job server there" in line, line
     finally:
         server.shutdown()
@@ -341,12 +421,18 @@ def test_an_http_server_that_is_not_ray_is_one_line(remote_study: Path) -> None:
 def test_study_is_validated_before_anything_is_sent(tmp_path: Path, remote_study: Path) -> None:
     env = clean_env()
     closed = f"http://127.0.0.1:{free_ports(1)[0]}"  # never reached: the study fails first
-    line = one_error_line(recycler_cli("submit", str(tmp_path / "nope.yaml"), "--address", closed, env=env))
+    line = one_error_line(
+        recycler_cli("submit", str(tmp_path / "nope.yaml"), "--address", closed, env=env)
+    )
     assert "nope.yaml: no such study file" in line
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({**minimal_study("/shared/pool/*"), "serach": {}}))
-    assert "serach: unknown key" in one_error_line(recycler_cli("submit", str(bad), "--address", closed, env=env))
-    line = one_error_line(recycler_cli("submit", str(remote_study), "--address", closed, "--n-trials", "0", env=env))
+    assert "serach: unknown key" in one_error_line(
+        recycler_cli("submit", str(bad), "--address", closed, env=env)
+    )
+    line = one_error_line(
+        recycler_cli("submit", str(remote_study), "--address", closed, "--n-trials", "0", env=env)
+    )
     assert "--n-trials: must be at least 1" in line
 
 
@@ -363,7 +449,10 @@ def test_plan_makes_storage_paths_absolute_and_keeps_small_files_relative(tmp_pa
     study = {
         **minimal_study("zoo/checkpoints/*"),
         "storage": "sqlite:///recycler.db",
-        "pool": {"base": "zoo/base", "checkpoints": ["zoo/checkpoints/*", "../pool-elsewhere/b", "/shared/c"]},
+        "pool": {
+            "base": "zoo/base",
+            "checkpoints": ["zoo/checkpoints/*", "../pool-elsewhere/b", "/shared/c"],
+        },
     }
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(study))
@@ -372,16 +461,28 @@ def test_plan_makes_storage_paths_absolute_and_keeps_small_files_relative(tmp_pa
     root = folder.resolve()
     assert job["pool"] == {
         "base": str(root / "zoo" / "base"),
-        "checkpoints": [str(root / "zoo" / "checkpoints" / "*"), str(outside.resolve() / "b"), "/shared/c"],
+        "checkpoints": [
+            str(root / "zoo" / "checkpoints" / "*"),
+            str(outside.resolve() / "b"),
+            "/shared/c",
+        ],
     }
     assert job["storage"] == f"sqlite:///{root / 'recycler.db'}"
     assert job["eval"]["tasks_dir"] == "tasks"
     assert plan.entrypoint == "python -m recycler.cli search study.yaml --n-trials 3"
-    for pattern in ("/zoo/checkpoints/*", "/zoo/base", "/recycler.db", "/recycler.db-wal", *DEFAULT_EXCLUDES):
+    for pattern in (
+        "/zoo/checkpoints/*",
+        "/zoo/base",
+        "/recycler.db",
+        "/recycler.db-wal",
+        *DEFAULT_EXCLUDES,
+    ):
         assert pattern in plan.ignore_patterns
     with staged_working_dir(plan) as stage:
         assert (stage / "study.yaml").read_text() == plan.study_text
-        assert (stage / "tasks").is_symlink() and (stage / "zoo").resolve() == (folder / "zoo").resolve()
+        assert (stage / "tasks").is_symlink() and (stage / "zoo").resolve() == (
+            folder / "zoo"
+        ).resolve()
         assert "/zoo/base" in (stage / ".rayignore").read_text().splitlines()
 
 
@@ -391,11 +492,15 @@ def test_plan_refuses_relative_paths_that_are_not_here(tmp_path: Path, remote_st
     path.write_text(yaml.safe_dump(minimal_study("zoo/*")))
     with pytest.raises(RecyclerError, match=r"pool.checkpoints: 'zoo/\*' matches nothing"):
         plan_job(path, n_trials=None)
-    path.write_text(yaml.safe_dump({**minimal_study("/shared/pool/*"), "eval": {"tasks_dir": "missing"}}))
+    path.write_text(
+        yaml.safe_dump({**minimal_study("/shared/pool/*"), "eval": {"tasks_dir": "missing"}})
+    )
     with pytest.raises(RecyclerError, match=r"eval\.tasks_dir: no such folder"):
         plan_job(path, n_trials=None)
     # Absolute paths that only the cluster has are accepted, with a note.
-    path.write_text(yaml.safe_dump({**minimal_study("/shared/pool/*"), "eval": {"tasks_dir": "/shared/tasks"}}))
+    path.write_text(
+        yaml.safe_dump({**minimal_study("/shared/pool/*"), "eval": {"tasks_dir": "/shared/tasks"}})
+    )
     plan = plan_job(path, n_trials=None)
     assert any("/shared/tasks" in note and "assumed to be on the cluster" for note in plan.notes)
     assert yaml.safe_load(plan.study_text)["pool"]["checkpoints"] == ["/shared/pool/*"]

@@ -66,8 +66,13 @@ def test_eval_data_do_not_depend_on_the_process_hash_seed() -> None:
 
     code = "from recycler.zoo.skills import eval_sets; print(repr(eval_sets(0, 100)))"
     outs = {
-        subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": str(h)},
-                       capture_output=True, text=True, check=True).stdout
+        subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, "PYTHONHASHSEED": str(h)},
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         for h in (1, 2, 3)
     }
     assert len(outs) == 1
@@ -89,10 +94,22 @@ def test_training_is_deterministic() -> None:
 
     def run(seed: int) -> dict[str, torch.Tensor]:
         torch.manual_seed(seed)
-        cfg = LlamaConfig(vocab_size=len(table), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)
+        cfg = LlamaConfig(
+            vocab_size=len(table),
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            max_position_embeddings=32,
+        )
         model = LlamaForCausalLM(cfg)
-        train(model, TrainStream({"rev": 1.0}, set(), seed), table, Schedule(steps=5, lr=1e-3, batch_size=8))
+        train(
+            model,
+            TrainStream({"rev": 1.0}, set(), seed),
+            table,
+            Schedule(steps=5, lr=1e-3, batch_size=8),
+        )
         return model.state_dict()
 
     first, second, other = run(0), run(0), run(1)
@@ -143,7 +160,9 @@ def test_adapters_load_with_peft_and_change_the_base(micro_zoo: Path) -> None:
     ref = plain(ids).logits
     for d in dirs:
         assert json.loads((d / "trainer_state.json").read_text())["log_history"][-1]["loss"] > 0
-        model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(micro_zoo / "base"), d)
+        model = PeftModel.from_pretrained(
+            AutoModelForCausalLM.from_pretrained(micro_zoo / "base"), d
+        )
         assert not torch.allclose(model(ids).logits, ref)
 
 
@@ -173,8 +192,10 @@ def test_tasks_study_and_scores_cover_the_pool(micro_zoo: Path) -> None:
     base = scores["models"]["base"]["dev"]
     assert any(
         m["dev"][t]["acc"] > base[t]["acc"] + 0.1
-        for m in scores["models"].values() if m["kind"] == "checkpoint"
-        for t in base if t != GROUP
+        for m in scores["models"].values()
+        if m["kind"] == "checkpoint"
+        for t in base
+        if t != GROUP
     )
 
 
@@ -195,7 +216,9 @@ WANT = {"size": "micro", "seed": 0, "version": zoo_build.BUILD_VERSION}
 def test_prepare_clears_an_interrupted_build(tmp_path: Path) -> None:
     (tmp_path / "base").mkdir()
     (tmp_path / "base" / "model.safetensors").write_bytes(b"half")
-    (tmp_path / zoo_build.MARKER).write_text(json.dumps(WANT))  # left over, but the flag says unfinished
+    (tmp_path / zoo_build.MARKER).write_text(
+        json.dumps(WANT)
+    )  # left over, but the flag says unfinished
     (tmp_path / zoo_build.BUILDING).write_text("")
     assert zoo_build.prepare(tmp_path, WANT) is False
     assert not (tmp_path / "base").exists() and not (tmp_path / zoo_build.MARKER).exists()

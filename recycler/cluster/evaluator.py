@@ -87,12 +87,16 @@ class RayEvaluator:
         import ray
 
         if placement not in PLACEMENTS:
-            raise RecyclerError(f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}")
+            raise RecyclerError(
+                f"cluster.placement: must be one of {', '.join(PLACEMENTS)}, got {placement!r}"
+            )
         self._idle: list[Any] = []
         self._pending: dict[Any, tuple[int, Any]] = {}
         self._shards: list[Any] = []
         self._placement_group: Any = None
-        self._bundle_of: dict[Any, int] = {}  # evaluation worker → its bundle in the placement group
+        self._bundle_of: dict[
+            Any, int
+        ] = {}  # evaluation worker → its bundle in the placement group
         self._started = start_ray(address)
         sharded = shard_workers > 1
         self.cfg = WorkerConfig(**{**cfg.__dict__, "hold_pool": False}) if sharded else cfg
@@ -122,7 +126,9 @@ class RayEvaluator:
             if placement != "none":
                 self._placement_group = self._reserve(placement, actors, placement_timeout_s)
             if sharded:
-                self._shards, self.shard_infos = self._start_shards(shard_workers, merge_method, max_piece_bytes)
+                self._shards, self.shard_infos = self._start_shards(
+                    shard_workers, merge_method, max_piece_bytes
+                )
             self._idle = [self._spawn(n_shards + i) for i in range(n_workers)]
             self.infos = self._wait_ready(self._idle)
         except BaseException:
@@ -139,16 +145,23 @@ class RayEvaluator:
         from recycler.pool import Pool
 
         pool = Pool.open(list(self.cfg.checkpoints), self.cfg.base)  # headers only
-        self.plan = plan_shards(pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes)
+        self.plan = plan_shards(
+            pool_sizes(pool), n_shards, method=merge_method, max_piece_bytes=max_piece_bytes
+        )
         remote: Any = ray.remote(ShardWorker)
         shards: list[Any] = [
             # A shard worker that dies is restarted (reloading its pieces) and the merge it
             # was serving is retried once, like an evaluation worker's trial.
             remote.options(
-                num_cpus=self.cpus_per_worker, num_gpus=self.gpus_per_worker, max_restarts=2, max_task_retries=1,
+                num_cpus=self.cpus_per_worker,
+                num_gpus=self.gpus_per_worker,
+                max_restarts=2,
+                max_task_retries=1,
                 **self._placed(i),
             ).remote(
-                ShardConfig(self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads)
+                ShardConfig(
+                    self.cfg.checkpoints, self.cfg.base, pieces, self.cfg.device, self.threads
+                )
             )
             for i, pieces in enumerate(self.plan.shards)
         ]
@@ -176,8 +189,12 @@ class RayEvaluator:
             device="cuda" if gpus > 0 else "cpu",
         )
         return cls(
-            cfg, address=spec.cluster.address, n_workers=spec.cluster.eval_workers, gpus_per_worker=gpus,
-            shard_workers=spec.cluster.shard_workers, merge_method=spec.merge.method,
+            cfg,
+            address=spec.cluster.address,
+            n_workers=spec.cluster.eval_workers,
+            gpus_per_worker=gpus,
+            shard_workers=spec.cluster.shard_workers,
+            merge_method=spec.merge.method,
             placement=spec.cluster.placement,
         )
 
@@ -186,8 +203,13 @@ class RayEvaluator:
         import ray
         from ray.util.placement_group import placement_group, remove_placement_group
 
-        bundle = {"CPU": self.cpus_per_worker, **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {})}
-        group = placement_group([dict(bundle) for _ in range(n_bundles)], strategy=placement.upper())
+        bundle = {
+            "CPU": self.cpus_per_worker,
+            **({"GPU": self.gpus_per_worker} if self.gpus_per_worker else {}),
+        }
+        group = placement_group(
+            [dict(bundle) for _ in range(n_bundles)], strategy=placement.upper()
+        )
         ready, _ = ray.wait([group.ready()], timeout=timeout_s)
         if not ready:
             remove_placement_group(group)
@@ -204,8 +226,11 @@ class RayEvaluator:
             return {}
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        return {"scheduling_strategy": PlacementGroupSchedulingStrategy(
-            placement_group=self._placement_group, placement_group_bundle_index=bundle_index)}
+        return {
+            "scheduling_strategy": PlacementGroupSchedulingStrategy(
+                placement_group=self._placement_group, placement_group_bundle_index=bundle_index
+            )
+        }
 
     def _spawn(self, bundle_index: int) -> Any:
         cfg = WorkerConfig(**{**self.cfg.__dict__, "threads": self.threads})
@@ -233,7 +258,9 @@ class RayEvaluator:
 
     def submit(self, ticket: int, recipe: dict[str, Any], split: str) -> None:
         if not self._idle:
-            raise RuntimeError("submit with every worker busy: the caller keeps one trial per worker")
+            raise RuntimeError(
+                "submit with every worker busy: the caller keeps one trial per worker"
+            )
         actor = self._idle.pop()
         if self._shards:
             # Every shard worker merges its pieces; the evaluation worker fetches them (nested
@@ -250,8 +277,15 @@ class RayEvaluator:
         if not self._pending:
             return []
         ready, _ = ray.wait(list(self._pending), num_returns=1)
-        more, _ = ray.wait([r for r in self._pending if r not in ready], num_returns=len(self._pending) - 1, timeout=0) \
-            if len(self._pending) > 1 else ([], [])
+        more, _ = (
+            ray.wait(
+                [r for r in self._pending if r not in ready],
+                num_returns=len(self._pending) - 1,
+                timeout=0,
+            )
+            if len(self._pending) > 1
+            else ([], [])
+        )
         out: list[tuple[int, EvalResult]] = []
         for ref in [*ready, *more]:
             ticket, actor = self._pending.pop(ref)

@@ -241,7 +241,9 @@ def _is_absolute_sqlite(url: str) -> bool:
     return url.startswith("sqlite:////")
 
 
-def _stays_on_storage(text: str, root: Path, *, literal: bool = False) -> tuple[str | None, str | None]:
+def _stays_on_storage(
+    text: str, root: Path, *, literal: bool = False
+) -> tuple[str | None, str | None]:
     """(absolute path for the job's study or None if already absolute, .rayignore pattern or None)."""
     if Path(text).is_absolute() or text.startswith("~"):
         return None, None
@@ -294,7 +296,10 @@ def staged_working_dir(plan: JobPlan) -> Iterator[Path]:
         (stage / plan.study_name).write_text(plan.study_text, encoding="utf-8")
         lines = ["# written by recycler submit", *plan.ignore_patterns]
         if user_ignore.is_file():
-            lines += ["# from the study folder's .rayignore", *user_ignore.read_text(encoding="utf-8").splitlines()]
+            lines += [
+                "# from the study folder's .rayignore",
+                *user_ignore.read_text(encoding="utf-8").splitlines(),
+            ]
         (stage / ".rayignore").write_text("\n".join(lines) + "\n", encoding="utf-8")
         yield stage
 
@@ -323,7 +328,10 @@ def submit_study(
     with _talking_to(url):
         client = JobSubmissionClient(url)
         with staged_working_dir(plan) as stage:
-            runtime_env: dict[str, Any] = {"working_dir": str(stage), "excludes": list(PACKAGE_EXCLUDES)}
+            runtime_env: dict[str, Any] = {
+                "working_dir": str(stage),
+                "excludes": list(PACKAGE_EXCLUDES),
+            }
             if ship_package:
                 import recycler
 
@@ -354,13 +362,20 @@ def follow_job(client: Any, job_id: str, url: str) -> None:
     """Stream a job's logs to stdout until it ends; return if it succeeded, exit non-zero if not."""
     import aiohttp
 
-    print("recycler: following the job's logs (Ctrl-C stops following, not the job)", file=sys.stderr, flush=True)
+    print(
+        "recycler: following the job's logs (Ctrl-C stops following, not the job)",
+        file=sys.stderr,
+        flush=True,
+    )
     with _talking_to(url):
         try:
             asyncio.run(_tail(client, job_id))
         except (RuntimeError, OSError, aiohttp.ClientError) as exc:
             # The log stream broke (a proxy closing websockets, a restart): poll instead.
-            print(f"recycler: note: log stream lost ({exc}); waiting for the job to end", file=sys.stderr)
+            print(
+                f"recycler: note: log stream lost ({exc}); waiting for the job to end",
+                file=sys.stderr,
+            )
         info = client.get_job_info(job_id)
         while str(info.status) not in TERMINAL_STATES:
             time.sleep(1.0)
@@ -414,12 +429,16 @@ def _check_address(address: str) -> str:
     """
     text = address.strip().rstrip("/")
     if not text:
-        raise RecyclerError("--address: empty; give the Ray dashboard's address, e.g. http://HEAD:8265")
+        raise RecyclerError(
+            "--address: empty; give the Ray dashboard's address, e.g. http://HEAD:8265"
+        )
     if "://" not in text:
         text = "http://" + text
     parts = urllib.parse.urlsplit(text)
     if parts.scheme not in ("http", "https"):
-        hint = " (ray:// is the Ray Client port, not the job server)" if parts.scheme == "ray" else ""
+        hint = (
+            " (ray:// is the Ray Client port, not the job server)" if parts.scheme == "ray" else ""
+        )
         raise RecyclerError(
             f"--address {address}: give the Ray dashboard's http(s) address, e.g. http://HEAD:8265{hint}"
         )
@@ -436,7 +455,9 @@ def _check_address(address: str) -> str:
                 pass
         except OSError as exc:
             why = exc.strerror or str(exc) or type(exc).__name__
-            raise RecyclerError(f"--address {address}: cannot connect to {host}:{port}: {why}") from None
+            raise RecyclerError(
+                f"--address {address}: cannot connect to {host}:{port}: {why}"
+            ) from None
     return text
 
 
@@ -451,15 +472,21 @@ def _talking_to(url: str) -> Iterator[None]:
     except AuthenticationError as exc:
         raise RecyclerError(_auth_message(exc, url)) from None
     except (ConnectionError, requests.RequestException) as exc:
-        raise RecyclerError(f"--address {url}: cannot reach the Ray job server: {_first_line(exc)}") from None
+        raise RecyclerError(
+            f"--address {url}: cannot reach the Ray job server: {_first_line(exc)}"
+        ) from None
     except RuntimeError as exc:
         text = _first_line(exc)
         if "Version check returned 404" in text:
-            raise RecyclerError(f"--address {url}: no Ray job server there (is it the dashboard's port, 8265?)") from None
+            raise RecyclerError(
+                f"--address {url}: no Ray job server there (is it the dashboard's port, 8265?)"
+            ) from None
         raise RecyclerError(f"{url}: the Ray job server refused the request: {text}") from None
     except ValueError as exc:
         # Ray's packaging refuses a working_dir over its size limit (512 MiB) with a ValueError.
-        raise RecyclerError(f"cannot package the study folder for Ray: {_first_line(exc)}") from None
+        raise RecyclerError(
+            f"cannot package the study folder for Ray: {_first_line(exc)}"
+        ) from None
 
 
 def _auth_message(exc: Exception, url: str) -> str:

@@ -147,10 +147,16 @@ class ShardWorker:
 
         recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
         if len(recipe.models) != len(self.pool.checkpoints):
-            raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}")
+            raise RecyclerError(
+                f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}"
+            )
         method = METHODS[recipe.merge_method]
-        if not method.row_splittable and (split := next((p for p in self.pieces if not p.whole), None)):
-            raise RecyclerError(f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split its rows")
+        if not method.row_splittable and (
+            split := next((p for p in self.pieces if not p.whole), None)
+        ):
+            raise RecyclerError(
+                f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split its rows"
+            )
         if method.needs_base and self.pool.base is None:
             raise RecyclerError(f"{method.name} needs a base model")
         base = self._base_tensors() if method.uses_base else {}
@@ -159,12 +165,19 @@ class ShardWorker:
         for p in self.pieces:
             try:
                 merged = merge_tensor(
-                    recipe, p.name, self.versions[p], base.get(p),
-                    n_layers=self.pool.n_layers, fishers=fishers.get(p, ()), row_offset=p.start,
+                    recipe,
+                    p.name,
+                    self.versions[p],
+                    base.get(p),
+                    n_layers=self.pool.n_layers,
+                    fishers=fishers.get(p, ()),
+                    row_offset=p.start,
                 )
             except NonFiniteError:
                 # merge_tensor's guarantee: what it returns is finite, so no second pass here.
-                raise RecyclerError(f"tensor {p.name}: the merge has non-finite values (NaN or inf)") from None
+                raise RecyclerError(
+                    f"tensor {p.name}: the merge has non-finite values (NaN or inf)"
+                ) from None
             out.append((p, merged))
         return out
 
@@ -191,11 +204,17 @@ def assemble(model: ResidentModel, pieces: Iterable[MergedPiece]) -> set[str]:
         if owner != piece.name and owner in names:
             continue  # a tied alias: the owner's own value wins (as in load_tensors)
         if owner not in slots:
-            raise RecyclerError(f"tensor {piece.name!r} is not a tensor of the model in {model.model_dir}")
+            raise RecyclerError(
+                f"tensor {piece.name!r} is not a tensor of the model in {model.model_dir}"
+            )
         value = piece.tensor()
         slot = slots[owner]
-        if piece.start + value.shape[0] > slot.shape[0] or tuple(value.shape[1:]) != tuple(slot.shape[1:]):
-            raise RecyclerError(f"tensor {piece.name!r}: rows {piece.start}+{tuple(value.shape)} do not fit the model's {tuple(slot.shape)}")
+        if piece.start + value.shape[0] > slot.shape[0] or tuple(value.shape[1:]) != tuple(
+            slot.shape[1:]
+        ):
+            raise RecyclerError(
+                f"tensor {piece.name!r}: rows {piece.start}+{tuple(value.shape)} do not fit the model's {tuple(slot.shape)}"
+            )
         with torch.no_grad():
             slot[piece.start : piece.start + value.shape[0]].copy_(value)
     return set(whole) | {p.name for p in blocks}
@@ -207,4 +226,6 @@ def check_complete(model: ResidentModel, names: Sequence[str]) -> None:
 
     given = {model.owner(n) for n in names}
     if missing := [n for n in model.tensor_names if n not in given]:
-        raise RecyclerError(f"missing tensors for the model in {model.model_dir}: {', '.join(missing[:3])}")
+        raise RecyclerError(
+            f"missing tensors for the model in {model.model_dir}: {', '.join(missing[:3])}"
+        )

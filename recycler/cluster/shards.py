@@ -86,7 +86,8 @@ def plan_shards(
             row_bytes = t.nbytes // rows
             bounds = [rows * k // n_blocks for k in range(n_blocks + 1)]
             pieces += [
-                Piece(t.name, lo, hi, (hi - lo) * row_bytes, whole=False) for lo, hi in itertools.pairwise(bounds)
+                Piece(t.name, lo, hi, (hi - lo) * row_bytes, whole=False)
+                for lo, hi in itertools.pairwise(bounds)
             ]
         else:
             pieces.append(Piece(t.name, 0, rows, t.nbytes))

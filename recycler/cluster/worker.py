@@ -48,7 +48,9 @@ class WorkerConfig:
     dtype: str  # the merge's dtype: the resident model is kept in it
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None: torch's default
-    hold_pool: bool = True  # False: the pool lives in shard workers (evaluate_pieces), only the model here
+    hold_pool: bool = (
+        True  # False: the pool lives in shard workers (evaluate_pieces), only the model here
+    )
 
 
 class ResidentShard:
@@ -74,7 +76,11 @@ class ResidentShard:
         # Read on first use: a linear search never needs the base in memory.
         if self._base is None:
             base = self.pool.base
-            self._base = {name: base.read(name, self.device) for name in self.names} if base is not None else {}
+            self._base = (
+                {name: base.read(name, self.device) for name in self.names}
+                if base is not None
+                else {}
+            )
         return self._base
 
     def _fisher_tensors(self) -> dict[str, list[Any]]:
@@ -82,7 +88,9 @@ class ResidentShard:
             from recycler.merge.fisher import open_fishers
 
             sources = open_fishers(self.pool)
-            self._fishers = {name: [f.read(name, self.device) for f in sources] for name in self.names}
+            self._fishers = {
+                name: [f.read(name, self.device) for f in sources] for name in self.names
+            }
         return self._fishers
 
     def merge(self, recipe: Any) -> dict[str, Any]:
@@ -93,7 +101,9 @@ class ResidentShard:
         from recycler.merge.methods import METHODS, NonFiniteError
 
         if len(recipe.models) != len(self.pool.checkpoints):
-            raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}")
+            raise RecyclerError(
+                f"the recipe lists {len(recipe.models)} models but the pool has {len(self.pool.checkpoints)}"
+            )
         method = METHODS[recipe.merge_method]
         base = self._base_tensors() if method.uses_base else {}
         fishers = self._fisher_tensors() if method.uses_fishers else {}
@@ -101,12 +111,18 @@ class ResidentShard:
         for name in self.names:
             try:
                 merged = merge_tensor(
-                    recipe, name, self.versions[name], base.get(name),
-                    n_layers=self.pool.n_layers, fishers=fishers.get(name, ()),
+                    recipe,
+                    name,
+                    self.versions[name],
+                    base.get(name),
+                    n_layers=self.pool.n_layers,
+                    fishers=fishers.get(name, ()),
                 )
             except NonFiniteError:
                 # merge_tensor's guarantee: what it returns is finite, so no second pass here.
-                raise RecyclerError(f"tensor {name}: the merge has non-finite values (NaN or inf)") from None
+                raise RecyclerError(
+                    f"tensor {name}: the merge has non-finite values (NaN or inf)"
+                ) from None
             out[name] = merged
         return out
 
@@ -132,7 +148,9 @@ class TrialWorker:
             self.shard = ResidentShard(self.pool, self.pool.tensor_names, cfg.device)
         from pathlib import Path
 
-        self.model = ResidentModel(Path(cfg.model_dir), device=cfg.device, dtype=torch_dtype(DTYPES[cfg.dtype]))
+        self.model = ResidentModel(
+            Path(cfg.model_dir), device=cfg.device, dtype=torch_dtype(DTYPES[cfg.dtype])
+        )
         self.start_seconds = time.perf_counter() - start
 
     def ready(self) -> dict[str, Any]:
@@ -163,7 +181,12 @@ class TrialWorker:
         except BaseException as exc:  # the study goes on whatever one trial did
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
+            return EvalResult(
+                ok=False,
+                merge_seconds=merge_seconds,
+                eval_seconds=eval_seconds,
+                error=describe_failure(exc),
+            )
 
     def evaluate_pieces(self, piece_refs: list[Any], split: str) -> EvalResult:
         """Score a merge done by the shard workers: `piece_refs` are their `merge` results
@@ -203,19 +226,34 @@ class TrialWorker:
 
             start = time.perf_counter()
             metrics = evaluate_tasks(
-                self.model, Path(self.cfg.tasks_dir), list(self.cfg.tasks), split,
-                limit=self.cfg.limit, batch_size=self.cfg.batch_size,
+                self.model,
+                Path(self.cfg.tasks_dir),
+                list(self.cfg.tasks),
+                split,
+                limit=self.cfg.limit,
+                batch_size=self.cfg.batch_size,
             )
             eval_seconds = time.perf_counter() - start
             clean = {
-                task: {k: float(v) for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+                task: {
+                    k: float(v)
+                    for k, v in values.items()
+                    if isinstance(v, int | float) and not isinstance(v, bool)
+                }
                 for task, values in metrics.items()
             }
-            return EvalResult(ok=True, metrics=clean, merge_seconds=merge_seconds, eval_seconds=eval_seconds)
+            return EvalResult(
+                ok=True, metrics=clean, merge_seconds=merge_seconds, eval_seconds=eval_seconds
+            )
         except BaseException as exc:  # the study goes on whatever one trial did
             if isinstance(exc, KeyboardInterrupt | SystemExit):
                 raise
-            return EvalResult(ok=False, merge_seconds=merge_seconds, eval_seconds=eval_seconds, error=describe_failure(exc))
+            return EvalResult(
+                ok=False,
+                merge_seconds=merge_seconds,
+                eval_seconds=eval_seconds,
+                error=describe_failure(exc),
+            )
 
 
 def describe_failure(exc: BaseException) -> str:
@@ -224,7 +262,11 @@ def describe_failure(exc: BaseException) -> str:
 
     name = type(exc).__name__
     text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if isinstance(exc, MemoryError) or "OutOfMemoryError" in name or "out of memory" in text.lower():
+    if (
+        isinstance(exc, MemoryError)
+        or "OutOfMemoryError" in name
+        or "out of memory" in text.lower()
+    ):
         return f"out of memory: {text or name}"
     if isinstance(exc, RecyclerError):
         return text

@@ -50,7 +50,9 @@ class ResidentModel:
     lm-eval wrapper around this very object, built once per batch size.
     """
 
-    def __init__(self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16) -> None:
+    def __init__(
+        self, model_dir: Path, device: str = "cpu", dtype: torch.dtype = torch.bfloat16
+    ) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         model_dir = Path(model_dir)
@@ -91,7 +93,9 @@ class ResidentModel:
         for name, value in tensors.items():
             owner = self.owner(name)
             if owner not in self._slots:
-                raise RecyclerError(f"tensor {name!r} is not a tensor of the model in {self.model_dir}")
+                raise RecyclerError(
+                    f"tensor {name!r} is not a tensor of the model in {self.model_dir}"
+                )
             if owner != name and owner in tensors:
                 continue  # the owner's own value wins; the alias points at the same memory
             slot = self._slots[owner]
@@ -103,7 +107,9 @@ class ResidentModel:
             given.add(owner)
         if strict and (missing := [n for n in self._slots if n not in given]):
             more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-            raise RecyclerError(f"missing tensors for the model in {self.model_dir}: {', '.join(missing[:3])}{more}")
+            raise RecyclerError(
+                f"missing tensors for the model in {self.model_dir}: {', '.join(missing[:3])}{more}"
+            )
         with torch.no_grad():
             for slot, value in plan:
                 slot.copy_(value)
@@ -117,5 +123,7 @@ class ResidentModel:
         if batch_size not in self._lms:
             from lm_eval.models.huggingface import HFLM
 
-            self._lms[batch_size] = HFLM(pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size)
+            self._lms[batch_size] = HFLM(
+                pretrained=self.model, tokenizer=self.tokenizer, batch_size=batch_size
+            )
         return self._lms[batch_size]

@@ -8,7 +8,14 @@ HAVE_F16: int
 FILE_STEP: int
 
 def combine(
-    out_addr: int, out_dtype: int, in_addrs: Sequence[int], in_dtypes: Sequence[int], coeffs: Sequence[float], start: int, stop: int, /
+    out_addr: int,
+    out_dtype: int,
+    in_addrs: Sequence[int],
+    in_dtypes: Sequence[int],
+    coeffs: Sequence[float],
+    start: int,
+    stop: int,
+    /,
 ) -> bool: ...
 def combine_files(
     out_fd: int,

@@ -50,7 +50,9 @@ class Bounds:
             return False
         if self.low is not None and (value < self.low or (self.low_open and value == self.low)):
             return False
-        return not (self.high is not None and (value > self.high or (self.high_open and value == self.high)))
+        return not (
+            self.high is not None and (value > self.high or (self.high_open and value == self.high))
+        )
 
     def __str__(self) -> str:
         lo = "-inf" if self.low is None else f"{self.low:g}"
@@ -71,7 +73,9 @@ class ParamSpec:
     default: float | bool | None  # None: the recipe must set it
     doc: str
     bounds: Bounds = FINITE
-    tune: tuple[float, float] | None = None  # the default range of `search.tune`; None: not searchable
+    tune: tuple[float, float] | None = (
+        None  # the default range of `search.tune`; None: not searchable
+    )
 
     @property
     def required(self) -> bool:
@@ -216,7 +220,9 @@ class MethodDescription:
         low, high = self.model_range(with_base)
         if low <= n_models and (high is None or n_models <= high):
             return None
-        want = f"{low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+        want = (
+            f"{low}" if low == high else (f"at least {low}" if high is None else f"{low} to {high}")
+        )
         beside = " beside the base" if with_base and self.models_with_base is not None else ""
         noun = noun.removesuffix("s") if low == high == 1 else noun
         return f"{self.name} takes {want} {noun}{beside}, got {n_models}"

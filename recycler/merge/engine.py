@@ -122,7 +122,9 @@ def iter_merged(
             if ahead is not None:
                 ahead.result()
             ahead = reader.submit(_prefetch, sources, names[i + 1]) if i + 1 < len(names) else None
-            merged = _merge_one(pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats)
+            merged = _merge_one(
+                pool, recipe, name, sources, use_base, fisher_sources, device, n_layers, stats
+            )
             elapsed = time.perf_counter() - start
             stats.seconds += elapsed
             stats.per_tensor[name] = elapsed
@@ -163,18 +165,24 @@ def _merge_one(
     return merged
 
 
-def merge_state_dict(pool: Pool, recipe: Recipe, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+def merge_state_dict(
+    pool: Pool, recipe: Recipe, device: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
     """The whole merged model in memory (a search trial's merge; nothing touches the disk)."""
     return dict(iter_merged(pool, recipe, device))
 
 
 def _check_fits(pool: Pool, recipe: Recipe) -> None:
     if len(recipe.models) != len(pool.checkpoints):
-        raise RecyclerError(f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}")
+        raise RecyclerError(
+            f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}"
+        )
     if METHODS[recipe.merge_method].needs_base and pool.base is None:
         raise RecyclerError(f"{recipe.merge_method} needs a base model")
     method = METHODS[recipe.merge_method]
-    if (why := method.count_error(len(pool.checkpoints), method.uses_base and pool.base is not None)) is not None:
+    if (
+        why := method.count_error(len(pool.checkpoints), method.uses_base and pool.base is not None)
+    ) is not None:
         raise RecyclerError(why)
 
 
@@ -233,7 +241,9 @@ class FileMerger:
             coeffs.insert(0, terms.base)
         stored = [c.locate(name) for c in sources]
         inputs = [s for s in stored if s is not None]
-        if len(inputs) < len(stored) or not fused_dtypes([recipe.out_code, *(s.info.code for s in inputs)]):
+        if len(inputs) < len(stored) or not fused_dtypes(
+            [recipe.out_code, *(s.info.code for s in inputs)]
+        ):
             return None
         return StoredTerms(inputs, coeffs)
 
@@ -244,7 +254,12 @@ class FileMerger:
         out_code = self._recipe.out_code
         pending = [
             combine_files(
-                job.out_fd, job.out_offset, out_code, [(self._fd(s.path), s.offset, s.info.code) for s in job.terms.inputs], job.terms.coeffs, job.numel
+                job.out_fd,
+                job.out_offset,
+                out_code,
+                [(self._fd(s.path), s.offset, s.info.code) for s in job.terms.inputs],
+                job.terms.coeffs,
+                job.numel,
             )
             for job in jobs
         ]
@@ -252,7 +267,9 @@ class FileMerger:
             for job, ranges in zip(jobs, pending):
                 self._wait(job, ranges)
                 done = time.perf_counter()
-                stats.per_tensor[job.name] = done - started  # time since the previous tensor was done
+                stats.per_tensor[job.name] = (
+                    done - started
+                )  # time since the previous tensor was done
                 started = done
                 stats.bytes_read += sum(s.info.nbytes for s in job.terms.inputs)
                 stats.bytes_written += job.numel * itemsize(out_code)
@@ -266,7 +283,11 @@ class FileMerger:
             finite = ranges.wait()
         except OSError as exc:
             index = exc.filename if isinstance(exc.filename, int) else -1
-            where = f"{job.terms.inputs[index].path}: tensor {job.name}: cannot read" if index >= 0 else f"{job.out_path}: cannot write"
+            where = (
+                f"{job.terms.inputs[index].path}: tensor {job.name}: cannot read"
+                if index >= 0
+                else f"{job.out_path}: cannot write"
+            )
             raise RecyclerError(f"{where}: {exc.strerror or exc}") from None
         if not finite:
             versions = [c.read(job.name) for c in self._pool.checkpoints]
@@ -288,7 +309,9 @@ class FileMerger:
         self._fds.clear()
 
 
-def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None) -> str:
+def _non_finite_culprit(
+    pool: Pool, name: str, versions: Sequence[torch.Tensor], base: torch.Tensor | None
+) -> str:
     import torch
 
     for ckpt, v in zip(pool.checkpoints, versions):
@@ -296,4 +319,6 @@ def _non_finite_culprit(pool: Pool, name: str, versions: Sequence[torch.Tensor],
             return f"{ckpt.path}: tensor {name}: has non-finite values (NaN or inf)"
     if base is not None and pool.base is not None and not bool(torch.isfinite(base).all()):
         return f"{pool.base.path}: tensor {name}: has non-finite values (NaN or inf)"
-    return f"tensor {name}: the merge overflowed to non-finite values (check the weights and lambda)"
+    return (
+        f"tensor {name}: the merge overflowed to non-finite values (check the weights and lambda)"
+    )

@@ -34,12 +34,16 @@ class FisherFile:
     def __init__(self, ckpt: Checkpoint) -> None:
         path = ckpt.fisher_path
         if not path.is_file():
-            raise RecyclerError(f"{ckpt.path}: no {path.name} for fisher merging; run `recycler fisher {ckpt.path} --data FILE` first")
+            raise RecyclerError(
+                f"{ckpt.path}: no {path.name} for fisher merging; run `recycler fisher {ckpt.path} --data FILE` first"
+            )
         self.file = SafetensorsFile(path)
         try:
             self.norm = float(self.file.metadata["norm"])
         except (KeyError, ValueError):
-            raise RecyclerError(f"{path}: metadata has no Fisher norm; recompute it with `recycler fisher`") from None
+            raise RecyclerError(
+                f"{path}: metadata has no Fisher norm; recompute it with `recycler fisher`"
+            ) from None
         self.aliases = dict(ckpt.aliases)
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
@@ -87,7 +91,9 @@ def _example(line: str, where: str) -> Example:
             return Example(record["prompt"], record["completion"])
         if "text" in record and "prompt" not in record:
             return Example("", str(record["text"]))
-    raise RecyclerError(f"{where}: expected a JSON object with a 'text' field, or 'prompt' and 'completion' strings")
+    raise RecyclerError(
+        f"{where}: expected a JSON object with a 'text' field, or 'prompt' and 'completion' strings"
+    )
 
 
 def estimate_fisher(
@@ -112,7 +118,12 @@ def estimate_fisher(
     fisher = {name: torch.zeros_like(p, dtype=torch.float32) for name, p in params.items()}
     counted = 0
     for example in examples:
-        ids = tokenizer(example.prompt + example.completion, return_tensors="pt", truncation=True, max_length=max_length)["input_ids"].to(device)
+        ids = tokenizer(
+            example.prompt + example.completion,
+            return_tensors="pt",
+            truncation=True,
+            max_length=max_length,
+        )["input_ids"].to(device)
         # Targets are tokens 1.. of the sequence; those inside the prompt are not scored.
         # (The prompt's own tokenisation gives its length, special tokens included.)
         prompt_len = len(tokenizer(example.prompt)["input_ids"]) if example.prompt else 1
@@ -133,7 +144,9 @@ def estimate_fisher(
                 fisher[name].add_(p.grad.float().square())
         counted += 1
     if counted == 0:
-        raise RecyclerError("fisher: no example has a token to score (a text of two or more tokens, or a non-empty completion)")
+        raise RecyclerError(
+            "fisher: no example has a token to score (a text of two or more tokens, or a non-empty completion)"
+        )
     return {name: f / counted for name, f in fisher.items()}
 
 
@@ -151,16 +164,25 @@ def estimate_fisher_file(
     from safetensors.torch import save_file
 
     if not (checkpoint / "config.json").is_file():
-        raise RecyclerError(f"{checkpoint}: not a Hugging Face model dir (no config.json); LoRA adapters must be merged first")
+        raise RecyclerError(
+            f"{checkpoint}: not a Hugging Face model dir (no config.json); LoRA adapters must be merged first"
+        )
     examples = read_examples(data, n_examples)
-    fisher = estimate_fisher(checkpoint, examples, max_length=max_length, device=device, empirical=empirical, seed=seed)
+    fisher = estimate_fisher(
+        checkpoint, examples, max_length=max_length, device=device, empirical=empirical, seed=seed
+    )
     stored = Pool.open([checkpoint]).reference.stored_names()
     fisher = {name: fisher[name] for name in stored if name in fisher}
     # The norm over the tensors the checkpoint stores: a tied head counts once.
     norm = math.sqrt(sum(float(f.double().square().sum()) for f in fisher.values()))
     out = checkpoint / "fisher.safetensors"
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    metadata = {"norm": repr(norm), "n_examples": str(len(examples)), "kind": "empirical" if empirical else "sampled", "data": str(data)}
+    metadata = {
+        "norm": repr(norm),
+        "n_examples": str(len(examples)),
+        "kind": "empirical" if empirical else "sampled",
+        "data": str(data),
+    }
     try:
         save_file({k: v.contiguous().cpu() for k, v in fisher.items()}, str(tmp), metadata=metadata)
         os.replace(tmp, out)
@@ -168,4 +190,3 @@ def estimate_fisher_file(
         tmp.unlink(missing_ok=True)
     print(f"wrote {out} ({len(examples)} examples, norm {norm:.4g})")
     return out
-

@@ -47,7 +47,10 @@ def slerp(inp: MergeInputs) -> torch.Tensor:
         coeffs = [1.0 - t, t]
     else:
         omega = math.acos(dot)
-        coeffs = [math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)]
+        coeffs = [
+            math.sin((1.0 - t) * omega) / math.sin(omega),
+            math.sin(t * omega) / math.sin(omega),
+        ]
     return linear_combination([a, b], coeffs, inp.out_dtype)
 
 
@@ -97,7 +100,9 @@ def multislerp(inp: MergeInputs) -> torch.Tensor:
         return inp.versions[0].to(inp.out_dtype)
     eps = inp.value("eps", 1e-8)
     base = inp.base.float() if inp.base is not None else None
-    xs = torch.stack([(v.float() if base is None else v.float() - base).reshape(-1) for v in inp.versions])
+    xs = torch.stack(
+        [(v.float() if base is None else v.float() - base).reshape(-1) for v in inp.versions]
+    )
     w = torch.tensor(list(inp.weights), dtype=torch.float32)
     if inp.flag("normalize_weights", True):
         w = w / w.sum()
@@ -107,7 +112,9 @@ def multislerp(inp: MergeInputs) -> torch.Tensor:
     mean_norm = float(torch.linalg.vector_norm(mean.double()))
     if mean_norm < eps:
         if len(inp.versions) != 2:
-            raise UndefinedMerge("multislerp: the weighted mean of the unit vectors is zero (antipodal inputs balanced by the weights)")
+            raise UndefinedMerge(
+                "multislerp: the weighted mean of the unit vectors is zero (antipodal inputs balanced by the weights)"
+            )
         res = xs[0] * w[0] + xs[1] * w[1]
     else:
         mean = mean / mean_norm
@@ -128,7 +135,9 @@ def karcher(inp: MergeInputs) -> torch.Tensor:
     to sum 1 (mergekit: all equal, which is the default weight 1)."""
     import torch
 
-    points = [v.float() for v in inp.versions] + ([inp.base.float()] if inp.base is not None else [])
+    points = [v.float() for v in inp.versions] + (
+        [inp.base.float()] if inp.base is not None else []
+    )
     if len(points) == 1:
         return inp.versions[0].to(inp.out_dtype)
     weights = list(inp.weights) + ([1.0] if inp.base is not None else [])
@@ -197,7 +206,9 @@ def model_stock(inp: MergeInputs) -> torch.Tensor:
     for i in range(n):
         for j in range(i + 1, n):
             dots = (offsets[i].double() * offsets[j].double()).sum(-1)
-            norms = torch.linalg.vector_norm(offsets[i].double(), dim=-1) * torch.linalg.vector_norm(offsets[j].double(), dim=-1)
+            norms = torch.linalg.vector_norm(
+                offsets[i].double(), dim=-1
+            ) * torch.linalg.vector_norm(offsets[j].double(), dim=-1)
             cosines.append((dots / norms.clamp(min=1e-6)).clamp(-1, 1))
     cos = torch.stack(cosines).mean(0).unsqueeze(-1)
     denominator = 1 + (n - 1) * cos

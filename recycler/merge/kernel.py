@@ -81,7 +81,9 @@ class Ranges:
     """The ranges of one tensor, submitted to the kernel threads."""
 
     def __init__(self, n: int, task: Callable[[int, int], bool]) -> None:
-        self._futures = [_executor().submit(task, lo, min(n, lo + TASK)) for lo in range(0, n, TASK)]
+        self._futures = [
+            _executor().submit(task, lo, min(n, lo + TASK)) for lo in range(0, n, TASK)
+        ]
 
     def wait(self) -> bool:
         """True if every range's result was finite; re-raises a range's error."""
@@ -109,7 +111,9 @@ def _run_ranges(n: int, task: Callable[[int, int], bool], *, small_here: bool = 
     return Ranges(n, task).wait()
 
 
-def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype) -> torch.Tensor:
+def linear_combination(
+    tensors: Sequence[torch.Tensor], coeffs: Sequence[float], out_dtype: torch.dtype
+) -> torch.Tensor:
     """Σ c_i x_i in fp32, returned in `out_dtype`; inputs may mix dtypes and must share a shape."""
     import torch
 
@@ -119,11 +123,15 @@ def linear_combination(tensors: Sequence[torch.Tensor], coeffs: Sequence[float],
     out = torch.empty(n, dtype=out_dtype, device=device)
     if n == 0:
         return out.view(shape)
-    if device.type == "cpu" and fused_dtypes([code_of(out_dtype), *(code_of(f.dtype) for f in flats)]):
+    if device.type == "cpu" and fused_dtypes(
+        [code_of(out_dtype), *(code_of(f.dtype) for f in flats)]
+    ):
         addrs = [f.data_ptr() for f in flats]
         codes = [_FUSED_CODES[code_of(f.dtype)] for f in flats]
         out_addr, out_code = out.data_ptr(), _FUSED_CODES[code_of(out_dtype)]
-        finite = _run_ranges(n, lambda lo, hi: _fused.combine(out_addr, out_code, addrs, codes, coeffs, lo, hi))
+        finite = _run_ranges(
+            n, lambda lo, hi: _fused.combine(out_addr, out_code, addrs, codes, coeffs, lo, hi)
+        )
     else:
         finite = _torch_combine(flats, coeffs, out)
     if not finite:
@@ -153,7 +161,18 @@ def combine_files(
     out_kernel_code = _FUSED_CODES[out_code]
 
     def task(lo: int, hi: int) -> bool:
-        return _fused.combine_files(out_fd, out_offset, out_kernel_code, fds, offsets, codes, coeffs, lo, hi, _scratch(len(inputs)))
+        return _fused.combine_files(
+            out_fd,
+            out_offset,
+            out_kernel_code,
+            fds,
+            offsets,
+            codes,
+            coeffs,
+            lo,
+            hi,
+            _scratch(len(inputs)),
+        )
 
     return Ranges(numel, task)
 
@@ -170,7 +189,9 @@ def _scratch(k: int) -> bytearray:
 # ------------------------------------------------------------------ PyTorch fallback
 
 
-def _torch_combine(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor) -> bool:
+def _torch_combine(
+    flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor
+) -> bool:
     import torch
 
     n = out.numel()
@@ -182,14 +203,18 @@ def _torch_combine(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: 
     # when the cores are shared (ten times slower on a busy two-core machine).
     threads = torch.get_num_threads()
     try:
-        return _run_ranges(n, lambda lo, hi: _on_kernel_thread(flats, coeffs, out, lo, hi), small_here=False)
+        return _run_ranges(
+            n, lambda lo, hi: _on_kernel_thread(flats, coeffs, out, lo, hi), small_here=False
+        )
     finally:
         if torch.get_num_threads() != threads:
             # set_num_threads on a kernel thread also moved the process-wide default.
             torch.set_num_threads(threads)
 
 
-def _on_kernel_thread(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
+def _on_kernel_thread(
+    flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int
+) -> bool:
     # PyTorch sets a thread's OpenMP width lazily, from the process-wide default, at
     # the thread's first op; checked on every task so no first op can undo it.
     import torch
@@ -205,12 +230,18 @@ def _buffers(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     key = (n, device)
     cached = getattr(_local, "buffers", None)
     if cached is None or cached[0] != key:
-        cached = (key, torch.empty(n, dtype=torch.float32, device=device), torch.empty(n, dtype=torch.float32, device=device))
+        cached = (
+            key,
+            torch.empty(n, dtype=torch.float32, device=device),
+            torch.empty(n, dtype=torch.float32, device=device),
+        )
         _local.buffers = cached
     return cached[1], cached[2]
 
 
-def _combine_range(flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int) -> bool:
+def _combine_range(
+    flats: Sequence[torch.Tensor], coeffs: Sequence[float], out: torch.Tensor, start: int, end: int
+) -> bool:
     import torch
 
     step = min(CHUNK, end - start) if out.device.type == "cpu" else end - start

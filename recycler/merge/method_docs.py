@@ -62,12 +62,17 @@ def method_table() -> str:
 
 
 def params_table() -> str:
-    lines = ["| method | parameter | type | scope | default | allowed | `tune` range |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| method | parameter | type | scope | default | allowed | `tune` range |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for m in METHODS.values():
         for p in m.params:
             tune = f"[{p.tune[0]:g}, {p.tune[1]:g}]" if p.tune is not None else "–"
             allowed = "true / false" if p.kind == "bool" else str(p.bounds)
-            lines.append(f"| `{m.name}` | `{p.name}` | {p.kind} | {p.scope} | {_default(p)} | {allowed} | {tune} |")
+            lines.append(
+                f"| `{m.name}` | `{p.name}` | {p.kind} | {p.scope} | {_default(p)} | {allowed} | {tune} |"
+            )
     return "\n".join(lines)
 
 
@@ -98,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
             if not args.check:
                 path.write_text(new)
     if args.check and stale:
-        print(f"stale method docs: {', '.join(stale)} (run python -m recycler.merge.method_docs)", file=sys.stderr)
+        print(
+            f"stale method docs: {', '.join(stale)} (run python -m recycler.merge.method_docs)",
+            file=sys.stderr,
+        )
         return 1
     return 0
 

@@ -50,7 +50,17 @@ DTYPES: dict[str, str] = {
     "bfloat16": "BF16",
     "bf16": "BF16",
 }
-_TOP_LEVEL_KEYS = {"merge_method", "models", "base_model", "parameters", "dtype", "out_dtype", "tokenizer_source", "random_seed", "name"}
+_TOP_LEVEL_KEYS = {
+    "merge_method",
+    "models",
+    "base_model",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "random_seed",
+    "name",
+}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -70,7 +80,9 @@ class ModelSpec:
     model: str
     weight: Param | None = None
     density: Param | None = None
-    params: dict[str, Param] = field(default_factory=dict)  # the method's other per-model parameters
+    params: dict[str, Param] = field(
+        default_factory=dict
+    )  # the method's other per-model parameters
 
     def get(self, key: str) -> Param | None:
         if key in ("weight", "density"):
@@ -105,7 +117,9 @@ class Recipe:
             )
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
-                raise RecyclerError(f"{where}: {key}: unknown key (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})")
+                raise RecyclerError(
+                    f"{where}: {key}: unknown key (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
+                )
         method_name = data.get("merge_method")
         if not isinstance(method_name, str):
             raise RecyclerError(f"{where}: merge_method: missing")
@@ -113,11 +127,17 @@ class Recipe:
         models_raw = data.get("models")
         if not isinstance(models_raw, list) or not models_raw:
             raise RecyclerError(f"{where}: models: must be a non-empty list")
-        models = [_model_spec(entry, f"{where}: models[{i}]", method) for i, entry in enumerate(models_raw)]
+        models = [
+            _model_spec(entry, f"{where}: models[{i}]", method)
+            for i, entry in enumerate(models_raw)
+        ]
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecyclerError(f"{where}: parameters: must be a mapping")
-        params = {key: _global_param(method, key, value, f"{where}: parameters.{key}") for key, value in params.items()}
+        params = {
+            key: _global_param(method, key, value, f"{where}: parameters.{key}")
+            for key, value in params.items()
+        }
         base = data.get("base_model")
         if base is not None and not isinstance(base, (str, dict)):
             raise RecyclerError(f"{where}: base_model: must be a path")
@@ -135,7 +155,9 @@ class Recipe:
             parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
-            tokenizer_source=str(data["tokenizer_source"]) if data.get("tokenizer_source") is not None else None,
+            tokenizer_source=str(data["tokenizer_source"])
+            if data.get("tokenizer_source") is not None
+            else None,
             random_seed=seed,
         )
         recipe.validate(where)
@@ -157,7 +179,9 @@ class Recipe:
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
-                raise RecyclerError(f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})")
+                raise RecyclerError(
+                    f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})"
+                )
         for spec in method.params:
             top = self.parameters.get(spec.name)
             if spec.scope == "model":
@@ -165,25 +189,39 @@ class Recipe:
                     own = model.get(spec.name)
                     _check_values(spec, own, f"{where}: models[{i}].parameters.{spec.name}")
                     if spec.required and own is None and top is None:
-                        raise RecyclerError(f"{where}: models[{i}].parameters.{spec.name}: required by {self.merge_method}")
+                        raise RecyclerError(
+                            f"{where}: models[{i}].parameters.{spec.name}: required by {self.merge_method}"
+                        )
             elif spec.required and top is None:
-                raise RecyclerError(f"{where}: parameters.{spec.name}: required by {self.merge_method}")
+                raise RecyclerError(
+                    f"{where}: parameters.{spec.name}: required by {self.merge_method}"
+                )
             if spec.kind != "bool":
                 _check_values(spec, top, f"{where}: parameters.{spec.name}")
         if self.merge_method.startswith("della"):
             self._check_della(where)
         if self.normalize and "weight" in method.param_names and _weights_can_sum_to_zero(self):
-            raise RecyclerError(f"{where}: models: the weights sum to zero, which normalize cannot divide by")
+            raise RecyclerError(
+                f"{where}: models: the weights sum to zero, which normalize cannot divide by"
+            )
 
     def _check_della(self, where: str) -> None:
         """density ± epsilon must stay in (0, 1) wherever density < 1 (checked per tensor again as it merges)."""
         for i, model in enumerate(self.models):
-            densities = _values(model.density if model.density is not None else self.parameters.get("density")) or [1.0]
-            epsilons = _values(model.get("epsilon") if model.get("epsilon") is not None else self.parameters.get("epsilon")) or [0.15]
+            densities = _values(
+                model.density if model.density is not None else self.parameters.get("density")
+            ) or [1.0]
+            epsilons = _values(
+                model.get("epsilon")
+                if model.get("epsilon") is not None
+                else self.parameters.get("epsilon")
+            ) or [0.15]
             for d in densities:
                 for e in epsilons:
                     if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
-                        raise RecyclerError(f"{where}: models[{i}].parameters.epsilon: density {d:g} ± epsilon {e:g} must lie in (0, 1)")
+                        raise RecyclerError(
+                            f"{where}: models[{i}].parameters.epsilon: density {d:g} ± epsilon {e:g} must lie in (0, 1)"
+                        )
 
     # ---- per-tensor values ---------------------------------------------------------
     @property
@@ -199,7 +237,9 @@ class Recipe:
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.out_code)
 
-    def _model_value(self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int, default: float = 1.0) -> float:
+    def _model_value(
+        self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int, default: float = 1.0
+    ) -> float:
         for source in (spec.get(key), self.parameters.get(key)):
             value = resolve(source, tensor_name, n_layers)
             if value is not None:
@@ -224,7 +264,10 @@ class Recipe:
             default = spec.default
             if spec.scope == "model":
                 fallback = 1.0 if default is None else float(default)
-                per_model[spec.name] = [self._model_value(m, spec.name, tensor_name, n_layers, fallback) for m in self.models]
+                per_model[spec.name] = [
+                    self._model_value(m, spec.name, tensor_name, n_layers, fallback)
+                    for m in self.models
+                ]
                 continue
             raw = self.parameters.get(spec.name)
             if isinstance(raw, bool):
@@ -233,7 +276,9 @@ class Recipe:
             value = resolve(raw, tensor_name, n_layers)
             if value is None:
                 if default is None:
-                    raise RecyclerError(f"tensor {tensor_name}: parameters.{spec.name}: no entry matches this tensor")
+                    raise RecyclerError(
+                        f"tensor {tensor_name}: parameters.{spec.name}: no entry matches this tensor"
+                    )
                 values[spec.name] = default
             else:
                 values[spec.name] = value
@@ -247,13 +292,19 @@ class Recipe:
         models = []
         for spec in self.models:
             entry: dict[str, Any] = {"model": spec.model}
-            params = {k: _param_to_yaml(v) for k in ("weight", "density") if (v := getattr(spec, k)) is not None}
+            params = {
+                k: _param_to_yaml(v)
+                for k in ("weight", "density")
+                if (v := getattr(spec, k)) is not None
+            }
             params.update({k: _param_to_yaml(v) for k, v in spec.params.items()})
             if params:
                 entry["parameters"] = params
             models.append(entry)
         out["models"] = models
-        params = {k: (v if isinstance(v, bool) else _param_to_yaml(v)) for k, v in self.parameters.items()}
+        params = {
+            k: (v if isinstance(v, bool) else _param_to_yaml(v)) for k, v in self.parameters.items()
+        }
         if params:
             out["parameters"] = params
         out["dtype"] = self.dtype
@@ -281,7 +332,9 @@ def resolve(value: Param | None, tensor_name: str, n_layers: int) -> float | Non
             if entry.filter in (None, "*") or entry.filter in tensor_name:
                 return entry.value
         return None
-    return _gradient([float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers)
+    return _gradient(
+        [float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers
+    )
 
 
 def _gradient(points: list[float], tensor_name: str, n_layers: int) -> float:
@@ -323,7 +376,9 @@ def _method(name: str, where: str) -> MethodDescription:
     from recycler.merge.methods import METHODS
 
     if name not in METHODS:
-        raise RecyclerError(f"{where}: merge_method: unknown method {name!r} (known: {', '.join(METHODS)})")
+        raise RecyclerError(
+            f"{where}: merge_method: unknown method {name!r} (known: {', '.join(METHODS)})"
+        )
     return METHODS[name]
 
 
@@ -366,7 +421,9 @@ def _model_spec(entry: Any, where: str, method: MethodDescription) -> ModelSpec:
     per_model = [p.name for p in method.params if p.scope == "model"]
     for key in params:
         if key not in per_model:
-            raise RecyclerError(f"{where}.parameters.{key}: unknown parameter for {method.name} (known: {', '.join(per_model) or 'none'})")
+            raise RecyclerError(
+                f"{where}.parameters.{key}: unknown parameter for {method.name} (known: {', '.join(per_model) or 'none'})"
+            )
     values = {key: _param(value, f"{where}.parameters.{key}") for key, value in params.items()}
     return ModelSpec(
         model=_model_path(entry["model"], f"{where}.model"),
@@ -377,12 +434,19 @@ def _model_spec(entry: Any, where: str, method: MethodDescription) -> ModelSpec:
 
 
 def _model_path(value: Any, where: str) -> str:
-    if isinstance(value, dict) and isinstance(value.get("model"), dict) and "path" in value["model"] and not value.get("lora"):
+    if (
+        isinstance(value, dict)
+        and isinstance(value.get("model"), dict)
+        and "path" in value["model"]
+        and not value.get("lora")
+    ):
         value = value["model"]["path"]  # mergekit's long form {model: {path: ...}}
     if not isinstance(value, str) or not value:
         raise RecyclerError(f"{where}: must be a path, got {value!r}")
     if "+" in value and not Path(value).exists():
-        raise RecyclerError(f"{where}: 'model+lora' is not supported; list the LoRA adapter dir itself as a model")
+        raise RecyclerError(
+            f"{where}: 'model+lora' is not supported; list the LoRA adapter dir itself as a model"
+        )
     return value
 
 
@@ -396,8 +460,14 @@ def _param(value: Any, where: str) -> Param:
             entries = []
             for j, v in enumerate(value):
                 if set(v) - {"filter", "value"} or "value" not in v or not _is_number(v["value"]):
-                    raise RecyclerError(f"{where}[{j}]: expected {{filter: NAME, value: NUMBER}}, got {v!r}")
-                entries.append(FilterValue(str(v["filter"]) if v.get("filter") is not None else None, float(v["value"])))
+                    raise RecyclerError(
+                        f"{where}[{j}]: expected {{filter: NAME, value: NUMBER}}, got {v!r}"
+                    )
+                entries.append(
+                    FilterValue(
+                        str(v["filter"]) if v.get("filter") is not None else None, float(v["value"])
+                    )
+                )
             return tuple(entries)
     raise RecyclerError(f"{where}: not a number: {value!r}")
 
@@ -406,7 +476,9 @@ def _param_to_yaml(value: Param) -> Any:
     if isinstance(value, (int, float)):
         return float(value)
     return [
-        ({"filter": e.filter, "value": e.value} if e.filter is not None else {"value": e.value}) if isinstance(e, FilterValue) else float(e)
+        ({"filter": e.filter, "value": e.value} if e.filter is not None else {"value": e.value})
+        if isinstance(e, FilterValue)
+        else float(e)
         for e in value
     ]
 

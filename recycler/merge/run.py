@@ -20,6 +20,7 @@ def pool_for_recipe(recipe: Recipe, recipe_dir: Path, *, allow_pickle: bool = Fa
     A relative path is taken from the working directory, as mergekit does, or else
     from the recipe's own directory.
     """
+
     def locate(path: str) -> Path:
         p = Path(path).expanduser()
         if p.is_absolute() or p.exists():
@@ -47,14 +48,32 @@ def merge_recipe_file(
     _check_device(device)
     pool = pool_for_recipe(recipe, recipe_path.parent, allow_pickle=allow_pickle)
     stats = MergeStats()
-    write_model_dir(out_dir, pool, recipe, device=device, force=force, max_shard_bytes=max_shard_bytes, stats=stats)
+    write_model_dir(
+        out_dir,
+        pool,
+        recipe,
+        device=device,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        stats=stats,
+    )
     timings = os.environ.get("RECYCLER_TIMINGS_JSON")
     if timings:
         Path(timings).write_text(
-            json.dumps({"merge_seconds": stats.seconds, "bytes_read": stats.bytes_read, "bytes_written": stats.bytes_written, "tensors": stats.tensors})
+            json.dumps(
+                {
+                    "merge_seconds": stats.seconds,
+                    "bytes_read": stats.bytes_read,
+                    "bytes_written": stats.bytes_written,
+                    "tensors": stats.tensors,
+                }
+            )
         )
     gb = (stats.bytes_read + stats.bytes_written) / 1e9
-    print(f"merged {len(pool.checkpoints)} checkpoints into {out_dir} in {stats.seconds:.2f} s ({gb / max(stats.seconds, 1e-9):.2f} GB/s)", file=sys.stderr)
+    print(
+        f"merged {len(pool.checkpoints)} checkpoints into {out_dir} in {stats.seconds:.2f} s ({gb / max(stats.seconds, 1e-9):.2f} GB/s)",
+        file=sys.stderr,
+    )
     return out_dir
 
 

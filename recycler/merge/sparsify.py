@@ -103,7 +103,9 @@ def seeded_uniform(shape: torch.Size, key: str, row_offset: int) -> torch.Tensor
     last_block = (row_offset + rows - 1) // rows_per_block
     for block in range(first_block, last_block + 1):
         block_start = block * rows_per_block
-        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+        seed = int.from_bytes(hashlib.sha256(f"{key}:{block}".encode()).digest()[:8], "little") & (
+            (1 << 63) - 1
+        )
         gen = torch.Generator().manual_seed(seed)
         drawn = torch.rand((rows_per_block, row_numel), generator=gen)
         lo = max(row_offset, block_start)
@@ -117,7 +119,9 @@ def dare_mask(shape: torch.Size, density: float, key: str, row_offset: int) -> t
     return (seeded_uniform(shape, key, row_offset) < density).view(shape)
 
 
-def dare_drop(tau: torch.Tensor, density: float, key: str, row_offset: int, rescale: bool = True) -> torch.Tensor:
+def dare_drop(
+    tau: torch.Tensor, density: float, key: str, row_offset: int, rescale: bool = True
+) -> torch.Tensor:
     """DARE (Yu et al. 2023): drop each entry with p = 1 − density, rescale the kept by 1/density.
 
     This is the paper's rescale, which keeps each entry's expectation and a block of
@@ -132,7 +136,9 @@ def dare_drop(tau: torch.Tensor, density: float, key: str, row_offset: int, resc
     return tau * mask / density if rescale else tau * mask
 
 
-def della_drop(tau: torch.Tensor, density: float, epsilon: float, key: str, rescale: bool) -> torch.Tensor:
+def della_drop(
+    tau: torch.Tensor, density: float, epsilon: float, key: str, rescale: bool
+) -> torch.Tensor:
     """DELLA's MagPrune (Deep et al. 2024): within each row, the entry of magnitude rank r
     (0 = smallest, of m) is kept with p = density − ε + 2ε · r / (m − 1); with `rescale`
     the kept vector is scaled back to τ's L1 norm (mergekit's choice; the paper divides

@@ -24,7 +24,9 @@ def uniform_weights(n: int) -> list[float]:
     return [1.0 / n] * n
 
 
-def mwa_weights_from_values(values: Sequence[float], metric: MwaMetric, penalty: float) -> list[float]:
+def mwa_weights_from_values(
+    values: Sequence[float], metric: MwaMetric, penalty: float
+) -> list[float]:
     """MWA weights from each checkpoint's training loss or step."""
     if penalty < 0:
         raise RecyclerError(f"mwa: penalty must be >= 0, got {penalty}")
@@ -37,13 +39,17 @@ def mwa_weights_from_values(values: Sequence[float], metric: MwaMetric, penalty:
     return [r / total for r in raw]
 
 
-def mwa_weights(checkpoints: Sequence[Checkpoint], metric: MwaMetric = "loss", penalty: float = 0.5) -> list[float]:
+def mwa_weights(
+    checkpoints: Sequence[Checkpoint], metric: MwaMetric = "loss", penalty: float = 0.5
+) -> list[float]:
     """MWA weights read from each checkpoint's trainer_state.json."""
     values: list[float] = []
     for ckpt in checkpoints:
         state = ckpt.trainer_state()
         value = None if state is None else (state.loss if metric == "loss" else state.step)
         if value is None:
-            raise RecyclerError(f"{ckpt.path}: no training {metric} for metric-weighted averaging (trainer_state.json)")
+            raise RecyclerError(
+                f"{ckpt.path}: no training {metric} for metric-weighted averaging (trainer_state.json)"
+            )
         values.append(float(value))
     return mwa_weights_from_values(values, metric, penalty)

@@ -109,12 +109,18 @@ class Checkpoint(ABC):
 
     def trainer_state(self) -> TrainerState | None:
         """Step and last training loss from the HF Trainer's `trainer_state.json`, if present."""
-        path = self.directory / "trainer_state.json" if self.path.is_dir() else self.path.with_suffix(".trainer_state.json")
+        path = (
+            self.directory / "trainer_state.json"
+            if self.path.is_dir()
+            else self.path.with_suffix(".trainer_state.json")
+        )
         if not path.is_file():
             return None
         state = _load_json(path)
         step = state.get("global_step")
-        losses = [e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e]
+        losses = [
+            e["loss"] for e in state.get("log_history", []) if isinstance(e, dict) and "loss" in e
+        ]
         return TrainerState(
             step=int(step) if isinstance(step, (int, float)) else None,
             loss=float(losses[-1]) if losses else None,
@@ -137,7 +143,9 @@ class Checkpoint(ABC):
 class SafetensorsCheckpoint(Checkpoint):
     """A HF model dir (single file or sharded) or a bare .safetensors file."""
 
-    def __init__(self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, path: Path, files: list[Path], weight_map: dict[str, str] | None = None
+    ) -> None:
         super().__init__(path)
         self._files = {f.name: SafetensorsFile(f) for f in files}
         self._where: dict[str, SafetensorsFile] = {}
@@ -148,7 +156,9 @@ class SafetensorsCheckpoint(Checkpoint):
             for tensor, shard in weight_map.items():
                 sf = self._files[shard]
                 if tensor not in sf.tensors:
-                    raise RecyclerError(f"{path / SAFETENSORS_INDEX}: tensor {tensor}: index points at {shard}, which does not hold it")
+                    raise RecyclerError(
+                        f"{path / SAFETENSORS_INDEX}: tensor {tensor}: index points at {shard}, which does not hold it"
+                    )
                 self._where[tensor] = sf
 
     def stored_names(self) -> list[str]:
@@ -195,8 +205,12 @@ class PickleCheckpoint(Checkpoint):
             try:
                 state = torch.load(f, map_location="cpu", weights_only=True, mmap=True)
             except Exception as exc:  # torch raises many types for a bad pickle
-                raise RecyclerError(f"{f}: cannot load as a weights-only checkpoint: {str(exc).splitlines()[0]}") from None
-            if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+                raise RecyclerError(
+                    f"{f}: cannot load as a weights-only checkpoint: {str(exc).splitlines()[0]}"
+                ) from None
+            if not isinstance(state, dict) or not all(
+                isinstance(v, torch.Tensor) for v in state.values()
+            ):
                 raise RecyclerError(f"{f}: not a flat state dict of tensors")
             self._tensors.update(state)
 
@@ -243,27 +257,40 @@ def open_checkpoint(path: Path, *, base: Checkpoint | None, allow_pickle: bool) 
     if len(candidates) == 1:
         return SafetensorsCheckpoint(path, candidates)
     if len(candidates) > 1:
-        raise RecyclerError(f"{path}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX}")
+        raise RecyclerError(
+            f"{path}: {len(candidates)} .safetensors files but no {SAFETENSORS_INDEX}"
+        )
     pickle_index = path / PICKLE_INDEX
     if pickle_index.is_file() or (path / "pytorch_model.bin").is_file():
         _check_pickle_allowed(path, allow_pickle)
         if pickle_index.is_file():
-            files = [_shard_path(path, pickle_index, s) for s in dict.fromkeys(_read_index(pickle_index).values())]
+            files = [
+                _shard_path(path, pickle_index, s)
+                for s in dict.fromkeys(_read_index(pickle_index).values())
+            ]
         else:
             files = [path / "pytorch_model.bin"]
         return PickleCheckpoint(path, files)
-    raise RecyclerError(f"{path}: no model weights found (model.safetensors, shards with an index, or a LoRA adapter)")
+    raise RecyclerError(
+        f"{path}: no model weights found (model.safetensors, shards with an index, or a LoRA adapter)"
+    )
 
 
 def _check_pickle_allowed(path: Path, allow_pickle: bool) -> None:
     if not allow_pickle:
-        raise RecyclerError(f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle")
+        raise RecyclerError(
+            f"{path}: pickled checkpoints can run code when loaded; convert to safetensors or pass --allow-pickle"
+        )
 
 
 def _read_index(index: Path) -> dict[str, str]:
     data = _load_json(index)
     weight_map = data.get("weight_map")
-    if not isinstance(weight_map, dict) or not weight_map or not all(isinstance(v, str) for v in weight_map.values()):
+    if (
+        not isinstance(weight_map, dict)
+        or not weight_map
+        or not all(isinstance(v, str) for v in weight_map.values())
+    ):
         raise RecyclerError(f"{index}: no weight_map of tensor → shard file")
     return weight_map
 

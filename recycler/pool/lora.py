@@ -26,7 +26,9 @@ from recycler.pool.safetensors_file import SafetensorsFile, TensorInfo
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 _PREFIX = "base_model.model."
-_LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$")
+_LORA_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B)(?:\.[A-Za-z0-9_]+)?(?:\.weight)?$"
+)
 _MODULES_TO_SAVE = re.compile(r"\.modules_to_save\.[A-Za-z0-9_]+")
 
 
@@ -72,14 +74,22 @@ class LoraCheckpoint(Checkpoint):
             b_key = found.get("lora_embedding_B" if embedding else "lora_B")
             target = f"{module}.weight"
             if a_key is None or b_key is None:
-                raise RecyclerError(f"{weights}: module {module}: has only one of the two LoRA matrices")
+                raise RecyclerError(
+                    f"{weights}: module {module}: has only one of the two LoRA matrices"
+                )
             if not base.has(target):
-                raise RecyclerError(f"{weights}: module {module}: the base model has no tensor {target}")
+                raise RecyclerError(
+                    f"{weights}: module {module}: the base model has no tensor {target}"
+                )
             rank = self._file.tensors[a_key].info.shape[0]
-            self._adapters[target] = _Adapter(a_key, b_key, _scaling(config, module, rank), embedding)
+            self._adapters[target] = _Adapter(
+                a_key, b_key, _scaling(config, module, rank), embedding
+            )
             expected = base.info(target).shape
             if tuple(self._delta_shape(target)) != expected:
-                raise RecyclerError(f"{weights}: module {module}: LoRA delta has shape {list(self._delta_shape(target))}, base tensor {target} has {list(expected)}")
+                raise RecyclerError(
+                    f"{weights}: module {module}: LoRA delta has shape {list(self._delta_shape(target))}, base tensor {target} has {list(expected)}"
+                )
 
     def _delta_shape(self, target: str) -> tuple[int, ...]:
         ad = self._adapters[target]
@@ -111,7 +121,9 @@ class LoraCheckpoint(Checkpoint):
         delta = b @ a
         if ad.embedding or self._fan_in_fan_out:
             delta = delta.T
-        return base.to(torch.float32, copy=True).add_(delta, alpha=ad.scaling)  # copy: base may be an fp32 view of the file
+        return base.to(torch.float32, copy=True).add_(
+            delta, alpha=ad.scaling
+        )  # copy: base may be an fp32 view of the file
 
     def locate(self, name: str) -> StoredTensor | None:
         name = self.aliases.get(name, name)

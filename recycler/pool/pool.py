@@ -57,9 +57,15 @@ class Pool:
         return cls.from_paths(paths, base_path, allow_pickle=allow_pickle)
 
     @classmethod
-    def from_paths(cls, paths: Sequence[Path], base: Path | None, *, allow_pickle: bool = False) -> Pool:
+    def from_paths(
+        cls, paths: Sequence[Path], base: Path | None, *, allow_pickle: bool = False
+    ) -> Pool:
         """Open exactly these checkpoints, in this order (a recipe's models)."""
-        base_ckpt = open_checkpoint(base, base=None, allow_pickle=allow_pickle) if base is not None else None
+        base_ckpt = (
+            open_checkpoint(base, base=None, allow_pickle=allow_pickle)
+            if base is not None
+            else None
+        )
         opened = [open_checkpoint(p, base=base_ckpt, allow_pickle=allow_pickle) for p in paths]
         _make_names_unique(opened)
         return cls(opened, base_ckpt)
@@ -77,7 +83,9 @@ class Pool:
         for ckpt in [self.base, *self.checkpoints]:
             if ckpt is not None and (ckpt.directory / "config.json").is_file():
                 return ckpt.directory
-        raise RecyclerError("no checkpoint of the pool has a config.json (a bare .safetensors pool needs a base dir)")
+        raise RecyclerError(
+            "no checkpoint of the pool has a config.json (a bare .safetensors pool needs a base dir)"
+        )
 
     @property
     def n_layers(self) -> int:
@@ -122,7 +130,9 @@ def _make_names_unique(checkpoints: list[Checkpoint]) -> None:
         seen[c.name] = seen.get(c.name, 0) + 1
     for c in checkpoints:
         if seen[c.name] > 1:
-            c.name = f"{c.directory.parent.name if c.path.is_dir() else c.path.parent.name}/{c.name}"
+            c.name = (
+                f"{c.directory.parent.name if c.path.is_dir() else c.path.parent.name}/{c.name}"
+            )
 
 
 def _is_tied(ckpt: Checkpoint) -> bool:
@@ -137,12 +147,20 @@ def _check_against(ckpt: Checkpoint, reference: Checkpoint, names: list[str]) ->
             ckpt.aliases[head] = embedding
     for name in names:
         if not ckpt.has(name):
-            raise RecyclerError(f"{ckpt.path}: tensor {name}: missing (present in {reference.path})")
+            raise RecyclerError(
+                f"{ckpt.path}: tensor {name}: missing (present in {reference.path})"
+            )
         got, want = ckpt.info(name), reference.info(name)
         if got.shape != want.shape:
-            hint = " (vocabulary size differs)" if "embed" in name or "lm_head" in name or "wte" in name else ""
+            hint = (
+                " (vocabulary size differs)"
+                if "embed" in name or "lm_head" in name or "wte" in name
+                else ""
+            )
             raise RecyclerError(
                 f"{ckpt.path}: tensor {name}: shape {list(got.shape)} but {reference.path} has {list(want.shape)}{hint}"
             )
         if got.is_floating_point != want.is_floating_point:
-            raise RecyclerError(f"{ckpt.path}: tensor {name}: dtype {got.code} cannot merge with {want.code} of {reference.path}")
+            raise RecyclerError(
+                f"{ckpt.path}: tensor {name}: dtype {got.code} cannot merge with {want.code} of {reference.path}"
+            )

@@ -66,6 +66,7 @@ def code_of(dtype: torch.dtype) -> str:
     """The safetensors code of a PyTorch dtype."""
     return _CODE_FROM_NAME[str(dtype).removeprefix("torch.")]
 
+
 # A header larger than this is not a real safetensors header (the format caps it at 100 MB).
 _MAX_HEADER_BYTES = 100_000_000
 _PAGE = mmap.PAGESIZE
@@ -133,7 +134,9 @@ class SafetensorsFile:
         loc = self.tensors[name]
         if loc.info.numel == 0:
             return torch.empty(loc.info.shape, dtype=loc.info.dtype)
-        flat = torch.frombuffer(self._mapped(), dtype=loc.info.dtype, count=loc.info.numel, offset=loc.begin)
+        flat = torch.frombuffer(
+            self._mapped(), dtype=loc.info.dtype, count=loc.info.numel, offset=loc.begin
+        )
         return flat.view(loc.info.shape)
 
     def _mapped(self) -> mmap.mmap:
@@ -213,10 +216,14 @@ def _parse_header(path: Path) -> tuple[dict[str, TensorLocation], dict[str, str]
         except (KeyError, TypeError, ValueError):
             raise RecyclerError(f"{path}: tensor {name}: corrupt header entry {entry!r}") from None
         if code not in _DTYPES:
-            raise RecyclerError(f"{path}: tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})")
+            raise RecyclerError(
+                f"{path}: tensor {name}: unknown dtype {code!r} (known: {', '.join(_DTYPES)})"
+            )
         info = TensorInfo(shape, code)
         if any(d < 0 for d in shape) or end - begin != info.nbytes or begin < 0:
-            raise RecyclerError(f"{path}: tensor {name}: header says {end - begin} bytes for shape {list(shape)} {entry['dtype']}")
+            raise RecyclerError(
+                f"{path}: tensor {name}: header says {end - begin} bytes for shape {list(shape)} {entry['dtype']}"
+            )
         if data_start + end > size:
             raise RecyclerError(
                 f"{path}: tensor {name}: file is truncated (data ends at byte {data_start + end}, file has {size})"

@@ -46,7 +46,9 @@ class FrontSummary:
         if not scored:
             return None
         sign = -1.0 if self.maximize[j] else 1.0
-        return min(scored, key=lambda m: (sign * m.record.vector_dev[j], m.record.number)).record.number  # type: ignore[index]
+        return min(
+            scored, key=lambda m: (sign * m.record.vector_dev[j], m.record.number)
+        ).record.number  # type: ignore[index]
 
 
 def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
@@ -64,10 +66,14 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
     def values(r: TrialRecord) -> list[float] | None:
         return r.vector(objectives, split)
 
-    members = [Member(r, values(r), baseline_name(r, greedy) or "search", is_knee=r.number == knee) for r in front]
+    members = [
+        Member(r, values(r), baseline_name(r, greedy) or "search", is_knee=r.number == knee)
+        for r in front
+    ]
     baselines = [
         Member(r, values(r), baseline_name(r, greedy) or "baseline")
-        for r in complete if is_final_baseline(r, greedy)
+        for r in complete
+        if is_final_baseline(r, greedy)
     ]
     scored_baselines = [b for b in baselines if b.values is not None]
     for m in members:

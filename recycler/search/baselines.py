@@ -32,7 +32,9 @@ class Baseline:
     weights: list[float]
 
 
-def fixed_baselines(names: Sequence[str], checkpoints: Sequence[Any], wanted: Sequence[str]) -> tuple[list[Baseline], list[str]]:
+def fixed_baselines(
+    names: Sequence[str], checkpoints: Sequence[Any], wanted: Sequence[str]
+) -> tuple[list[Baseline], list[str]]:
     """The baselines whose weights are known before any score: (baselines, notes on skipped ones).
 
     `checkpoints` are recycler.pool Checkpoints (for trainer_state.json), in pool order.
@@ -46,7 +48,10 @@ def fixed_baselines(names: Sequence[str], checkpoints: Sequence[Any], wanted: Se
         if label == "uniform":
             out.append(Baseline("uniform", uniform_weights(n)))
         elif label == "singles":
-            out.extend(Baseline(f"{SINGLE}{name}", [1.0 if j == i else 0.0 for j in range(n)]) for i, name in enumerate(names))
+            out.extend(
+                Baseline(f"{SINGLE}{name}", [1.0 if j == i else 0.0 for j in range(n)])
+                for i, name in enumerate(names)
+            )
         elif label in ("mwa_loss", "mwa_step"):
             metric: Literal["loss", "step"] = "loss" if label == "mwa_loss" else "step"
             try:
@@ -65,7 +70,11 @@ def is_final_baseline(record: TrialRecord, greedy_soup: int | None) -> bool:
 
 def baseline_name(record: TrialRecord, greedy_soup: int | None) -> str | None:
     if record.number == greedy_soup:
-        return "greedy_soup" if record.baseline in (None, GREEDY) else f"{record.baseline} (= greedy_soup)"
+        return (
+            "greedy_soup"
+            if record.baseline in (None, GREEDY)
+            else f"{record.baseline} (= greedy_soup)"
+        )
     if record.baseline == GREEDY:
         return None
     return record.baseline
@@ -81,12 +90,14 @@ class GreedyState:
     soup_trial: int | None = None
 
 
-def greedy_state(records: Sequence[TrialRecord], names: Sequence[str], objectives: Sequence[Objective]) -> GreedyState:
+def greedy_state(
+    records: Sequence[TrialRecord], names: Sequence[str], objectives: Sequence[Objective]
+) -> GreedyState:
     """Replay the greedy soup over the stored trials."""
     singles: dict[str, TrialRecord] = {}
     for r in records:
         if r.baseline and r.baseline.startswith(SINGLE):
-            name = r.baseline[len(SINGLE):]
+            name = r.baseline[len(SINGLE) :]
             if not _rerun(r):
                 singles[name] = r
     scored: list[tuple[float, int, str, int]] = []

@@ -32,7 +32,9 @@ def dominates(a: Sequence[float], b: Sequence[float], maximize: Sequence[bool]) 
     return bool(np.all(ma <= mb) and np.any(ma < mb))
 
 
-def pareto_mask(values: Array | Sequence[Sequence[float]], maximize: Sequence[bool]) -> NDArray[np.bool_]:
+def pareto_mask(
+    values: Array | Sequence[Sequence[float]], maximize: Sequence[bool]
+) -> NDArray[np.bool_]:
     """True for the rows no other row dominates (duplicates of a front point all stay)."""
     y = _as_min(values, maximize)
     n = len(y)
@@ -57,7 +59,9 @@ def pareto_mask(values: Array | Sequence[Sequence[float]], maximize: Sequence[bo
     return mask
 
 
-def nadir(values: Array | Sequence[Sequence[float]], maximize: Sequence[bool]) -> NDArray[np.float64]:
+def nadir(
+    values: Array | Sequence[Sequence[float]], maximize: Sequence[bool]
+) -> NDArray[np.float64]:
     """The worst value of each objective over the rows: the hypervolume's reference point."""
     arr = np.asarray(values, dtype=np.float64)
     worst = [arr[:, j].min() if up else arr[:, j].max() for j, up in enumerate(maximize)]

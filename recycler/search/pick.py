@@ -16,16 +16,22 @@ from recycler.search.analysis import FrontSummary, analyse
 from recycler.search.study import StudyView, TrialRecord, load_view
 
 
-def choose_trial(view: StudyView, summary: FrontSummary, trial: int | None, pick: str | None) -> tuple[TrialRecord, str]:
+def choose_trial(
+    view: StudyView, summary: FrontSummary, trial: int | None, pick: str | None
+) -> tuple[TrialRecord, str]:
     """(record, how it was chosen) for --trial N, --pick knee (default) or --pick best:NAME."""
     by_number = {r.number: r for r in view.trials}
     if trial is not None:
         record = by_number.get(trial)
         if record is None:
-            raise RecyclerError(f"--trial: study {view.name!r} has no trial {trial} (trials 0..{len(view.trials) - 1})")
+            raise RecyclerError(
+                f"--trial: study {view.name!r} has no trial {trial} (trials 0..{len(view.trials) - 1})"
+            )
         if record.state != "COMPLETE" or record.recipe is None:
             why = f": {record.fail_reason}" if record.fail_reason else ""
-            raise RecyclerError(f"--trial: trial {trial} is {record.state.lower()}{why}; only completed trials can be exported")
+            raise RecyclerError(
+                f"--trial: trial {trial} is {record.state.lower()}{why}; only completed trials can be exported"
+            )
         return record, f"trial {trial}"
     pick = pick or "knee"
     if not summary.members:
@@ -36,14 +42,18 @@ def choose_trial(view: StudyView, summary: FrontSummary, trial: int | None, pick
     if pick.startswith("best:"):
         name = pick.removeprefix("best:")
         if name not in summary.objectives:
-            raise RecyclerError(f"--pick: no objective {name!r} (objectives: {', '.join(summary.objectives)})")
+            raise RecyclerError(
+                f"--pick: no objective {name!r} (objectives: {', '.join(summary.objectives)})"
+            )
         number = summary.best(name)
         assert number is not None
         return by_number[number], f"best on {name}"
     raise RecyclerError(f"--pick: must be knee or best:OBJECTIVE, got {pick!r}")
 
 
-def card_extra(spec: StudySpec, record: TrialRecord, how: str, summary: FrontSummary) -> dict[str, Any]:
+def card_extra(
+    spec: StudySpec, record: TrialRecord, how: str, summary: FrontSummary
+) -> dict[str, Any]:
     extra: dict[str, Any] = {
         "study": spec.name,
         "trial": record.number,
@@ -56,11 +66,19 @@ def card_extra(spec: StudySpec, record: TrialRecord, how: str, summary: FrontSum
     if record.test_objectives:
         extra["scores on test"] = dict(record.test_objectives)
     for task, metrics in sorted(record.metrics.items()):
-        extra[f"lm-eval {task} ({spec.eval.split})"] = {k: v for k, v in metrics.items() if isinstance(v, int | float)}
+        extra[f"lm-eval {task} ({spec.eval.split})"] = {
+            k: v for k, v in metrics.items() if isinstance(v, int | float)
+        }
     return extra
 
 
-def export_trial(study_path: Path, out_dir: Path, trial: int | None = None, pick: str | None = None, force: bool = False) -> Path:
+def export_trial(
+    study_path: Path,
+    out_dir: Path,
+    trial: int | None = None,
+    pick: str | None = None,
+    force: bool = False,
+) -> Path:
     """`recycler export STUDY.yaml OUT_DIR [--trial N | --pick knee | --pick best:NAME]`."""
     from recycler.export import write_model_dir
     from recycler.merge.recipe import Recipe
@@ -80,7 +98,9 @@ def export_trial(study_path: Path, out_dir: Path, trial: int | None = None, pick
             f"trial {record.number}: its recipe names checkpoints that are not the pool's now "
             f"({', '.join(stored)}); the study file's pool changed since the search"
         )
-    written = write_model_dir(out_dir, pool, recipe, force=force, card_extra=card_extra(spec, record, how, summary))
+    written = write_model_dir(
+        out_dir, pool, recipe, force=force, card_extra=card_extra(spec, record, how, summary)
+    )
     scores = ", ".join(f"{k}={v:.4g}" for k, v in record.objectives.items())
     print(f"exported trial {record.number} ({how}; {scores}) to {written}")
     return written

@@ -130,7 +130,9 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
         for b in baselines:
             params = space.encode(b.weights)
             if params is None:
-                notes.append(f"baseline {b.label} skipped: its weights are outside the search space")
+                notes.append(
+                    f"baseline {b.label} skipped: its weights are outside the search space"
+                )
                 continue
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, {"baseline": b.label}, skip_if_exists=True)
@@ -200,7 +202,10 @@ class SearchDriver:
         with self._heartbeat():
             try:
                 while True:
-                    while self._n_flying("dev") < self.capacity and done + self._n_flying("dev") < target:
+                    while (
+                        self._n_flying("dev") < self.capacity
+                        and done + self._n_flying("dev") < target
+                    ):
                         if self._start_next():
                             done += 1
                             self._report(done, target)
@@ -298,7 +303,9 @@ class SearchDriver:
             return None
         return recipe
 
-    def _submit(self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str) -> None:
+    def _submit(
+        self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str
+    ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
         flight = _Flight(kind, number, recipe, trial, time.perf_counter())
@@ -332,12 +339,18 @@ class SearchDriver:
             value = lookup_metric(task_metrics, o.metric)
             if value is None:
                 return f"task {o.task} has no metric {o.metric} (got: {', '.join(sorted(task_metrics))})"
-            if not isinstance(value, int | float) or value != value or value in (float("inf"), float("-inf")):
+            if (
+                not isinstance(value, int | float)
+                or value != value
+                or value in (float("inf"), float("-inf"))
+            ):
                 return f"objective {o.name} is not a finite number: {value!r}"
             values[o.name] = float(value)
         return values
 
-    def _complete(self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool) -> None:
+    def _complete(
+        self, trial: optuna.Trial, recipe: dict[str, Any], result: EvalResult, *, cached: bool
+    ) -> None:
         values = self._objective_values(result.metrics)
         if isinstance(values, str):
             self._fail(trial, values, result)
@@ -346,9 +359,11 @@ class SearchDriver:
         trial.set_user_attr("objectives", values)
         trial.set_user_attr("merge_seconds", round(result.merge_seconds, 3))
         trial.set_user_attr("eval_seconds", round(result.eval_seconds, 3))
-        told = [macro_average(values, self.p.objectives)] if single_objective(self.p.spec) else [
-            values[o.name] for o in self.p.objectives
-        ]
+        told = (
+            [macro_average(values, self.p.objectives)]
+            if single_objective(self.p.spec)
+            else [values[o.name] for o in self.p.objectives]
+        )
         self.study.tell(trial, told)
         if not cached:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
@@ -364,9 +379,11 @@ class SearchDriver:
         entry: dict[str, Any]
         if result.ok:
             values = self._objective_values(result.metrics)
-            entry = {"error": values} if isinstance(values, str) else {
-                "objectives": values, "metrics": _json_safe(result.metrics)
-            }
+            entry = (
+                {"error": values}
+                if isinstance(values, str)
+                else {"objectives": values, "metrics": _json_safe(result.metrics)}
+            )
         else:
             entry = {"error": (result.error or "evaluation failed")[:2000]}
         self.study.set_user_attr(f"{TEST_PREFIX}{number}", entry)
@@ -433,7 +450,9 @@ class SearchDriver:
         vectors = [v for r in view.complete if (v := r.vector(view.objectives)) is not None]
         if vectors:
             hv = pareto.hypervolume(vectors, pareto.nadir(vectors, view.maximize), view.maximize)
-        per_trial = sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        per_trial = (
+            sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+        )
         self.on_progress(done, target, hv, per_trial)
 
     @contextmanager
@@ -507,7 +526,9 @@ def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
 
         def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
             progress.update(
-                task_id, completed=min(done, total), total=total,
+                task_id,
+                completed=min(done, total),
+                total=total,
                 hv="-" if hv is None else f"{hv:.4g}",
                 spt="-" if per_trial is None else f"{per_trial:.1f}",
             )
@@ -520,6 +541,8 @@ def search_and_rescore(prepared: Prepared, target: int, console: Any) -> None:
         ) as driver:
             driver.run(target)
             if driver.stale:
-                console.print(f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}")
+                console.print(
+                    f"note: failed and re-ran trial(s) left running by a killed process: {driver.stale}"
+                )
             progress.update(task_id, description=f"study {spec.name}: test split")
             driver.rescore_front()

@@ -27,7 +27,9 @@ def nsga2_population(n_trials: int) -> int:
     return max(8, min(50, n_trials // 5))
 
 
-def make_sampler(name: str, seed: int, *, n_objectives: int, n_trials: int = 50) -> optuna.samplers.BaseSampler:
+def make_sampler(
+    name: str, seed: int, *, n_objectives: int, n_trials: int = 50
+) -> optuna.samplers.BaseSampler:
     """A sampler for a study with `n_objectives` objective values (1 for cmaes) and a budget of `n_trials`."""
     if name == "tpe":
         # constant_liar: trials still running count as bad guesses, so several workers
@@ -48,6 +50,8 @@ def make_sampler(name: str, seed: int, *, n_objectives: int, n_trials: int = 50)
         try:
             import cmaes  # noqa: F401  (Optuna's CmaEsSampler needs it at the first proposal)
         except ImportError:
-            raise RecyclerError("search.sampler: cmaes needs the 'cmaes' package (pip install cmaes)") from None
+            raise RecyclerError(
+                "search.sampler: cmaes needs the 'cmaes' package (pip install cmaes)"
+            ) from None
         return optuna.samplers.CmaEsSampler(seed=seed)
     raise RecyclerError(f"search.sampler: unknown sampler {name!r}")

@@ -74,15 +74,21 @@ def front_as_dict(s: FrontSummary, spec: StudySpec) -> dict[str, Any]:
             "dominates": m.dominates,
             "merge_seconds": r.merge_seconds,
             "eval_seconds": r.eval_seconds,
-            **({"test_error": r.test_error} if s.split == "test" and r.test_error and m.values is None else {}),
+            **(
+                {"test_error": r.test_error}
+                if s.split == "test" and r.test_error and m.values is None
+                else {}
+            ),
         }
 
     return {
         "study": spec.name,
         "storage": spec.storage,
         "split": s.split,
-        "objectives": [{"name": n, "direction": "maximize" if up else "minimize"}
-                       for n, up in zip(s.objectives, s.maximize)],
+        "objectives": [
+            {"name": n, "direction": "maximize" if up else "minimize"}
+            for n, up in zip(s.objectives, s.maximize)
+        ],
         "trials": {"total": s.n_trials, "complete": s.n_complete, "failed": s.n_failed},
         "hypervolume": s.hypervolume,
         "reference": s.reference,
@@ -98,7 +104,9 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
 
     console = Console(file=file or sys.stdout, width=160)
     arrows = ["↑" if up else "↓" for up in s.maximize]
-    table = Table(title=f"Pareto set of study {spec.name} — scores on {s.split}", title_justify="left")
+    table = Table(
+        title=f"Pareto set of study {spec.name} — scores on {s.split}", title_justify="left"
+    )
     table.add_column("trial", justify="right")
     table.add_column("label")
     mean = _has_mean(s)
@@ -111,10 +119,18 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
     n_baselines = len({b.label for b in s.baselines if b.values is not None})
     for m in s.members:
         label = m.label + ("  (knee)" if m.is_knee else "")
-        beaten = f"all {n_baselines} baselines" if n_baselines > 2 and len(m.dominates) == n_baselines \
+        beaten = (
+            f"all {n_baselines} baselines"
+            if n_baselines > 2 and len(m.dominates) == n_baselines
             else ", ".join(m.dominates) or "-"
-        table.add_row(str(m.record.number), label, *_values(m, len(s.objectives), mean),
-                      format_weights(m.record.weights), beaten)
+        )
+        table.add_row(
+            str(m.record.number),
+            label,
+            *_values(m, len(s.objectives), mean),
+            format_weights(m.record.weights),
+            beaten,
+        )
     console.print(table)
     if s.baselines:
         base = Table(title=f"Baselines — scores on {s.split}", title_justify="left")
@@ -127,23 +143,40 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
         base.add_column("dominated by (trials of the front)")
         for b in s.baselines:
             by = [str(m.record.number) for m in s.members if b.label in m.dominates]
-            base.add_row(str(b.record.number), b.label, *_values(b, len(s.objectives), mean), ", ".join(by) or "-")
+            base.add_row(
+                str(b.record.number),
+                b.label,
+                *_values(b, len(s.objectives), mean),
+                ", ".join(by) or "-",
+            )
         console.print(base)
     hv = "n/a" if s.hypervolume is None else f"{s.hypervolume:.6g}"
-    ref = "" if s.reference is None else " (reference: " + ", ".join(f"{v:.4g}" for v in s.reference) + ")"
+    ref = (
+        ""
+        if s.reference is None
+        else " (reference: " + ", ".join(f"{v:.4g}" for v in s.reference) + ")"
+    )
     console.print(f"hypervolume on {s.split}: {hv}{ref}")
-    console.print(f"trials: {s.n_trials} ({s.n_complete} complete, {s.n_failed} failed); knee: trial {s.knee}")
+    console.print(
+        f"trials: {s.n_trials} ({s.n_complete} complete, {s.n_failed} failed); knee: trial {s.knee}"
+    )
     if s.split != "dev" and any(m.values is None for m in s.members):
-        console.print("n/a: not scored on this split yet (`recycler search` re-scores the front when it finishes)")
+        console.print(
+            "n/a: not scored on this split yet (`recycler search` re-scores the front when it finishes)"
+        )
 
 
 def render_csv(s: FrontSummary) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     names = sorted({n for m in [*s.members, *s.baselines] for n in m.record.weights})
-    writer.writerow(["trial", "role", "label", "knee", *s.objectives, *(f"w:{n}" for n in names), "dominates"])
+    writer.writerow(
+        ["trial", "role", "label", "knee", *s.objectives, *(f"w:{n}" for n in names), "dominates"]
+    )
     rows = [("front", m) for m in s.members] + [
-        ("baseline", b) for b in s.baselines if b.record.number not in {m.record.number for m in s.members}
+        ("baseline", b)
+        for b in s.baselines
+        if b.record.number not in {m.record.number for m in s.members}
     ]
     for role, m in rows:
         vals = [f"{v:.6g}" for v in m.values] if m.values is not None else [""] * len(s.objectives)
@@ -151,7 +184,9 @@ def render_csv(s: FrontSummary) -> str:
         for n in names:
             w = m.record.weights.get(n)
             ws.append(json.dumps(w) if isinstance(w, dict) else ("" if w is None else f"{w:.6g}"))
-        writer.writerow([m.record.number, role, m.label, int(m.is_knee), *vals, *ws, ";".join(m.dominates)])
+        writer.writerow(
+            [m.record.number, role, m.label, int(m.is_knee), *vals, *ws, ";".join(m.dominates)]
+        )
     return buf.getvalue()
 
 

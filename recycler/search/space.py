@@ -72,7 +72,11 @@ class SearchSpace:
         if len(checkpoint_names) != len(checkpoint_paths):
             raise ValueError("one path per checkpoint name")
         method = METHODS[spec.merge.method]
-        if (why := method.count_error(len(checkpoint_names), base_path is not None and method.uses_base, "checkpoints")) is not None:
+        if (
+            why := method.count_error(
+                len(checkpoint_names), base_path is not None and method.uses_base, "checkpoints"
+            )
+        ) is not None:
             raise RecyclerError(f"pool.checkpoints: {why}")
         self.spec = spec
         self.names = list(checkpoint_names)
@@ -129,7 +133,9 @@ class SearchSpace:
 
     # ---- sampling ---------------------------------------------------------------------
     def _range(self) -> tuple[float, float]:
-        return (0.0, 1.0) if self.kind == "simplex" else (float(self.bounds[0]), float(self.bounds[1]))
+        return (
+            (0.0, 1.0) if self.kind == "simplex" else (float(self.bounds[0]), float(self.bounds[1]))
+        )
 
     def suggest(self, trial: _Suggester) -> Proposal:
         """Ask the trial for every parameter (enqueued trials answer with their fixed values)."""
@@ -153,7 +159,9 @@ class SearchSpace:
         tuned = {t.name: float(params[self.tune_param(t.name)]) for t in self.tune}
         return Proposal(weights, tuned)
 
-    def encode(self, weights: Sequence[float], tuned: Mapping[str, float] | None = None) -> dict[str, float] | None:
+    def encode(
+        self, weights: Sequence[float], tuned: Mapping[str, float] | None = None
+    ) -> dict[str, float] | None:
         """Per-checkpoint weights (the same in every group) → trial params; None if outside the space.
 
         Simplex: u_i = exp(-n w_i / Σw) gives x_i = -log u_i ∝ w_i, so decoding returns w
@@ -172,7 +180,9 @@ class SearchSpace:
             if any(not low <= w <= high for w in weights):
                 return None
             values = [float(w) for w in weights]
-        params = {self.weight_param(g.name, i): values[i] for g in self.groups for i in range(self.n)}
+        params = {
+            self.weight_param(g.name, i): values[i] for g in self.groups for i in range(self.n)
+        }
         for t in self.tune:
             value = (tuned or {}).get(t.name, self.default_tuned(t))
             if not t.low <= value <= t.high:
@@ -183,7 +193,11 @@ class SearchSpace:
     def default_tuned(self, t: TuneSpec) -> float:
         """A tuned parameter's value for baselines: the method's (mergekit's) default when inside the range."""
         spec = METHODS[self.spec.merge.method].param(t.name)
-        default = float(spec.default) if spec is not None and spec.default is not None else (t.low + t.high) / 2
+        default = (
+            float(spec.default)
+            if spec is not None and spec.default is not None
+            else (t.low + t.high) / 2
+        )
         return default if t.low <= default <= t.high else (t.low + t.high) / 2
 
     # ---- recipes ----------------------------------------------------------------------
@@ -214,7 +228,9 @@ class SearchSpace:
                     else:
                         weight.append({"value": value})
             # a method that reads no weights (slerp, sce, ...) takes none in its recipe
-            models.append({"model": path, "parameters": {"weight": weight}} if weighted else {"model": path})
+            models.append(
+                {"model": path, "parameters": {"weight": weight}} if weighted else {"model": path}
+            )
         parameters: dict[str, Any] = dict(self.spec.merge.params)
         parameters.update(proposal.tuned)
         out: dict[str, Any] = {"merge_method": self.spec.merge.method, "models": models}
@@ -276,16 +292,22 @@ def _make_groups(granularity: str, k: int | None, tensor_names: Sequence[str]) -
             prefixes.setdefault(int(m.group(2)), m.group(1))
     layers = sorted(prefixes)
     if not layers:
-        raise RecyclerError("search.granularity: layers:K: no numbered layers found in the pool's tensor names")
+        raise RecyclerError(
+            "search.granularity: layers:K: no numbered layers found in the pool's tensor names"
+        )
     if k > len(layers):
-        raise RecyclerError(f"search.granularity: layers:{k}: the pool has only {len(layers)} layers")
+        raise RecyclerError(
+            f"search.granularity: layers:{k}: the pool has only {len(layers)} layers"
+        )
     groups: list[Group] = []
     size, extra = divmod(len(layers), k)
     start = 0
     for g in range(k):
         stop = start + size + (1 if g < extra else 0)
         members = layers[start:stop]
-        groups.append(Group(f"layers{members[0]}-{members[-1]}", tuple(prefixes[i] for i in members)))
+        groups.append(
+            Group(f"layers{members[0]}-{members[-1]}", tuple(prefixes[i] for i in members))
+        )
         start = stop
     groups.append(Group(OTHER))
     _check_filters(groups, tensor_names)
@@ -297,7 +319,9 @@ def _check_filters(groups: Sequence[Group], tensor_names: Sequence[str]) -> None
     for t in tensor_names:
         m = _LAYER_PREFIX.match(t)
         want = next((g.name for g in groups if m and m.group(1) in g.filters), OTHER)
-        got = next((g.name for g in groups if not g.filters or any(f in t for f in g.filters)), OTHER)
+        got = next(
+            (g.name for g in groups if not g.filters or any(f in t for f in g.filters)), OTHER
+        )
         if want != got:
             raise RecyclerError(
                 f"search.granularity: tensor {t} would be weighted as {got}, not {want}: "

@@ -54,8 +54,12 @@ class Objective:
     maximize: bool
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "task": self.task, "metric": self.metric,
-                "direction": "maximize" if self.maximize else "minimize"}
+        return {
+            "name": self.name,
+            "task": self.task,
+            "metric": self.metric,
+            "direction": "maximize" if self.maximize else "minimize",
+        }
 
 
 def resolve_objectives(
@@ -80,7 +84,9 @@ def resolve_objectives(
 
 def macro_average(values: dict[str, float], objectives: Sequence[Objective]) -> float:
     """The mean of the objectives, each signed so that larger is better."""
-    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(objectives)
+    return sum(values[o.name] if o.maximize else -values[o.name] for o in objectives) / len(
+        objectives
+    )
 
 
 def single_objective(spec: StudySpec) -> bool:
@@ -132,22 +138,30 @@ def open_study(
     url = spec.storage_url
     sqlite = spec.sqlite_path
     if not create and sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first")
+        raise RecyclerError(
+            f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first"
+        )
     try:
         storage = optuna.storages.get_storage(url)
         names = optuna.get_all_study_names(storage)
     except Exception as exc:  # SQLAlchemy's many errors: a bad URL, no driver, no server
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     n_values = 1 if single_objective(spec) else len(objectives)
     exists = spec.name in names
     if not exists and not create:
-        raise RecyclerError(f"name: no study {spec.name!r} in {spec.storage}; run recycler search first")
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+        )
     n_existing = 0
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
         n_existing = len(probe.get_trials(deepcopy=False))
     sampler = make_sampler(
-        spec.search.sampler, effective_seed(spec.search.seed, n_existing), n_objectives=n_values,
+        spec.search.sampler,
+        effective_seed(spec.search.seed, n_existing),
+        n_objectives=n_values,
         n_trials=spec.search.n_trials,
     )
     if exists:
@@ -155,10 +169,13 @@ def open_study(
         _check_matches(spec, study, space_fingerprint, objectives)
         return StudyHandle(study, storage, created=False)
     directions: list[Literal["minimize", "maximize"]] = (
-        ["maximize"] if single_objective(spec)
+        ["maximize"]
+        if single_objective(spec)
         else ["maximize" if o.maximize else "minimize" for o in objectives]
     )
-    study = optuna.create_study(study_name=spec.name, storage=storage, sampler=sampler, directions=directions)
+    study = optuna.create_study(
+        study_name=spec.name, storage=storage, sampler=sampler, directions=directions
+    )
     with warnings.catch_warnings():
         # Experimental since Optuna 3.2 and still the only way to name the objectives.
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -169,11 +186,16 @@ def open_study(
 
 
 def _check_matches(
-    spec: StudySpec, study: optuna.Study, space_fingerprint: dict[str, Any], objectives: Sequence[Objective]
+    spec: StudySpec,
+    study: optuna.Study,
+    space_fingerprint: dict[str, Any],
+    objectives: Sequence[Objective],
 ) -> None:
     stored_obj = study.user_attrs.get(ATTR_OBJECTIVES)
     if stored_obj is None:
-        raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another name")
+        raise RecyclerError(
+            f"name: study {spec.name!r} in {spec.storage} was not made by recycler; choose another name"
+        )
     if stored_obj != [o.as_dict() for o in objectives]:
         raise RecyclerError(
             f"objectives: differ from those study {spec.name!r} was created with "
@@ -196,6 +218,7 @@ def _check_matches(
 
 # ---- trials left RUNNING by a process that died ------------------------------------------
 
+
 def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     """Why a RUNNING trial is presumed abandoned, or None while it may still be running."""
     owner = trial.user_attrs.get("owner")
@@ -203,7 +226,11 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     if isinstance(owner, str):
         alive = _owner_alive(owner)
         if alive is not None:  # an owner on this host: its process is alive or it is not
-            return None if alive else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            return (
+                None
+                if alive
+                else f"stale: the process that ran it ({owner.rsplit(':', 1)[0]}) is gone"
+            )
         beat = trial.user_attrs.get("heartbeat")
         last = float(beat) if isinstance(beat, int | float) else started
         if now - last > STALE_AFTER:
@@ -218,13 +245,21 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
 ATTR_ENQUEUED = "enqueued_params"
 
 
-def enqueue(study: optuna.Study, params: dict[str, float], attrs: dict[str, Any], *, skip_if_exists: bool = False) -> None:
+def enqueue(
+    study: optuna.Study,
+    params: dict[str, float],
+    attrs: dict[str, Any],
+    *,
+    skip_if_exists: bool = False,
+) -> None:
     """Queue a trial with fixed parameters, also kept as a user attribute.
 
     Optuna stores a trial's parameters one call at a time as they are suggested, so a
     process killed in between leaves only some on the trial; its re-run needs them all.
     """
-    study.enqueue_trial(params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists)
+    study.enqueue_trial(
+        params, user_attrs={**attrs, ATTR_ENQUEUED: dict(params)}, skip_if_exists=skip_if_exists
+    )
 
 
 def rerun_attrs(trial: FrozenTrial | optuna.Trial) -> dict[str, Any]:
@@ -274,6 +309,7 @@ def counts_toward_budget(trial: FrozenTrial) -> bool:
 
 
 # ---- reading a study back as plain records -----------------------------------------------
+
 
 @dataclass
 class TrialRecord:
@@ -326,29 +362,33 @@ class StudyView:
 def view_of(study: optuna.Study) -> StudyView:
     attrs = dict(study.user_attrs)
     stored = attrs.get(ATTR_OBJECTIVES) or []
-    objectives = [Objective(o["name"], o["task"], o["metric"], o["direction"] == "maximize") for o in stored]
+    objectives = [
+        Objective(o["name"], o["task"], o["metric"], o["direction"] == "maximize") for o in stored
+    ]
     records = []
     for t in study.get_trials(deepcopy=False):
         ua = t.user_attrs
         test = attrs.get(f"{TEST_PREFIX}{t.number}") or {}
-        records.append(TrialRecord(
-            number=t.number,
-            state=t.state.name,
-            objectives={k: float(v) for k, v in (ua.get("objectives") or {}).items()},
-            metrics=ua.get("dev") or {},
-            weights=ua.get("weights") or {},
-            recipe=ua.get("recipe"),
-            baseline=ua.get("baseline"),
-            merge_seconds=ua.get("merge_seconds"),
-            eval_seconds=ua.get("eval_seconds"),
-            fail_reason=ua.get("fail_reason"),
-            test_objectives=test.get("objectives"),
-            test_metrics=test.get("metrics"),
-            test_error=test.get("error"),
-            cache_hit=ua.get("cache_hit"),
-            completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
-            user_members=ua.get("greedy_members"),
-        ))
+        records.append(
+            TrialRecord(
+                number=t.number,
+                state=t.state.name,
+                objectives={k: float(v) for k, v in (ua.get("objectives") or {}).items()},
+                metrics=ua.get("dev") or {},
+                weights=ua.get("weights") or {},
+                recipe=ua.get("recipe"),
+                baseline=ua.get("baseline"),
+                merge_seconds=ua.get("merge_seconds"),
+                eval_seconds=ua.get("eval_seconds"),
+                fail_reason=ua.get("fail_reason"),
+                test_objectives=test.get("objectives"),
+                test_metrics=test.get("metrics"),
+                test_error=test.get("error"),
+                cache_hit=ua.get("cache_hit"),
+                completed_at=t.datetime_complete.timestamp() if t.datetime_complete else None,
+                user_members=ua.get("greedy_members"),
+            )
+        )
     for r in records:
         r.vector_dev = r.vector(objectives, "dev")
     return StudyView(study.study_name, objectives, records, attrs)
@@ -358,13 +398,19 @@ def load_view(spec: StudySpec) -> StudyView:
     """The stored study as records, for `front`, `export`, `report` (never creates anything)."""
     sqlite = spec.sqlite_path
     if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(f"storage: no study yet ({sqlite} does not exist); run recycler search first")
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
     try:
         study = optuna.load_study(study_name=spec.name, storage=spec.storage_url)
     except KeyError:
-        raise RecyclerError(f"name: no study {spec.name!r} in {spec.storage}; run recycler search first") from None
+        raise RecyclerError(
+            f"name: no study {spec.name!r} in {spec.storage}; run recycler search first"
+        ) from None
     except Exception as exc:
-        raise RecyclerError(f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}") from None
+        raise RecyclerError(
+            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
+        ) from None
     view = view_of(study)
     if not view.objectives:
         raise RecyclerError(f"name: study {spec.name!r} in {spec.storage} was not made by recycler")

@@ -39,8 +39,17 @@ LOCK = ".zoo.lock"
 # Bump when the zoo's contents change, so an old cached build is not reused.
 BUILD_VERSION = 5
 _OURS = (
-    "base", "checkpoints", "adapters", "tasks", "study.yaml", "scores.json", "quality.json",
-    MARKER, MARKER + ".tmp", BUILDING, LOCK,
+    "base",
+    "checkpoints",
+    "adapters",
+    "tasks",
+    "study.yaml",
+    "scores.json",
+    "quality.json",
+    MARKER,
+    MARKER + ".tmp",
+    BUILDING,
+    LOCK,
 )
 
 
@@ -85,7 +94,9 @@ def prepare(out_dir: Path, want: dict[str, Any]) -> bool:
         )
     strangers = sorted(p.name for p in out_dir.iterdir() if p.name not in _OURS)
     if strangers:
-        raise RecyclerError(f"{out_dir}: not empty and not a zoo (found {strangers[0]}); choose an empty directory")
+        raise RecyclerError(
+            f"{out_dir}: not empty and not a zoo (found {strangers[0]}); choose an empty directory"
+        )
     _clear(out_dir)
     return False
 
@@ -132,7 +143,11 @@ class _Progress:
 
     def __call__(self, message: str) -> None:
         if not self.quiet:
-            print(f"[zoo {time.perf_counter() - self.start:6.1f}s] {message}", file=sys.stderr, flush=True)
+            print(
+                f"[zoo {time.perf_counter() - self.start:6.1f}s] {message}",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 @contextlib.contextmanager
@@ -203,7 +218,9 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
         say(f"pretraining the base ({spec.pretrain.steps} steps)")
         torch.manual_seed(seed)
         base = LlamaForCausalLM(config)
-        stream = TrainStream(spec.pretrain_mixture, exclude, f"{seed}-pretrain", spec.pretrain_noise)
+        stream = TrainStream(
+            spec.pretrain_mixture, exclude, f"{seed}-pretrain", spec.pretrain_noise
+        )
         train(base, stream, table, spec.pretrain)
         ck.save_full(base, out_dir / "base", torch.float32, None)
         save_tokenizer(out_dir / "base")
@@ -215,16 +232,26 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
             model = copy.deepcopy(base)
             saves = {s.step: s for s in run.saves}
 
-            def save(step: int, log: Any, model: Any = model, run: Any = run, saves: Any = saves) -> None:
+            def save(
+                step: int, log: Any, model: Any = model, run: Any = run, saves: Any = saves
+            ) -> None:
                 if step not in saves:
                     return
                 target = out_dir / "checkpoints" / f"{run.name}-step{step:04d}"
                 ck.save_full(model, target, saves[step].dtype, saves[step].max_shard_size)
                 save_tokenizer(target)
-                write_trainer_state(target, trainer_state(log, step, run.schedule.steps, run.schedule.batch_size))
+                write_trainer_state(
+                    target, trainer_state(log, step, run.schedule.steps, run.schedule.batch_size)
+                )
                 checkpoint_dirs.append(target)
 
-            train(model, TrainStream(run.mixture, exclude, f"{seed}-{run.name}"), table, run.schedule, on_step=save)
+            train(
+                model,
+                TrainStream(run.mixture, exclude, f"{seed}-{run.name}"),
+                table,
+                run.schedule,
+                on_step=save,
+            )
         lap("finetune")
 
         say(f"LoRA run {spec.lora.name} ({spec.lora.schedule.steps} steps)")
@@ -237,7 +264,10 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
                 return
             target = out_dir / "adapters" / f"{spec.lora.name}-step{step:04d}"
             lora.save_adapter(peft_model, target)
-            write_trainer_state(target, trainer_state(log, step, spec.lora.schedule.steps, spec.lora.schedule.batch_size))
+            write_trainer_state(
+                target,
+                trainer_state(log, step, spec.lora.schedule.steps, spec.lora.schedule.batch_size),
+            )
             adapters[target] = lora.merged_weights(peft_model)
 
         train(

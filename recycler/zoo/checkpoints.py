@@ -18,7 +18,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 
-def save_full(model: nn.Module, out_dir: Path, dtype: torch.dtype, max_shard_size: str | None) -> None:
+def save_full(
+    model: nn.Module, out_dir: Path, dtype: torch.dtype, max_shard_size: str | None
+) -> None:
     """A HF model directory of `model` in `dtype`; sharded (+ index) when `max_shard_size` is given."""
     clone: Any = copy.deepcopy(model).to(dtype)
     clone.config.dtype = dtype  # config.json says what the tensors are

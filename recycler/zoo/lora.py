@@ -39,7 +39,9 @@ def wrap(base: nn.Module, run: LoraRun) -> PeftModel:
     model.name_or_path = BASE_REF
     with warnings.catch_warnings():
         # peft probes a transformers attribute that transformers 5 deprecates.
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+        warnings.filterwarnings(
+            "ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning
+        )
         return get_peft_model(model, config)
 
 

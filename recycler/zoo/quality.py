@@ -95,7 +95,10 @@ def measure(zoo_dir: Path, n_merges: int = 30, seed: int = 0) -> dict[str, Any]:
     best_single = {t: max(dev[n][t] for n in ckpts) for t in tasks}
     # Mediocre: far from perfect everywhere, and beaten by some fine-tune on every
     # skill a run trains (no run trains the held-out one, so none can beat it there).
-    mediocre = {t: base[t] <= MEDIOCRE and (t == task_name(HELD_OUT) or base[t] < best_single[t]) for t in tasks}
+    mediocre = {
+        t: base[t] <= MEDIOCRE and (t == task_name(HELD_OUT) or base[t] < best_single[t])
+        for t in tasks
+    }
     runs: dict[str, str] = {}
     for n in ckpts:  # checkpoints are listed in step order within a run: keep the last
         runs[models[n]["run"]] = n
@@ -135,7 +138,9 @@ def measure(zoo_dir: Path, n_merges: int = 30, seed: int = 0) -> dict[str, Any]:
         "merges_mean_dev": [mean(m.dev) for m in merges],
         "holds": {
             "base mediocre on every skill": all(mediocre.values()),
-            "every run better somewhere and worse somewhere": all(v["better"] and v["worse"] for v in trades.values()),
+            "every run better somewhere and worse somewhere": all(
+                v["better"] and v["worse"] for v in trades.values()
+            ),
             "no checkpoint best on all skills": not best_on_all,
             "best random merge not dominated on dev": not dominated_by,
         },
@@ -157,7 +162,11 @@ def render_markdown(zoo_dir: Path, report: Mapping[str, Any]) -> str:
 
     def row(name: str, kind: str, dtype: str, ratio: str, dev: Scores, test: Scores) -> str:
         cells = [f"{dev[t]:.2f} / {test[t]:.2f}" for t in tasks]
-        return f"| {name} | {kind} | {dtype} | {ratio} | " + " | ".join(cells) + f" | {mean(dev):.3f} / {mean(test):.3f} |"
+        return (
+            f"| {name} | {kind} | {dtype} | {ratio} | "
+            + " | ".join(cells)
+            + f" | {mean(dev):.3f} / {mean(test):.3f} |"
+        )
 
     for name, m in doc["models"].items():
         dev, test = _acc(m["dev"], tasks), _acc(m["test"], tasks)
@@ -165,9 +174,20 @@ def render_markdown(zoo_dir: Path, report: Mapping[str, Any]) -> str:
         dtype = m.get("dtype", "float32" if m["kind"] == "base" else "")
         if m.get("sharded"):
             dtype += ", sharded"
-        lines.append(row(name, m["kind"], dtype, f"{ratio:.3f}" if ratio is not None else "", dev, test))
+        lines.append(
+            row(name, m["kind"], dtype, f"{ratio:.3f}" if ratio is not None else "", dev, test)
+        )
     best = report["best_merge"]
-    lines.append(row(f"best of {report['n_merges']} random merges", "merge", "float32", "", best["dev"], best["test"]))
+    lines.append(
+        row(
+            f"best of {report['n_merges']} random merges",
+            "merge",
+            "float32",
+            "",
+            best["dev"],
+            best["test"],
+        )
+    )
     lines += ["", "| property | holds |", "|---|---|"]
     lines += [f"| {k} | {'yes' if v else '**no**'} |" for k, v in report["holds"].items()]
     ratios = list(report["delta_ratio"].values())
@@ -181,7 +201,9 @@ def render_markdown(zoo_dir: Path, report: Mapping[str, Any]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m recycler.zoo.quality", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m recycler.zoo.quality", description=__doc__.splitlines()[0]
+    )
     parser.add_argument("dir", type=Path)
     parser.add_argument("--merges", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)

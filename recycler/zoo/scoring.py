@@ -36,11 +36,15 @@ class Scorer:
         self.model = ResidentModel(self.zoo_dir / "base", device="cpu", dtype=SCORE_DTYPE)
         self.batch_size = batch_size
 
-    def score(self, weights: Mapping[str, torch.Tensor], splits: Sequence[str] = SPLITS) -> dict[str, dict[str, dict[str, float]]]:
+    def score(
+        self, weights: Mapping[str, torch.Tensor], splits: Sequence[str] = SPLITS
+    ) -> dict[str, dict[str, dict[str, float]]]:
         """split -> task -> metric -> value for these weights."""
         self.model.load_tensors(weights)
         return {
-            split: evaluate_tasks(self.model, self.zoo_dir / "tasks", [GROUP], split, batch_size=self.batch_size)
+            split: evaluate_tasks(
+                self.model, self.zoo_dir / "tasks", [GROUP], split, batch_size=self.batch_size
+            )
             for split in splits
         }
 
@@ -65,7 +69,11 @@ def score_zoo(
     def rel(path: Path) -> str:
         return str(path.relative_to(zoo_dir))
 
-    models["base"] = {"kind": "base", "path": "base", **scorer.score(ck.read_full(zoo_dir / "base"))}
+    models["base"] = {
+        "kind": "base",
+        "path": "base",
+        **scorer.score(ck.read_full(zoo_dir / "base")),
+    }
     for d in checkpoint_dirs:
         models[d.name] = {
             "kind": "checkpoint",
@@ -86,7 +94,11 @@ def score_zoo(
         }
     members = list(checkpoint_dirs)
     soup = linear_merge(members, [1.0] * len(members), dtype="float32")
-    models["uniform_soup"] = {"kind": "soup", "members": [rel(d) for d in members], **scorer.score(soup)}
+    models["uniform_soup"] = {
+        "kind": "soup",
+        "members": [rel(d) for d in members],
+        **scorer.score(soup),
+    }
     return {
         "size": spec.size,
         "metric": "acc",

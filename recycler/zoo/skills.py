@@ -52,7 +52,9 @@ def _near_misses(answer: str, alphabet: str, rng: random.Random, n: int) -> list
     spots = rng.sample(range(len(answer)), n)
     k = len(alphabet)
     return [
-        answer[:i] + alphabet[(alphabet.index(answer[i]) + rng.choice((1, k - 1))) % k] + answer[i + 1 :]
+        answer[:i]
+        + alphabet[(alphabet.index(answer[i]) + rng.choice((1, k - 1))) % k]
+        + answer[i + 1 :]
         for i in spots
     ]
 
@@ -105,7 +107,9 @@ def _miscounted_sorted(word: str, rng: random.Random) -> str:
     # Sorted, made only of the prompt's letters, the right length, but one
     # letter's count is off: only a model that tracks every letter rejects it.
     i = rng.randrange(len(word))
-    other = rng.choice([c for c in sorted(set(word)) if c != word[i]])  # sorted: set order varies by process
+    other = rng.choice(
+        [c for c in sorted(set(word)) if c != word[i]]
+    )  # sorted: set order varies by process
     return "".join(sorted(word[:i] + other + word[i + 1 :]))
 
 
@@ -125,7 +129,9 @@ SKILLS: dict[str, Skill] = {
         Skill("dec", "subtract 1 from every digit (mod 10)", _dec),
         Skill("rev", "reverse a string of distinct letters", _rev),
         Skill("rot", "rotate a string of distinct letters left by one", _rot),
-        Skill("sort", "sort a multiset of letters (held out: no fine-tuning run emphasises it)", _sort),
+        Skill(
+            "sort", "sort a multiset of letters (held out: no fine-tuning run emphasises it)", _sort
+        ),
     )
 }
 HELD_OUT = "sort"

@@ -17,7 +17,9 @@ from recycler.merge.recipe import ModelSpec, Recipe
 from recycler.pool import Pool
 
 
-def linear_recipe(paths: Sequence[Path], weights: Sequence[float], dtype: str = "float32") -> Recipe:
+def linear_recipe(
+    paths: Sequence[Path], weights: Sequence[float], dtype: str = "float32"
+) -> Recipe:
     """mergekit's `linear` with `normalize: true` (weights need not sum to one)."""
     return Recipe(
         merge_method="linear",
@@ -27,7 +29,9 @@ def linear_recipe(paths: Sequence[Path], weights: Sequence[float], dtype: str = 
     )
 
 
-def linear_merge(paths: Sequence[Path], weights: Sequence[float], dtype: str = "float32") -> dict[str, torch.Tensor]:
+def linear_merge(
+    paths: Sequence[Path], weights: Sequence[float], dtype: str = "float32"
+) -> dict[str, torch.Tensor]:
     """Σ w_i θ_i / Σ w_i over the checkpoint directories `paths`, in memory."""
     pool = Pool.from_paths(list(paths), base=None)
     try:

@@ -53,7 +53,15 @@ class LoraRun:
     save_steps: tuple[int, ...]
     rank: int = 8
     alpha: int = 16
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    target_modules: tuple[str, ...] = (
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    )
 
 
 @dataclass(frozen=True)
@@ -88,15 +96,33 @@ MICRO = ZooSpec(
     pretrain_noise=_NOISE,
     pretrain=Schedule(steps=300, lr=3e-3, batch_size=64, warmup=20, weight_decay=0.01),
     runs=(
-        Run("digits", {"inc": 1.0, "dec": 1.0}, Schedule(steps=60, lr=5e-4, batch_size=64, warmup=5),
-            (Save(30, FP32), Save(60, BF16, "100KB"))),
-        Run("letters", {"rev": 1.0, "rot": 1.0}, Schedule(steps=60, lr=5e-4, batch_size=64, warmup=5),
-            (Save(60, FP16),)),
-        Run("inc-rev", {"inc": 1.0, "rev": 1.0}, Schedule(steps=40, lr=8e-4, batch_size=64, warmup=5),
-            (Save(40, FP32, "100KB"),)),
+        Run(
+            "digits",
+            {"inc": 1.0, "dec": 1.0},
+            Schedule(steps=60, lr=5e-4, batch_size=64, warmup=5),
+            (Save(30, FP32), Save(60, BF16, "100KB")),
+        ),
+        Run(
+            "letters",
+            {"rev": 1.0, "rot": 1.0},
+            Schedule(steps=60, lr=5e-4, batch_size=64, warmup=5),
+            (Save(60, FP16),),
+        ),
+        Run(
+            "inc-rev",
+            {"inc": 1.0, "rev": 1.0},
+            Schedule(steps=40, lr=8e-4, batch_size=64, warmup=5),
+            (Save(40, FP32, "100KB"),),
+        ),
     ),
-    lora=LoraRun("lora-dec-rot", {"dec": 1.0, "rot": 1.0}, Schedule(steps=45, lr=2e-3, batch_size=64, warmup=5),
-                 (15, 30, 45), rank=4, alpha=8),
+    lora=LoraRun(
+        "lora-dec-rot",
+        {"dec": 1.0, "rot": 1.0},
+        Schedule(steps=45, lr=2e-3, batch_size=64, warmup=5),
+        (15, 30, 45),
+        rank=4,
+        alpha=8,
+    ),
     eval_per_split=40,
 )
 
@@ -109,19 +135,37 @@ SMALL = ZooSpec(
     runs=(
         # Two runs on a pair each, two on a cross of the pairs with a little of
         # the other two skills (as fine-tuning mixtures often replay some).
-        Run("digits", {"inc": 1.0, "dec": 1.0}, Schedule(steps=200, lr=2e-4, batch_size=64, warmup=10),
-            (Save(100, FP32), Save(200, BF16, "200KB"))),
-        Run("letters", {"rev": 1.0, "rot": 1.0}, Schedule(steps=240, lr=2e-4, batch_size=64, warmup=10),
-            (Save(80, FP16), Save(160, FP32, "200KB"), Save(240, BF16))),
-        Run("inc-rev", {"inc": 1.0, "rev": 1.0, "dec": 0.15, "rot": 0.15},
+        Run(
+            "digits",
+            {"inc": 1.0, "dec": 1.0},
+            Schedule(steps=200, lr=2e-4, batch_size=64, warmup=10),
+            (Save(100, FP32), Save(200, BF16, "200KB")),
+        ),
+        Run(
+            "letters",
+            {"rev": 1.0, "rot": 1.0},
+            Schedule(steps=240, lr=2e-4, batch_size=64, warmup=10),
+            (Save(80, FP16), Save(160, FP32, "200KB"), Save(240, BF16)),
+        ),
+        Run(
+            "inc-rev",
+            {"inc": 1.0, "rev": 1.0, "dec": 0.15, "rot": 0.15},
             Schedule(steps=120, lr=4e-4, batch_size=64, warmup=10),
-            (Save(60, FP32), Save(120, FP32, "200KB"))),
-        Run("dec-rot", {"dec": 1.0, "rot": 1.0, "inc": 0.15, "rev": 0.15},
+            (Save(60, FP32), Save(120, FP32, "200KB")),
+        ),
+        Run(
+            "dec-rot",
+            {"dec": 1.0, "rot": 1.0, "inc": 0.15, "rev": 0.15},
             Schedule(steps=300, lr=1.5e-4, batch_size=64, warmup=10),
-            (Save(150, BF16, "200KB"), Save(300, FP32))),
+            (Save(150, BF16, "200KB"), Save(300, FP32)),
+        ),
     ),
-    lora=LoraRun("lora-inc-rot", {"inc": 1.0, "rot": 1.0}, Schedule(steps=150, lr=5e-4, batch_size=64, warmup=10),
-                 (50, 100, 150)),
+    lora=LoraRun(
+        "lora-inc-rot",
+        {"inc": 1.0, "rot": 1.0},
+        Schedule(steps=150, lr=5e-4, batch_size=64, warmup=10),
+        (50, 100, 150),
+    ),
     eval_per_split=200,
 )
 

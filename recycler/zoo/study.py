@@ -35,7 +35,12 @@ def study_dict(spec: ZooSpec, task_names: list[str]) -> dict[str, Any]:
             "seeds": ["uniform", "singles"],
         },
         "objectives": [{"name": s, "task": t, "metric": "acc"} for s, t in zip(skills, task_names)],
-        "eval": {"tasks_dir": "tasks", "split": "dev", "limit": None, "batch_size": spec.eval_batch_size},
+        "eval": {
+            "tasks_dir": "tasks",
+            "split": "dev",
+            "limit": None,
+            "batch_size": spec.eval_batch_size,
+        },
         "cluster": {"address": None, "shard_workers": 1, "eval_workers": 1, "gpus_per_worker": 0},
     }
 

@@ -100,7 +100,10 @@ def write_tasks(tasks_dir: Path, data: dict[str, dict[str, list[Example]]]) -> l
     for skill in skills:
         (tasks_dir / f"{task_name(skill)}.yaml").write_text(_task_yaml(skill))
         for split in SPLITS:
-            rows = [{"prompt": e.prompt, "choices": list(e.choices), "gold": e.gold} for e in data[skill][split]]
+            rows = [
+                {"prompt": e.prompt, "choices": list(e.choices), "gold": e.gold}
+                for e in data[skill][split]
+            ]
             with (tasks_dir / "data" / f"{skill}.{split}.jsonl").open("w") as fh:
                 fh.writelines(json.dumps(r) + "\n" for r in rows)
     (tasks_dir / f"{GROUP}.yaml").write_text(_group_yaml(skills))

@@ -24,7 +24,9 @@ from recycler.zoo.tokenizer import PAD_ID, encode
 IGNORE = -100
 
 
-def make_batch(pairs: Sequence[tuple[str, str]], table: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+def make_batch(
+    pairs: Sequence[tuple[str, str]], table: dict[str, int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """input_ids and labels for prompt+answer pairs; only answer characters carry loss.
 
     Right padding with no attention mask is exact for a causal model: real
@@ -54,7 +56,12 @@ class TrainLog:
         self._n += 1
         if step % self.every == 0 or step == total:
             self.history.append(
-                {"epoch": round(step / total, 4), "learning_rate": lr, "loss": round(self._acc / self._n, 6), "step": step}
+                {
+                    "epoch": round(step / total, 4),
+                    "learning_rate": lr,
+                    "loss": round(self._acc / self._n, 6),
+                    "step": step,
+                }
             )
             self._acc, self._n = 0.0, 0
 
@@ -124,7 +131,9 @@ def train(
     dropout, and the caller fixes torch's seed and thread count.
     """
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay)
+    opt = torch.optim.AdamW(
+        params, lr=schedule.lr, betas=(0.9, 0.98), weight_decay=schedule.weight_decay
+    )
     log = TrainLog(every=schedule.log_every)
     model.train()
     for step in range(1, schedule.steps + 1):
