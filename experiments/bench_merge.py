@@ -1,17 +1,18 @@
-"""Speed of `recycler merge` against `mergekit-yaml` on the same linear recipe.
+"""Speed of `recycler merge` against `mergekit-yaml` on the same recipes.
 
-    python experiments/bench_merge.py [--sizes 60M,440M] [--runs 3]
+    python experiments/bench_merge.py [--sizes 60M,440M] [--runs 3] [--methods M1,M2]
 
-For each size, a pool of 4 bf16 Llama-style checkpoints with random weights is
-built once (experiments/make_pool.py, cached under experiments/_pools/). Both
-tools then merge the same linear recipe as subprocesses, alternately (the order
-swaps every round), `--runs` times each. Per run: wall time, peak RSS of the
-process tree (polled, plus the kernel's ru_maxrss), peak anonymous RSS (RSS less
-file pages, i.e. less memory-mapped inputs), bytes read (the inputs'
-safetensors files) and written (the output's), and, for recycler, its own
-in-process merge time from RECYCLER_TIMINGS_JSON. The machine's streaming memory
-bandwidth is measured in the same run (copy and triad, read + write bytes
-counted) and the merge's GB/s is reported as a fraction of it.
+For each size, a pool of 4 bf16 Llama-style checkpoints and a base with random
+weights is built once (experiments/make_pool.py, cached under experiments/_pools/).
+For each method (by default linear: the C kernel file to file; ties: a sparsifying
+merge in memory; model_stock: a non-linear, geometric one) both tools merge the same
+recipe as subprocesses, alternately (the order swaps every round), `--runs` times
+each. Per run: wall time, peak RSS of the process tree (polled, plus the kernel's
+ru_maxrss), peak anonymous RSS (RSS less file pages, i.e. less memory-mapped
+inputs), bytes read (the inputs' safetensors files) and written (the output's), and,
+for recycler, its own in-process merge time from RECYCLER_TIMINGS_JSON. The machine's
+streaming memory bandwidth is measured in the same run (copy and triad, read + write
+bytes counted) and the merge's GB/s is reported as a fraction of it.
 
 Page cache: the inputs are read once before timing so both tools start warm; the
 cache is never dropped (the machine is shared). Outputs are deleted and `sync`ed
@@ -52,6 +53,7 @@ import make_pool  # noqa: E402
 MERGEKIT_VENV = Path(os.environ.get("RECYCLER_MERGEKIT_VENV", ROOT / ".venv-mergekit"))
 MERGEKIT_YAML = MERGEKIT_VENV / "bin" / "mergekit-yaml"
 WEIGHTS = (0.4, 0.3, 0.2, 0.1)
+METHODS = ("linear", "ties", "model_stock")
 POLL_S = 0.02
 
 
@@ -132,6 +134,7 @@ def measure_bandwidth(size_mb: int = 512, reps: int = 5) -> dict[str, float]:
 class Run:
     tool: str
     size: str
+    method: str
     index: int
     ok: bool
     wall_s: float
@@ -310,32 +313,60 @@ def read_pass_seconds(checkpoints: Sequence[Path], reps: int = 3) -> float:
     return best
 
 
-def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any) -> list[Run]:
+def write_recipe(method: str, pool: Any, path: Path) -> list[Path]:
+    """The benchmark's recipe for `method` on `pool`; the input files it reads."""
+    if method == "linear":
+        models = "\n".join(
+            f"  - model: {c}\n    parameters: {{weight: {w}}}"
+            for c, w in zip(pool.checkpoints, WEIGHTS)
+        )
+        path.write_text(
+            f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: "
+            "bfloat16\n"
+        )
+        return list(pool.files())
+    if method == "ties":
+        models = "\n".join(
+            f"  - model: {c}\n    parameters: {{weight: {w}, density: 0.5}}"
+            for c, w in zip(pool.checkpoints, WEIGHTS)
+        )
+    else:
+        models = "\n".join(f"  - model: {c}" for c in pool.checkpoints)
+    path.write_text(
+        f"merge_method: {method}\nbase_model: {pool.base}\nmodels:\n{models}\ndtype: bfloat16\n"
+    )
+    return list(pool.files(include_base=True))
+
+
+def bench_size(
+    size: str, runs: int, pools_dir: Path, tools: list[str], methods: Sequence[str], log: Any
+) -> list[Run]:
     shape = make_pool.SHAPES[size]
     spec = make_pool.PoolSpec(
-        shape=shape,
-        n_checkpoints=4,
-        with_base=False,
-        base_dtype="bfloat16",
-        delta_scale=0.1,
-        seed=0,
+        shape=shape, n_checkpoints=4, with_base=True, base_dtype="bfloat16", delta_scale=0.1, seed=0
     )
     t0 = time.perf_counter()
-    pool = make_pool.build_pool(pools_dir / f"llama-{size}", spec)
+    pool = make_pool.build_pool(pools_dir / f"llama-{size}-base", spec)
     log(
         f"[{size}] pool ready in {time.perf_counter() - t0:.1f} s: {shape.n_params() / 1e6:.1f}M "
-        "params x 4 bf16"
+        "params x 4 bf16 + base"
     )
-    recipe = pools_dir / f"llama-{size}-linear.yaml"
-    models = "\n".join(
-        f"  - model: {c}\n    parameters: {{weight: {w}}}"
-        for c, w in zip(pool.checkpoints, WEIGHTS)
-    )
-    recipe.write_text(
-        f"merge_method: linear\nmodels:\n{models}\nparameters:\n  normalize: true\ndtype: "
-        "bfloat16\n"
-    )
-    inputs = pool.files()
+    results: list[Run] = []
+    for method in methods:
+        results += bench_method(size, method, pool, runs, pools_dir, tools, log)
+    read_pass = read_pass_seconds(pool.checkpoints)
+    log(f"[{size}] read-only pass over the checkpoints: {read_pass:.3f} s")
+    for run in results:
+        if run.method == "linear":
+            run.extra["read_pass_s"] = round(read_pass, 4)
+    return results
+
+
+def bench_method(
+    size: str, method: str, pool: Any, runs: int, pools_dir: Path, tools: list[str], log: Any
+) -> list[Run]:
+    recipe = pools_dir / f"llama-{size}-{method}.yaml"
+    inputs = write_recipe(method, pool, recipe)
     bytes_read = sum(f.stat().st_size for f in inputs)
     warm(inputs)
     work = pools_dir / "_out"
@@ -343,9 +374,9 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
     for i in range(runs):
         order = tools if i % 2 == 0 else list(reversed(tools))
         for tool in order:
-            out = work / f"{size}-{tool}"
+            out = work / f"{size}-{method}-{tool}"
             shutil.rmtree(out, ignore_errors=True)
-            timings = work / f"{size}-{tool}.timings.json"
+            timings = work / f"{size}-{method}-{tool}.timings.json"
             timings.unlink(missing_ok=True)
             work.mkdir(parents=True, exist_ok=True)
             env = {**os.environ, "RECYCLER_TIMINGS_JSON": str(timings)}
@@ -353,6 +384,7 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
             run = Run(
                 tool=tool,
                 size=size,
+                method=method,
                 index=i,
                 ok=m.rc == 0,
                 wall_s=round(m.wall_s, 3),
@@ -373,7 +405,7 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
                 run.extra = {k: t[k] for k in ("bytes_read", "bytes_written") if k in t}
             results.append(run)
             log(
-                f"[{size}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
+                f"[{size} {method}] {tool:8s} run {i}: {m.wall_s:6.2f} s wall, {m.cpu_s:6.2f} s CPU"
                 + (f", merge {run.merge_s:.2f} s" if run.merge_s is not None else "")
                 + f", peak RSS {m.peak_rss_mb:5.0f} MB (anon {m.peak_anon_mb:5.0f} MB)"
                 + f", {m.major_faults} major faults"
@@ -382,13 +414,6 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
             shutil.rmtree(out, ignore_errors=True)
             timings.unlink(missing_ok=True)
             os.sync()
-    read_pass = read_pass_seconds(pool.checkpoints)
-    log(
-        f"[{size}] read-only pass over the inputs: {read_pass:.3f} s "
-        f"({bytes_read / read_pass / 1e9:.2f} GB/s)"
-    )
-    for run in results:
-        run.extra["read_pass_s"] = round(read_pass, 4)
     return results
 
 
@@ -397,14 +422,23 @@ def bench_size(size: str, runs: int, pools_dir: Path, tools: list[str], log: Any
 
 def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
     rows = []
+    order = {m: i for i, m in enumerate(dict.fromkeys(r.method for r in runs))}
     keys = sorted(
-        {(r.size, r.tool) for r in runs},
-        key=lambda k: (make_pool.SHAPES[k[0]].n_params(), k[1] != "recycler"),
+        {(r.size, r.method, r.tool) for r in runs},
+        key=lambda k: (make_pool.SHAPES[k[0]].n_params(), order[k[1]], k[2] != "recycler"),
     )
-    for size, tool in keys:
-        ok = [r for r in runs if r.size == size and r.tool == tool and r.ok]
-        failed = [r for r in runs if r.size == size and r.tool == tool and not r.ok]
-        row: dict[str, Any] = {"size": size, "tool": tool, "runs": len(ok), "failed": len(failed)}
+    for size, method, tool in keys:
+        ok = [r for r in runs if (r.size, r.method, r.tool) == (size, method, tool) and r.ok]
+        failed = [
+            r for r in runs if (r.size, r.method, r.tool) == (size, method, tool) and not r.ok
+        ]
+        row: dict[str, Any] = {
+            "size": size,
+            "method": method,
+            "tool": tool,
+            "runs": len(ok),
+            "failed": len(failed),
+        }
         if failed:
             row["error"] = failed[0].error
         if ok:
@@ -446,7 +480,12 @@ def summarize(runs: list[Run], bandwidth: float) -> list[dict[str, Any]]:
         rows.append(row)
     for row in rows:
         other = next(
-            (r for r in rows if r["size"] == row["size"] and r["tool"] == "mergekit"), None
+            (
+                r
+                for r in rows
+                if (r["size"], r["method"], r["tool"]) == (row["size"], row["method"], "mergekit")
+            ),
+            None,
         )
         if (
             row["tool"] == "recycler"
@@ -493,7 +532,7 @@ def write_report(
             w.writerow(asdict(r))
 
     lines = [
-        "# `recycler merge` vs `mergekit-yaml` — linear merge of 4 bf16 Llama checkpoints",
+        "# `recycler merge` vs `mergekit-yaml` — merges of 4 bf16 Llama checkpoints (and a base)",
         "",
         f"Written by `experiments/bench_merge.py` on {time.strftime('%Y-%m-%d %H:%M')}."
         " Medians over the runs; tools run alternately as subprocesses.",
@@ -516,16 +555,17 @@ def write_report(
         "",
         "## Results",
         "",
-        "| size | tool | runs | wall s (median, min–max) | CPU s | in-process merge s | peak RSS "
-        "MB "
+        "| size | method | tool | runs | wall s (median, min–max) | CPU s | in-process merge s | "
+        "peak RSS MB "
         "| peak anon RSS MB | GB/s (wall) | GB/s (merge) | bandwidth fraction (wall / merge) "
         "| speedup vs mergekit (wall / CPU) | RSS vs mergekit |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "wall_median_s" not in r:
             lines.append(
-                f"| {r['size']} | {r['tool']} | 0 ({r['failed']} failed) | {r.get('error', '')} "
+                f"| {r['size']} | {r['method']} | {r['tool']} | 0 ({r['failed']} failed) | "
+                f"{r.get('error', '')} "
                 "| | | | | | | | | |"
             )
             continue
@@ -539,7 +579,7 @@ def write_report(
                 f"{r['speedup_vs_mergekit']:.2f}x / {_fmt(r.get('cpu_ratio_vs_mergekit'), '.2f')}x"
             )
         lines.append(
-            f"| {r['size']} | {r['tool']} | {r['runs']}{failed} "
+            f"| {r['size']} | {r['method']} | {r['tool']} | {r['runs']}{failed} "
             f"| {r['wall_median_s']:.2f} ({r['wall_min_s']:.2f}–{r['wall_max_s']:.2f}) | "
             f"{r['cpu_median_s']:.2f} "
             f"| {_fmt(r.get('merge_median_s'), '.2f')} | {r['peak_rss_mb']} | {r['peak_anon_mb']} "
@@ -553,10 +593,10 @@ def write_report(
         "other work "
         "shares the machine):",
         "",
-        "| size | tool | min wall s | GB/s (min wall) | min merge s | GB/s (min merge) | bandwidth "
-        "fraction "
+        "| size | method | tool | min wall s | GB/s (min wall) | min merge s | GB/s (min merge) | "
+        "bandwidth fraction "
         "(min merge) | speedup vs mergekit (min wall) |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if "wall_min_s" not in r:
@@ -566,7 +606,8 @@ def write_report(
             f"{r['speedup_vs_mergekit_best']:.2f}x" if "speedup_vs_mergekit_best" in r else "–"
         )
         lines.append(
-            f"| {r['size']} | {r['tool']} | {r['wall_min_s']:.2f} | {r['gbs_wall_best']:.2f} "
+            f"| {r['size']} | {r['method']} | {r['tool']} | {r['wall_min_s']:.2f} | "
+            f"{r['gbs_wall_best']:.2f} "
             f"| {_fmt(r.get('merge_min_s'), '.2f')} | {_fmt(r.get('gbs_merge_best'), '.2f')} | "
             f"{best_frac} "
             f"| {best_speed} |"
@@ -622,9 +663,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="report path without suffix (.md, .json and .csv are written)",
     )
     parser.add_argument("--no-mergekit", action="store_true", help="measure recycler only")
+    parser.add_argument(
+        "--methods", default=",".join(METHODS), help=f"comma-separated, of {list(METHODS)}"
+    )
     args = parser.parse_args(argv)
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in sizes if s not in make_pool.SHAPES]
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if any(m not in METHODS for m in methods):
+        parser.error(f"--methods: choose from {list(METHODS)}")
     if unknown or args.runs < 1:
         parser.error(
             f"unknown size(s) {unknown}; choose from {sorted(make_pool.SHAPES)}"
@@ -663,7 +710,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     log(f"memory bandwidth: {bw_before}")
     runs: list[Run] = []
     for size in sizes:
-        runs += bench_size(size, args.runs, args.pools_dir, tools, log)
+        runs += bench_size(size, args.runs, args.pools_dir, tools, methods, log)
     bw_after = measure_bandwidth()
     log(f"memory bandwidth after: {bw_after}")
     info["loadavg_end"] = list(os.getloadavg())
@@ -671,10 +718,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     bw = {"before": bw_before, "after": bw_after, "bound_gbs": bound}
     rows = summarize(runs, bound)
     notes += [
-        "Pools: 4 checkpoints per size, bf16, random weights (seeded), written by transformers' "
-        "`save_pretrained` (experiments/make_pool.py), cached in experiments/_pools/. Recipe: "
-        "linear, "
-        f"weights {list(WEIGHTS)}, normalize true, dtype bfloat16.",
+        "Pools: 4 checkpoints and a base per size, bf16, random weights (seeded), written by "
+        "transformers' "
+        "`save_pretrained` (experiments/make_pool.py), cached in experiments/_pools/. Recipes "
+        "(dtype bfloat16): "
+        f"linear, weights {list(WEIGHTS)}, normalize true (the base not read); ties, the same "
+        "weights, density 0.5; "
+        "model_stock over the base and the 4 checkpoints.",
         "Commands: `python -m recycler.cli merge RECIPE OUT` and "
         "`mergekit-yaml RECIPE OUT --no-copy-tokenizer --quiet` (mergekit 0.1.5's defaults "
         "otherwise: "

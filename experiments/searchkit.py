@@ -40,6 +40,7 @@ from expkit import (
 )
 
 from recycler.config import load_study_spec, parse_study_spec
+from recycler.merge.methods import METHODS
 from recycler.search.samplers import effective_seed
 from recycler.search.stored import StudyView, view_of
 from recycler.search.study import macro_average
@@ -268,7 +269,7 @@ def tuned_recipe(method: str, params: Mapping[str, float], seed: int, zoo: Path)
         "parameters": {k: round(float(v), 6) for k, v in params.items()},
         "dtype": "float32",
     }
-    if method.startswith("dare"):
+    if METHODS[method].random:
         recipe["random_seed"] = seed
     return recipe
 

@@ -27,10 +27,9 @@ from pydantic import (
 )
 
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
 from recycler.yaml_file import load_yaml
 
-# Methods that add task vectors to a base model: without `pool.base` they mean nothing.
-METHODS_NEEDING_BASE = frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})
 BaselineName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
 # The uniform soup and every single checkpoint: n + 1 evaluations that let `front` say
 # which baselines the search beats. Not by default (experiments 1 and 2): MWA, which did
@@ -40,16 +39,11 @@ DEFAULT_BASELINES: tuple[BaselineName, ...] = ("uniform", "singles")
 # Keys renamed since a release: old name -> new name, both read, the old with a note.
 _RENAMED_SEARCH_KEYS = {"seeds": "baselines"}
 
-# Method parameters that `search.tune` may search, their default range, and the methods
-# that read them (mergekit's semantics: density trims/drops task vectors, lambda scales them).
-TUNABLE: dict[str, tuple[tuple[float, float], frozenset[str]]] = {
-    "density": ((0.1, 1.0), frozenset({"ties", "dare_linear", "dare_ties"})),
-    "lambda": ((0.5, 1.5), frozenset({"task_arithmetic", "ties", "dare_linear", "dare_ties"})),
-}
-
-_BOOL_PARAMS = frozenset({"normalize", "int8_mask", "rescale"})
-_NUMBER_PARAMS = frozenset({"density", "lambda"})
+# Method parameters that `search.tune` may search (the methods' descriptions say which,
+# and each method's default range; `merge.method` picks the range).
+TUNABLE: frozenset[str] = frozenset(name for m in METHODS.values() for name in m.tunable)
 _GRANULARITY = re.compile(r"^(model|blocks|layers:([1-9][0-9]*))$")
+_GLOB = re.compile(r"[*?\[]")
 _OBJECTIVE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
@@ -70,29 +64,37 @@ class PoolSpec(_Strict):
 
 
 class MergeSpec(_Strict):
-    method: Literal["linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "fisher"] = (
-        "linear"
-    )
+    method: str = "linear"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     params: dict[str, float | int | bool] = Field(default_factory=dict)
 
-    @field_validator("params")
+    @field_validator("method")
     @classmethod
-    def _params(cls, value: dict[str, float | int | bool]) -> dict[str, float | int | bool]:
-        # The recipe's global parameters; `weight` is what the search sets, so it is not one.
-        for key, v in value.items():
-            if key in _BOOL_PARAMS:
-                if not isinstance(v, bool):
-                    raise ValueError(f"{key}: must be true or false")
-            elif key in _NUMBER_PARAMS:
-                if isinstance(v, bool):
-                    raise ValueError(f"{key}: must be a number")
-            else:
-                known = ", ".join(sorted(_BOOL_PARAMS | _NUMBER_PARAMS))
-                raise ValueError(f"{key}: unknown parameter (known: {known})")
-        if "density" in value and not 0 < float(value["density"]) <= 1:
-            raise ValueError("density: must be in (0, 1]")
+    def _method(cls, value: str) -> str:
+        if value not in METHODS:
+            raise ValueError(f"must be one of {', '.join(METHODS)}")
         return value
+
+    @model_validator(mode="after")
+    def _params(self) -> MergeSpec:
+        # The recipe's parameters for every tensor and model; `weight` is what the search sets.
+        method = METHODS[self.method]
+        known = [n for n in method.param_names if n != "weight"]
+        for key, v in self.params.items():
+            spec = method.param(key)
+            if spec is None or key == "weight":
+                raise _KeyError(
+                    "merge.params",
+                    f"{key}: unknown parameter for {self.method} "
+                    f"(known: {', '.join(known) or 'none'})",
+                )
+            if spec.kind == "bool" and not isinstance(v, bool):
+                raise _KeyError("merge.params", f"{key}: must be true or false")
+            if spec.kind != "bool" and isinstance(v, bool):
+                raise _KeyError("merge.params", f"{key}: must be a number")
+            if spec.kind != "bool" and not spec.bounds.contains(float(v)):
+                raise _KeyError("merge.params", f"{key}: must be in {spec.bounds}")
+        return self
 
 
 class TuneSpec(_Strict):
@@ -153,20 +155,22 @@ class SearchSpec(_Strict):
     @field_validator("tune", mode="before")
     @classmethod
     def _tune(cls, value: Any) -> Any:
-        # `tune: [density, {lambda: [0.5, 2.0]}]`: a bare name takes its default range.
+        # `tune: [density, {lambda: [0.5, 2.0]}]`: a bare name takes merge.method's default
+        # range (StudySpec._tune_ranges has put it in before this runs).
         if not isinstance(value, list):
             return value
         out: list[Any] = []
         for item in value:
             if isinstance(item, str):
-                if item not in TUNABLE:
-                    raise ValueError(f"unknown parameter {item!r}; tunable: {', '.join(TUNABLE)}")
-                low, high = TUNABLE[item][0]
-                out.append({"name": item, "low": low, "high": high})
+                raise ValueError(
+                    f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}"
+                )
             elif isinstance(item, dict) and len(item) == 1:
                 ((name, rng),) = item.items()
                 if name not in TUNABLE:
-                    raise ValueError(f"unknown parameter {name!r}; tunable: {', '.join(TUNABLE)}")
+                    raise ValueError(
+                        f"unknown parameter {name!r}; tunable: {', '.join(sorted(TUNABLE))}"
+                    )
                 if not (
                     isinstance(rng, list | tuple)
                     and len(rng) == 2
@@ -326,6 +330,37 @@ class StudySpec(_Strict):
     # The folder of the study file: the root of every relative path. Not a YAML key.
     root: Path = Field(default=Path("."), exclude=True)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _tune_ranges(cls, data: Any) -> Any:
+        """A bare name in search.tune takes the range merge.method's description gives it."""
+        if not isinstance(data, dict):
+            return data
+        search, merge = data.get("search"), data.get("merge") or {}
+        if (
+            not isinstance(search, dict)
+            or not isinstance(search.get("tune"), list)
+            or not isinstance(merge, dict)
+        ):
+            return data
+        method = METHODS.get(str(merge.get("method", "linear")))
+        if method is None:
+            return data
+        ranges = method.tunable
+        tune: list[Any] = []
+        for item in search["tune"]:
+            if isinstance(item, str):
+                if item not in TUNABLE:
+                    raise _KeyError(
+                        "search.tune",
+                        f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}",
+                    )
+                if item not in ranges:
+                    raise _KeyError("search.tune", _not_tunable(item, method.name, ranges))
+                item = {item: list(ranges[item])}
+            tune.append(item)
+        return {**data, "search": {**search, "tune": tune}}
+
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
@@ -354,17 +389,7 @@ class StudySpec(_Strict):
                     "objective: one setting per task",
                 )
             shots[o.task] = o.num_fewshot
-        method = self.merge.method
-        if method in METHODS_NEEDING_BASE and self.pool.base is None:
-            raise _KeyError("pool.base", f"required by merge.method {method}")
-        for tune in self.search.tune:
-            readers = TUNABLE[tune.name][1]
-            if method not in readers:
-                raise _KeyError("search.tune", f"{tune.name} is not a parameter of {method}")
-            if tune.name in self.merge.params:
-                raise _KeyError(
-                    "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
-                )
+        self._check_method()
         if self.search.sampler == "cmaes" and self.search.objective == "pareto":
             raise _KeyError(
                 "search.objective", "cmaes optimises one value: use macro_average or leave it out"
@@ -375,6 +400,46 @@ class StudySpec(_Strict):
             # The front is re-scored on test: optimising on test would leave nothing held out.
             raise _KeyError("eval.split", "the search must not optimise the test split; use dev")
         return self
+
+    def _check_method(self) -> None:
+        """The pool, the searched parameters and the method's description must fit together."""
+        method = METHODS[self.merge.method]
+        name = method.name
+        if method.needs_base and self.pool.base is None:
+            raise _KeyError("pool.base", f"required by merge.method {name}")
+        # A glob is counted once the pool is open (search.space).
+        if not any(_GLOB.search(c) for c in self.pool.checkpoints):
+            with_base = self.pool.base is not None and method.uses_base
+            why = method.count_error(len(self.pool.checkpoints), with_base, "checkpoints")
+            if why is not None:
+                raise _KeyError("pool.checkpoints", why)
+        tunable = method.tunable
+        for tune in self.search.tune:
+            if tune.name not in tunable:
+                raise _KeyError("search.tune", _not_tunable(tune.name, name, tunable))
+            if tune.name in self.merge.params:
+                raise _KeyError(
+                    "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
+                )
+            spec = method.param(tune.name)
+            assert spec is not None
+            if not (spec.bounds.contains(tune.low) and spec.bounds.contains(tune.high)):
+                raise _KeyError(
+                    "search.tune",
+                    f"{tune.name}: range [{tune.low:g}, {tune.high:g}] leaves {spec.bounds}",
+                )
+        searched = {t.name for t in self.search.tune}
+        for spec in method.params:
+            if spec.required and spec.name not in self.merge.params and spec.name not in searched:
+                raise _KeyError(
+                    "merge.params", f"{spec.name}: required by {name}: set it here or tune it"
+                )
+        if not method.weighted and not searched:
+            raise _KeyError(
+                "search.tune",
+                f"{name} reads no weights, so the search needs a parameter to tune "
+                f"({', '.join(tunable) or f'{name} has none: it cannot be searched'})",
+            )
 
     # -- resolved paths ---------------------------------------------------------------
     @property
@@ -496,6 +561,13 @@ def resolve_storage_url(url: str, root: Path) -> str:
     if rest.startswith("/") or rest.startswith(":memory:"):
         return url
     return prefix + str((root / rest).resolve())
+
+
+def _not_tunable(param: str, method: str, tunable: Mapping[str, Any]) -> str:
+    return (
+        f"{param} is not a parameter of {method} that a search can tune "
+        f"(tunable: {', '.join(tunable) or 'none'})"
+    )
 
 
 _noted: set[str] = set()

@@ -19,9 +19,9 @@ PACKAGE = Path(__file__).resolve().parent.parent / "recycler"
 LAYERS: list[set[str]] = [
     {"recycler", "errors"},
     {"yaml_file"},
-    {"config"},
     {"pool"},
     {"merge", "evaluate"},
+    {"config"},
     {"export", "search", "zoo"},
     {"cluster", "report"},
     {"commands"},

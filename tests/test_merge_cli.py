@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from tiny_pool import load_state, make_base, make_finetune, make_pool
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from recycler.cli import main
+from recycler.merge.methods import METHODS
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +39,12 @@ def pool(template: Path, tmp_path: Path) -> Path:
     return root
 
 
+# Model entries written relative to the pool root by `write_recipe`.
+ONE_MODEL = [{"model": "c0"}]
+
+
 def write_recipe(root: Path, **overrides: object) -> Path:
-    recipe: dict[str, object] = {
+    recipe: dict[str, Any] = {
         "merge_method": "ties",
         "base_model": str(root / "base"),
         "models": [
@@ -50,6 +56,19 @@ def write_recipe(root: Path, **overrides: object) -> Path:
         "dtype": "bfloat16",
     }
     recipe.update(overrides)
+    if overrides.get("models") is ONE_MODEL:
+        recipe["models"] = [{"model": str(root / "c0")}]
+    method = METHODS.get(str(recipe["merge_method"]))
+    if method is not None:
+        # the default models' and parameters' entries that another method does not take
+        takes = set(method.param_names)
+        if "parameters" not in overrides:
+            recipe["parameters"] = {k: v for k, v in recipe["parameters"].items() if k in takes}
+        if "models" not in overrides:
+            recipe["models"] = [
+                {**m, "parameters": {k: v for k, v in m["parameters"].items() if k in takes}}
+                for m in recipe["models"]
+            ]
     path = root / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path
@@ -224,6 +243,51 @@ def test_bad_pool_fails_cleanly(
         ({"parameters": {"temperature": 1.0}}, "parameters.temperature: unknown parameter"),
         ({"slices": []}, "slices: not supported"),
         ({"colour": "red"}, "colour: unknown key"),
+        # the new methods' contracts and parameters, from their descriptions
+        (
+            {"merge_method": "slerp", "parameters": {}, "models": ONE_MODEL},
+            "parameters.t: required by slerp",
+        ),
+        (
+            {"merge_method": "slerp", "parameters": {"t": 0.5}},
+            "models: slerp takes 1 model beside the base, got 3",
+        ),
+        (
+            {"merge_method": "model_stock", "parameters": {}, "models": ONE_MODEL},
+            "models: model_stock takes at least 2 models, got 1",
+        ),
+        (
+            {"merge_method": "sce", "parameters": {"select_topk": 1.5}},
+            "parameters.select_topk: must be in (0, 1], got 1.5",
+        ),
+        (
+            {"merge_method": "sce", "parameters": {"select_topk": 0}},
+            "parameters.select_topk: must be in (0, 1], got 0",
+        ),
+        (
+            {"merge_method": "della", "parameters": {"epsilon": 0.5}},
+            "models[0].parameters.epsilon: density 0.6 ± epsilon 0.5 must lie in (0, 1)",
+        ),
+        (
+            {"merge_method": "nearswap", "parameters": {"t": -1.0}, "models": ONE_MODEL},
+            "parameters.t: must be in [0, inf), got -1",
+        ),
+        (
+            {"merge_method": "karcher", "parameters": {"max_iter": 2.5}},
+            "parameters.max_iter: must be an integer, got 2.5",
+        ),
+        (
+            {"merge_method": "nuslerp", "parameters": {"nuslerp_flatten": 1}},
+            "parameters.nuslerp_flatten: must be true or false",
+        ),
+        (
+            {"merge_method": "passthrough", "parameters": {}},
+            "models: passthrough takes 1 model, got 3",
+        ),
+        (
+            {"merge_method": "ties", "parameters": {"t": 0.5}},
+            "parameters.t: unknown parameter for ties",
+        ),
     ],
 )
 def test_bad_recipe_fails_cleanly(

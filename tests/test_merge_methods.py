@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from recycler.errors import RecyclerError
+from recycler.merge.description import TensorParams
 from recycler.merge.methods import (
     METHODS,
     MergeInputs,
@@ -154,7 +155,8 @@ def test_magnitude_trim_keeps_exactly_k_and_breaks_ties_by_index() -> None:
     tau = torch.tensor([1.0, -3.0, 2.0, -2.0, 2.0, 0.5])
     # k = 3: |-3| and two of the three 2s, the lowest indices first.
     assert magnitude_trim(tau, 0.5).tolist() == [0.0, -3.0, 2.0, -2.0, 0.0, 0.0]
-    assert magnitude_trim(tau, 0.1).tolist() == [0.0] * 6
+    # k = ⌊0.6⌋ = 0, but a positive density keeps at least one entry (as mergekit 0.1.5).
+    assert magnitude_trim(tau, 0.1).tolist() == [0.0, -3.0, 0.0, 0.0, 0.0, 0.0]
     assert torch.equal(magnitude_trim(tau, 1.0), tau)
     g = torch.Generator().manual_seed(0)
     big = torch.randn(10_000, generator=g).to(torch.bfloat16).float()  # many ties
@@ -171,3 +173,119 @@ def test_overflow_in_the_output_dtype_is_detected() -> None:
     with pytest.raises(NonFiniteError):
         linear_combination(xs, [1.0, 1.0], torch.float16)
     assert torch.isfinite(linear_combination(xs, [1.0, 1.0], torch.float32)).all()
+
+
+# ---- the methods beyond the linear family, read through their descriptions ------------
+
+
+def _described(
+    name: str,
+    versions: list[torch.Tensor],
+    base: torch.Tensor | None,
+    row_offset: int = 0,
+    seed_key: str = "0:w",
+    **values: float | bool,
+) -> MergeInputs:
+    """Inputs as the engine builds them: every parameter at its default, required ones 0.3."""
+    method = METHODS[name]
+    n = len(versions)
+    per_model = {
+        p.name: [float(p.default if p.default is not None else 0.3)] * n
+        for p in method.params
+        if p.scope == "model"
+    }
+    if "weight" in per_model:
+        per_model["weight"] = [0.5, 0.3, 0.2][:n]
+    if "density" in per_model:
+        per_model["density"] = [0.5, 0.6, 0.4][:n]
+    scalars: dict[str, float | bool] = {
+        p.name: (p.default if p.default is not None else 0.3)
+        for p in method.params
+        if p.scope != "model"
+    }
+    scalars.update(values)
+    params = TensorParams(scalars, per_model)
+    return MergeInputs(
+        versions=versions,
+        weights=params.weights or [1.0] * n,
+        base=base,
+        out_dtype=torch.float32,
+        normalize=params.normalize,
+        lambda_=params.lambda_,
+        densities=per_model.get("density", [1.0] * n),
+        seed_key=seed_key,
+        row_offset=row_offset,
+        params=params,
+    )
+
+
+def _fitting_inputs(name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """A base (where the method reads one) and as many models as the method takes."""
+    method = METHODS[name]
+    base, vs = _versions(n=3, shape=(300, 40), dtype=torch.float32)
+    low, high = method.model_range(method.uses_base)
+    n = min(3, high) if high is not None else 3
+    return (base if method.uses_base else None), vs[: max(low, n)]
+
+
+@pytest.mark.parametrize(
+    "name", [n for n, m in METHODS.items() if m.row_splittable and not m.needs_fishers]
+)
+def test_row_splittable_methods_merge_row_blocks_bit_for_bit(name: str) -> None:
+    """What the descriptions promise the shard plan: rows [a, b) merge on their own."""
+    base, vs = _fitting_inputs(name)
+    full = METHODS[name].fn(
+        _described(name, vs, base, t=0.02) if name == "nearswap" else _described(name, vs, base)
+    )
+    cut = 123
+    parts = [
+        METHODS[name].fn(
+            _described(
+                name,
+                [v[lo:hi] for v in vs],
+                None if base is None else base[lo:hi],
+                row_offset=lo,
+                **({"t": 0.02} if name == "nearswap" else {}),
+            )
+        )
+        for lo, hi in ((0, cut), (cut, 300))
+    ]
+    assert torch.equal(torch.cat(parts), full)
+
+
+@pytest.mark.parametrize("name", [n for n, m in METHODS.items() if m.random])
+def test_random_methods_reproduce_and_follow_the_seed(name: str) -> None:
+    base, vs = _fitting_inputs(name)
+    inp = _described(name, vs, base)
+    a, b = METHODS[name].fn(inp), METHODS[name].fn(inp)
+    assert torch.equal(a, b)
+    other = MergeInputs(**{**inp.__dict__, "seed_key": "1:w"})
+    assert not torch.equal(a, METHODS[name].fn(other))
+
+
+def test_slerp_ends_and_middle() -> None:
+    a = torch.tensor([[1.0, 0.0], [0.0, 0.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 0.0]])
+    for t, want in ((0.0, a), (1.0, b), (0.5, (a + b) / 2**0.5)):
+        got = METHODS["slerp"].fn(_described("slerp", [b], a, t=t))
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
+
+
+def test_model_stock_of_equal_task_vectors_is_their_model() -> None:
+    base, vs = _versions(n=1, dtype=torch.float32)
+    got = METHODS["model_stock"].fn(_described("model_stock", [vs[0], vs[0].clone()], base))
+    torch.testing.assert_close(got, vs[0], rtol=0, atol=1e-6)  # cos = 1: t = 1
+
+
+def test_nearswap_takes_the_model_only_near_the_base() -> None:
+    base = torch.zeros(3)
+    model = torch.tensor([0.05, 0.2, 1.0])
+    got = METHODS["nearswap"].fn(_described("nearswap", [model], base, t=0.1))
+    torch.testing.assert_close(got, torch.tensor([0.05, 0.1, 0.1]))  # w = min(1, t / |Δ|)
+
+
+def test_ram_averages_shared_changes_and_keeps_unique_ones() -> None:
+    base = torch.zeros(3)
+    a, b = torch.tensor([1.0, 1.0, 0.0]), torch.tensor([3.0, 0.0, 0.0])
+    got = METHODS["ram"].fn(_described("ram", [a, b], base))
+    torch.testing.assert_close(got, torch.tensor([2.0, 1.0, 0.0]))

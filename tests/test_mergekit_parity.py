@@ -2,7 +2,8 @@
 
 A tiny Llama pool (base + 3 checkpoints: two bf16, one fp32; hidden 32, 2 layers,
 vocab 64) is written with transformers' save_pretrained. Every recipe below is
-merged by the real CLI (`python -m recycler.cli merge RECIPE OUT`) and checked:
+merged by the real CLI (`recycler.cli.main(["merge", RECIPE, OUT])`, all recipes in
+one process, the random ones again in a second) and checked:
 
 - always against tests/reference_merge.py, an independent float64 implementation
   written from the papers (so the test never passes without checking anything);
@@ -22,6 +23,14 @@ sign election is a near-tie, may legitimately differ and are left out (few %).
 DARE masks come from different RNGs: each merged entry must equal the merge for
 SOME keep/drop pattern, with each model kept at its density, and the merge must be
 unbiased with the variance DARE predicts; mergekit is held to the same statistics.
+
+Every other mergekit method (slerp, nuslerp, multislerp, karcher, model_stock,
+nearswap, arcee_fusion, sce, ram, ramplus_tl, passthrough, breadcrumbs[_ties]) is
+compared with mergekit directly, both computing in fp32, entry by entry within bf16
+rounding of the inputs' magnitude, and by the logits of the merged models. The random
+ones (DARE, DELLA) must be as far from mergekit's merge as a second mergekit run with
+another seed is: neither a copy of it nor the unrandomised expectation (which is
+closer, by about 1/√2).
 """
 
 from __future__ import annotations
@@ -147,7 +156,88 @@ def build_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
         "models": _models(ckpts, densities=DENSITIES),
         "dtype": "bfloat16",
     }
+    r.update(build_method_recipes(base, ckpts))
     return r
+
+
+def build_method_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any]]:
+    """One fp32 recipe per method beyond the five above (mergekit's parameter names)."""
+    plain = [{"model": c} for c in ckpts]
+    two = _models(ckpts[:2], weights=(0.6, 0.4))
+    sparse = _models(ckpts, densities=(0.6, 0.5, 0.7))
+    r: dict[str, dict[str, Any]] = {
+        # the base listed among the models too, as mergekit's slerp examples do
+        "slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ckpts[0]}],
+            "parameters": {"t": [0.2, 0.7]},
+        },
+        "nuslerp": {"merge_method": "nuslerp", "models": two},
+        "nuslerp-rows": {
+            "merge_method": "nuslerp",
+            "base_model": base,
+            "models": two,
+            "parameters": {"nuslerp_flatten": False},
+        },
+        "multislerp": {"merge_method": "multislerp", "base_model": base, "models": _models(ckpts)},
+        "karcher": {"merge_method": "karcher", "models": plain},
+        "model_stock": {"merge_method": "model_stock", "base_model": base, "models": plain},
+        "nearswap": {
+            "merge_method": "nearswap",
+            "base_model": base,
+            "models": plain[:1],
+            "parameters": {"t": 0.01},
+        },
+        "arcee_fusion": {"merge_method": "arcee_fusion", "base_model": base, "models": plain[:1]},
+        "sce": {
+            "merge_method": "sce",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"select_topk": 0.5},
+        },
+        "ram": {
+            "merge_method": "ram",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"epsilon": 0.01},
+        },
+        "ramplus_tl": {
+            "merge_method": "ramplus_tl",
+            "base_model": base,
+            "models": plain,
+            "parameters": {"epsilon": 0.01, "r": 0.5, "alpha": 0.5},
+        },
+        "passthrough": {
+            "merge_method": "passthrough",
+            "models": [{"model": ckpts[0], "parameters": {"scale": 0.5}}],
+        },
+        "breadcrumbs": {
+            "merge_method": "breadcrumbs",
+            "base_model": base,
+            "models": sparse,
+            "parameters": {"gamma": 0.05},
+        },
+        "breadcrumbs_ties": {
+            "merge_method": "breadcrumbs_ties",
+            "base_model": base,
+            "models": sparse,
+            "parameters": {"gamma": 0.05},
+        },
+        "della": {
+            "merge_method": "della",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "parameters": {"epsilon": 0.1},
+        },
+        "della_linear": {
+            "merge_method": "della_linear",
+            "base_model": base,
+            "models": _models(ckpts, densities=DENSITIES),
+            "parameters": {"epsilon": 0.1},
+        },
+    }
+    return {f"{name}-float32": {**recipe, "dtype": "float32"} for name, recipe in r.items()}
 
 
 DETERMINISTIC = [
@@ -164,15 +254,35 @@ DETERMINISTIC = [
     "ties-nonorm-bfloat16",
 ]
 DARE = ["dare_linear-bfloat16", "dare_ties-bfloat16"]
+METHOD_PARITY = [
+    f"{m}-float32"
+    for m in (
+        "slerp",
+        "nuslerp",
+        "nuslerp-rows",
+        "multislerp",
+        "karcher",
+        "model_stock",
+        "nearswap",
+        "arcee_fusion",
+        "sce",
+        "ram",
+        "ramplus_tl",
+        "passthrough",
+        "breadcrumbs",
+        "breadcrumbs_ties",
+    )
+]
+RANDOM = [*DARE, "della-float32", "della_linear-float32"]
 
 # mergekit-yaml's own click entry point, once per recipe, in one process of the
 # mergekit venv (one interpreter start instead of one per recipe keeps this fast).
 MERGEKIT_DRIVER = """
 import json, sys
 from mergekit.scripts.run_yaml import main
-for config, out in json.loads(sys.argv[1]):
+for config, out, seed in json.loads(sys.argv[1]):
     main([config, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
-          "--random-seed", "0"], standalone_mode=False)
+          "--random-seed", str(seed)], standalone_mode=False)
 """
 
 
@@ -183,29 +293,49 @@ class Runs:
     ours: dict[str, Path]
     ours_again: dict[str, Path]
     mergekit: dict[str, Path] | None
+    mergekit_seed1: dict[str, Path]  # the random recipes again, with --random-seed 1
     mergekit_skip_reason: str
     errors: dict[str, str]  # job name -> why its command failed
 
     def out(self, who: str, name: str) -> Path:
         """The output dir of one run; fails the calling test if that run failed."""
-        if who == "mergekit":
+        if who in ("mergekit", "mergekit-seed1"):
             assert self.mergekit is not None
             if "mergekit" in self.errors:
                 pytest.fail(self.errors["mergekit"], pytrace=False)
-            return self.mergekit[name]
+            return self.mergekit[name] if who == "mergekit" else self.mergekit_seed1[name]
         key = name if who == "ours" else f"{name} (again)"
         if key in self.errors:
             pytest.fail(self.errors[key], pytrace=False)
         return (self.ours if who == "ours" else self.ours_again)[name]
 
 
-def _run(cmd: list[str], what: str) -> str | None:
-    """Run a command; None on success, else why it failed."""
+# recycler's own entry point, once per recipe, in one process (as for mergekit above):
+# prints {recipe name: why it failed} for those that did not exit 0.
+RECYCLER_DRIVER = """
+import contextlib, io, json, sys, traceback
+from recycler.cli import main
+failed = {}
+for name, config, out in json.loads(sys.argv[1]):
+    err = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(err):
+            code = main(["merge", config, out])
+    except Exception:
+        code, err = 1, io.StringIO(traceback.format_exc())
+    if code != 0:
+        failed[name] = f"recycler merge {name}.yaml exited {code}: {err.getvalue()[-3000:]}"
+print(json.dumps(failed))
+"""
+
+
+def _run(cmd: list[str], what: str) -> tuple[str | None, str]:
+    """Run a command; (None on success, else why it failed; its stdout)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     if proc.returncode != 0:
-        return f"{what} exited {proc.returncode}:\n{proc.stderr[-4000:]}"
-    return None
+        return f"{what} exited {proc.returncode}:\n{proc.stderr[-4000:]}", proc.stdout
+    return None, proc.stdout
 
 
 @pytest.fixture(scope="module")
@@ -227,24 +357,23 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
     jobs: list[tuple[str, list[str], str]] = []  # (job name, command, description)
     ours = {n: root / "ours" / n for n in recipes}
-    ours_again = {n: root / "ours-again" / n for n in DARE}
+    ours_again = {n: root / "ours-again" / n for n in RANDOM}
     for label, outs in (("", ours), (" (again)", ours_again)):
-        for name, out in outs.items():
-            cmd = [
-                sys.executable,
-                "-m",
-                "recycler.cli",
-                "merge",
-                str(root / f"{name}.yaml"),
-                str(out),
-            ]
-            jobs.append((name + label, cmd, f"recycler merge {name}.yaml"))
+        triples = [
+            [name + label, str(root / f"{name}.yaml"), str(out)] for name, out in outs.items()
+        ]
+        cmd = [sys.executable, "-c", RECYCLER_DRIVER, json.dumps(triples)]
+        jobs.append(
+            ("recycler" + label, cmd, f"recycler merge{label} (its entry point, in one process)")
+        )
 
     mergekit: dict[str, Path] | None = None
+    mergekit_seed1 = {n: root / "mergekit-seed1" / n for n in RANDOM}
     reason = ""
     if MERGEKIT_PYTHON.is_file():
         mergekit = {n: root / "mergekit" / n for n in recipes}
-        pairs = [[str(root / f"{n}.yaml"), str(p)] for n, p in mergekit.items()]
+        pairs = [[str(root / f"{n}.yaml"), str(p), 0] for n, p in mergekit.items()]
+        pairs += [[str(root / f"{n}.yaml"), str(p), 1] for n, p in mergekit_seed1.items()]
         cmd = [str(MERGEKIT_PYTHON), "-c", MERGEKIT_DRIVER, json.dumps(pairs)]
         jobs.insert(0, ("mergekit", cmd, "mergekit-yaml (its entry point, in the mergekit venv)"))
     else:
@@ -255,8 +384,21 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> Runs:
 
     with ThreadPoolExecutor(max_workers=2) as ex:
         results = list(ex.map(lambda job: _run(job[1], job[2]), jobs))
-    errors = {job[0]: err for job, err in zip(jobs, results) if err is not None}
-    return Runs(root, recipes, ours, ours_again, mergekit, reason, errors)
+    errors: dict[str, str] = {}
+    for (job, _, _), (err, stdout) in zip(jobs, results):
+        if job == "mergekit":
+            if err is not None:
+                errors["mergekit"] = err
+            continue
+        label = job.removeprefix("recycler")
+        names = ours if not label else ours_again
+        failed = (
+            {n + label: err for n in names}
+            if err is not None
+            else json.loads(stdout.strip().splitlines()[-1])
+        )
+        errors.update(failed)
+    return Runs(root, recipes, ours, ours_again, mergekit, mergekit_seed1, reason, errors)
 
 
 def _tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -535,10 +677,123 @@ def test_dare_ties_like_mergekit(runs: Runs) -> None:
     )
 
 
-@pytest.mark.parametrize("name", DARE)
-def test_dare_reproduces(runs: Runs, name: str) -> None:
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_methods_reproduce(runs: Runs, name: str) -> None:
     """The same recipe gives the same tensors, bit for bit."""
     a, b = _tensors(runs.out("ours", name)), _tensors(runs.ours_again[name])
     assert sorted(a) == sorted(b)
     for n in a:
         assert torch.equal(a[n], b[n]), f"{name}: {n} differs between two runs"
+
+
+# --------------------------------------------------------------------------- every other method
+
+
+def _inputs_of(recipe: dict[str, Any]) -> list[dict[str, torch.Tensor]]:
+    """The recipe's base (first, where it has one) and models, each read once."""
+    paths = ([recipe["base_model"]] if "base_model" in recipe else []) + [
+        m["model"] for m in recipe["models"]
+    ]
+    return [_tensors(Path(p)) for p in dict.fromkeys(paths)]
+
+
+def _band_ties(
+    recipe: dict[str, Any], inputs: list[dict[str, torch.Tensor]], name: str
+) -> torch.Tensor:
+    """Entries where some model's |τ| ties across an edge of Breadcrumbs' band: which of
+    the tied entries is kept depends on the sort's order (mergekit's is unstable)."""
+    base = inputs[0][name].float()
+    ambiguous = torch.zeros(base.shape, dtype=torch.bool)
+    gamma = recipe["parameters"]["gamma"]
+    for model, ckpt in zip(recipe["models"], inputs[1:]):
+        magnitude = (ckpt[name].float() - base).abs().reshape(-1)
+        ordered = magnitude.sort().values
+        n = magnitude.numel()
+        target = int(model["parameters"]["density"] * n)
+        lo = max(0, n - target - int(gamma * n))
+        for inside, outside in ((lo, lo - 1), (lo + target - 1, lo + target)):
+            if 0 <= outside < n and ordered[inside] == ordered[outside]:
+                ambiguous |= (magnitude == ordered[inside]).view(base.shape)
+    return ambiguous
+
+
+@pytest.mark.parametrize("name", METHOD_PARITY)
+def test_method_matches_mergekit(runs: Runs, name: str) -> None:
+    """Entry by entry within bf16 rounding of the largest input at that entry (both in fp32)."""
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    recipe = runs.recipes[name]
+    got, mk = _tensors(runs.out("ours", name)), _tensors(runs.out("mergekit", name))
+    assert sorted(got) == sorted(mk), "recycler's output has other tensors than mergekit's"
+    inputs = _inputs_of(recipe)
+    worst, where, skipped, total = 0.0, "", 0, 0
+    for n in mk:
+        assert got[n].dtype == torch.float32 and got[n].shape == mk[n].shape, n
+        scale = torch.stack([t[n].to(torch.float64).abs() for t in inputs]).amax(0)
+        tol = U[torch.bfloat16] * scale + 1e-30
+        ratio = (got[n].to(torch.float64) - mk[n].to(torch.float64)).abs() / tol
+        if recipe["merge_method"].startswith("breadcrumbs"):
+            skip = _band_ties(recipe, inputs, n)
+            ratio = ratio[~skip]
+            skipped += int(skip.sum())
+        total += mk[n].numel()
+        if ratio.numel() and float(ratio.max()) > worst:
+            worst, where = float(ratio.max()), n
+    assert skipped / total < 0.02, f"{name}: {skipped} of {total} entries at magnitude ties"
+    assert worst <= 1.0, (
+        f"{name}: recycler differs from mergekit in {where} by {worst:.3g} bf16 roundings"
+    )
+
+
+def _logits(model_dir: Path, tensors: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """The model's logits on fixed tokens (its tensors replaced by `tensors` where given)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    if tensors is not None:
+        model.load_state_dict(tensors, strict=False)
+    ids = (torch.arange(24) * 7 % model.config.vocab_size).view(2, 12)
+    with torch.no_grad():
+        out: torch.Tensor = model(input_ids=ids).logits
+    return out
+
+
+@pytest.mark.parametrize("name", [*METHOD_PARITY, "ties-float32", "ta-float32"])
+def test_method_logits_match_mergekit(runs: Runs, name: str) -> None:
+    """The merged models' logits on fixed tokens agree within bf16 rounding of their range.
+
+    Entries at a magnitude tie (TIES, Breadcrumbs: left out entry by entry above, as
+    either choice is right) are taken from recycler's merge into mergekit's model, so
+    that the logits compare the rest."""
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    recipe = runs.recipes[name]
+    replaced = None
+    if recipe["merge_method"] in ("ties", "breadcrumbs", "breadcrumbs_ties"):
+        ours_t, mk_t = _tensors(runs.out("ours", name)), _tensors(runs.out("mergekit", name))
+        if recipe["merge_method"] == "ties":
+            ref = _reference(runs, name)
+            tied = {n: ref.merge(n, tie_rel=1e-6, sign_rel=1e-5).ambiguous for n in mk_t}
+        else:
+            inputs = _inputs_of(recipe)
+            tied = {n: _band_ties(recipe, inputs, n) for n in mk_t}
+        replaced = {n: torch.where(tied[n], ours_t[n], mk_t[n]) for n in mk_t}
+    ours, mk = _logits(runs.out("ours", name)), _logits(runs.out("mergekit", name), replaced)
+    gap = float((ours - mk).abs().max())
+    assert gap <= U[torch.bfloat16] * float(mk.abs().max()), f"{name}: logits differ by {gap:.3g}"
+
+
+def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
+    return math.sqrt(sum(float(((a[n].double() - b[n].double()) ** 2).sum()) for n in b))
+
+
+@pytest.mark.parametrize("name", RANDOM)
+def test_random_method_as_close_to_mergekit_as_its_own_reseed(runs: Runs, name: str) -> None:
+    if runs.mergekit is None:
+        pytest.skip(runs.mergekit_skip_reason)
+    ours = _tensors(runs.out("ours", name))
+    mk, mk_again = _tensors(runs.out("mergekit", name)), _tensors(runs.out("mergekit-seed1", name))
+    ratio = _distance(ours, mk) / _distance(mk_again, mk)
+    assert 0.85 < ratio < 1.15, (
+        f"{name}: ‖ours − mergekit‖ / ‖mergekit(seed 1) − mergekit(seed 0)‖ = {ratio:.3f}"
+    )

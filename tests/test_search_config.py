@@ -132,8 +132,50 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         (merged(search={"samplr": "tpe"}), "study.yaml: search.samplr: unknown key"),
         ({k: v for k, v in BASE.items() if k != "name"}, "study.yaml: name: required"),
         (
-            merged(merge={"method": "slerp"}),
+            merged(merge={"method": "frankenmerge"}),
             "study.yaml: merge.method: must be one of linear, task_arithmetic",
+        ),
+        (
+            merged(merge={"method": "slerp"}),
+            "study.yaml: merge.params: t: required by slerp: set it here or tune it",
+        ),
+        (
+            merged(
+                merge={"method": "slerp", "params": {"t": 0.5}},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+            ),
+            "study.yaml: pool.checkpoints: slerp takes 1 checkpoint beside the base, got 2",
+        ),
+        (
+            merged(
+                merge={"method": "model_stock"}, pool={"base": "base", "checkpoints": ["a", "b"]}
+            ),
+            "study.yaml: search.tune: model_stock reads no weights, so the search needs a "
+            "parameter to tune (model_stock has none",
+        ),
+        (
+            merged(
+                merge={"method": "della"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": ["t"]},
+            ),
+            "study.yaml: search.tune: t is not a parameter of della that a search can tune "
+            "(tunable: density, epsilon, lambda)",
+        ),
+        (
+            merged(
+                merge={"method": "sce"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": [{"select_topk": [0.0, 1.0]}]},
+            ),
+            "study.yaml: search.tune: select_topk: range [0, 1] leaves (0, 1]",
+        ),
+        (
+            merged(
+                merge={"method": "ties", "params": {"t": 0.5}},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+            ),
+            "study.yaml: merge.params: t: unknown parameter for ties",
         ),
         (
             merged(search={"granularity": "layers:0"}),
@@ -149,7 +191,8 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         ),
         (
             merged(search={"tune": ["density"]}),
-            "study.yaml: search.tune: density is not a parameter of linear",
+            "study.yaml: search.tune: density is not a parameter of linear that a search can "
+            "tune (tunable: none)",
         ),
         (
             merged(search={"tune": ["temperature"]}),
@@ -163,7 +206,7 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         ),
         (
             merged(merge={"params": {"weight": 1.0}}),
-            "study.yaml: merge.params: weight: unknown parameter",
+            "study.yaml: merge.params: weight: unknown parameter for linear (known: normalize)",
         ),
         (
             merged(merge={"params": {"normalize": 1}}),

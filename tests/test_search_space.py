@@ -283,3 +283,37 @@ def test_nsga2_evolves_within_a_small_budget() -> None:
     assert isinstance(sampler, optuna.samplers.NSGAIISampler)
     # Five generations of 10 in 50 trials; never below 8 nor above Optuna's default of 50.
     assert (nsga2_population(50), nsga2_population(10), nsga2_population(1000)) == (10, 8, 50)
+
+
+@pytest.mark.parametrize(
+    ("method", "n", "tune", "random"),
+    [
+        ("slerp", 1, ["t"], False),
+        ("della", 2, ["epsilon", "density"], True),
+        ("sce", 2, ["select_topk"], False),
+        ("karcher", 2, [], False),
+    ],
+)
+def test_new_methods_tune_their_parameters_and_merge(
+    tmp_path: Path, method: str, n: int, tune: list[str], random: bool
+) -> None:
+    """The method's own tune ranges (from its description) reach a recipe the engine merges."""
+    paths = make_pool(tmp_path / "pool")
+    pool = Pool.open([paths["c0"], paths["c2"]][:n], paths["base"])
+    (tmp_path / "s").mkdir()
+    spec = spec_of(tmp_path / "s", merge={"method": method}, tune=tune)
+    assert [t.name for t in spec.search.tune] == tune
+    space = SearchSpace.from_pool(spec, pool)
+    proposal, params = suggest_all(space, 3)
+    recipe = space.recipe_dict(proposal)
+    assert (
+        recipe["parameters"] == {name: params[f"p:{name}"] for name in tune}
+        if tune
+        else "parameters" not in recipe
+    )
+    assert ("random_seed" in recipe) == random
+    assert all(("parameters" in m) == (method in ("della", "karcher")) for m in recipe["models"])
+    merged = merge_state_dict(pool, Recipe.from_dict(recipe))
+    assert set(merged) == set(pool.tensor_names) and all(
+        bool(torch.isfinite(t.float()).all()) for t in merged.values()
+    )

@@ -381,3 +381,52 @@ def test_placement_group_holds_every_worker_and_is_released(
             placement_timeout_s=2,
         )
     assert all(t["state"] == "REMOVED" for t in placement_group_table().values())
+
+
+@pytest.mark.parametrize("method", ["ram", "nearswap", "della", "model_stock", "sce"])
+def test_shard_pieces_merge_the_other_methods_as_the_engine_does(
+    micro_zoo: Path, method: str
+) -> None:
+    """Each method through a shard plan's resident pieces (what a shard worker holds): split
+    by rows exactly where its description allows, and the same bits as the whole-pool merge."""
+    from recycler.cluster.shards import pool_sizes
+    from recycler.merge.engine import merge_state_dict
+    from recycler.merge.resident import ResidentPieces
+    from recycler.pool import Pool
+
+    ckpts = [str(p) for p in sorted((micro_zoo / "checkpoints").iterdir())]
+    if method == "nearswap":
+        ckpts = ckpts[:1]
+    base = str(micro_zoo / "base")
+    pool = Pool.open(ckpts, base)
+    tensors = pool_sizes(pool)
+    plan = plan_shards(
+        tensors, 2, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5
+    )
+    assert bool(plan.split_tensors) == METHODS[method].row_splittable
+    params = {"nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}.get(method, {})
+    models = [
+        {"model": c, "parameters": {"weight": 0.5, "density": 0.6}}
+        if method == "della"
+        else {"model": c}
+        for c in ckpts
+    ]
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": method,
+            "base_model": base,
+            "models": models,
+            "dtype": "float32",
+            "random_seed": 3,
+            **({"parameters": params} if params else {}),
+        }
+    )
+    reference = merge_state_dict(pool, recipe)
+    got: dict[str, torch.Tensor] = {}
+    for pieces in plan.shards:
+        for piece, value in ResidentPieces(pool, pieces).merge(recipe):
+            full = got.setdefault(piece.name, torch.full(reference[piece.name].shape, float("nan")))
+            full[piece.start : piece.start + value.shape[0]] = value
+    assert set(got) == set(reference)
+    for name, expect in reference.items():
+        assert torch.equal(got[name], expect), (method, name)

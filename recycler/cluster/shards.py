@@ -5,9 +5,9 @@ piece first, each into the lightest shard so far (ties: the lower shard index), 
 same pool and S give the same plan everywhere. A tensor larger than a fair share
 (total bytes / S, or `max_piece_bytes` when given) is cut into blocks of rows first,
 but only for methods whose merge of a row block depends on nothing outside the block
-beyond per-tensor constants (`MergeMethod.row_splittable`): TIES' magnitude trim ranks
-the WHOLE tensor, so ties and dare_ties keep every tensor whole. DARE draws its masks
-per fixed block of rows, so a split dare_linear merge is the same bit for bit.
+beyond per-tensor constants (the method description's `row_splittable`): TIES' magnitude
+trim ranks the WHOLE tensor, so ties and dare_ties keep every tensor whole. DARE draws its
+masks per fixed block of rows, so a split dare_linear merge is the same bit for bit.
 
 Pure functions on names, shapes and byte counts: no Ray, no tensors.
 """

@@ -13,6 +13,7 @@ engine:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -210,7 +211,7 @@ def _copy_tokenizer(tmp: Path, source: Path) -> None:
 def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
     """The recipe with every model as an absolute path, so it reproduces from anywhere."""
     models = [
-        type(spec)(str(c.path.resolve()), spec.weight, spec.density)
+        dataclasses.replace(spec, model=str(c.path.resolve()))
         for spec, c in zip(recipe.models, pool.checkpoints)
     ]
     base = (

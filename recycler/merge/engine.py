@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING
 
 from recycler.errors import RecyclerError
 from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
-from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError
+from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError, UndefinedMerge
 from recycler.merge.recipe import Recipe
 from recycler.pool import Checkpoint, Pool, StoredTensor
 from recycler.pool.safetensors_file import itemsize
@@ -71,18 +71,20 @@ def merge_tensor(
         # Integer buffers (position ids, masks) are not merged: the reference's copy is kept.
         return (base if base is not None else versions[0]).clone()
     method = METHODS[recipe.merge_method]
-    n_layers = pool.n_layers
+    params = recipe.tensor_params(name, pool.n_layers)
+    ones = [1.0] * len(versions)
     inputs = MergeInputs(
         versions=versions,
-        weights=recipe.weights_for(name, n_layers),
+        weights=params.per_model.get("weight", ones),
         base=base,
         out_dtype=out_dtype,
         normalize=recipe.normalize,
-        lambda_=recipe.lambda_for(name, n_layers),
-        densities=recipe.densities_for(name, n_layers),
+        lambda_=params.lambda_,
+        densities=params.per_model.get("density", ones),
         seed_key=f"{recipe.random_seed}:{name}",
         row_offset=row_offset,
         fishers=fishers,
+        params=params,
     )
     try:
         merged = method.fn(inputs)
@@ -92,6 +94,8 @@ def merge_tensor(
         raise RecyclerError(_zero_weights(name)) from None
     except NonFiniteError:
         raise RecyclerError(_non_finite_culprit(pool, name, versions, base)) from None
+    except UndefinedMerge as exc:
+        raise RecyclerError(f"tensor {name}: {exc}") from None
     return merged
 
 
@@ -114,7 +118,7 @@ def iter_merged(
     stats = stats if stats is not None else MergeStats()
     names = list(names) if names is not None else pool.tensor_names
     sources = list(pool.checkpoints)
-    use_base = method.needs_base and pool.base is not None
+    use_base = method.uses_base and pool.base is not None
     if use_base:
         assert pool.base is not None
         sources.append(pool.base)
@@ -174,13 +178,18 @@ def merge_state_dict(
 
 
 def check_fits(pool: Pool, recipe: Recipe) -> None:
-    """RecyclerError unless the recipe lists the pool's models and has the base it needs."""
+    """RecyclerError unless the recipe lists the pool's models, has the base it needs and
+    as many models as the method takes."""
     if len(recipe.models) != len(pool.checkpoints):
         raise RecyclerError(
             f"the recipe lists {len(recipe.models)} models but the pool has {len(pool.checkpoints)}"
         )
-    if METHODS[recipe.merge_method].needs_base and pool.base is None:
+    method = METHODS[recipe.merge_method]
+    if method.needs_base and pool.base is None:
         raise RecyclerError(f"{recipe.merge_method} needs a base model")
+    with_base = method.uses_base and pool.base is not None
+    if (why := method.count_error(len(pool.checkpoints), with_base)) is not None:
+        raise RecyclerError(why)
 
 
 def _zero_weights(name: str) -> str:
@@ -227,11 +236,7 @@ class FileMerger:
         if terms_of is None:
             return None
         try:
-            terms = terms_of(
-                recipe.weights_for(name, self._n_layers),
-                recipe.normalize,
-                recipe.lambda_for(name, self._n_layers),
-            )
+            terms = terms_of(recipe.tensor_params(name, self._n_layers))
         except ZeroDivisionError:
             raise RecyclerError(_zero_weights(name)) from None
         sources = list(pool.checkpoints)

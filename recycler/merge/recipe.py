@@ -16,14 +16,16 @@ layers; tensors outside the layers take the first) or a list of `{filter, value}
 entries (the first whose filter is a substring of the tensor name wins; no filter,
 or `"*"`, matches every tensor). A model's own parameter wins; where it is absent,
 or none of its filters matches, the top-level `parameters` entry applies, as in
-mergekit. recycler's
-own additions: `random_seed` (seeds DARE's masks), and the methods `fisher` and
-the weight schemes of `weights.py`.
+mergekit. Which parameters a method takes, their scope, defaults and allowed
+values are the method's description (`methods.METHODS`); a parameter the method
+does not take is an error. As in mergekit, a model listed again as the base model
+of a method that reads the base is the base (it is dropped from `models`).
+recycler's own additions: `random_seed` (seeds the random methods' masks), and the
+method `fisher` and the weight schemes of `weights.py`.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +34,7 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.merge.description import MethodDescription, ParamSpec, TensorParams
 from recycler.merge.methods import METHODS
 from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
@@ -59,8 +62,6 @@ _TOP_LEVEL_KEYS = {
     "random_seed",
     "name",
 }
-_MODEL_PARAMS = {"weight", "density"}
-_GLOBAL_PARAMS = {"weight", "density", "normalize", "lambda", "int8_mask", "rescale"}
 _LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -80,6 +81,15 @@ class ModelSpec:
     model: str
     weight: Param | None = None
     density: Param | None = None
+    params: dict[str, Param] = field(
+        default_factory=dict
+    )  # the method's other per-model parameters
+
+    def get(self, key: str) -> Param | None:
+        if key in ("weight", "density"):
+            value: Param | None = getattr(self, key)
+            return value
+        return self.params.get(key)
 
 
 @dataclass
@@ -103,46 +113,47 @@ class Recipe:
         if not isinstance(data, dict):
             raise RecyclerError(f"{where}: expected a mapping with merge_method and models")
         if "slices" in data:
-            raise RecyclerError(f"{where}: slices: not supported; list whole models under models:")
+            raise RecyclerError(
+                f"{where}: slices: not supported (layer stacking changes the architecture; "
+                "see the README); list whole models under models:"
+            )
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
                 raise RecyclerError(
                     f"{where}: {key}: unknown key (known: {', '.join(sorted(_TOP_LEVEL_KEYS))})"
                 )
-        method = data.get("merge_method")
-        if not isinstance(method, str):
+        method_name = data.get("merge_method")
+        if not isinstance(method_name, str):
             raise RecyclerError(f"{where}: merge_method: missing")
+        method = _method(method_name, where)
         models_raw = data.get("models")
         if not isinstance(models_raw, list) or not models_raw:
             raise RecyclerError(f"{where}: models: must be a non-empty list")
-        models = [_model_spec(entry, f"{where}: models[{i}]") for i, entry in enumerate(models_raw)]
+        models = [
+            _model_spec(entry, f"{where}: models[{i}]", method)
+            for i, entry in enumerate(models_raw)
+        ]
         params = data.get("parameters") or {}
         if not isinstance(params, dict):
             raise RecyclerError(f"{where}: parameters: must be a mapping")
-        params = dict(params)  # parsed values go into a copy: the caller's dict stays as it was
-        for key, value in params.items():
-            if key not in _GLOBAL_PARAMS:
-                raise RecyclerError(
-                    f"{where}: parameters.{key}: unknown parameter (known: "
-                    f"{', '.join(sorted(_GLOBAL_PARAMS))})"
-                )
-            if key in {"normalize", "int8_mask", "rescale"}:
-                if not isinstance(value, bool):
-                    raise RecyclerError(
-                        f"{where}: parameters.{key}: must be true or false, got {value!r}"
-                    )
-            else:
-                params[key] = _param(value, f"{where}: parameters.{key}")
+        params = {
+            key: _global_param(method, key, value, f"{where}: parameters.{key}")
+            for key, value in params.items()
+        }
         base = data.get("base_model")
         if base is not None and not isinstance(base, (str, dict)):
             raise RecyclerError(f"{where}: base_model: must be a path")
+        base_path = _model_path(base, f"{where}: base_model") if base is not None else None
+        if base_path is not None and method.uses_base:
+            # mergekit's rule: a model that is the base model is the base, not one more model.
+            models = [m for m in models if m.model != base_path] or models
         seed = data.get("random_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RecyclerError(f"{where}: random_seed: must be an integer, got {seed!r}")
         recipe = cls(
-            merge_method=method,
+            merge_method=method_name,
             models=models,
-            base_model=_model_path(base, f"{where}: base_model") if base is not None else None,
+            base_model=base_path,
             parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
@@ -154,52 +165,73 @@ class Recipe:
         recipe.validate(where)
         return recipe
 
+    @property
+    def method(self) -> MethodDescription:
+        return _method(self.merge_method, "recipe")
+
     def validate(self, where: str = "recipe") -> None:
-        if self.merge_method not in METHODS:
-            raise RecyclerError(
-                f"{where}: merge_method: unknown method {self.merge_method!r} (known: "
-                f"{', '.join(METHODS)})"
-            )
-        method = METHODS[self.merge_method]
+        method = _method(self.merge_method, where)
         if not self.models:
             raise RecyclerError(f"{where}: models: must be a non-empty list")
         if method.needs_base and self.base_model is None:
             raise RecyclerError(f"{where}: base_model: {self.merge_method} needs a base model")
+        with_base = self.base_model is not None and method.uses_base
+        if (why := method.count_error(len(self.models), with_base)) is not None:
+            raise RecyclerError(f"{where}: models: {why}")
         for key in ("dtype", "out_dtype"):
             value = getattr(self, key)
             if value is not None and value not in DTYPES:
                 raise RecyclerError(
                     f"{where}: {key}: unknown dtype {value!r} (known: {', '.join(DTYPES)})"
                 )
-        for i, spec in enumerate(self.models):
-            for value in _values(spec.density):
-                if not 0.0 < value <= 1.0:
-                    raise RecyclerError(
-                        f"{where}: models[{i}].parameters.density: must be in (0, 1], got {value}"
-                    )
-            for value in _values(spec.weight):
-                if not math.isfinite(value):
-                    raise RecyclerError(
-                        f"{where}: models[{i}].parameters.weight: must be finite, got {value}"
-                    )
-        for value in _values(self.parameters.get("density")):
-            if not 0.0 < value <= 1.0:
-                raise RecyclerError(f"{where}: parameters.density: must be in (0, 1], got {value}")
-        lam = self.parameters.get("lambda", 1.0)
-        if any(not math.isfinite(v) for v in _values(lam)):
-            raise RecyclerError(f"{where}: parameters.lambda: must be finite")
-        if self.normalize and _weights_can_sum_to_zero(self):
+        for spec in method.params:
+            top = self.parameters.get(spec.name)
+            if spec.scope == "model":
+                for i, model in enumerate(self.models):
+                    own = model.get(spec.name)
+                    _check_values(spec, own, f"{where}: models[{i}].parameters.{spec.name}")
+                    if spec.required and own is None and top is None:
+                        raise RecyclerError(
+                            f"{where}: models[{i}].parameters.{spec.name}: "
+                            f"required by {self.merge_method}"
+                        )
+            elif spec.required and top is None:
+                raise RecyclerError(
+                    f"{where}: parameters.{spec.name}: required by {self.merge_method}"
+                )
+            if spec.kind != "bool":
+                _check_values(spec, top, f"{where}: parameters.{spec.name}")
+        if self.merge_method.startswith("della"):
+            self._check_della(where)
+        if self.normalize and "weight" in method.param_names and _weights_can_sum_to_zero(self):
             raise RecyclerError(
                 f"{where}: models: the weights sum to zero, which normalize cannot divide by"
             )
 
+    def _check_della(self, where: str) -> None:
+        """density ± epsilon must stay in (0, 1) wherever density < 1 (checked per tensor again
+        as it merges)."""
+        for i, model in enumerate(self.models):
+            densities = _values(
+                model.density if model.density is not None else self.parameters.get("density")
+            ) or [1.0]
+            epsilons = _values(
+                model.get("epsilon")
+                if model.get("epsilon") is not None
+                else self.parameters.get("epsilon")
+            ) or [0.15]
+            for d in densities:
+                for e in epsilons:
+                    if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+                        raise RecyclerError(
+                            f"{where}: models[{i}].parameters.epsilon: "
+                            f"density {d:g} ± epsilon {e:g} must lie in (0, 1)"
+                        )
+
     # ---- per-tensor values ---------------------------------------------------------
     @property
     def normalize(self) -> bool:
-        default = (
-            METHODS[self.merge_method].default_normalize if self.merge_method in METHODS else False
-        )
-        return bool(self.parameters.get("normalize", default))
+        return bool(self.parameters.get("normalize", self.method.default_normalize))
 
     @property
     def out_code(self) -> str:
@@ -210,12 +242,14 @@ class Recipe:
     def torch_dtype(self) -> torch.dtype:
         return torch_dtype(self.out_code)
 
-    def _model_value(self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int) -> float:
-        for source in (getattr(spec, key), self.parameters.get(key)):
+    def _model_value(
+        self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int, default: float = 1.0
+    ) -> float:
+        for source in (spec.get(key), self.parameters.get(key)):
             value = resolve(source, tensor_name, n_layers)
             if value is not None:
                 return value
-        return 1.0  # weight, density and lambda all default to 1
+        return default
 
     def weights_for(self, tensor_name: str, n_layers: int) -> list[float]:
         return [self._model_value(s, "weight", tensor_name, n_layers) for s in self.models]
@@ -226,6 +260,35 @@ class Recipe:
     def lambda_for(self, tensor_name: str, n_layers: int) -> float:
         value = resolve(self.parameters.get("lambda"), tensor_name, n_layers)
         return 1.0 if value is None else value
+
+    def tensor_params(self, tensor_name: str, n_layers: int) -> TensorParams:
+        """Every parameter of the method for one tensor, defaults filled in."""
+        values: dict[str, float | bool] = {}
+        per_model: dict[str, list[float]] = {}
+        for spec in self.method.params:
+            default = spec.default
+            if spec.scope == "model":
+                fallback = 1.0 if default is None else float(default)
+                per_model[spec.name] = [
+                    self._model_value(m, spec.name, tensor_name, n_layers, fallback)
+                    for m in self.models
+                ]
+                continue
+            raw = self.parameters.get(spec.name)
+            if isinstance(raw, bool):
+                values[spec.name] = raw
+                continue
+            value = resolve(raw, tensor_name, n_layers)
+            if value is None:
+                if default is None:
+                    raise RecyclerError(
+                        f"tensor {tensor_name}: parameters.{spec.name}: "
+                        "no entry matches this tensor"
+                    )
+                values[spec.name] = default
+            else:
+                values[spec.name] = value
+        return TensorParams(values, per_model)
 
     # ---- writing -------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -240,6 +303,7 @@ class Recipe:
                 for k in ("weight", "density")
                 if (v := getattr(spec, k)) is not None
             }
+            params.update({k: _param_to_yaml(v) for k, v in spec.params.items()})
             if params:
                 entry["parameters"] = params
             models.append(entry)
@@ -314,7 +378,40 @@ def _weights_can_sum_to_zero(recipe: Recipe) -> bool:
     return any(abs(sum(recipe.weights_for(p, 1))) < 1e-12 for p in probes)
 
 
-def _model_spec(entry: Any, where: str) -> ModelSpec:
+def _method(name: str, where: str) -> MethodDescription:
+    if name not in METHODS:
+        raise RecyclerError(
+            f"{where}: merge_method: unknown method {name!r} (known: {', '.join(METHODS)})"
+        )
+    return METHODS[name]
+
+
+def _global_param(method: MethodDescription, key: str, value: Any, where: str) -> Any:
+    """A top-level parameter, checked against the method's description."""
+    spec = method.param(key)
+    if spec is None:
+        known = ", ".join(method.param_names) or "none"
+        raise RecyclerError(f"{where}: unknown parameter for {method.name} (known: {known})")
+    if spec.kind == "bool":
+        if not isinstance(value, bool):
+            raise RecyclerError(f"{where}: must be true or false, got {value!r}")
+        return value
+    if spec.scope == "recipe":
+        if not _is_number(value):
+            raise RecyclerError(f"{where}: must be a number, got {value!r}")
+        if spec.kind == "int" and float(value) != int(value):
+            raise RecyclerError(f"{where}: must be an integer, got {value!r}")
+        return float(value)
+    return _param(value, where)
+
+
+def _check_values(spec: ParamSpec, value: Param | None, where: str) -> None:
+    for v in _values(value):
+        if not spec.bounds.contains(v):
+            raise RecyclerError(f"{where}: must be in {spec.bounds}, got {v:g}")
+
+
+def _model_spec(entry: Any, where: str, method: MethodDescription) -> ModelSpec:
     if isinstance(entry, str):
         return ModelSpec(model=entry)
     if not isinstance(entry, dict) or "model" not in entry:
@@ -325,19 +422,19 @@ def _model_spec(entry: Any, where: str) -> ModelSpec:
     params = entry.get("parameters") or {}
     if not isinstance(params, dict):
         raise RecyclerError(f"{where}.parameters: must be a mapping")
+    per_model = [p.name for p in method.params if p.scope == "model"]
     for key in params:
-        if key not in _MODEL_PARAMS:
+        if key not in per_model:
             raise RecyclerError(
-                f"{where}.parameters.{key}: unknown parameter (known: weight, density)"
+                f"{where}.parameters.{key}: unknown parameter for {method.name} "
+                f"(known: {', '.join(per_model) or 'none'})"
             )
+    values = {key: _param(value, f"{where}.parameters.{key}") for key, value in params.items()}
     return ModelSpec(
         model=_model_path(entry["model"], f"{where}.model"),
-        weight=_param(params["weight"], f"{where}.parameters.weight")
-        if "weight" in params
-        else None,
-        density=_param(params["density"], f"{where}.parameters.density")
-        if "density" in params
-        else None,
+        weight=values.pop("weight", None),
+        density=values.pop("density", None),
+        params=values,
     )
 
 

@@ -10,7 +10,7 @@ A piece is a whole tensor or a block of its rows. An evaluation worker that hold
 whole pool holds every tensor as one whole piece (`whole_pieces`); a shard worker holds
 its share of a shard plan. A row block merges with its `row_offset`, so its result is
 bit for bit those rows of the whole tensor's merge; only methods whose merge is
-row-wise (`MergeMethod.row_splittable`) accept split pieces.
+row-wise (the method description's `row_splittable`) accept split pieces.
 """
 
 from __future__ import annotations
@@ -87,7 +87,7 @@ class ResidentPieces:
                 f"tensor {split.name}: {method.name} needs whole tensors, but the shard plan split "
                 "its rows"
             )
-        base = self._base_versions() if method.needs_base else {}
+        base = self._base_versions() if method.uses_base else {}
         fishers = self._fisher_versions() if method.needs_fishers else {}
         return [
             (
@@ -114,7 +114,8 @@ class ResidentPieces:
 
     def _base_versions(self) -> dict[Piece, torch.Tensor]:
         if self._base is None:
-            base = self.pool.base  # check_fits: a method that needs a base has one
+            # check_fits: a method that needs a base has one; an optional base may be absent
+            base = self.pool.base
             self._base = {p: self._read(base, p) for p in self.pieces} if base is not None else {}
         return self._base
 

@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from recycler.config import StudySpec, TuneSpec
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
 
 # Where a transformer's layer index sits in a tensor name (Llama, GPT-2, GPT-NeoX, BERT...).
 _LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")
@@ -70,6 +71,11 @@ class SearchSpace:
     ) -> None:
         if len(checkpoint_names) != len(checkpoint_paths):
             raise ValueError("one path per checkpoint name")
+        method = METHODS[spec.merge.method]
+        with_base = base_path is not None and method.uses_base
+        why = method.count_error(len(checkpoint_names), with_base, "checkpoints")
+        if why is not None:
+            raise RecyclerError(f"pool.checkpoints: {why}")
         self.spec = spec
         self.names = list(checkpoint_names)
         self.paths = list(checkpoint_paths)
@@ -184,8 +190,11 @@ class SearchSpace:
         return params
 
     def default_tuned(self, t: TuneSpec) -> float:
-        """A tuned parameter's value for baselines: mergekit's default when inside the range."""
-        default = {"lambda": 1.0, "density": 1.0}.get(t.name, (t.low + t.high) / 2)
+        """A tuned parameter's value for baselines: the method's (mergekit's) default when
+        inside the range."""
+        spec = METHODS[self.spec.merge.method].param(t.name)
+        midpoint = (t.low + t.high) / 2
+        default = float(spec.default) if spec is not None and spec.default is not None else midpoint
         return default if t.low <= default <= t.high else (t.low + t.high) / 2
 
     # ---- recipes ----------------------------------------------------------------------
@@ -202,6 +211,7 @@ class SearchSpace:
     def recipe_dict(self, proposal: Proposal) -> dict[str, Any]:
         """mergekit's YAML as a dict (models are the pool's checkpoint paths, in pool order)."""
         models = []
+        weighted = METHODS[self.spec.merge.method].weighted
         for i, path in enumerate(self.paths):
             weight: Any
             if not self.grouped:
@@ -214,7 +224,10 @@ class SearchSpace:
                         weight.extend({"filter": f, "value": value} for f in g.filters)
                     else:
                         weight.append({"value": value})
-            models.append({"model": path, "parameters": {"weight": weight}})
+            # a method that reads no weights (slerp, sce, ...) takes none in its recipe
+            models.append(
+                {"model": path, "parameters": {"weight": weight}} if weighted else {"model": path}
+            )
         parameters: dict[str, Any] = dict(self.spec.merge.params)
         parameters.update(proposal.tuned)
         out: dict[str, Any] = {"merge_method": self.spec.merge.method, "models": models}
@@ -223,8 +236,8 @@ class SearchSpace:
         if parameters:
             out["parameters"] = parameters
         out["dtype"] = self.spec.merge.dtype
-        if self.spec.merge.method in ("dare_linear", "dare_ties"):
-            # DARE's random masks are seeded from the recipe, so a trial merges the same twice.
+        if METHODS[self.spec.merge.method].random:
+            # Random masks are seeded from the recipe, so a trial merges the same twice.
             out["random_seed"] = int(self.spec.search.seed)
         return out
 
