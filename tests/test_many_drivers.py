@@ -124,6 +124,17 @@ def trials_of(study_path: Path) -> list[FrozenTrial]:
         return []
 
 
+def failed_search(study_path: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    """`recycler search` expected to stop at once: the process and its stderr's lines."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    return proc, proc.stderr.strip().splitlines()
+
+
 def finish(proc: subprocess.Popen[bytes], timeout: float = 600) -> None:
     _, err = proc.communicate(timeout=timeout)
     assert proc.returncode == 0, err.decode()[-3000:]
@@ -248,13 +259,7 @@ def test_bad_storage_is_one_line(
         url = "postgresql+pg8000://recycler:pw@127.0.0.1:5432/recycler"
     study_path = shared_study(tmp_path, micro_zoo, url)
     started = time.monotonic()
-    proc = subprocess.run(
-        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = proc.stderr.strip().splitlines()
+    proc, lines = failed_search(study_path)
     assert (
         proc.returncode == 2
         and len(lines) == 1
@@ -278,13 +283,7 @@ def test_a_study_name_taken_with_other_objectives(
     data = yaml.safe_load(study_path.read_text())
     data["objectives"] = data["objectives"][:1]
     study_path.write_text(yaml.safe_dump(data))
-    proc = subprocess.run(
-        [sys.executable, "-m", "recycler.cli", "search", str(study_path)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    lines = proc.stderr.strip().splitlines()
+    proc, lines = failed_search(study_path)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert (
         lines[0].startswith("recycler: error: storage: study 'e2e'")
