@@ -13,7 +13,7 @@ registry is read by recipe checks and by file-to-file merges that run without it
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from recycler.merge import geometric, selection
@@ -204,36 +204,27 @@ def _della_deltas(inp: MergeInputs) -> list[torch.Tensor]:
     return out
 
 
-def ties(inp: MergeInputs) -> torch.Tensor:
-    """TIES-merging (Yadav et al. 2023): trim each τ_i to its top-density magnitudes, elect signs,
-    disjoint mean."""
-    return _sign_consensus_merge(inp, _trimmed(inp))
+def _sparsified(
+    sparsify: Callable[[MergeInputs], list[torch.Tensor]],
+    combine: Callable[[MergeInputs, list[torch.Tensor]], torch.Tensor],
+) -> Callable[[MergeInputs], torch.Tensor]:
+    """A method that sparsifies the task vectors, then combines them: the TIES family is
+    these two choices (TIES = trim + sign consensus, DARE-linear = random drop + sum, ...)."""
+
+    def merge(inp: MergeInputs) -> torch.Tensor:
+        return combine(inp, sparsify(inp))
+
+    return merge
 
 
-def dare_linear(inp: MergeInputs) -> torch.Tensor:
-    """DARE then task arithmetic: θ_0 + λ Σ w_i DARE(τ_i)."""
-    return _disjoint_free_merge(inp, _dare_deltas(inp))
-
-
-def dare_ties(inp: MergeInputs) -> torch.Tensor:
-    """DARE then TIES' sign election and disjoint merge."""
-    return _sign_consensus_merge(inp, _dare_deltas(inp))
-
-
-def breadcrumbs(inp: MergeInputs) -> torch.Tensor:
-    return _disjoint_free_merge(inp, _banded(inp))
-
-
-def breadcrumbs_ties(inp: MergeInputs) -> torch.Tensor:
-    return _sign_consensus_merge(inp, _banded(inp))
-
-
-def della(inp: MergeInputs) -> torch.Tensor:
-    return _sign_consensus_merge(inp, _della_deltas(inp))
-
-
-def della_linear(inp: MergeInputs) -> torch.Tensor:
-    return _disjoint_free_merge(inp, _della_deltas(inp))
+# Their formulas and sources: the METHODS table below.
+ties = _sparsified(_trimmed, _sign_consensus_merge)
+dare_linear = _sparsified(_dare_deltas, _disjoint_free_merge)
+dare_ties = _sparsified(_dare_deltas, _sign_consensus_merge)
+breadcrumbs = _sparsified(_banded, _disjoint_free_merge)
+breadcrumbs_ties = _sparsified(_banded, _sign_consensus_merge)
+della = _sparsified(_della_deltas, _sign_consensus_merge)
+della_linear = _sparsified(_della_deltas, _disjoint_free_merge)
 
 
 def fisher(inp: MergeInputs) -> torch.Tensor:
