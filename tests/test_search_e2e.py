@@ -155,11 +155,11 @@ def test_search_front_export_report_and_resume(
     assert code == 0 and f"exported trial {front['knee']}" in out
     from recycler.evaluate.model import ResidentModel
     from recycler.evaluate.runner import evaluate_tasks
+    from recycler.evaluate.tasks import folder_request
 
     rescored = evaluate_tasks(
         ResidentModel(out_dir, dtype=__import__("torch").float32),
-        micro_zoo / "tasks",
-        ["zoo_inc", "zoo_rev"],
+        folder_request(micro_zoo / "tasks", ["zoo_inc", "zoo_rev"]),
         "dev",
         batch_size=64,
     )
