@@ -204,7 +204,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
         tmp_path,
         micro_zoo,
         tasks_dir=tasks,
-        search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "seeds": ["uniform"]},
+        search={"weights": "box", "bounds": [0.0, 1.0], "n_trials": 3, "baselines": ["uniform"]},
     )
     prepared = prepare(load_study_spec(study_path))
     # All-zero box weights: linear's normalize has nothing to divide by.
