@@ -9,7 +9,9 @@ test processes wait for one build.
 from __future__ import annotations
 
 import hashlib
+import logging
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,3 +43,18 @@ def micro_zoo() -> Path:
         if stale != current:
             shutil.rmtree(stale, ignore_errors=True)
     return zoo
+
+
+# One local Ray cluster per test module that asks for it, shut down after the module.
+@pytest.fixture(scope="module")
+def ray_cluster() -> Iterator[None]:
+    import ray
+
+    ray.init(
+        namespace="recycler",
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+    yield
+    ray.shutdown()

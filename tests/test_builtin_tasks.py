@@ -11,11 +11,9 @@ with lm-eval's own command line on the same documents.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,20 +33,6 @@ N_TEST = 20  # documents in each scored split: 10 dev, 10 test at fraction 0.5
 def offline(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in OFFLINE.items():
         monkeypatch.setenv(key, value)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(
-        namespace="recycler",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    yield
-    ray.shutdown()
 
 
 def _words(i: int, n: int) -> str:

@@ -10,7 +10,6 @@ import csv
 import io
 import itertools
 import json
-import logging
 import math
 import os
 import shutil
@@ -18,7 +17,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,20 +34,6 @@ OBJECTIVES = [
     {"name": "inc", "task": "zoo_inc", "metric": "acc"},
     {"name": "rev", "task": "zoo_rev", "metric": "acc"},
 ]
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(
-        namespace="recycler",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    yield
-    ray.shutdown()
 
 
 def study_file(

@@ -7,10 +7,8 @@ One Ray cluster serves every Ray test here (RayEvaluator reuses an initialised R
 from __future__ import annotations
 
 import itertools
-import logging
 import math
 import random
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -107,20 +105,6 @@ def test_plan_ties_break_by_pool_order() -> None:
 
 
 # --- merges on a real local Ray -----------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def ray_cluster() -> Iterator[None]:
-    import ray
-
-    ray.init(
-        namespace="recycler",
-        include_dashboard=False,
-        log_to_driver=False,
-        logging_level=logging.WARNING,
-    )
-    yield
-    ray.shutdown()
 
 
 def recipe_dict(zoo: Path, method: str, dtype: str) -> dict[str, Any]:
