@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives clean
+.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives exp-fidelity clean
 
 # setup.py and the C kernel too: an edited kernel is rebuilt before the tests run.
 $(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
@@ -59,6 +59,9 @@ exp-mwa: $(STAMP)
 
 exp-fisher: $(STAMP)
 	$(BIN)/python experiments/exp_fisher.py
+
+exp-fidelity: $(STAMP)
+	$(BIN)/python experiments/exp_fidelity.py
 
 clean:
 	rm -rf $(VENV) .venv-mergekit .mypy_cache .ruff_cache .pytest_cache

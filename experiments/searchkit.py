@@ -114,6 +114,14 @@ class RunSpec:
     method: str = "linear"
     tune: tuple[tuple[str, float, float], ...] = ()  # method parameters searched with the weights
     capacity: int = EVAL_WORKERS
+    # Multi-fidelity (search.fidelity: rungs, eta); the run then spends the search's budget
+    # in full-trial equivalents (search.budget) times `cost_share` instead of trials.
+    fidelity: tuple[tuple[float, ...], float] | None = None
+    cost_share: float = 1.0
+
+    def cost(self) -> float | None:
+        """The budget in full-trial equivalents of a multi-fidelity run, else None."""
+        return None if self.fidelity is None else SETTINGS.budget * self.cost_share
 
     def n_trials(self, n_checkpoints: int) -> int:
         if self.key == "baselines":
@@ -140,6 +148,9 @@ RUNS: dict[str, RunSpec] = {
         # Simplex weights times a searched λ: the merge may scale the task vectors beyond their
         # mean.
         RunSpec("tpe-ta", "tpe", method="task_arithmetic", tune=(("lambda", 0.5, 3.0),)),
+        # Experiment 6: tpe with multi-fidelity trials at the cost of the tpe run's.
+        RunSpec("tpe-mf", "tpe", fidelity=((0.11, 0.33, 1.0), 3)),
+        RunSpec("tpe-mf-2rungs", "tpe", fidelity=((0.25, 1.0), 4)),
     )
 }
 
@@ -159,7 +170,14 @@ def study_path(run: RunSpec, seed: int, zoo: Path) -> Path:
             "granularity": run.granularity,
             "sampler": run.sampler,
             "objective": run.objective,
-            "n_trials": run.n_trials(n_checkpoints),
+            **(
+                {"n_trials": run.n_trials(n_checkpoints)}
+                if run.fidelity is None
+                else {
+                    "budget": run.cost(),
+                    "fidelity": {"rungs": list(run.fidelity[0]), "eta": run.fidelity[1]},
+                }
+            ),
             "baselines": list(run.baselines),
             "seed": seed,
             **({"tune": [{name: [low, high]} for name, low, high in run.tune]} if run.tune else {}),
@@ -176,22 +194,27 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     """The run's stored study, after running (or resuming) it to its budget."""
     from recycler.cluster.connect import start_ray
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.search.run import SearchDriver, prepare
+    from recycler.search.run import Budget, SearchDriver, prepare
+    from recycler.search.study import cost_of
 
     spec = load_study_spec(study_path(run, seed, SETTINGS.zoo(seed, say)))
     prepared = prepare(spec)
-    n_trials = spec.search.n_trials
+    budget = Budget.of(spec)
     try:
         view = view_of(prepared.handle.study)
-        if sum(t.state in ("COMPLETE", "FAIL") for t in view.trials) < n_trials:
-            say(f"seed {seed}: search {run.key} ({n_trials} trials)")
+        finished = sum(t.state in ("COMPLETE", "FAIL", "PRUNED") for t in view.trials)
+        spent = finished if budget.cost is None else cost_of(view)[0]
+        wanted = budget.n_trials if budget.cost is None else budget.cost
+        if spent < (wanted or 0):
+            size = f"{wanted} trials" if budget.cost is None else f"{wanted:g} full-trial costs"
+            say(f"seed {seed}: search {run.key} ({size})")
             start_ray(None)  # one local cluster for every run of this process
             with SearchDriver(
                 prepared,
                 lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
                 capacity=run.capacity,
             ) as driver:
-                driver.run(n_trials)
+                driver.run(budget)
             view = view_of(prepared.handle.study)
             say(f"seed {seed}: search {run.key} done")
         return view

@@ -8,6 +8,7 @@ a study runs the same from any working directory.
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import sys
@@ -105,6 +106,32 @@ class TuneSpec(_Strict):
     high: float
 
 
+class FidelitySpec(_Strict):
+    """Multi-fidelity trials (`recycler.search.fidelity`): a trial scores a rung's share of
+    every task's dev documents, and goes on to the next rung only when it is among the
+    best 1/eta of the trials that finished the rung."""
+
+    rungs: list[float]
+    eta: float = Field(default=3, ge=2)
+
+    @field_validator("rungs")
+    @classmethod
+    def _rungs(cls, value: list[float]) -> list[float]:
+        if len(value) < 2:
+            raise ValueError(
+                "needs at least two rungs (one rung of 1.0 is a full-fidelity search: leave "
+                "search.fidelity out)"
+            )
+        for low, high in itertools.pairwise(value):
+            if not low < high:
+                raise ValueError(f"must be increasing, got {low} before {high}")
+        if value[0] <= 0:
+            raise ValueError(f"a rung is a fraction of the dev documents in (0, 1], got {value[0]}")
+        if value[-1] != 1.0:
+            raise ValueError(f"the last rung must be 1.0 (every dev document), got {value[-1]}")
+        return value
+
+
 class SearchSpec(_Strict):
     weights: Literal["simplex", "box"] = "simplex"
     bounds: tuple[float, float] = (0.0, 1.0)
@@ -116,6 +143,10 @@ class SearchSpec(_Strict):
     # Khalifa et al. 2024). Left out: macro_average for cmaes (single-objective), else pareto.
     objective: Literal["pareto", "macro_average"] | None = None
     n_trials: int = Field(default=50, ge=1)
+    # The search's budget in full-trial equivalents (documents scored / a full trial's),
+    # instead of n_trials: what a multi-fidelity search is measured in.
+    budget: float | None = Field(default=None, gt=0)
+    fidelity: FidelitySpec | None = None
     seed: int = 0
     baselines: list[BaselineName] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
 
@@ -394,6 +425,8 @@ class StudySpec(_Strict):
             raise _KeyError(
                 "search.objective", "cmaes optimises one value: use macro_average or leave it out"
             )
+        if self.search.budget is not None and "n_trials" in self.search.model_fields_set:
+            raise _KeyError("search.budget", "give search.n_trials or search.budget, not both")
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
             raise _KeyError("search.bounds", "only used with weights: box")
         if self.eval.split == "test":

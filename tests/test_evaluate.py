@@ -11,7 +11,8 @@ import torch
 
 from recycler.errors import RecyclerError
 from recycler.evaluate.model import ResidentModel
-from recycler.evaluate.runner import evaluate_tasks, parse_results
+from recycler.evaluate.results import parse_results
+from recycler.evaluate.runner import evaluate_tasks
 from recycler.evaluate.tasks import folder_request, load_suite, metric_info
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS

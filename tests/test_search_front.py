@@ -13,8 +13,10 @@ import yaml
 
 from recycler.config import load_study_spec
 from recycler.evaluate.evaluator import EvalResult
+from recycler.evaluate.tasks import SuiteRequest
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
+from recycler.search.fidelity import RungPlan
 from recycler.search.run import Prepared, SearchDriver, study_fingerprint
 from recycler.search.space import SearchSpace
 from recycler.search.stored import TrialKey, queued_attrs, view_of
@@ -120,7 +122,7 @@ class ToyEvaluator:
         self.pending: list[tuple[int, dict[str, Any], str]] = []
         self.calls = 0
 
-    def submit(self, ticket: int, recipe: dict[str, Any], split: str) -> None:
+    def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: object = None) -> None:
         self.pending.append((ticket, recipe, split))
 
     def wait(self) -> list[tuple[int, EvalResult]]:
@@ -146,6 +148,11 @@ class ToyEvaluator:
         pass
 
 
+# The toy tasks are scored whole, one "document" each (no lm-eval behind them).
+TOY_RUNGS = RungPlan.build({"toy_q": [0], "toy_c": [0]}, None, 0)
+TOY_SUITE = SuiteRequest(names=("toy_q", "toy_c"))
+
+
 def toy_study(
     tmp_path: Path, sampler: str = "tpe", n: int = 3, objective: str | None = None
 ) -> Prepared:
@@ -169,7 +176,7 @@ def toy_study(
         spec, [f"c{i}" for i in range(n)], [f"/pool/c{i}" for i in range(n)], None, ["w.weight"]
     )
     objectives = resolve_objectives(spec, lambda t, m: None)
-    handle = open_study(spec, study_fingerprint(spec, space), objectives)
+    handle = open_study(spec, study_fingerprint(spec, space, TOY_RUNGS), objectives)
     for label, w in [
         ("uniform", [1 / n] * n),
         *((f"single:c{i}", [float(i == j) for j in range(n)]) for i in range(n)),
@@ -177,7 +184,7 @@ def toy_study(
         params = space.encode(w)
         assert params is not None
         handle.study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label})
-    return Prepared(spec, None, space, objectives, handle, [])
+    return Prepared(spec, None, space, objectives, handle, [], TOY_RUNGS, TOY_SUITE)
 
 
 def test_toy_study_front_matches_brute_force_and_optuna(tmp_path: Path) -> None:
@@ -231,8 +238,12 @@ def test_resumed_study_continues_to_the_total(tmp_path: Path) -> None:
     first = [t.params for t in prepared.handle.study.get_trials()]
     # A second process: open the same study again and ask for 10 in total.
     spec = prepared.spec
-    handle = open_study(spec, study_fingerprint(spec, prepared.space), prepared.objectives)
-    again = Prepared(spec, None, prepared.space, prepared.objectives, handle, [])
+    handle = open_study(
+        spec, study_fingerprint(spec, prepared.space, TOY_RUNGS), prepared.objectives
+    )
+    again = Prepared(
+        spec, None, prepared.space, prepared.objectives, handle, [], TOY_RUNGS, TOY_SUITE
+    )
     with SearchDriver(again, ToyEvaluator, capacity=2) as driver:
         driver.run(10)
     trials = handle.study.get_trials()

@@ -19,7 +19,7 @@ typed recipe is what crosses to the workers.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import ray
@@ -187,7 +187,13 @@ class RayEvaluator:
     def capacity(self) -> int:
         return self.n_workers
 
-    def submit(self, ticket: int, recipe_dict: dict[str, Any], split: str) -> None:
+    def submit(
+        self,
+        ticket: int,
+        recipe_dict: dict[str, Any],
+        split: str,
+        docs: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         if not self._idle:
             raise RuntimeError(
                 "submit with every worker busy: the caller keeps one trial per worker"
@@ -205,9 +211,9 @@ class RayEvaluator:
             # Every shard worker merges its pieces; the evaluation worker fetches them (nested
             # refs, so it sees a failed shard as its own error and fetches one shard at a time).
             pieces = [s.merge.remote(recipe) for s in self._shards]
-            ref = actor.evaluate_pieces.remote(pieces, split)
+            ref = actor.evaluate_pieces.remote(pieces, split, docs)
         else:
-            ref = actor.evaluate.remote(recipe, split)
+            ref = actor.evaluate.remote(recipe, split, docs)
         self._pending[ref] = (ticket, actor)
 
     def wait(self) -> list[tuple[int, EvalResult]]:

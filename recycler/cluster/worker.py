@@ -14,7 +14,7 @@ can be tested and used without Ray (`ray.remote(TrialWorker)` makes the actor).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,15 @@ from recycler.cluster.pieces import assemble, check_complete
 from recycler.cluster.placement import actor_facts
 from recycler.evaluate.evaluator import EvalResult, describe_failure
 from recycler.evaluate.model import ResidentModel
-from recycler.evaluate.runner import evaluate_tasks
+from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import SuiteRequest
 from recycler.merge.recipe import DTYPES, Recipe
 from recycler.merge.resident import ResidentPieces, whole_pieces
 from recycler.pool import Pool
 from recycler.pool.safetensors_file import torch_dtype
+
+# Documents to score per task (`TaskSuite.doc_ids`); None: the whole split (`limit` applied).
+Documents = Mapping[str, Sequence[int]] | None
 
 
 @dataclass(frozen=True)
@@ -78,7 +81,7 @@ class TrialWorker:
             start_seconds=round(self.start_seconds, 3),
         )
 
-    def evaluate(self, recipe: Recipe, split: str) -> EvalResult:
+    def evaluate(self, recipe: Recipe, split: str, docs: Documents = None) -> EvalResult:
         """Merge, load into the resident model, score with lm-eval. Never raises: failures are
         results."""
 
@@ -87,9 +90,11 @@ class TrialWorker:
                 raise RuntimeError("this evaluation worker holds no pool: use evaluate_pieces")
             self.model.load_tensors({p.name: t for p, t in self.resident.merge(recipe)})
 
-        return self._merge_and_score(merge, split)
+        return self._merge_and_score(merge, split, docs)
 
-    def evaluate_pieces(self, piece_refs: list[Any], split: str) -> EvalResult:
+    def evaluate_pieces(
+        self, piece_refs: list[Any], split: str, docs: Documents = None
+    ) -> EvalResult:
         """Score a merge done by the shard workers: `piece_refs` are their `merge` results
         (Ray ObjectRefs, each a list of MergedPiece); the pieces are copied into the
         resident model in place. Never raises: failures are results."""
@@ -106,22 +111,35 @@ class TrialWorker:
                 del pieces
             check_complete(self.model, sorted(written))
 
-        return self._merge_and_score(merge, split)
+        return self._merge_and_score(merge, split, docs)
 
-    def _merge_and_score(self, merge: Callable[[], None], split: str) -> EvalResult:
+    def _merge_and_score(
+        self, merge: Callable[[], None], split: str, docs: Documents
+    ) -> EvalResult:
         """Time `merge` (which puts the merged tensors into the resident model), then score."""
         start = time.perf_counter()
         try:
             merge()
         except BaseException as exc:  # the study goes on whatever one trial did
             return _failure(exc)
-        return self._score(split, time.perf_counter() - start)
+        return self._score(split, time.perf_counter() - start, docs)
 
-    def _score(self, split: str, merge_seconds: float) -> EvalResult:
-        """lm-eval on the resident model as it is now."""
+    def _score(self, split: str, merge_seconds: float, docs: Documents) -> EvalResult:
+        """lm-eval on the resident model as it is now: metrics, or with `docs` each of those
+        documents' scores."""
         eval_seconds = 0.0
         try:
             start = time.perf_counter()
+            if docs is not None:
+                scores = score_documents(
+                    self.model, self.cfg.suite, split, docs, batch_size=self.cfg.batch_size
+                )
+                return EvalResult(
+                    ok=True,
+                    doc_scores=scores,
+                    merge_seconds=merge_seconds,
+                    eval_seconds=time.perf_counter() - start,
+                )
             metrics = evaluate_tasks(
                 self.model,
                 self.cfg.suite,

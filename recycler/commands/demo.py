@@ -23,6 +23,7 @@ from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
 from recycler.report import write_report
 from recycler.search.analysis import analyse
+from recycler.search.run import Budget
 from recycler.search.stored import view_of
 from recycler.zoo.build import build_zoo
 
@@ -54,15 +55,20 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
     console.print(f"      ready after {time.perf_counter() - build_started:.0f} s")
     study_path = zoo / "study.yaml"
     spec = load_study_spec(study_path)
-    target = n_trials if n_trials is not None else spec.search.n_trials
+    budget = Budget.of(spec, n_trials)
+    size_of = (
+        f"{budget.n_trials} trials"
+        if budget.cost is None
+        else f"{budget.cost:g} full-trial equivalents"
+    )
     console.print(
-        f"[2/5] search: study {spec.name!r}, {target} trials, sampler {spec.search.sampler}, "
+        f"[2/5] search: study {spec.name!r}, {size_of}, sampler {spec.search.sampler}, "
         f"objectives {', '.join(spec.objective_names)}"
     )
     prepared = prepare_quietly(spec)
     for note in prepared.notes:
         console.print(f"note: {note}")
-    search_and_rescore(prepared, target, console)
+    search_and_rescore(prepared, budget, console)
     view = view_of(prepared.handle.study)
     console.print(
         "[3/5] the Pareto set (chosen on dev) against the single checkpoints and baselines, "

@@ -69,10 +69,20 @@ def summary_line(view: StudyView, spec: StudySpec) -> str:
     queued = sum(1 for r in view.trials if r.state == "WAITING")
     waiting = f", {queued} queued for a later run" if queued else ""
     return (
-        f"study {spec.name}: {s.n_trials} trials ({s.n_complete} complete, {s.n_failed} "
-        f"failed{waiting}); "
+        f"study {spec.name}: {trial_counts(s)}{waiting}; {cost_line(s)}; "
         f"Pareto set of {len(s.members)}{knee}; hypervolume (dev) {hv}"
     )
+
+
+def trial_counts(s: FrontSummary) -> str:
+    """`12 trials (5 complete, 7 pruned, 0 failed)` (pruned only in a multi-fidelity study)."""
+    pruned = f", {s.n_pruned} pruned" if s.n_pruned else ""
+    return f"{s.n_trials} trials ({s.n_complete} complete{pruned}, {s.n_failed} failed)"
+
+
+def cost_line(s: FrontSummary) -> str:
+    """What the search spent: full-trial equivalents of documents, and evaluation time."""
+    return f"cost {s.cost:.2f} full-trial equivalents, {s.eval_seconds:.0f} s of evaluation"
 
 
 def front_as_dict(
@@ -108,7 +118,13 @@ def front_as_dict(
             {"name": n, "direction": "maximize" if up else "minimize"}
             for n, up in zip(s.objectives, s.maximize)
         ],
-        "trials": {"total": s.n_trials, "complete": s.n_complete, "failed": s.n_failed},
+        "trials": {
+            "total": s.n_trials,
+            "complete": s.n_complete,
+            "pruned": s.n_pruned,
+            "failed": s.n_failed,
+        },
+        "cost": {"full_trial_equivalents": s.cost, "eval_seconds": s.eval_seconds},
         "hypervolume": s.hypervolume,
         "reference": s.reference,
         "knee": s.knee,
@@ -173,9 +189,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
         else " (reference: " + ", ".join(f"{v:.4g}" for v in s.reference) + ")"
     )
     console.print(f"hypervolume on {s.split}: {hv}{ref}")
-    console.print(
-        f"trials: {s.n_trials} ({s.n_complete} complete, {s.n_failed} failed); knee: trial {s.knee}"
-    )
+    console.print(f"trials: {trial_counts(s)}; knee: trial {s.knee}; {cost_line(s)}")
     if s.split != "dev" and any(m.values is None for m in s.members):
         console.print(
             "n/a: not scored on this split yet (`recycler search` re-scores the front when it "

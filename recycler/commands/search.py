@@ -17,14 +17,21 @@ from pathlib import Path
 
 import optuna
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from recycler.cluster.evaluator import RayEvaluator
 from recycler.commands._args import positive_int
 from recycler.commands.front import summary_line
 from recycler.config import StudySpec, load_study_spec
 from recycler.search.baselines import GREEDY
-from recycler.search.run import FinishedTrial, Prepared, SearchDriver, prepare
+from recycler.search.run import (
+    Budget,
+    FinishedTrial,
+    Prepared,
+    SearchDriver,
+    SearchProgress,
+    prepare,
+)
 from recycler.search.stored import view_of
 
 
@@ -40,12 +47,11 @@ def run(args: argparse.Namespace) -> None:
 def run_search(study_path: Path, n_trials: int | None = None) -> None:
     """Search the study to `n_trials` trials (the study file's number by default)."""
     spec = load_study_spec(study_path)
-    target = spec.search.n_trials if n_trials is None else n_trials
     console = Console(stderr=True)
     prepared = prepare_quietly(spec)
     for note in prepared.notes:
         console.print(f"[yellow]note:[/] {note}")
-    search_and_rescore(prepared, target, console)
+    search_and_rescore(prepared, Budget.of(spec, n_trials), console)
     print(summary_line(view_of(prepared.handle.study), prepared.spec))
 
 
@@ -71,7 +77,8 @@ def prepare_quietly(spec: StudySpec) -> Prepared:
 
 
 def trial_line(t: FinishedTrial) -> str:
-    """`trial 7 [search] complete: quality=0.8125 cost=1.25 · merge 0.02 s · eval 1.31 s`."""
+    """`trial 7 [search] complete: quality=0.8125 cost=1.25 · merge 0.02 s · eval 1.31 s`;
+    `trial 8 [search] pruned at rung 0.11: …` for a multi-fidelity trial stopped early."""
     label = "greedy step" if t.baseline == GREEDY else t.baseline or "search"
     head = f"trial {t.number} [{label}]"
     if t.values is None:
@@ -80,7 +87,8 @@ def trial_line(t: FinishedTrial) -> str:
     else:
         scores = " ".join(f"{name}={value:.6g}" for name, value in t.values.items())
         cached = f" (scores of trial {t.cache_hit}, same recipe)" if t.cache_hit is not None else ""
-        text = f"{head} complete{cached}: {scores}"
+        outcome = "complete" if t.pruned_at is None else f"pruned at rung {t.pruned_at:g}"
+        text = f"{head} {outcome}{cached}: {scores}"
     if t.merge_seconds is not None:
         text += f" · merge {t.merge_seconds:.2f} s"
     if t.eval_seconds is not None:
@@ -100,27 +108,35 @@ def trial_printer(console: Console) -> Callable[[FinishedTrial], None] | None:
     return print_trial
 
 
-def search_and_rescore(prepared: Prepared, target: int, console: Console) -> None:
-    """Run the search to `target` trials with a progress bar, then re-score the front on test."""
+def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> None:
+    """Run the search to its budget with a progress bar, then re-score the front on test.
+
+    The bar counts trials, or with `search.budget` the cost in full-trial equivalents;
+    both are shown either way."""
     spec = prepared.spec
+    by_cost = budget.cost is not None
     with Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("trials · HV {task.fields[hv]} · {task.fields[spt]} s/trial"),
+        TextColumn("{task.fields[count]} · HV {task.fields[hv]} · {task.fields[spe]} s/eval"),
         TimeElapsedColumn(),
         console=console,
         transient=False,
     ) as progress:
-        task_id = progress.add_task(f"study {spec.name}", total=target, hv="-", spt="-")
+        total = budget.cost if by_cost else budget.n_trials
+        task_id = progress.add_task(f"study {spec.name}", total=total, count="", hv="-", spe="-")
 
-        def on_progress(done: int, total: int, hv: float | None, per_trial: float | None) -> None:
+        def on_progress(p: SearchProgress) -> None:
+            if by_cost:
+                count = f"{p.cost:.2f}/{p.budget.cost:g} full-trial cost · {p.done} trials"
+            else:
+                count = f"{p.done}/{p.budget.n_trials} trials · cost {p.cost:.2f} full trials"
             progress.update(
                 task_id,
-                completed=min(done, total),
-                total=total,
-                hv="-" if hv is None else f"{hv:.4g}",
-                spt="-" if per_trial is None else f"{per_trial:.1f}",
+                completed=min(p.cost if by_cost else p.done, total or 0),
+                count=count,
+                hv="-" if p.hypervolume is None else f"{p.hypervolume:.4g}",
+                spe="-" if p.seconds_per_eval is None else f"{p.seconds_per_eval:.1f}",
             )
 
         with SearchDriver(
@@ -130,7 +146,7 @@ def search_and_rescore(prepared: Prepared, target: int, console: Console) -> Non
             on_progress=on_progress,
             on_trial=trial_printer(console),
         ) as driver:
-            driver.run(target)
+            driver.run(budget)
             if driver.stale:
                 console.print(
                     "note: failed and re-ran trial(s) left running by a killed process: "

@@ -21,7 +21,7 @@ MIN_DOCS = 10  # fewer documents in a part would make its score a coin toss
 TEST = "test"
 
 
-def _rank(seed: int, index: int) -> bytes:
+def _rank(seed: int, index: int | str) -> bytes:
     return hashlib.sha256(f"{seed}:{index}".encode()).digest()
 
 
@@ -31,6 +31,17 @@ def part_ids(n_docs: int, fraction: float, seed: int, part: str) -> list[int]:
     n_dev = round(n_docs * fraction)
     chosen = order[:n_dev] if part != TEST else order[n_dev:]
     return sorted(chosen)
+
+
+def rung_ids(dev_ids: Sequence[int], fractions: Sequence[float], seed: int) -> list[list[int]]:
+    """Each rung's documents among `dev_ids` (sorted), for increasing `fractions` ending at 1.
+
+    One seeded order of the dev documents, and rung k is its first `round(n * fraction_k)`:
+    so every rung holds the rungs below it (nested), and every trial, worker and resume
+    picks the same documents. Seeded apart from the dev/test split (its own salt).
+    """
+    order = sorted(dev_ids, key=lambda i: _rank(seed, f"rung:{i}"))
+    return [sorted(order[: round(len(order) * f)]) for f in fractions]
 
 
 def ids_digest(ids: Sequence[int]) -> str:

@@ -13,18 +13,22 @@ from __future__ import annotations
 
 import os
 import traceback
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from recycler.errors import RecyclerError
+from recycler.evaluate.results import DocScores
 
 
 @dataclass
 class EvalResult:
-    """One evaluation: lm-eval's metrics (task → metric → value) or why it failed."""
+    """One evaluation: lm-eval's metrics (task → metric → value), or each document's scores
+    when it scored chosen documents, or why it failed."""
 
     ok: bool
     metrics: dict[str, dict[str, float]] = field(default_factory=dict)
+    doc_scores: DocScores | None = None
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
     error: str | None = None
@@ -34,9 +38,16 @@ class Evaluator(Protocol):
     @property
     def capacity(self) -> int: ...
 
-    def submit(self, ticket: int, recipe: dict[str, Any], split: str) -> None:
+    def submit(
+        self,
+        ticket: int,
+        recipe: dict[str, Any],
+        split: str,
+        docs: Mapping[str, Sequence[int]] | None = None,
+    ) -> None:
         """Start evaluating `recipe` (as a trial stores it: a recipe dict, parsed once by
-        the implementation); `ticket` comes back with the result."""
+        the implementation); `ticket` comes back with the result. `docs`: score only these
+        documents of each task (`TaskSuite.doc_ids`), and return each one's scores."""
 
     def wait(self) -> list[tuple[int, EvalResult]]:
         """Block until at least one submitted evaluation finishes; return all finished ones."""

@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import io
-import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lm_eval.evaluator import evaluate
 
 from recycler.errors import RecyclerError
 from recycler.evaluate.model import ResidentModel
+from recycler.evaluate.results import DocScores, doc_scores_of, parse_results
 from recycler.evaluate.tasks import SuiteRequest, load_suite
 
 
@@ -42,10 +43,46 @@ def evaluate_tasks(
     Every task inside a named group is reported as well as the group.
     `progress` shows lm-eval's progress bars (off: a search runs this per trial).
     """
+    out = _run(rm, request, split, limit=limit, batch_size=batch_size, progress=progress)
+    return parse_results(out["results"])
+
+
+def score_documents(
+    rm: ResidentModel,
+    request: SuiteRequest,
+    split: str,
+    docs: Mapping[str, Sequence[int]],
+    *,
+    batch_size: int | str = 32,
+) -> DocScores:
+    """Each document's scores, for the given documents of every leaf task on `split` (ids
+    from `TaskSuite.doc_ids`; `doc_scores.aggregate` turns them into metrics)."""
+    empty = sorted(task for task, ids in docs.items() if not ids)
+    if empty:  # lm-eval reads an empty list as "every document"
+        raise RecyclerError(f"no documents to score for task {empty[0]}")
+    samples = {task: sorted(ids) for task, ids in docs.items()}
+    out = _run(rm, request, split, samples=samples, batch_size=batch_size, log_samples=True)
+    return doc_scores_of(out["samples"])
+
+
+def _run(
+    rm: ResidentModel,
+    request: SuiteRequest,
+    split: str,
+    *,
+    limit: int | None = None,
+    samples: dict[str, list[int]] | None = None,
+    batch_size: int | str = 32,
+    progress: bool = False,
+    log_samples: bool = False,
+) -> Any:
+    """lm-eval's `evaluate` on `split` (`samples`: these documents of it, else `limit`)."""
     if limit is not None and limit <= 0:
         raise RecyclerError(f"eval.limit: must be positive, got {limit}")
     suite = load_suite(request)
-    samples = suite.use_split(split, limit)
+    chosen = suite.use_split(split, limit)
+    if samples is None:
+        samples = chosen
     # tqdm draws its bars on the sys.stderr of the moment; lm-eval's log
     # messages go through logging handlers and are not affected.
     quiet: contextlib.AbstractContextManager[Any] = (
@@ -58,26 +95,10 @@ def evaluate_tasks(
             limit=limit if samples is None else None,
             samples=samples,
             bootstrap_iters=0,
-            log_samples=False,
+            log_samples=log_samples,
             apply_chat_template=request.apply_chat_template,
             fewshot_as_multiturn=request.fewshot_as_multiturn,
         )
     if out is None:  # only non-zero ranks get None; recycler runs one rank
         raise RuntimeError("lm-eval returned no results")
-    return parse_results(out["results"])
-
-
-def parse_results(results: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
-    """lm-eval's `results` block -> task -> metric -> float (stderrs, aliases and N/A dropped)."""
-    parsed: dict[str, dict[str, float]] = {}
-    for task, metrics in results.items():
-        values: dict[str, float] = {}
-        for key, value in metrics.items():
-            metric, _, filt = key.partition(",")
-            if not filt or metric.endswith("_stderr") or isinstance(value, (str, bool)):
-                continue
-            if not isinstance(value, (int, float)) or math.isnan(value):
-                continue
-            values[metric if filt == "none" else key] = float(value)
-        parsed[task] = values
-    return parsed
+    return out

@@ -141,6 +141,16 @@ class TaskSuite:
             return None
         return {n: ids[:limit] if limit is not None else ids for n, ids in samples.items()}
 
+    def doc_ids(self, part: str, limit: int | None = None) -> dict[str, list[int]]:
+        """Every leaf task's documents scored on `part` (indices into its split, sorted):
+        the `samples=` that scores exactly what `use_split(part, limit)` does."""
+        samples = self.use_split(part, limit)
+        if samples is not None:
+            return samples
+        return {
+            name: list(range(len(task.eval_docs)))[:limit] for name, task in self.leaves.items()
+        }
+
     def split_records(self) -> dict[str, dict[str, Any]]:
         """Per leaf task, which documents dev and test are (what a study stores and a resume
         checks)."""

@@ -16,6 +16,7 @@ from typing import Any
 from recycler.search import front as pareto
 from recycler.search.baselines import baseline_name, is_final_baseline
 from recycler.search.stored import StudyView, TrialRecord
+from recycler.search.study import cost_of
 
 
 @dataclass
@@ -40,6 +41,9 @@ class FrontSummary:
     n_complete: int
     n_failed: int
     n_trials: int
+    n_pruned: int  # multi-fidelity trials stopped before the last rung
+    cost: float  # full-trial equivalents of documents scored
+    eval_seconds: float  # summed over every trial's evaluations
 
     def best(self, objective: str) -> int | None:
         """The trial number best on one objective (dev scores), ties to the earliest."""
@@ -111,6 +115,9 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
         n_complete=len(complete),
         n_failed=sum(1 for r in view.trials if r.state == "FAIL"),
         n_trials=len(view.trials),
+        n_pruned=len(view.pruned),
+        cost=cost_of(view)[0],
+        eval_seconds=sum(r.eval_seconds or 0.0 for r in view.trials),
     )
 
 

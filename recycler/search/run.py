@@ -24,14 +24,23 @@ from optuna.trial import TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.evaluate import doc_scores
 from recycler.evaluate.evaluator import EvalResult, Evaluator, describe_failure, lookup_metric
-from recycler.evaluate.tasks import UnknownTaskError, load_suite, metric_info, suite_request
+from recycler.evaluate.results import DocScores
+from recycler.evaluate.tasks import (
+    SuiteRequest,
+    UnknownTaskError,
+    load_suite,
+    metric_info,
+    suite_request,
+)
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
 from recycler.search.cache import CachedResult, ResultCache
+from recycler.search.fidelity import RungPlan, promotes
 from recycler.search.space import SearchSpace
 from recycler.search.stored import (
     Objective,
@@ -40,16 +49,20 @@ from recycler.search.stored import (
     baselines_enqueued,
     greedy_soup_settled,
     mark_baselines_enqueued,
+    promoted_to,
     queued_attrs,
     rerun_attrs,
     settle_greedy_soup,
+    stored_doc_scores,
     view_of,
+    write_dev_docs,
     write_test_result,
 )
 from recycler.search.study import (
     HEARTBEAT_INTERVAL,
     StudyHandle,
     budget_held,
+    cost_of,
     duplicate_of,
     enqueue,
     fail_stale_trials,
@@ -77,18 +90,23 @@ class Prepared:
     objectives: list[Objective]
     handle: StudyHandle
     notes: list[str]
+    rungs: RungPlan  # which documents a trial scores, rung by rung (one rung: all of dev)
+    suite: SuiteRequest  # the tasks scored (what per-document scores are combined by)
 
 
-def study_fingerprint(spec: StudySpec, space: SearchSpace) -> dict[str, Any]:
+def study_fingerprint(spec: StudySpec, space: SearchSpace, rungs: RungPlan) -> dict[str, Any]:
     """The parts of the study file a resumed study must share with the stored one."""
-    return {**space.fingerprint(), "split": spec.eval.split, "limit": spec.eval.limit}
+    fingerprint = {**space.fingerprint(), "split": spec.eval.split, "limit": spec.eval.limit}
+    fidelity = rungs.record()
+    # Only a multi-fidelity study stores the key: a study made before it existed resumes.
+    return fingerprint if fidelity is None else {**fingerprint, "fidelity": fidelity}
 
 
 def objective_directions(
     spec: StudySpec,
-) -> tuple[Callable[[str, str], bool | None], dict[str, dict[str, Any]]]:
+) -> tuple[Callable[[str, str], bool | None], dict[str, dict[str, Any]], RungPlan]:
     """lm-eval's higher_is_better for (task, metric), after checking every objective exists,
-    and each task's dev/test documents (`TaskSuite.split_records`).
+    each task's dev/test documents (`TaskSuite.split_records`), and the rungs' documents.
 
     Builds the task suite once (lm-eval indexes the folders and loads the data), so a
     misspelt task, metric or filter, a missing local dataset or a split too small fails
@@ -97,7 +115,9 @@ def objective_directions(
     request = suite_request(spec)
     try:
         info = metric_info(request)
-        records = load_suite(request).split_records()
+        suite = load_suite(request)
+        records = suite.split_records()
+        dev_ids = suite.doc_ids(spec.eval.split, spec.eval.limit)
     except UnknownTaskError as exc:
         i = next(i for i, o in enumerate(spec.objectives) if o.task == exc.name)
         raise RecyclerError(f"objectives.{i}.task: {exc}") from None
@@ -123,7 +143,8 @@ def objective_directions(
         known = info[task].directions
         return known.get(metric, known.get(metric.split(",", 1)[0]))
 
-    return lookup, records
+    rungs = RungPlan.build(dev_ids, spec.search.fidelity, spec.eval.split_seed)
+    return lookup, records, rungs
 
 
 def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
@@ -131,10 +152,10 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     the baselines."""
     pool = Pool.open(spec.pool.checkpoints, spec.base_path, root=spec.root)
     space = SearchSpace.from_pool(spec, pool)
-    directions, doc_split = objective_directions(spec)
+    directions, doc_split, rungs = objective_directions(spec)
     objectives = resolve_objectives(spec, directions)
     handle = open_study(
-        spec, study_fingerprint(spec, space), objectives, create=create, doc_split=doc_split
+        spec, study_fingerprint(spec, space, rungs), objectives, create=create, doc_split=doc_split
     )
     notes: list[str] = []
     study = handle.study
@@ -152,7 +173,9 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
         mark_baselines_enqueued(study)
-    return Prepared(spec, pool, space, objectives, handle, notes)
+    if create and view_of(study).dev_docs != rungs.full_docs:
+        write_dev_docs(study, rungs.full_docs)
+    return Prepared(spec, pool, space, objectives, handle, notes, rungs, suite_request(spec))
 
 
 @dataclass(frozen=True)
@@ -167,6 +190,38 @@ class FinishedTrial:
     merge_seconds: float | None = None  # None when nothing was merged (a cache hit, a refusal)
     eval_seconds: float | None = None
     cache_hit: int | None = None  # the trial whose identical recipe's scores it reused
+    # Multi-fidelity: the rung (its fraction of the dev documents) it was pruned at, its
+    # `values` being its scores there; None for a trial told complete or failed.
+    pruned_at: float | None = None
+
+
+@dataclass(frozen=True)
+class Budget:
+    """Where a search stops: at `n_trials` counted trials, or once `cost` full-trial
+    equivalents of documents are spent (`search.budget`)."""
+
+    n_trials: int | None = None
+    cost: float | None = None
+
+    @classmethod
+    def of(cls, spec: StudySpec, n_trials: int | None = None) -> Budget:
+        """The study file's budget; `n_trials` (the command line's) replaces it."""
+        if n_trials is not None:
+            return cls(n_trials=n_trials)
+        if spec.search.budget is not None:
+            return cls(cost=spec.search.budget)
+        return cls(n_trials=spec.search.n_trials)
+
+
+@dataclass(frozen=True)
+class SearchProgress:
+    """What `on_progress` is told after every change."""
+
+    done: int  # counted trials
+    budget: Budget
+    cost: float  # full-trial equivalents spent
+    hypervolume: float | None
+    seconds_per_eval: float | None
 
 
 @dataclass
@@ -176,6 +231,20 @@ class _Flight:
     recipe: dict[str, Any]
     trial: optuna.Trial | None
     started: float
+    n_docs: int = 0  # the documents it scores
+    rung: int | None = None  # multi-fidelity: the rung whose new documents it scores
+
+
+@dataclass
+class _Climb:
+    """A multi-fidelity trial this driver holds between rungs: what it has scored so far."""
+
+    trial: optuna.Trial
+    recipe: dict[str, Any]
+    scores: DocScores
+    docs_scored: int = 0  # by this trial's own evaluations (carried rungs are not paid again)
+    merge_seconds: float = 0.0
+    eval_seconds: float = 0.0
 
 
 class SearchDriver:
@@ -187,11 +256,11 @@ class SearchDriver:
         make_evaluator: Callable[[], Evaluator],
         *,
         capacity: int,
-        on_progress: Callable[[int, int, float | None, float | None], None] | None = None,
+        on_progress: Callable[[SearchProgress], None] | None = None,
         on_trial: Callable[[FinishedTrial], None] | None = None,
     ) -> None:
-        """`on_progress(done, target, hypervolume, seconds per trial)` after every change of
-        the count; `on_trial` with every search trial told (complete or failed)."""
+        """`on_progress` after every change of the count; `on_trial` with every search
+        trial told (complete, pruned or failed)."""
         self.prepared = prepared
         self.study = prepared.handle.study
         self.make_evaluator = make_evaluator
@@ -207,6 +276,11 @@ class SearchDriver:
         self._lock = threading.Lock()
         self._trial_seconds: list[float] = []
         self.stale: list[int] = []
+        self.rungs = prepared.rungs
+        # Multi-fidelity trials between rungs, and those promoted and waiting for a worker
+        # (taken before any new trial: an idle worker serves a promotion first).
+        self._climbs: dict[int, _Climb] = {}
+        self._promotions: list[tuple[int, int]] = []  # (trial number, rung)
 
     # ---- lifecycle ------------------------------------------------------------------
     @property
@@ -227,33 +301,36 @@ class SearchDriver:
         self.close()
 
     # ---- the search -----------------------------------------------------------------
-    def run(self, target: int) -> None:
-        """Run trials until the study holds `target` counted ones, whoever runs them.
+    def run(self, budget: Budget | int) -> None:
+        """Run trials until the study has spent `budget` (an int: that many counted trials),
+        whoever runs them.
 
         Other processes may drive the same study: the budget is the study's
-        (study.budget_held), and once it is all taken this driver waits for the trials
-        others still run, so that one of them failing as stale is run again here.
+        (study.budget_held, study.cost_of), and once it is all taken this driver waits for
+        the trials others still run, so that one of them failing as stale is run again here.
         """
+        if isinstance(budget, int):
+            budget = Budget(n_trials=budget)
         self.stale = fail_stale_trials(self.prepared.handle)
         self._seed_cache()
-        self._report(target)
+        self._report(budget)
         with self._heartbeat():
             try:
                 while True:
                     while self._n_flying("dev") < self.capacity:
-                        started = self._start_next(target)
+                        started = self._start_next(budget)
                         if started is None:
                             break
                         if not started:  # finished at once: a cache hit, refused weights
-                            self._report(target)
+                            self._report(budget)
                     if not self._flights:
-                        if n_counted(self.study) >= target:
+                        if self._spent(budget):
                             break
                         self._await_others()
                         continue
                     for ticket, result in self.evaluator.wait():
                         self._finish(ticket, result)
-                        self._report(target)
+                        self._report(budget)
             except BaseException:
                 self._abandon_flights("interrupted")
                 raise
@@ -306,14 +383,35 @@ class SearchDriver:
         return count
 
     # ---- one trial ------------------------------------------------------------------
-    def _start_next(self, target: int) -> bool | None:
-        """Take a trial and start it: True when in flight, False when it finished at once
-        (cache hit, refused weights), None when the study's budget is all taken."""
+    def _spent(self, budget: Budget) -> bool:
+        """The study has spent its budget (finished trials only)."""
+        if budget.cost is not None:
+            return cost_of(view_of(self.study))[0] >= budget.cost
+        assert budget.n_trials is not None
+        return n_counted(self.study) >= budget.n_trials
+
+    def _held(self, budget: Budget, *, taken: bool) -> bool:
+        """The budget is all held (finished or running trials); `taken`: counted after
+        taking a trial, which holds its share already."""
+        if budget.cost is not None:
+            return cost_of(view_of(self.study))[1] >= budget.cost
+        assert budget.n_trials is not None
+        held = budget_held(self.study)
+        return held > budget.n_trials if taken else held >= budget.n_trials
+
+    def _start_next(self, budget: Budget) -> bool | None:
+        """Start a waiting promotion, else take a new trial and start it: True when in
+        flight, False when it finished at once (cache hit, refused weights, a re-run that
+        had finished its rung), None when the study's budget is all taken."""
+        if self._promotions:
+            number, rung = self._promotions.pop(0)
+            self._submit_rung(number, rung)
+            return True
         self._maybe_enqueue_greedy()
-        if budget_held(self.study) >= target:  # spent already: do not even take a trial
+        if self._held(budget, taken=False):  # spent already: do not even take a trial
             return None
         trial = self.study.ask()
-        if budget_held(self.study) > target:  # counted after taking it: see study.py, budget
+        if self._held(budget, taken=True):  # counted after taking it: see study.py, budget
             put_back(self.prepared.handle, trial.number)
             return None
         duplicate = duplicate_of(self.study, trial.number)
@@ -328,8 +426,11 @@ class SearchDriver:
             return False
         if recipe is None:
             return False
+        if self.rungs.multi:
+            return self._climb(trial, recipe)
         # Outside the try: a worker that cannot start is the run's error, not this trial's.
-        self._submit("dev", trial.number, recipe, trial, self.split)
+        TrialWriter.of(trial).cost(0, self.rungs.full_docs)
+        self._submit("dev", trial.number, recipe, trial, self.split, n_docs=self.rungs.full_docs)
         return True
 
     def _prepare_trial(self, trial: optuna.Trial) -> dict[str, Any] | None:
@@ -357,17 +458,26 @@ class SearchDriver:
         return recipe
 
     def _submit(
-        self, kind: str, number: int, recipe: dict[str, Any], trial: optuna.Trial | None, split: str
+        self,
+        kind: str,
+        number: int,
+        recipe: dict[str, Any],
+        trial: optuna.Trial | None,
+        split: str,
+        *,
+        n_docs: int = 0,
+        rung: int | None = None,
+        docs: dict[str, list[int]] | None = None,
     ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
-        flight = _Flight(kind, number, recipe, trial, time.perf_counter())
+        flight = _Flight(kind, number, recipe, trial, time.perf_counter(), n_docs, rung)
         with self._lock:
             # In flight before the evaluator starts: if it cannot, the trial is abandoned cleanly.
             self._flights[ticket] = flight
         evaluator = self.evaluator
         flight.started = time.perf_counter()  # the evaluator's start-up is not a trial's time
-        evaluator.submit(ticket, recipe, split)
+        evaluator.submit(ticket, recipe, split, docs)
 
     def _finish(self, ticket: int, result: EvalResult) -> str:
         with self._lock:
@@ -377,11 +487,140 @@ class SearchDriver:
             return "test"
         assert flight.trial is not None
         self._trial_seconds.append(time.perf_counter() - flight.started)
+        climb = self._climbs.get(flight.number)
         if not result.ok:
+            self._climbs.pop(flight.number, None)
+            spent = (climb.docs_scored if climb is not None else 0) + flight.n_docs
+            TrialWriter.of(flight.trial).cost(spent)
             self._fail(flight.trial, result.error or "evaluation failed", result)
+        elif climb is not None:
+            self._rung_finished(climb, result)
         else:
-            self._complete(flight.trial, flight.recipe, result)
+            self._complete(flight.trial, flight.recipe, result, docs_scored=flight.n_docs)
         return "dev"
+
+    # ---- multi-fidelity: a trial a rung at a time -------------------------------------
+    def _climb(self, trial: optuna.Trial, recipe: dict[str, Any]) -> bool:
+        """Start a multi-fidelity trial: a baseline at full fidelity, a re-run from the rungs
+        it carries, any other at the first rung. True when an evaluation is in flight."""
+        attrs = trial.user_attrs  # a re-run's carried rungs are on the trial already
+        climb = _Climb(trial, recipe, stored_doc_scores(attrs) or {})
+        self._climbs[trial.number] = climb
+        if baseline_of(attrs) is not None:
+            self._submit_rung(trial.number, self.rungs.last)
+            return True
+        reached = self.rungs.reached(climb.scores)
+        if reached is None:
+            self._submit_rung(trial.number, 0)
+            return True
+        promoted = promoted_to(attrs)
+        if promoted is not None and promoted > reached:
+            self._submit_rung(trial.number, promoted)
+            return True
+        self._decide(climb)  # killed after scoring a rung, before deciding
+        return False
+
+    def _submit_rung(self, number: int, rung: int) -> None:
+        """Score the documents of `rung` that trial `number` has not scored yet."""
+        climb = self._climbs[number]
+        docs = self.rungs.missing(climb.scores, rung)
+        n_docs = sum(len(ids) for ids in docs.values())
+        TrialWriter.of(climb.trial).cost(climb.docs_scored, n_docs)
+        self._submit(
+            "dev",
+            number,
+            climb.recipe,
+            climb.trial,
+            self.split,
+            n_docs=n_docs,
+            rung=rung,
+            docs=docs,
+        )
+
+    def _rung_finished(self, climb: _Climb, result: EvalResult) -> None:
+        assert result.doc_scores is not None
+        climb.scores = doc_scores.merged(climb.scores, result.doc_scores)
+        climb.docs_scored += doc_scores.n_docs(result.doc_scores)
+        climb.merge_seconds += result.merge_seconds
+        climb.eval_seconds += result.eval_seconds
+        self._decide(climb)
+
+    def _decide(self, climb: _Climb) -> None:
+        """Store what the trial has scored; then complete it (its last rung done), promote
+        it (queued for the next idle worker) or prune it (ASHA, `search.fidelity`)."""
+        trial, suite = climb.trial, load_suite(self.prepared.suite)
+        writer = TrialWriter.of(trial)
+        writer.timings(climb.merge_seconds, climb.eval_seconds)
+        writer.cost(climb.docs_scored)
+        by_rung: dict[int, dict[str, float]] = {}
+        reached = self.rungs.reached(climb.scores)
+        assert reached is not None
+        for rung in range(reached + 1):
+            part = doc_scores.restricted(climb.scores, self.rungs.docs[rung])
+            assert part is not None
+            values = self._objective_values(doc_scores.aggregate(suite, part))
+            if isinstance(values, str):
+                self._climbs.pop(trial.number)
+                self._fail(trial, values)
+                return
+            by_rung[rung] = values
+        writer.rungs(climb.scores, by_rung)
+        if reached == self.rungs.last:
+            self._climbs.pop(trial.number)
+            metrics = doc_scores.aggregate(suite, climb.scores)
+            result = EvalResult(
+                ok=True,
+                metrics=metrics,
+                merge_seconds=climb.merge_seconds,
+                eval_seconds=climb.eval_seconds,
+            )
+            self._complete(trial, climb.recipe, result, docs_scored=climb.docs_scored)
+            return
+        promoted = promoted_to(trial.user_attrs)
+        if promoted is not None and promoted > reached:  # decided before a restart
+            self._promotions.append((trial.number, promoted))
+            return
+        if promotes(trial.number, self._rung_vectors(reached), self._maximize, self.rungs.eta):
+            writer.promoted(reached + 1)
+            self._promotions.append((trial.number, reached + 1))
+            return
+        self._climbs.pop(trial.number)
+        self.study.tell(trial, state=TrialState.PRUNED)
+        if self.on_trial is not None:
+            self.on_trial(
+                FinishedTrial(
+                    trial.number,
+                    baseline_of(trial.user_attrs),
+                    by_rung[reached],
+                    merge_seconds=climb.merge_seconds,
+                    eval_seconds=climb.eval_seconds,
+                    pruned_at=self.rungs.fractions[reached],
+                )
+            )
+
+    @property
+    def _maximize(self) -> list[bool]:
+        if single_objective(self.prepared.spec):
+            return [True]
+        return [o.maximize for o in self.prepared.objectives]
+
+    def _rung_vectors(self, rung: int) -> dict[int, list[float]]:
+        """Every trial that has finished `rung`, with its objectives there (as Optuna is
+        told them: the macro-average for a single-objective study). A stale trial is left
+        out: its re-run carries the same scores."""
+        out: dict[int, list[float]] = {}
+        for record in view_of(self.study).trials:
+            values = record.rungs.get(rung)
+            if values is None or record.stale or record.duplicate_of is not None:
+                continue
+            if any(o.name not in values for o in self.prepared.objectives):
+                continue
+            out[record.number] = (
+                [macro_average(values, self.prepared.objectives)]
+                if single_objective(self.prepared.spec)
+                else [values[o.name] for o in self.prepared.objectives]
+            )
+        return out
 
     def _objective_values(self, metrics: dict[str, dict[str, float]]) -> dict[str, float] | str:
         values: dict[str, float] = {}
@@ -410,13 +649,16 @@ class SearchDriver:
         result: EvalResult,
         *,
         cache_hit: int | None = None,
+        docs_scored: int = 0,
     ) -> None:
-        """Tell the trial its scores; `cache_hit`: the trial whose scores these are."""
+        """Tell the trial its scores; `cache_hit`: the trial whose scores these are;
+        `docs_scored`: the documents its own evaluations scored."""
         values = self._objective_values(result.metrics)
+        writer = TrialWriter.of(trial)
+        writer.cost(docs_scored)
         if isinstance(values, str):
             self._fail(trial, values, result)
             return
-        writer = TrialWriter.of(trial)
         writer.scores(result.metrics, values)
         writer.timings(result.merge_seconds, result.eval_seconds)
         told = (
@@ -469,18 +711,22 @@ class SearchDriver:
             write_test_result(self.study, number, objectives=values, metrics=result.metrics)
 
     def _abandon_flights(self, reason: str) -> None:
-        """Fail what is in flight and queue it again, so the next start re-runs it."""
+        """Fail what is in flight or between rungs and queue it again, so the next start
+        re-runs it (from the rungs it finished)."""
         with self._lock:
-            flights = list(self._flights.values())
+            trials = {f.number: f.trial for f in self._flights.values() if f.kind == "dev"}
             self._flights.clear()
-        for f in flights:
-            if f.kind != "dev" or f.trial is None:
+        trials.update({n: c.trial for n, c in self._climbs.items()})
+        self._climbs.clear()
+        self._promotions.clear()
+        for trial in trials.values():
+            if trial is None:
                 continue
             try:
-                TrialWriter.of(f.trial).failure(reason, stale=True)
-                self.study.tell(f.trial, state=TrialState.FAIL)
-                params = dict(f.trial.params)
-                enqueue(self.study, params, rerun_attrs(f.trial.number, f.trial.user_attrs, params))
+                TrialWriter.of(trial).failure(reason, stale=True)
+                self.study.tell(trial, state=TrialState.FAIL)
+                params = dict(trial.params)
+                enqueue(self.study, params, rerun_attrs(trial.number, trial.user_attrs, params))
             except Exception:  # the storage may be what failed; the next start cleans up
                 pass
 
@@ -538,11 +784,12 @@ class SearchDriver:
     def _n_flying(self, kind: str) -> int:
         return sum(1 for f in self._flights.values() if f.kind == kind)
 
-    def _report(self, target: int) -> None:
+    def _report(self, budget: Budget) -> None:
         if self.on_progress is None:
             return
         view = view_of(self.study)
         done = n_counted(self.study)
+        spent = cost_of(view)[0]
         hv = None
         vectors = [v for r in view.complete if (v := r.vector(view.objectives)) is not None]
         if vectors:
@@ -550,7 +797,7 @@ class SearchDriver:
         per_trial = (
             sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
         )
-        self.on_progress(done, target, hv, per_trial)
+        self.on_progress(SearchProgress(done, budget, spent, hv, per_trial))
 
     @contextmanager
     def _heartbeat(self) -> Iterator[None]:

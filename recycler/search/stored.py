@@ -35,6 +35,8 @@ class StudyKey:
     # Per leaf task, which documents dev and test are (`TaskSuite.split_records`).
     DOC_SPLIT = "recycler:doc_split"
     BASELINES_ENQUEUED = "recycler:seeded"
+    # The dev documents of a full-fidelity trial, summed over tasks: the unit of cost.
+    DEV_DOCS = "recycler:dev_docs"
     GREEDY_SOUP = "recycler:greedy_soup"
     TEST_PREFIX = "test:"
 
@@ -62,6 +64,17 @@ class TrialKey:
     # Optuna stores a trial's parameters one call at a time as they are suggested, so a
     # process killed in between leaves only some on the trial; its re-run needs them all.
     ENQUEUED_PARAMS = "enqueued_params"
+    # Documents this trial's own evaluations scored (a cache hit: 0), and those of the
+    # evaluation it runs now: the cost a `search.budget` counts.
+    DOCS_SCORED = "docs_scored"
+    DOCS_IN_FLIGHT = "docs_in_flight"
+    # Multi-fidelity (search.fidelity): rung index → the objectives on that rung's
+    # documents (what ranks the trial there; the dashboard shows them on a PRUNED trial),
+    # each scored document's values (`results.DocScores`: what later rungs add to), and
+    # the rung the trial was promoted to (a decision a resume keeps).
+    RUNGS = "rungs"
+    DOC_SCORES = "doc_scores"
+    PROMOTED_TO = "promoted_to"
 
 
 # Keys of a test-split entry (`StudyKey.TEST_PREFIX` + number).
@@ -142,6 +155,20 @@ class TrialWriter:
         self._set(TrialKey.MERGE_SECONDS, round(merge_seconds, 3))
         self._set(TrialKey.EVAL_SECONDS, round(eval_seconds, 3))
 
+    def cost(self, docs_scored: int, docs_in_flight: int = 0) -> None:
+        self._set(TrialKey.DOCS_SCORED, docs_scored)
+        self._set(TrialKey.DOCS_IN_FLIGHT, docs_in_flight)
+
+    def rungs(
+        self, doc_scores: Mapping[str, Any], rungs: Mapping[int, Mapping[str, float]]
+    ) -> None:
+        """The documents scored so far and the objectives on every rung they cover."""
+        self._set(TrialKey.DOC_SCORES, dict(doc_scores))
+        self._set(TrialKey.RUNGS, {str(k): dict(v) for k, v in sorted(rungs.items())})
+
+    def promoted(self, rung: int) -> None:
+        self._set(TrialKey.PROMOTED_TO, rung)
+
     def duplicate(self, trial_number: int) -> None:
         self._set(TrialKey.DUPLICATE_OF, trial_number)
 
@@ -157,9 +184,11 @@ def queued_attrs(
     baseline: str | None = None,
     greedy_members: Sequence[str] | None = None,
     rerun_of: int | None = None,
+    carried: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The user attributes of an enqueued trial: what it is, and all its parameters."""
-    attrs: dict[str, Any] = {TrialKey.ENQUEUED_PARAMS: dict(params)}
+    """The user attributes of an enqueued trial: what it is, and all its parameters;
+    `carried`: a re-run's finished rung evaluations (`rerun_attrs`)."""
+    attrs: dict[str, Any] = {TrialKey.ENQUEUED_PARAMS: dict(params), **(carried or {})}
     if baseline is not None:
         attrs[TrialKey.BASELINE] = baseline
     if greedy_members is not None:
@@ -173,12 +202,18 @@ def rerun_attrs(
     number: int, user_attrs: Mapping[str, Any], params: Mapping[str, float]
 ) -> dict[str, Any]:
     """The user attributes of a re-run of trial `number`: what it was (a baseline, a
-    greedy step), which trial it repeats, and all its parameters."""
+    greedy step), which trial it repeats, all its parameters, and the rung evaluations it
+    finished (a re-run goes on from them: a killed search loses no finished rung)."""
     return queued_attrs(
         params,
         baseline=user_attrs.get(TrialKey.BASELINE),
         greedy_members=user_attrs.get(TrialKey.GREEDY_MEMBERS),
         rerun_of=number,
+        carried={
+            k: user_attrs[k]
+            for k in (TrialKey.RUNGS, TrialKey.DOC_SCORES, TrialKey.PROMOTED_TO)
+            if k in user_attrs
+        },
     )
 
 
@@ -193,6 +228,10 @@ def write_identity(
 def write_doc_split(study: optuna.Study, doc_split: Mapping[str, Mapping[str, Any]]) -> None:
     """Each task's dev/test documents (`TaskSuite.split_records`), kept from creation on."""
     study.set_user_attr(StudyKey.DOC_SPLIT, json_safe(dict(doc_split)))
+
+
+def write_dev_docs(study: optuna.Study, n_docs: int) -> None:
+    study.set_user_attr(StudyKey.DEV_DOCS, n_docs)
 
 
 def mark_baselines_enqueued(study: optuna.Study) -> None:
@@ -251,6 +290,16 @@ class TrialRecord:
     stale: bool = False
     enqueued_params: dict[str, float] | None = None
     duplicate_of: int | None = None
+    docs_scored: int | None = None  # None: a trial stored before documents were counted
+    docs_in_flight: int = 0
+    rungs: dict[int, dict[str, float]] = field(default_factory=dict)
+    doc_scores: dict[str, Any] | None = None
+    promoted_to: int | None = None
+
+    @property
+    def highest_rung(self) -> int | None:
+        """The highest rung whose documents it has scored; None before any."""
+        return max(self.rungs) if self.rungs else None
 
     def vector(self, objectives: Sequence[Objective], split: str = "dev") -> list[float] | None:
         src = self.objectives if split == "dev" else self.test_objectives
@@ -278,6 +327,17 @@ class StudyView:
     def greedy_soup(self) -> int | None:
         value = self.attrs.get(StudyKey.GREEDY_SOUP)
         return int(value) if isinstance(value, int) else None
+
+    @property
+    def dev_docs(self) -> int | None:
+        """The documents of a full-fidelity trial; None for a study made before they were
+        counted."""
+        value = self.attrs.get(StudyKey.DEV_DOCS)
+        return value if isinstance(value, int) and value > 0 else None
+
+    @property
+    def pruned(self) -> list[TrialRecord]:
+        return [t for t in self.trials if t.state == "PRUNED"]
 
     @property
     def doc_split(self) -> dict[str, dict[str, Any]] | None:
@@ -312,7 +372,24 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         stale=bool(ua.get(TrialKey.STALE, False)),
         enqueued_params=ua.get(TrialKey.ENQUEUED_PARAMS),
         duplicate_of=dup if isinstance(dup := ua.get(TrialKey.DUPLICATE_OF), int) else None,
+        docs_scored=ua.get(TrialKey.DOCS_SCORED),
+        docs_in_flight=int(ua.get(TrialKey.DOCS_IN_FLIGHT) or 0),
+        rungs={int(k): dict(v) for k, v in (ua.get(TrialKey.RUNGS) or {}).items()},
+        doc_scores=stored_doc_scores(ua),
+        promoted_to=promoted_to(ua),
     )
+
+
+def stored_doc_scores(trial_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The documents a multi-fidelity trial (or the trial a re-run repeats) has scored."""
+    scores = trial_attrs.get(TrialKey.DOC_SCORES)
+    return dict(scores) if isinstance(scores, dict) else None
+
+
+def promoted_to(trial_attrs: Mapping[str, Any]) -> int | None:
+    """The rung a multi-fidelity trial was promoted to, if it was."""
+    rung = trial_attrs.get(TrialKey.PROMOTED_TO)
+    return rung if isinstance(rung, int) else None
 
 
 def baseline_of(trial_attrs: Mapping[str, Any]) -> str | None:

@@ -24,6 +24,7 @@ from recycler.search.storage import open_storage, shown
 from recycler.search.stored import (
     Objective,
     StudyView,
+    TrialRecord,
     TrialWriter,
     baselines_enqueued,
     identity_written,
@@ -387,6 +388,37 @@ def budget_held(study: optuna.Study) -> int:
 def n_counted(study: optuna.Study) -> int:
     """How many finished trials count toward n_trials."""
     return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
+
+
+# ---- the budget in full-trial equivalents (search.budget) ----------------------------------
+#
+# The cost of a trial is the documents its own evaluations scored over those of a full
+# trial (a cache hit costs nothing; a re-run does not pay again for the rungs it
+# carries). A RUNNING trial also holds the documents of the evaluation it runs now, so
+# that drivers sharing a study do not all start one on the last of the budget; unlike
+# n_trials this can overshoot by at most one evaluation per driver.
+
+
+def trial_cost(record: TrialRecord, full_docs: int | None) -> tuple[float, float]:
+    """(spent, held) by one trial, in full-trial equivalents (`full_docs`: the documents of
+    a full trial; None for a study made before documents were counted)."""
+    if record.docs_scored is None or full_docs is None:  # a trial scored every document
+        evaluated = record.cache_hit is None and record.eval_seconds is not None
+        spent = 1.0 if evaluated else 0.0
+    else:
+        spent = record.docs_scored / full_docs
+    running = record.state == "RUNNING" and full_docs is not None
+    held = record.docs_in_flight / full_docs if running and full_docs else 0.0
+    return spent, spent + held
+
+
+def cost_of(view: StudyView) -> tuple[float, float]:
+    """(spent, held) by the whole study, in full-trial equivalents."""
+    spent = held = 0.0
+    for record in view.trials:
+        s, h = trial_cost(record, view.dev_docs)
+        spent, held = spent + s, held + h
+    return spent, held
 
 
 def put_back(handle: StudyHandle, number: int) -> None:

@@ -1,0 +1,487 @@
+"""Multi-fidelity trials: ASHA's promotions, the rungs' documents, per-document scores that
+combine into a full run's, the driver's decisions, cost, and bad `search.fidelity` keys.
+
+The driver tests score toy documents (a value per document computed from the recipe's
+weights) through the micro pool's real lm-eval tasks, so each decision can be replayed
+by hand; the end-to-end test (a killed and resumed search) runs real lm-eval on a real
+local Ray.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from recycler.cli import main
+from recycler.commands.search import run_search
+from recycler.config import load_study_spec
+from recycler.evaluate import doc_scores
+from recycler.evaluate.docsplit import part_ids, rung_ids
+from recycler.evaluate.evaluator import EvalResult
+from recycler.evaluate.model import ResidentModel
+from recycler.evaluate.results import DocScores
+from recycler.evaluate.runner import evaluate_tasks, score_documents
+from recycler.evaluate.tasks import folder_request, load_suite, suite_request
+from recycler.search.fidelity import RungPlan, promotes, promotion_order
+from recycler.search.run import Budget, Prepared, SearchDriver, study_fingerprint
+from recycler.search.space import SearchSpace
+from recycler.search.stored import TrialKey, view_of
+from recycler.search.study import cost_of, open_study, resolve_objectives
+from recycler.zoo.checkpoints import read_full
+from recycler.zoo.skills import SKILLS
+from recycler.zoo.tasks import GROUP, task_name
+
+TASKS = [task_name(s) for s in SKILLS]
+
+
+# ---- ASHA's rule, by hand -------------------------------------------------------------
+
+
+def test_promotion_order_is_fronts_then_crowding_then_number() -> None:
+    # Two maximised objectives. Front 1: 0, 1, 2, 4 (3 is dominated by 2, 5 by everyone).
+    # Crowding in front 1: 0 and 1 are ends (inf); 2: (1-0.2)/1 + (0.9-0)/1 = 1.7;
+    # 4: (0.5-0)/1 + (1-0.5)/1 = 1.0. Front 2: 3; front 3: 5.
+    values = {
+        0: [1.0, 0.0],
+        1: [0.0, 1.0],
+        2: [0.5, 0.5],
+        3: [0.4, 0.4],
+        4: [0.2, 0.9],
+        5: [0.1, 0.1],
+    }
+    assert promotion_order(values, [True, True]) == [0, 1, 2, 4, 3, 5]
+    # Six finished the rung, eta 3: the best two go on.
+    assert [n for n in values if promotes(n, values, [True, True], 3)] == [0, 1]
+    # Eta 2: three go on. A minimised objective reverses its order.
+    assert [n for n in values if promotes(n, values, [True, True], 2)] == [0, 1, 2]
+    flipped = {n: [v[0], -v[1]] for n, v in values.items()}
+    assert promotion_order(flipped, [True, False]) == [0, 1, 2, 4, 3, 5]
+
+
+def test_fewer_than_eta_trials_promote_the_best_so_far() -> None:
+    assert promotes(7, {7: [0.1]}, [True], 3)  # the first trial of a rung goes on
+    assert not promotes(8, {7: [0.5], 8: [0.4]}, [True], 3)
+    assert promotes(8, {7: [0.5], 8: [0.6]}, [True], 3)
+    # Three trials, eta 3: one goes on; four, eta 2: two.
+    assert not promotes(2, {1: [0.9], 2: [0.8], 3: [0.1]}, [True], 3)
+    assert promotes(2, {1: [0.9], 2: [0.8], 3: [0.1], 4: [0.0]}, [True], 2)
+
+
+# ---- the rungs' documents -------------------------------------------------------------
+
+
+def test_rungs_are_nested_seeded_and_disjoint_from_test() -> None:
+    dev = part_ids(300, 0.5, 7, "dev")
+    test = part_ids(300, 0.5, 7, "test")
+    rungs = rung_ids(dev, [0.11, 0.33, 1.0], 7)
+    assert [len(r) for r in rungs] == [round(150 * f) for f in (0.11, 0.33, 1.0)]
+    assert set(rungs[0]) < set(rungs[1]) < set(rungs[2]) == set(dev)
+    assert not set(rungs[2]) & set(test)
+    assert rungs == rung_ids(list(reversed(dev)), [0.11, 0.33, 1.0], 7)  # order-free
+    assert rungs[0] != rung_ids(dev, [0.11, 0.33, 1.0], 8)[0]  # seeded
+    assert rungs[0] != sorted(dev)[: len(rungs[0])]  # a random subset, not the first ones
+
+
+def test_plan_of_the_micro_pool(micro_zoo: Path) -> None:
+    suite = load_suite(folder_request(micro_zoo / "tasks", TASKS))
+    dev = suite.doc_ids("dev")
+    plan = RungPlan.build(dev, _fidelity([0.25, 0.5, 1.0]), 0)
+    assert plan.multi and plan.full_docs == sum(len(ids) for ids in dev.values())
+    assert [plan.n_docs(k) for k in range(3)] == [len(TASKS) * n for n in (10, 20, 40)]
+    for task in TASKS:
+        assert set(plan.docs[0][task]) < set(plan.docs[1][task]) < set(plan.docs[2][task])
+    assert plan.missing({}, 0) == plan.docs[0]
+    assert not RungPlan.build(dev, None, 0).multi
+
+
+def _fidelity(rungs: list[float], eta: float = 3) -> Any:
+    from recycler.config import FidelitySpec
+
+    return FidelitySpec(rungs=rungs, eta=eta)
+
+
+# ---- per-document scores combine into a full run's -------------------------------------
+
+
+def test_rung_by_rung_scores_equal_a_full_run(micro_zoo: Path) -> None:
+    """A promoted trial scores each rung's new documents only; combined per task (and for
+    the group, as lm-eval aggregates it) they equal one run over every dev document."""
+    request = folder_request(micro_zoo / "tasks", [GROUP])
+    suite = load_suite(request)
+    rm = ResidentModel(micro_zoo / "base", dtype=torch.float32)
+    rm.load_tensors(read_full(sorted((micro_zoo / "checkpoints").iterdir())[1]))
+    plan = RungPlan.build(suite.doc_ids("dev"), _fidelity([0.11, 0.33, 1.0]), 3)
+    scores: DocScores = {}
+    for rung in range(3):
+        new = plan.missing(scores, rung)
+        part = score_documents(rm, request, "dev", new)
+        assert doc_scores.n_docs(part) == plan.n_docs(rung) - (plan.n_docs(rung - 1) if rung else 0)
+        scores = doc_scores.merged(scores, part)
+    full = evaluate_tasks(rm, request, "dev")
+    combined = doc_scores.aggregate(suite, scores)
+    assert combined == full  # the same floats, the group's unweighted mean included
+    assert GROUP in combined and set(TASKS) <= set(combined)
+    # A rung's scores are those of a run on that rung's documents alone.
+    first = doc_scores.restricted(scores, plan.docs[0])
+    assert first is not None
+    alone = doc_scores.aggregate(suite, score_documents(rm, request, "dev", plan.docs[0]))
+    assert doc_scores.aggregate(suite, first) == alone
+    with pytest.raises(ValueError, match="scored twice"):
+        doc_scores.merged(scores, first)
+
+
+# ---- the driver's decisions, replayed by hand ------------------------------------------
+
+
+def toy_value(weights: list[float], task_index: int, doc: int) -> float:
+    """A toy document score: the task's checkpoint weight, made noisy per document."""
+    w = weights[task_index % len(weights)]
+    return w * (1.0 + 0.5 * math.sin(3.1 * doc + task_index))
+
+
+class ToyDocEvaluator:
+    """Scores given documents with `toy_value`, one evaluation at a time, and logs each."""
+
+    capacity = 1
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[int, dict[str, Any], str, Any]] = []
+        self.log: list[tuple[list[float], dict[str, list[int]] | None]] = []
+
+    def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: Any = None) -> None:
+        self.pending.append((ticket, recipe, split, docs))
+
+    def wait(self) -> list[tuple[int, EvalResult]]:
+        ticket, recipe, _split, docs = self.pending.pop()
+        weights = [m["parameters"]["weight"] for m in recipe["models"]]
+        self.log.append((weights, None if docs is None else {t: list(i) for t, i in docs.items()}))
+        if docs is None:  # the test split's re-scoring: plain metrics
+            metrics = {
+                t: {"acc": sum(toy_value(weights, k, d) for d in range(40)) / 40}
+                for k, t in enumerate(TASKS)
+            }
+            return [(ticket, EvalResult(ok=True, metrics=metrics))]
+        scores = {
+            t: {
+                "ids": sorted(docs[t]),
+                "acc,none": [toy_value(weights, k, d) for d in sorted(docs[t])],
+            }
+            for k, t in enumerate(TASKS)
+        }
+        return [(ticket, EvalResult(ok=True, doc_scores=scores, eval_seconds=0.01))]
+
+    def close(self) -> None:
+        pass
+
+
+def toy_prepared(tmp_path: Path, zoo: Path, search: dict[str, Any]) -> Prepared:
+    n = 3
+    data = {
+        "name": "toy-mf",
+        "storage": "sqlite:///toy.db",
+        "pool": {"checkpoints": [f"c{i}" for i in range(n)]},
+        "search": {"seed": 3, "objective": "macro_average", **search},
+        "eval": {"tasks_dir": str(zoo / "tasks")},
+        "objectives": [{"name": s, "task": task_name(s), "metric": "acc"} for s in SKILLS],
+    }
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(data))
+    spec = load_study_spec(tmp_path / "study.yaml")
+    space = SearchSpace(
+        spec, [f"c{i}" for i in range(n)], [f"/pool/c{i}" for i in range(n)], None, ["w.weight"]
+    )
+    request = suite_request(spec)
+    rungs = RungPlan.build(
+        load_suite(request).doc_ids("dev"), spec.search.fidelity, spec.eval.split_seed
+    )
+    objectives = resolve_objectives(spec, lambda t, m: True)
+    handle = open_study(spec, study_fingerprint(spec, space, rungs), objectives)
+    from recycler.search.stored import write_dev_docs
+
+    write_dev_docs(handle.study, rungs.full_docs)
+    return Prepared(spec, None, space, objectives, handle, [], rungs, request)
+
+
+def test_driver_promotes_and_prunes_as_asha_by_hand(tmp_path: Path, micro_zoo: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 0.5, 1.0], "eta": 3}, "baselines": []}
+    )
+    plan, eta = prepared.rungs, 3
+    evaluator = ToyDocEvaluator()
+    told: list[Any] = []
+    with SearchDriver(prepared, lambda: evaluator, capacity=1, on_trial=told.append) as driver:
+        driver.run(14)
+
+    def macro(weights: list[float], docs: dict[str, list[int]]) -> float:
+        per_task = [
+            sum(toy_value(weights, k, d) for d in docs[t]) / len(docs[t])
+            for k, t in enumerate(TASKS)
+        ]
+        return sum(per_task) / len(per_task)
+
+    # Replay: each logged evaluation scores one rung's new documents of one trial; a trial
+    # finishing rung r goes on when its macro there is among the best max(1, n // eta).
+    finished: dict[int, list[tuple[float, int]]] = {r: [] for r in range(3)}
+    expected: list[tuple[tuple[float, ...], int]] = []  # (weights, rung) of each evaluation
+    outcome: dict[tuple[float, ...], str] = {}
+    queue: list[tuple[tuple[float, ...], int]] = []
+    have: dict[tuple[float, ...], set[tuple[str, int]]] = {}
+    for weights, docs in evaluator.log:
+        assert docs is not None  # no baseline, no test split here
+        key = tuple(weights)
+        new = {(t, d) for t, ids in docs.items() for d in ids}
+        assert not new & have.get(key, set()), "a document was scored twice"
+        have[key] = have.get(key, set()) | new
+        rung = next(
+            r
+            for r in range(3)
+            if {(t, d) for t, ids in plan.docs[r].items() for d in ids} == have[key]
+        )
+        if queue:
+            assert (key, rung) == queue.pop(0)  # a waiting promotion is served first
+        else:
+            assert rung == 0  # a new trial starts at the first rung
+        expected.append((key, rung))
+        value = macro(weights, plan.docs[rung])
+        finished[rung].append((value, len(expected)))
+        if rung == plan.last:
+            outcome[key] = "COMPLETE"
+            continue
+        ranked = sorted(finished[rung], key=lambda p: -p[0])
+        keep = max(1, len(ranked) // eta)
+        if (value, len(expected)) in ranked[:keep]:
+            queue.append((key, rung + 1))
+        else:
+            outcome[key] = f"PRUNED at {rung}"
+    view = view_of(prepared.handle.study)
+    for r in view.trials:
+        assert r.recipe is not None
+        key = tuple(m["parameters"]["weight"] for m in r.recipe["models"])
+        got = r.state if r.state != "PRUNED" else f"PRUNED at {r.highest_rung}"
+        assert got == outcome[key], (r.number, got, outcome[key])
+        for rung, values in r.rungs.items():  # rung scores, as the user attributes say
+            ids = plan.docs[rung]["zoo_inc"]
+            want = sum(toy_value(list(key), 0, d) for d in ids) / len(ids)
+            assert values["inc"] == pytest.approx(want)
+    assert len(view.trials) == 14
+    assert any(r.state == "PRUNED" for r in view.trials)
+    assert sum(r.state == "COMPLETE" for r in view.trials) >= 2
+    # Pruned trials: told PRUNED, no objectives, absent from the front; cost counts their
+    # documents only.
+    pruned = [t for t in told if t.pruned_at is not None]
+    assert {t.number for t in pruned} == {r.number for r in view.pruned}
+    assert all(not r.objectives for r in view.pruned)
+    spent = sum(sum(len(ids) for ids in docs.values()) for _, docs in evaluator.log if docs)
+    assert cost_of(view)[0] == pytest.approx(spent / plan.full_docs)
+    assert cost_of(view)[0] < 14  # cheaper than 14 full trials
+
+
+def test_baselines_run_at_full_fidelity_and_join_every_rung(
+    tmp_path: Path, micro_zoo: Path
+) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path,
+        micro_zoo,
+        {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": ["uniform", "singles"]},
+    )
+    from recycler.search.baselines import fixed_baselines
+    from recycler.search.stored import queued_attrs
+    from recycler.search.study import enqueue
+
+    space = prepared.space
+    baselines, _ = fixed_baselines(space.names, [], ["uniform"])
+    for b in baselines:
+        params = space.encode(b.weights)
+        assert params is not None
+        enqueue(prepared.handle.study, params, queued_attrs(params, baseline=b.label))
+    evaluator = ToyDocEvaluator()
+    with SearchDriver(prepared, lambda: evaluator, capacity=1) as driver:
+        driver.run(4)
+    _first_weights, first_docs = evaluator.log[0]
+    assert first_docs == prepared.rungs.docs[prepared.rungs.last]  # all of dev at once
+    view = view_of(prepared.handle.study)
+    uniform = view.trials[0]
+    assert uniform.baseline == "uniform" and uniform.state == "COMPLETE"
+    assert sorted(uniform.rungs) == [0, 1]  # its first-rung scores rank the others there
+
+
+def test_budget_in_full_trial_equivalents(tmp_path: Path, micro_zoo: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 3}, "baselines": []}
+    )
+    evaluator = ToyDocEvaluator()
+    with SearchDriver(prepared, lambda: evaluator, capacity=1) as driver:
+        driver.run(Budget(cost=2.5))
+    spent = cost_of(view_of(prepared.handle.study))[0]
+    # It stops once 2.5 full trials are spent, overshooting by at most one evaluation.
+    assert 2.5 <= spent <= 2.5 + 1.0
+    n = len(evaluator.log)
+    assert n > 3  # most trials stop at a quarter of the documents
+
+
+# ---- bad keys ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("fidelity", "message"),
+    [
+        (
+            {"rungs": [0.5, 0.3, 1.0]},
+            "search.fidelity.rungs: must be increasing, got 0.5 before 0.3",
+        ),
+        ({"rungs": [0.1, 0.5]}, "search.fidelity.rungs: the last rung must be 1.0"),
+        ({"rungs": [1.0]}, "search.fidelity.rungs: needs at least two rungs"),
+        ({"rungs": [0.1, 1.0], "eta": 1.5}, "search.fidelity.eta: input should be greater than"),
+        ({"rungs": [0.1, 1.0], "speed": 2}, "search.fidelity.speed: unknown key"),
+        (
+            {"rungs": [0.01, 1.0]},
+            "search.fidelity.rungs: rung 0.01 leaves no document of task zoo_dec (40 dev",
+        ),
+        (
+            {"rungs": [0.5, 0.51, 1.0]},
+            "search.fidelity.rungs: rungs 0.5 and 0.51 give task zoo_dec the same 20 documents",
+        ),
+    ],
+)
+def test_bad_fidelity_is_one_error_line(
+    tmp_path: Path,
+    micro_zoo: Path,
+    fidelity: dict[str, Any],
+    message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    path = _study(tmp_path, micro_zoo, {"fidelity": fidelity})
+    code = main(["search", str(path)])
+    _, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("recycler: error: "), err
+    assert message in lines[0]
+    assert not (tmp_path / "study.db").exists()  # refused before anything was written
+
+
+def test_budget_and_n_trials_together_are_refused(
+    tmp_path: Path, micro_zoo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _study(tmp_path, micro_zoo, {"budget": 5, "n_trials": 10})
+    assert main(["search", str(path)]) == 2
+    assert "search.budget: give search.n_trials or search.budget, not both" in (
+        capsys.readouterr().err
+    )
+
+
+def _study(tmp_path: Path, zoo: Path, search: dict[str, Any]) -> Path:
+    data = yaml.safe_load((zoo / "study.yaml").read_text())
+    data.update(
+        name="mf",
+        storage="sqlite:///study.db",
+        pool={"base": str(zoo / "base"), "checkpoints": [str(zoo / "checkpoints" / "*")]},
+    )
+    data["eval"]["tasks_dir"] = str(zoo / "tasks")
+    data["search"] = {**{k: v for k, v in data["search"].items() if k != "n_trials"}, **search}
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# ---- end to end: killed and resumed, on real Ray and lm-eval --------------------------
+
+
+def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name="mf", storage=url).get_trials(deepcopy=False)
+    except Exception:  # not created yet
+        return []
+
+
+def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = _study(
+        tmp_path,
+        micro_zoo,
+        {
+            "fidelity": {"rungs": [0.25, 0.5, 1.0], "eta": 2},
+            "n_trials": 9,
+            "baselines": ["uniform"],
+        },
+    )
+    url = load_study_spec(path).storage_url
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "recycler.cli", "search", str(path)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            # A trial between rungs: it has scored a rung and been promoted.
+            trials = _trials(url)
+            if any(
+                t.state.name == "RUNNING" and TrialKey.PROMOTED_TO in t.user_attrs for t in trials
+            ):
+                break
+            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
+            time.sleep(0.05)
+        else:
+            pytest.fail("no trial promoted within 300 s")
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    before = {t.number: t for t in _trials(url)}
+    climbing = [
+        t
+        for t in before.values()
+        if t.state.name == "RUNNING" and TrialKey.DOC_SCORES in t.user_attrs
+    ]
+    assert climbing
+    run_search(path)  # resume here, on the shared Ray
+    after = {t.number: t for t in _trials(url)}
+    for number, t in before.items():  # nothing finished is lost or changed
+        if t.state.name in ("COMPLETE", "PRUNED"):
+            assert after[number].state == t.state and after[number].user_attrs == t.user_attrs
+    for stale in climbing:
+        rerun = next(
+            t for t in after.values() if t.user_attrs.get(TrialKey.RERUN_OF) == stale.number
+        )
+        carried = stale.user_attrs[TrialKey.DOC_SCORES]
+        final = rerun.user_attrs[TrialKey.DOC_SCORES]
+        # The re-run went on from the documents the killed trial had scored: it scored only
+        # the others (its own count), and kept the carried scores as they were.
+        own = rerun.user_attrs[TrialKey.DOCS_SCORED]
+        carried_n = sum(len(v["ids"]) for v in carried.values())
+        assert own == sum(len(v["ids"]) for v in final.values()) - carried_n
+        for task, entry in carried.items():
+            kept = {i: x for i, x in zip(final[task]["ids"], final[task]["acc,none"])}
+            assert all(kept[i] == x for i, x in zip(entry["ids"], entry["acc,none"]))
+    view = view_of(optuna.load_study(study_name="mf", storage=url))
+    assert view.pruned and view.complete
+    # Pruned trials are not in the front, and cannot be exported.
+    capsys.readouterr()
+    assert main(["front", str(path), "--format", "json"]) == 0
+    front = yaml.safe_load(capsys.readouterr().out)
+    pruned = {r.number for r in view.pruned}
+    assert not pruned & {m["trial"] for m in front["front"]}
+    assert front["trials"]["pruned"] == len(pruned)
+    assert front["cost"]["full_trial_equivalents"] == pytest.approx(cost_of(view)[0])
+    victim = min(pruned)
+    assert main(["export", str(path), str(tmp_path / "out"), "--trial", str(victim)]) == 2
+    assert f"trial {victim} is pruned" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
