@@ -237,7 +237,7 @@ table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:3px 8px;font-size:13px}}img{{max-width:100%}}</style></head>
 <body>
 <h1>Study {html.escape(spec.name)}</h1>
-<p>{summary.n_trials} trials ({summary.n_complete} complete, {summary.n_failed} failed);
+<p>{summary.trial_counts()}; {summary.cost_line()};
 Pareto set of {len(summary.members)} chosen on {html.escape(spec.eval.split)};
 knee: trial {summary.knee}.
 Hypervolume: {hv} on dev, {hv_test} on test for the Pareto set. Objectives:

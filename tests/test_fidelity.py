@@ -276,6 +276,11 @@ def test_driver_promotes_and_prunes_as_asha_by_hand(tmp_path: Path, micro_zoo: P
             want = sum(toy_value(list(key), 0, d) for d in ids) / len(ids)
             assert values["inc"] == pytest.approx(want)
     assert len(view.trials) == 14
+    # A single-valued study also gets each rung's macro-average as an intermediate value
+    # (what TPE ranks pruned trials by).
+    for frozen in prepared.handle.study.get_trials():
+        record = view.trials[frozen.number]
+        assert record.highest_rung in frozen.intermediate_values
     assert any(r.state == "PRUNED" for r in view.trials)
     assert sum(r.state == "COMPLETE" for r in view.trials) >= 2
     # Pruned trials: told PRUNED, no objectives, absent from the front; cost counts their

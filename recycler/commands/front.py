@@ -69,20 +69,9 @@ def summary_line(view: StudyView, spec: StudySpec) -> str:
     queued = sum(1 for r in view.trials if r.state == "WAITING")
     waiting = f", {queued} queued for a later run" if queued else ""
     return (
-        f"study {spec.name}: {trial_counts(s)}{waiting}; {cost_line(s)}; "
+        f"study {spec.name}: {s.trial_counts()}{waiting}; {s.cost_line()}; "
         f"Pareto set of {len(s.members)}{knee}; hypervolume (dev) {hv}"
     )
-
-
-def trial_counts(s: FrontSummary) -> str:
-    """`12 trials (5 complete, 7 pruned, 0 failed)` (pruned only in a multi-fidelity study)."""
-    pruned = f", {s.n_pruned} pruned" if s.n_pruned else ""
-    return f"{s.n_trials} trials ({s.n_complete} complete{pruned}, {s.n_failed} failed)"
-
-
-def cost_line(s: FrontSummary) -> str:
-    """What the search spent: full-trial equivalents of documents, and evaluation time."""
-    return f"cost {s.cost:.2f} full-trial equivalents, {s.eval_seconds:.0f} s of evaluation"
 
 
 def front_as_dict(
@@ -189,7 +178,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
         else " (reference: " + ", ".join(f"{v:.4g}" for v in s.reference) + ")"
     )
     console.print(f"hypervolume on {s.split}: {hv}{ref}")
-    console.print(f"trials: {trial_counts(s)}; knee: trial {s.knee}; {cost_line(s)}")
+    console.print(f"trials: {s.trial_counts()}; knee: trial {s.knee}; {s.cost_line()}")
     if s.split != "dev" and any(m.values is None for m in s.members):
         console.print(
             "n/a: not scored on this split yet (`recycler search` re-scores the front when it "

@@ -45,6 +45,20 @@ class FrontSummary:
     cost: float  # full-trial equivalents of documents scored
     eval_seconds: float  # summed over every trial's evaluations
 
+    def trial_counts(self) -> str:
+        """`12 trials (5 complete, 7 pruned, 0 failed)` (pruned only in a multi-fidelity
+        study)."""
+        pruned = f", {self.n_pruned} pruned" if self.n_pruned else ""
+        return (
+            f"{self.n_trials} trials ({self.n_complete} complete{pruned}, {self.n_failed} failed)"
+        )
+
+    def cost_line(self) -> str:
+        """What the search spent: full-trial equivalents of documents, and evaluation time."""
+        return (
+            f"cost {self.cost:.2f} full-trial equivalents, {self.eval_seconds:.0f} s of evaluation"
+        )
+
     def best(self, objective: str) -> int | None:
         """The trial number best on one objective (dev scores), ties to the earliest."""
         j = self.objectives.index(objective)

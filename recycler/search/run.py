@@ -506,18 +506,16 @@ class SearchDriver:
         attrs = trial.user_attrs  # a re-run's carried rungs are on the trial already
         climb = _Climb(trial, recipe, stored_doc_scores(attrs) or {})
         self._climbs[trial.number] = climb
-        if baseline_of(attrs) is not None:
-            self._submit_rung(trial.number, self.rungs.last)
-            return True
         reached = self.rungs.reached(climb.scores)
-        if reached is None:
-            self._submit_rung(trial.number, 0)
-            return True
         promoted = promoted_to(attrs)
-        if promoted is not None and promoted > reached:
-            self._submit_rung(trial.number, promoted)
+        if baseline_of(attrs) is not None:
+            target = self.rungs.last
+        else:
+            target = 0 if promoted is None else promoted
+        if reached is None or reached < target:
+            self._submit_rung(trial.number, target)
             return True
-        self._decide(climb)  # killed after scoring a rung, before deciding
+        self._decide(climb)  # a re-run killed after scoring a rung, before going on
         return False
 
     def _submit_rung(self, number: int, rung: int) -> None:
@@ -565,6 +563,10 @@ class SearchDriver:
                 return
             by_rung[rung] = values
         writer.rungs(climb.scores, by_rung)
+        if single_objective(self.prepared.spec):
+            # Optuna takes intermediate values of a single-valued study only: TPE ranks the
+            # pruned trials by them, and the dashboard plots them.
+            trial.report(macro_average(by_rung[reached], self.prepared.objectives), step=reached)
         if reached == self.rungs.last:
             self._climbs.pop(trial.number)
             metrics = doc_scores.aggregate(suite, climb.scores)
@@ -575,10 +577,6 @@ class SearchDriver:
                 eval_seconds=climb.eval_seconds,
             )
             self._complete(trial, climb.recipe, result, docs_scored=climb.docs_scored)
-            return
-        promoted = promoted_to(trial.user_attrs)
-        if promoted is not None and promoted > reached:  # decided before a restart
-            self._promotions.append((trial.number, promoted))
             return
         if promotes(trial.number, self._rung_vectors(reached), self._maximize, self.rungs.eta):
             writer.promoted(reached + 1)
@@ -807,7 +805,9 @@ class SearchDriver:
         def beat() -> None:
             while not stop.wait(HEARTBEAT_INTERVAL):
                 with self._lock:
-                    trials = [f.trial for f in self._flights.values() if f.trial is not None]
+                    trials = [f.trial for f in list(self._flights.values()) if f.trial is not None]
+                    # A trial between rungs waits for a worker: it is still this process's.
+                    trials += [c.trial for c in list(self._climbs.values())]
                 for t in trials:
                     with contextlib.suppress(Exception):  # finished meanwhile: nothing to stamp
                         TrialWriter.of(t).heartbeat()
