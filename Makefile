@@ -31,7 +31,7 @@ $(MERGEKIT):
 # A throwaway PostgreSQL server for the tests that need one (.ci/with-postgres installs
 # it as root; where it cannot, it says so and those tests are skipped).
 test: lint $(MERGEKIT)
-	bash .ci/with-postgres $(BIN)/python -m pytest -q -p no:cacheprovider
+	bash .ci/with-postgres $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 demo: $(STAMP)
 	$(BIN)/recycler demo

@@ -138,6 +138,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             views = {key: ensure_run(RUNS[key], seed, say) for key in KEYS}
             points = {key: curve(views[key], scores) for key in KEYS}
             full_end = points["tpe"][-1]["hv"] if points["tpe"] else 0.0
+            if full_end <= 0:
+                raise SystemExit(f"seed {seed}: the full-fidelity search has no test hypervolume")
             for key in KEYS:
                 normalised = [{**p, "hv": p["hv"] / full_end} for p in points[key]]
                 curves[key].append(normalised)

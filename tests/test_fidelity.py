@@ -27,6 +27,7 @@ import yaml
 from recycler.cli import main
 from recycler.commands.search import run_search
 from recycler.config import load_study_spec
+from recycler.errors import RecyclerError
 from recycler.evaluate import doc_scores
 from recycler.evaluate.docsplit import part_ids, rung_ids
 from recycler.evaluate.evaluator import EvalResult
@@ -35,10 +36,16 @@ from recycler.evaluate.results import DocScores
 from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import folder_request, load_suite, suite_request
 from recycler.search.fidelity import RungPlan, promotes, promotion_order
-from recycler.search.run import Budget, Prepared, SearchDriver, study_fingerprint
+from recycler.search.run import (
+    FREE_TRIALS_LIMIT,
+    Budget,
+    Prepared,
+    SearchDriver,
+    study_fingerprint,
+)
 from recycler.search.space import SearchSpace
-from recycler.search.stored import TrialKey, view_of
-from recycler.search.study import cost_of, open_study, resolve_objectives
+from recycler.search.stored import TrialKey, queued_attrs, view_of, write_dev_docs
+from recycler.search.study import cost_of, enqueue, open_study, resolve_objectives
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS
 from recycler.zoo.tasks import GROUP, task_name
@@ -186,8 +193,10 @@ class ToyDocEvaluator:
         pass
 
 
-def toy_prepared(tmp_path: Path, zoo: Path, search: dict[str, Any]) -> Prepared:
-    n = 3
+def toy_prepared(
+    tmp_path: Path, zoo: Path, search: dict[str, Any], n_checkpoints: int = 3
+) -> Prepared:
+    n = n_checkpoints
     data = {
         "name": "toy-mf",
         "storage": "sqlite:///toy.db",
@@ -207,8 +216,6 @@ def toy_prepared(tmp_path: Path, zoo: Path, search: dict[str, Any]) -> Prepared:
     )
     objectives = resolve_objectives(spec, lambda t, m: True)
     handle = open_study(spec, study_fingerprint(spec, space, rungs), objectives)
-    from recycler.search.stored import write_dev_docs
-
     write_dev_docs(handle.study, rungs.full_docs)
     return Prepared(spec, None, space, objectives, handle, [], rungs, request)
 
@@ -285,7 +292,7 @@ def test_driver_promotes_and_prunes_as_asha_by_hand(tmp_path: Path, micro_zoo: P
     assert sum(r.state == "COMPLETE" for r in view.trials) >= 2
     # Pruned trials: told PRUNED, no objectives, absent from the front; cost counts their
     # documents only.
-    pruned = [t for t in told if t.pruned_at is not None]
+    pruned = [t for t in told if t.pruned_at_fraction is not None]
     assert {t.number for t in pruned} == {r.number for r in view.pruned}
     assert all(not r.objectives for r in view.pruned)
     spent = sum(sum(len(ids) for ids in docs.values()) for _, docs in evaluator.log if docs)
@@ -293,34 +300,73 @@ def test_driver_promotes_and_prunes_as_asha_by_hand(tmp_path: Path, micro_zoo: P
     assert cost_of(view)[0] < 14  # cheaper than 14 full trials
 
 
-def test_baselines_run_at_full_fidelity_and_join_every_rung(
+def test_baselines_go_through_every_rung_and_rank_the_others(
     tmp_path: Path, micro_zoo: Path
 ) -> None:
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     prepared = toy_prepared(
-        tmp_path,
-        micro_zoo,
-        {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": ["uniform", "singles"]},
+        tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []}
     )
-    from recycler.search.baselines import fixed_baselines
-    from recycler.search.stored import queued_attrs
-    from recycler.search.study import enqueue
-
     space = prepared.space
-    baselines, _ = fixed_baselines(space.names, [], ["uniform"])
-    for b in baselines:
-        params = space.encode(b.weights)
-        assert params is not None
-        enqueue(prepared.handle.study, params, queued_attrs(params, baseline=b.label))
+    # The worst possible baseline: all weight on checkpoint 2 scores 0 on tasks 0, 1, 3, 4.
+    params = space.encode([0.0, 0.0, 1.0])
+    assert params is not None
+    enqueue(prepared.handle.study, params, queued_attrs(params, baseline="single:c2"))
     evaluator = ToyDocEvaluator()
     with SearchDriver(prepared, lambda: evaluator, capacity=1) as driver:
-        driver.run(4)
-    _first_weights, first_docs = evaluator.log[0]
-    assert first_docs == prepared.rungs.docs[prepared.rungs.last]  # all of dev at once
+        driver.run(3)
+    plan = prepared.rungs
+    # Scored rung by rung like any trial, but never pruned: it is scored at full fidelity.
+    assert [docs for _, docs in evaluator.log[:2]] == [
+        plan.docs[0],
+        plan.missing({t: {"ids": ids} for t, ids in plan.docs[0].items()}, 1),
+    ]
     view = view_of(prepared.handle.study)
-    uniform = view.trials[0]
-    assert uniform.baseline == "uniform" and uniform.state == "COMPLETE"
-    assert sorted(uniform.rungs) == [0, 1]  # its first-rung scores rank the others there
+    baseline = view.trials[0]
+    assert baseline.baseline == "single:c2" and baseline.state == "COMPLETE"
+    assert sorted(baseline.rungs) == [0, 1]
+    # Its first-rung scores count among those the next trials are ranked against: with it,
+    # two trials have finished rung 0 when trial 1 does, and eta 2 keeps the best one.
+    assert promotes(1, {0: [0.1], 1: [0.2]}, [True], 2)
+    second = view.trials[1]
+    assert second.state == "COMPLETE"  # it beat the poor baseline on rung 0
+
+
+def test_an_evaluation_of_other_documents_fails_the_trial(tmp_path: Path, micro_zoo: Path) -> None:
+    class Shifted(ToyDocEvaluator):
+        def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: Any = None) -> None:
+            shifted = {t: [i + 1 for i in ids] for t, ids in docs.items()} if docs else docs
+            super().submit(ticket, recipe, split, shifted)
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []}
+    )
+    with SearchDriver(prepared, Shifted, capacity=1) as driver:
+        driver.run(2)
+    trials = view_of(prepared.handle.study).trials
+    assert [t.state for t in trials] == ["FAIL", "FAIL"]
+    assert trials[0].fail_reason == (
+        "the evaluation returned scores of other documents than it was given"
+    )
+
+
+def test_a_budget_of_trials_that_cost_nothing_stops(tmp_path: Path, micro_zoo: Path) -> None:
+    """One checkpoint: every proposal is the same recipe, so after the first every trial
+    is a cache hit and the budget in full-trial equivalents can never be spent."""
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path,
+        micro_zoo,
+        {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []},
+        n_checkpoints=1,
+    )
+    with SearchDriver(prepared, ToyDocEvaluator, capacity=1) as driver:
+        driver.run(Budget(cost=5))
+    assert driver.stop_reason is not None and "scored no document" in driver.stop_reason
+    view = view_of(prepared.handle.study)
+    assert cost_of(view)[0] == pytest.approx(1.0)
+    assert sum(r.cache_hit is not None for r in view.trials) == FREE_TRIALS_LIMIT
 
 
 def test_budget_in_full_trial_equivalents(tmp_path: Path, micro_zoo: Path) -> None:
@@ -466,16 +512,16 @@ def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
         rerun = next(
             t for t in after.values() if t.user_attrs.get(TrialKey.RERUN_OF) == stale.number
         )
-        carried = stale.user_attrs[TrialKey.DOC_SCORES]
-        final = rerun.user_attrs[TrialKey.DOC_SCORES]
-        # The re-run went on from the documents the killed trial had scored: it scored only
-        # the others (its own count), and kept the carried scores as they were.
-        own = rerun.user_attrs[TrialKey.DOCS_SCORED]
-        carried_n = sum(len(v["ids"]) for v in carried.values())
-        assert own == sum(len(v["ids"]) for v in final.values()) - carried_n
-        for task, entry in carried.items():
-            kept = {i: x for i, x in zip(final[task]["ids"], final[task]["acc,none"])}
-            assert all(kept[i] == x for i, x in zip(entry["ids"], entry["acc,none"]))
+        carried = {int(k): v for k, v in stale.user_attrs[TrialKey.RUNGS].items()}
+        finished = {int(k): v for k, v in rerun.user_attrs[TrialKey.RUNGS].items()}
+        # The re-run went on from the rungs the killed trial had scored, their scores kept
+        # as they were, to the rung it had been promoted to (not ranked again) ...
+        assert all(finished[k] == v for k, v in carried.items())
+        assert max(finished) >= stale.user_attrs[TrialKey.PROMOTED_TO] > max(carried)
+        # ... scoring only the documents it had not: 5 tasks × 10, 20, 40 per rung.
+        docs = [50, 100, 200]
+        assert rerun.user_attrs[TrialKey.DOCS_SCORED] == docs[max(finished)] - docs[max(carried)]
+        assert rerun.user_attrs[TrialKey.DOC_SCORES] is None  # dropped once it finished
     view = view_of(optuna.load_study(study_name="mf", storage=url))
     assert view.pruned and view.complete
     # Pruned trials are not in the front, and cannot be exported.
@@ -490,3 +536,34 @@ def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
     assert main(["export", str(path), str(tmp_path / "out"), "--trial", str(victim)]) == 2
     assert f"trial {victim} is pruned" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_document_values_are_stored_as_json() -> None:
+    """f1's and mcc's per-document values are (gold, predicted class), the class a numpy
+    integer: kept as plain JSON numbers."""
+    import json
+
+    import numpy as np
+
+    from recycler.evaluate.results import doc_scores_of
+
+    logged = [
+        {"doc_id": d, "filter": "none", "metrics": ["f1"], "f1": (1, np.argmax([0.2, 0.8]))}
+        for d in (4, 2)
+    ]
+    scores = doc_scores_of({"glue_like": logged})
+    assert scores == {"glue_like": {"ids": [2, 4], "f1,none": [[1, 1], [1, 1]]}}
+    assert json.loads(json.dumps(scores)) == scores
+
+
+def test_a_resume_without_the_study_fidelity_is_refused(tmp_path: Path, micro_zoo: Path) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_prepared(
+        tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []}
+    )
+    spec = prepared.spec.model_copy(
+        update={"search": prepared.spec.search.model_copy(update={"fidelity": None})}
+    )
+    full = RungPlan.build(prepared.rungs.docs[-1], None, 0)
+    with pytest.raises(RecyclerError, match="created with a different fidelity"):
+        open_study(spec, study_fingerprint(spec, prepared.space, full), prepared.objectives)

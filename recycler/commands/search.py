@@ -87,7 +87,11 @@ def trial_line(t: FinishedTrial) -> str:
     else:
         scores = " ".join(f"{name}={value:.6g}" for name, value in t.values.items())
         cached = f" (scores of trial {t.cache_hit}, same recipe)" if t.cache_hit is not None else ""
-        outcome = "complete" if t.pruned_at is None else f"pruned at rung {t.pruned_at:g}"
+        outcome = (
+            "complete"
+            if t.pruned_at_fraction is None
+            else f"pruned at rung {t.pruned_at_fraction:g}"
+        )
         text = f"{head} {outcome}{cached}: {scores}"
     if t.merge_seconds is not None:
         text += f" · merge {t.merge_seconds:.2f} s"
@@ -147,6 +151,8 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
             on_trial=trial_printer(console),
         ) as driver:
             driver.run(budget)
+            if driver.stop_reason is not None:
+                console.print(f"note: {driver.stop_reason}")
             if driver.stale:
                 console.print(
                     "note: failed and re-ran trial(s) left running by a killed process: "

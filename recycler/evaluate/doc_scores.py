@@ -9,16 +9,22 @@ the parts keep their per-document values (lm-eval's logged samples) and `aggrega
 applies lm-eval's own reductions to their union, in document order, as one run over the
 union would (the same values in the same order: the same floats).
 
+A document's values are the same in any run when its prompt is: always for a zero-shot
+task, and for few-shot examples chosen by the document's position (`first_n`, as MMLU
+does). lm-eval's default few-shot sampler draws from a seeded generator document after
+document, so there a part's documents get other (equally random) examples than in one
+run over the union; every trial of a study still gets the same ones per document,
+since every trial's rungs are scored in the same evaluations.
+
 The scores are plain JSON (`results.DocScores`), stored on the trial so that a resumed
 search loses nothing.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
-from lm_eval.api.group import Group
 from lm_eval.api.metrics import mean
 
 from recycler.evaluate.results import IDS, DocScores, parse_results
@@ -89,25 +95,7 @@ def aggregate(suite: TaskSuite, scores: DocScores) -> dict[str, dict[str, float]
             # lm-eval reduces a metric without an aggregation by its mean, too.
             metrics[key] = reductions.get(metric, mean)(values)
         results[name] = metrics
-    for group in _bottom_up(suite.task_dict.get("groups", {}).values()):
+    # A group aggregates its leaf tasks (however deep), so groups need no order here.
+    for group in suite.task_dict.get("groups", {}).values():
         results[group.name] = dict(group.aggregate(results))
     return parse_results(results)
-
-
-def _bottom_up(groups: Iterable[Group]) -> list[Group]:
-    """Groups with every subgroup before the group holding it (as lm-eval aggregates them)."""
-    out: list[Group] = []
-    seen: set[str] = set()
-
-    def visit(group: Group) -> None:
-        if group.name in seen:
-            return
-        seen.add(group.name)
-        for child in group:
-            if isinstance(child, Group):
-                visit(child)
-        out.append(group)
-
-    for group in groups:
-        visit(group)
-    return out

@@ -7,6 +7,8 @@ import math
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import numpy as np
+
 # {task: {"ids": [doc ids, ascending], "acc,none": [one value per id], …}}: plain JSON,
 # stored on a trial as it is.
 DocScores = dict[str, dict[str, list[Any]]]
@@ -56,6 +58,6 @@ def _plain(value: Any) -> Any:
     """A per-document value as JSON keeps it (tuples of corpus metrics become lists)."""
     if isinstance(value, tuple | list):
         return [_plain(v) for v in value]
-    if isinstance(value, bool):
-        return float(value)
+    if isinstance(value, np.generic):  # e.g. f1's and mcc's predicted class, a numpy int
+        return value.item()
     return value

@@ -115,6 +115,10 @@ class TaskSuite:
         samples: dict[str, list[int]] = {}
         derived = not all(self.splits[n].named for n in self.leaves)
         for name, task in self.leaves.items():
+            # The few-shot sampler draws from one generator per task, which a cached task
+            # would carry from one evaluation to the next: reseeded, every evaluation of
+            # the same documents gets the same few-shot examples (as simple_evaluate's run).
+            task.set_fewshot_seed(seed=FEWSHOT_SEED)
             how = self.splits[name]
             if how.named:
                 splits = list(task.dataset.keys()) if hasattr(task.dataset, "keys") else []

@@ -1,11 +1,15 @@
-"""The search: run, or resume, a study until it holds `n_trials` finished trials.
+"""The search: run, or resume, a study until it has spent its budget (`n_trials` finished
+trials, or `search.budget` full-trial equivalents of documents scored).
 
-The loop is ask → recipe → (cache or evaluator) → tell, with up to `capacity` trials in
-flight and a new one asked for as soon as any finishes (no generation barrier). Every
-trial is told as soon as its result arrives, so killing the process at any moment loses
-no completed trial; what it leaves RUNNING is failed and re-run by the next start
-(`study.fail_stale_trials`). After the budget is spent the Pareto set is re-scored on
-the test split.
+The loop is ask → recipe → (cache or evaluator) → tell, with up to `capacity`
+evaluations in flight and a new one started as soon as any finishes (no generation
+barrier). With `search.fidelity` a trial is scored a rung at a time (`fidelity`): after
+each rung it is told complete, pruned, or queued for the next rung, and a queued
+promotion takes the next free worker before any new trial. Every result is stored as
+soon as it arrives, so killing the process at any moment loses no completed trial and
+no finished rung; what it leaves RUNNING is failed and re-run by the next start
+(`study.fail_stale_trials`), from the rungs it finished. After the budget is spent the
+Pareto set is re-scored on the test split.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.evaluate import doc_scores
 from recycler.evaluate.evaluator import EvalResult, Evaluator, describe_failure, lookup_metric
-from recycler.evaluate.results import DocScores
+from recycler.evaluate.results import IDS, DocScores
 from recycler.evaluate.tasks import (
     SuiteRequest,
     UnknownTaskError,
@@ -76,6 +80,8 @@ from recycler.search.study import (
 )
 
 TEST_SPLIT = "test"
+# A `search.budget` search stops after this many trials in a row that scored nothing.
+FREE_TRIALS_LIMIT = 20
 # Seconds between looks at the study while other processes hold the rest of the budget.
 OTHERS_POLL = 2.0
 
@@ -96,10 +102,13 @@ class Prepared:
 
 def study_fingerprint(spec: StudySpec, space: SearchSpace, rungs: RungPlan) -> dict[str, Any]:
     """The parts of the study file a resumed study must share with the stored one."""
-    fingerprint = {**space.fingerprint(), "split": spec.eval.split, "limit": spec.eval.limit}
-    fidelity = rungs.record()
-    # Only a multi-fidelity study stores the key: a study made before it existed resumes.
-    return fingerprint if fidelity is None else {**fingerprint, "fidelity": fidelity}
+    return {
+        **space.fingerprint(),
+        "split": spec.eval.split,
+        "limit": spec.eval.limit,
+        # None without search.fidelity: what a study made before the key existed reads as.
+        "fidelity": rungs.record(),
+    }
 
 
 def objective_directions(
@@ -173,6 +182,11 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
         mark_baselines_enqueued(study)
+    if spec.search.fidelity is not None and spec.search.sampler not in ("tpe", "random"):
+        notes.append(
+            f"search.fidelity with sampler {spec.search.sampler}: it learns from complete "
+            "trials only, a few of a multi-fidelity search's; tpe learns from pruned ones too"
+        )
     if create and view_of(study).dev_docs != rungs.full_docs:
         write_dev_docs(study, rungs.full_docs)
     return Prepared(spec, pool, space, objectives, handle, notes, rungs, suite_request(spec))
@@ -192,7 +206,7 @@ class FinishedTrial:
     cache_hit: int | None = None  # the trial whose identical recipe's scores it reused
     # Multi-fidelity: the rung (its fraction of the dev documents) it was pruned at, its
     # `values` being its scores there; None for a trial told complete or failed.
-    pruned_at: float | None = None
+    pruned_at_fraction: float | None = None
 
 
 @dataclass(frozen=True)
@@ -232,7 +246,9 @@ class _Flight:
     trial: optuna.Trial | None
     started: float
     n_docs: int = 0  # the documents it scores
-    rung: int | None = None  # multi-fidelity: the rung whose new documents it scores
+    # Multi-fidelity: the rung whose new documents it scores, and those documents.
+    rung: int | None = None
+    docs: dict[str, list[int]] | None = None
 
 
 @dataclass
@@ -274,13 +290,17 @@ class SearchDriver:
         self._flights: dict[int, _Flight] = {}
         self._next_ticket = 0
         self._lock = threading.Lock()
-        self._trial_seconds: list[float] = []
+        self._eval_seconds: list[float] = []
         self.stale: list[int] = []
         self.rungs = prepared.rungs
         # Multi-fidelity trials between rungs, and those promoted and waiting for a worker
         # (taken before any new trial: an idle worker serves a promotion first).
         self._climbs: dict[int, _Climb] = {}
         self._promotions: list[tuple[int, int]] = []  # (trial number, rung)
+        # Trials finished in a row without scoring a document (cache hits, refused
+        # proposals): they cost nothing, so a `search.budget` would never be spent.
+        self._free_in_a_row = 0
+        self.stop_reason: str | None = None
 
     # ---- lifecycle ------------------------------------------------------------------
     @property
@@ -322,9 +342,10 @@ class SearchDriver:
                         if started is None:
                             break
                         if not started:  # finished at once: a cache hit, refused weights
+                            self._free_in_a_row += 1
                             self._report(budget)
                     if not self._flights:
-                        if self._spent(budget):
+                        if self._spent(budget) or self.stop_reason is not None:
                             break
                         self._await_others()
                         continue
@@ -390,9 +411,15 @@ class SearchDriver:
         assert budget.n_trials is not None
         return n_counted(self.study) >= budget.n_trials
 
+    def _carried_waiting(self) -> bool:
+        """A queued re-run of a multi-fidelity trial carries the rungs it finished."""
+        waiting = self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+        return any(stored_doc_scores(t.user_attrs) is not None for t in waiting)
+
     def _held(self, budget: Budget, *, taken: bool) -> bool:
-        """The budget is all held (finished or running trials); `taken`: counted after
-        taking a trial, which holds its share already."""
+        """The budget is all held by finished and running trials. `taken`: counted after
+        taking a trial, which holds one of n_trials already (a cost budget counts the
+        documents of evaluations in flight, which a trial just taken has none of yet)."""
         if budget.cost is not None:
             return cost_of(view_of(self.study))[1] >= budget.cost
         assert budget.n_trials is not None
@@ -407,11 +434,22 @@ class SearchDriver:
             number, rung = self._promotions.pop(0)
             self._submit_rung(number, rung)
             return True
+        if budget.cost is not None and self._free_in_a_row >= FREE_TRIALS_LIMIT:
+            self.stop_reason = (
+                f"search.budget: the last {self._free_in_a_row} trials scored no document "
+                "(cache hits or refused proposals); stopped before the budget was spent"
+            )
+            return None
         self._maybe_enqueue_greedy()
-        if self._held(budget, taken=False):  # spent already: do not even take a trial
+        # A re-run carrying finished rungs goes on whatever the budget, as a promotion
+        # of this process's own does: the budget paid for those rungs already.
+        carried = self._carried_waiting()
+        if not carried and self._held(budget, taken=False):  # spent: do not take a trial
             return None
         trial = self.study.ask()
-        if self._held(budget, taken=True):  # counted after taking it: see study.py, budget
+        resumed = stored_doc_scores(trial.user_attrs) is not None
+        # Counted after taking it (see study.py, budget).
+        if not resumed and self._held(budget, taken=True):
             put_back(self.prepared.handle, trial.number)
             return None
         duplicate = duplicate_of(self.study, trial.number)
@@ -471,7 +509,7 @@ class SearchDriver:
     ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
-        flight = _Flight(kind, number, recipe, trial, time.perf_counter(), n_docs, rung)
+        flight = _Flight(kind, number, recipe, trial, time.perf_counter(), n_docs, rung, docs)
         with self._lock:
             # In flight before the evaluator starts: if it cannot, the trial is abandoned cleanly.
             self._flights[ticket] = flight
@@ -486,8 +524,16 @@ class SearchDriver:
             self._store_test(flight.number, result)
             return "test"
         assert flight.trial is not None
-        self._trial_seconds.append(time.perf_counter() - flight.started)
+        self._eval_seconds.append(time.perf_counter() - flight.started)
+        self._free_in_a_row = 0
         climb = self._climbs.get(flight.number)
+        if result.ok and climb is not None and not _scored_as_asked(result, flight.docs):
+            result = EvalResult(
+                ok=False,
+                merge_seconds=result.merge_seconds,
+                eval_seconds=result.eval_seconds,
+                error="the evaluation returned scores of other documents than it was given",
+            )
         if not result.ok:
             self._climbs.pop(flight.number, None)
             spent = (climb.docs_scored if climb is not None else 0) + flight.n_docs
@@ -501,17 +547,14 @@ class SearchDriver:
 
     # ---- multi-fidelity: a trial a rung at a time -------------------------------------
     def _climb(self, trial: optuna.Trial, recipe: dict[str, Any]) -> bool:
-        """Start a multi-fidelity trial: a baseline at full fidelity, a re-run from the rungs
-        it carries, any other at the first rung. True when an evaluation is in flight."""
+        """Start a multi-fidelity trial at the first rung, or a re-run from the rungs it
+        carries. True when an evaluation is in flight."""
         attrs = trial.user_attrs  # a re-run's carried rungs are on the trial already
         climb = _Climb(trial, recipe, stored_doc_scores(attrs) or {})
         self._climbs[trial.number] = climb
         reached = self.rungs.reached(climb.scores)
         promoted = promoted_to(attrs)
-        if baseline_of(attrs) is not None:
-            target = self.rungs.last
-        else:
-            target = 0 if promoted is None else promoted
+        target = 0 if promoted is None else promoted
         if reached is None or reached < target:
             self._submit_rung(trial.number, target)
             return True
@@ -576,13 +619,20 @@ class SearchDriver:
                 merge_seconds=climb.merge_seconds,
                 eval_seconds=climb.eval_seconds,
             )
+            writer.drop_doc_scores()
             self._complete(trial, climb.recipe, result, docs_scored=climb.docs_scored)
             return
-        if promotes(trial.number, self._rung_vectors(reached), self._maximize, self.rungs.eta):
+        # A baseline goes through every rung whatever its rank: it is scored at full
+        # fidelity, in the same evaluations per rung as every trial that reaches the top
+        # (a task's few-shot examples are drawn per evaluation).
+        if baseline_of(trial.user_attrs) is not None or promotes(
+            trial.number, self._rung_vectors(reached), self._maximize, self.rungs.eta
+        ):
             writer.promoted(reached + 1)
             self._promotions.append((trial.number, reached + 1))
             return
         self._climbs.pop(trial.number)
+        writer.drop_doc_scores()
         self.study.tell(trial, state=TrialState.PRUNED)
         if self.on_trial is not None:
             self.on_trial(
@@ -592,7 +642,7 @@ class SearchDriver:
                     by_rung[reached],
                     merge_seconds=climb.merge_seconds,
                     eval_seconds=climb.eval_seconds,
-                    pruned_at=self.rungs.fractions[reached],
+                    pruned_at_fraction=self.rungs.fractions[reached],
                 )
             )
 
@@ -793,7 +843,7 @@ class SearchDriver:
         if vectors:
             hv = pareto.hypervolume(vectors, pareto.nadir(vectors, view.maximize), view.maximize)
         per_trial = (
-            sum(self._trial_seconds) / len(self._trial_seconds) if self._trial_seconds else None
+            sum(self._eval_seconds) / len(self._eval_seconds) if self._eval_seconds else None
         )
         self.on_progress(SearchProgress(done, budget, spent, hv, per_trial))
 
@@ -819,3 +869,12 @@ class SearchDriver:
         finally:
             stop.set()
             thread.join(timeout=5)
+
+
+def _scored_as_asked(result: EvalResult, docs: dict[str, list[int]] | None) -> bool:
+    """The evaluation returned each asked document's scores, and no others."""
+    if result.doc_scores is None or docs is None:
+        return False
+    return {t: e[IDS] for t, e in result.doc_scores.items()} == {
+        t: sorted(i) for t, i in docs.items()
+    }

@@ -70,8 +70,9 @@ class TrialKey:
     DOCS_IN_FLIGHT = "docs_in_flight"
     # Multi-fidelity (search.fidelity): rung index → the objectives on that rung's
     # documents (what ranks the trial there; the dashboard shows them on a PRUNED trial),
-    # each scored document's values (`results.DocScores`: what later rungs add to), and
-    # the rung the trial was promoted to (a decision a resume keeps).
+    # each scored document's values while the trial runs (`results.DocScores`: what later
+    # rungs add to, and what a re-run goes on from; dropped once it finishes), and the
+    # rung the trial was promoted to (a decision a resume keeps).
     RUNGS = "rungs"
     DOC_SCORES = "doc_scores"
     PROMOTED_TO = "promoted_to"
@@ -165,6 +166,10 @@ class TrialWriter:
         """The documents scored so far and the objectives on every rung they cover."""
         self._set(TrialKey.DOC_SCORES, dict(doc_scores))
         self._set(TrialKey.RUNGS, {str(k): dict(v) for k, v in sorted(rungs.items())})
+
+    def drop_doc_scores(self) -> None:
+        """A finished trial's document scores are needed no more (its `rungs` stay)."""
+        self._set(TrialKey.DOC_SCORES, None)
 
     def promoted(self, rung: int) -> None:
         self._set(TrialKey.PROMOTED_TO, rung)

@@ -395,8 +395,9 @@ def n_counted(study: optuna.Study) -> int:
 # The cost of a trial is the documents its own evaluations scored over those of a full
 # trial (a cache hit costs nothing; a re-run does not pay again for the rungs it
 # carries). A RUNNING trial also holds the documents of the evaluation it runs now, so
-# that drivers sharing a study do not all start one on the last of the budget; unlike
-# n_trials this can overshoot by at most one evaluation per driver.
+# that drivers sharing a study do not all start one on the last of the budget. Unlike
+# n_trials this can overshoot: trials between rungs when it is reached still go on to
+# the rungs they won (at most about one full trial per evaluation worker).
 
 
 def trial_cost(record: TrialRecord, full_docs: int | None) -> tuple[float, float]:
