@@ -10,7 +10,8 @@ evaluation workers), three searches from `searchkit`:
 - `tpe`: every trial scores every dev document (`--budget` trials, default 50);
 - `tpe-mf`: `search.fidelity: {rungs: [0.11, 0.33, 1.0], eta: 3}`, run until it has
   scored as many documents as `tpe` (`search.budget: 50` full-trial equivalents);
-- `tpe-mf-2rungs`: `{rungs: [0.25, 1.0], eta: 4}`, the same cost.
+- `tpe-mf-2rungs`: `{rungs: [0.25, 1.0], eta: 4}`, the same cost;
+- `tpe-mf-gentle`: `{rungs: [0.33, 1.0], eta: 2}`, the same cost.
 
 The cost of a search so far is the documents its trials scored, in full trials (what
 `recycler front` reports). After every finished trial, the Pareto set of the trials
@@ -45,11 +46,12 @@ from recycler.search import front as pareto
 from recycler.search.stored import StudyView, TrialRecord
 from recycler.search.study import trial_cost
 
-KEYS = ("tpe", "tpe-mf", "tpe-mf-2rungs")
+KEYS = ("tpe", "tpe-mf", "tpe-mf-2rungs", "tpe-mf-gentle")
 LABELS = {
     "tpe": "full fidelity (50 trials)",
     "tpe-mf": "multi-fidelity, rungs 0.11 / 0.33 / 1, eta 3",
     "tpe-mf-2rungs": "multi-fidelity, rungs 0.25 / 1, eta 4",
+    "tpe-mf-gentle": "multi-fidelity, rungs 0.33 / 1, eta 2",
 }
 SHARES = (0.4, 1.0)
 PRUNED_SAMPLE = 8  # first-rung-pruned trials per pool re-scored on every dev document
@@ -124,7 +126,7 @@ def pruned_early_reach_front(view: StudyView, scores: RecipeScores, seed: int) -
     return hits, len(sample)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None) -> int:
     args = experiment_args(__doc__ or "", argv)
     args.out.mkdir(parents=True, exist_ok=True)
     say = Clock()
@@ -161,6 +163,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     (args.out / "exp_fidelity.md").write_text(report(rows, early, args.seeds, say.elapsed()))
     plot(curves, budget, args.out / "exp_fidelity.png")
     say(f"wrote {args.out / 'exp_fidelity.md'}")
+    return 0
 
 
 def _mean_sd(values: Sequence[float], digits: int = 2) -> str:
@@ -248,4 +251,4 @@ def plot(curves: dict[str, list[list[dict[str, float]]]], budget: float, path: P
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

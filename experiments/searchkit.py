@@ -151,6 +151,7 @@ RUNS: dict[str, RunSpec] = {
         # Experiment 6: tpe with multi-fidelity trials at the cost of the tpe run's.
         RunSpec("tpe-mf", "tpe", fidelity=((0.11, 0.33, 1.0), 3)),
         RunSpec("tpe-mf-2rungs", "tpe", fidelity=((0.25, 1.0), 4)),
+        RunSpec("tpe-mf-gentle", "tpe", fidelity=((0.33, 1.0), 2)),
     )
 }
 

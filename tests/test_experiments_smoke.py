@@ -95,8 +95,9 @@ def test_exp_fisher_smoke(workdir: Path) -> None:
 
 
 def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
-    """Experiments 1, 4 and 5 on the micro pool with 4-trial searches (real Ray, lm-eval,
+    """Experiments 1, 4, 5 and 6 on the micro pool with 4-trial searches (real Ray, lm-eval,
     SQLite)."""
+    import exp_fidelity
     import exp_objectives
     import exp_recycle
     import exp_samplers
@@ -141,7 +142,15 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
         for r in _rows(out / "exp_objectives.csv"):
             if int(r["opt_dominated_by_front"]) > 0:
                 assert float(r["front_best_dev_mean4"]) >= float(r["opt_dev_mean4"])
-        for name in ("exp_recycle", "exp_samplers", "exp_objectives"):
+        # Multi-fidelity against the shared tpe search, at its cost (4 full trials).
+        assert exp_fidelity.main([*common, "--out", str(out)]) == 0
+        fidelity = {r["run"]: r for r in _rows(out / "exp_fidelity.csv")}
+        assert set(fidelity) == set(exp_fidelity.KEYS)
+        assert float(fidelity["tpe"]["hv_at_100"]) == pytest.approx(1.0)
+        for key in exp_fidelity.KEYS[1:]:  # they spend the budget, and more trials on it
+            assert 4.0 <= float(fidelity[key]["cost"]) <= 4.0 + 2.0
+            assert int(fidelity[key]["trials"]) > 4
+        for name in ("exp_recycle", "exp_samplers", "exp_objectives", "exp_fidelity"):
             assert (out / f"{name}.png").stat().st_size > 0 and (
                 out / f"{name}.md"
             ).read_text().startswith("# Experiment")

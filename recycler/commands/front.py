@@ -178,7 +178,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
         else " (reference: " + ", ".join(f"{v:.4g}" for v in s.reference) + ")"
     )
     console.print(f"hypervolume on {s.split}: {hv}{ref}")
-    console.print(f"trials: {s.trial_counts()}; knee: trial {s.knee}; {s.cost_line()}")
+    console.print(f"{s.trial_counts()}; knee: trial {s.knee}; {s.cost_line()}")
     if s.split != "dev" and any(m.values is None for m in s.members):
         console.print(
             "n/a: not scored on this split yet (`recycler search` re-scores the front when it "
