@@ -30,7 +30,10 @@ $(MERGEKIT):
 
 # A throwaway PostgreSQL server for the tests that need one (.ci/with-postgres installs
 # it as root; where it cannot, it says so and those tests are skipped).
-test: lint $(MERGEKIT)
+# The project's venv and mergekit's are built side by side (two jobs): independent, and
+# mostly waiting on pip.
+test:
+	$(MAKE) -j2 lint $(MERGEKIT)
 	bash .ci/with-postgres $(BIN)/python -m pytest -q -p no:cacheprovider --durations=25
 
 demo: $(STAMP)

@@ -1,7 +1,7 @@
 """Experiment 6: multi-fidelity trials (ASHA over nested document subsets) against
 full-fidelity trials, at equal cost in documents scored.
 
-    python experiments/exp_fidelity.py [--seeds 0 1 2] [--budget 50] [--out experiments/results]
+    python experiments/exp_fidelity.py [--seeds 0 1 2] [--budget 50] [--settings tpe-mf …]
 
 On each demo pool (`--size small`, pool seeds 0, 1, 2, which also seed TPE; the 9 full
 checkpoints, simplex weights, the four trained skills as objectives, no baselines, two
@@ -127,22 +127,33 @@ def pruned_early_reach_front(view: StudyView, scores: RecipeScores, seed: int) -
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = experiment_args(__doc__ or "", argv)
+    args = experiment_args(
+        __doc__ or "",
+        argv,
+        lambda ap: ap.add_argument(
+            "--settings",
+            nargs="+",
+            choices=KEYS[1:],
+            default=list(KEYS[1:]),
+            help="the multi-fidelity searches to run against tpe (default: all)",
+        ),
+    )
+    keys = ("tpe", *args.settings)
     args.out.mkdir(parents=True, exist_ok=True)
     say = Clock()
     rows: list[dict[str, Any]] = []
-    curves: dict[str, list[list[dict[str, float]]]] = {k: [] for k in KEYS}
+    curves: dict[str, list[list[dict[str, float]]]] = {k: [] for k in keys}
     early: list[tuple[int, int]] = []
     budget = float(SETTINGS.budget)
     with one_thread():
         for seed in args.seeds:
             scores = RecipeScores(seed, say)
-            views = {key: ensure_run(RUNS[key], seed, say) for key in KEYS}
-            points = {key: curve(views[key], scores) for key in KEYS}
+            views = {key: ensure_run(RUNS[key], seed, say) for key in keys}
+            points = {key: curve(views[key], scores) for key in keys}
             full_end = points["tpe"][-1]["hv"] if points["tpe"] else 0.0
             if full_end <= 0:
                 raise SystemExit(f"seed {seed}: the full-fidelity search has no test hypervolume")
-            for key in KEYS:
+            for key in keys:
                 normalised = [{**p, "hv": p["hv"] / full_end} for p in points[key]]
                 curves[key].append(normalised)
                 row: dict[str, Any] = {"seed": seed, "run": key}
@@ -180,7 +191,7 @@ def report(
 ) -> str:
     budget = SETTINGS.budget
     table = []
-    for key in KEYS:
+    for key in dict.fromkeys(r["run"] for r in rows):
         mine = [r for r in rows if r["run"] == key]
         reached = [r["cost_to_full_hv"] for r in mine]
         table.append(

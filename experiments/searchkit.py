@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -91,12 +91,18 @@ def configure(args: argparse.Namespace) -> None:
     )
 
 
-def experiment_args(doc: str, argv: Sequence[str] | None) -> argparse.Namespace:
+def experiment_args(
+    doc: str,
+    argv: Sequence[str] | None,
+    more: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The command line of an experiment over the shared searches: the settings above
-    plus --out (the results folder), parsed and applied."""
+    plus --out (the results folder) and the experiment's own (`more`), parsed and applied."""
     ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     add_arguments(ap)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    if more is not None:
+        more(ap)
     args = ap.parse_args(argv)
     configure(args)
     return args

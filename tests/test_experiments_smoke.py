@@ -143,13 +143,14 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
             if int(r["opt_dominated_by_front"]) > 0:
                 assert float(r["front_best_dev_mean4"]) >= float(r["opt_dev_mean4"])
         # Multi-fidelity against the shared tpe search, at its cost (4 full trials).
-        assert exp_fidelity.main([*common, "--out", str(out)]) == 0
+        assert exp_fidelity.main([*common, "--out", str(out), "--settings", "tpe-mf"]) == 0
         fidelity = {r["run"]: r for r in _rows(out / "exp_fidelity.csv")}
-        assert set(fidelity) == set(exp_fidelity.KEYS)
+        assert set(fidelity) == {"tpe", "tpe-mf"}
         assert float(fidelity["tpe"]["hv_at_100"]) == pytest.approx(1.0)
-        for key in exp_fidelity.KEYS[1:]:  # they spend the budget, and more trials on it
-            assert 4.0 <= float(fidelity[key]["cost"]) <= 4.0 + 2.0
-            assert int(fidelity[key]["trials"]) > 4
+        # It spends the budget (and may run over by the rungs its last trials won), on more
+        # trials than the full-fidelity search.
+        assert 4.0 <= float(fidelity["tpe-mf"]["cost"]) <= 4.0 + 2.0
+        assert int(fidelity["tpe-mf"]["trials"]) > 4
         for name in ("exp_recycle", "exp_samplers", "exp_objectives", "exp_fidelity"):
             assert (out / f"{name}.png").stat().st_size > 0 and (
                 out / f"{name}.md"

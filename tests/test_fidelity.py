@@ -44,7 +44,13 @@ from recycler.search.run import (
     study_fingerprint,
 )
 from recycler.search.space import SearchSpace
-from recycler.search.stored import TrialKey, queued_attrs, view_of, write_dev_docs
+from recycler.search.stored import (
+    TrialKey,
+    mark_baselines_enqueued,
+    queued_attrs,
+    view_of,
+    write_dev_docs,
+)
 from recycler.search.study import cost_of, enqueue, open_study, resolve_objectives
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS
@@ -217,6 +223,7 @@ def toy_prepared(
     objectives = resolve_objectives(spec, lambda t, m: True)
     handle = open_study(spec, study_fingerprint(spec, space, rungs), objectives)
     write_dev_docs(handle.study, rungs.full_docs)
+    mark_baselines_enqueued(handle.study)  # as `prepare` does: a second opener waits for it
     return Prepared(spec, None, space, objectives, handle, [], rungs, request)
 
 

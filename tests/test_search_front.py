@@ -19,7 +19,7 @@ from recycler.search.analysis import analyse
 from recycler.search.fidelity import RungPlan
 from recycler.search.run import Prepared, SearchDriver, study_fingerprint
 from recycler.search.space import SearchSpace
-from recycler.search.stored import TrialKey, queued_attrs, view_of
+from recycler.search.stored import TrialKey, mark_baselines_enqueued, queued_attrs, view_of
 from recycler.search.study import open_study, resolve_objectives
 
 
@@ -184,6 +184,7 @@ def toy_study(
         params = space.encode(w)
         assert params is not None
         handle.study.enqueue_trial(params, user_attrs={TrialKey.BASELINE: label})
+    mark_baselines_enqueued(handle.study)  # as `prepare` does: a second opener waits for it
     return Prepared(spec, None, space, objectives, handle, [], TOY_RUNGS, TOY_SUITE)
 
 
