@@ -7,13 +7,15 @@ storage, so each name below is written here and read back here, nowhere else.
   `StudyKey.OBJECTIVES` / `StudyKey.SPACE` (a resume with a different space or
   objective list is refused rather than mixed in), `StudyKey.DOC_SPLIT` (each task's
   dev/test documents; a resume that would score others is refused, and `front` and the
-  report say which documents a score used), `StudyKey.BASELINES_ENQUEUED`,
+  report say which documents a score used), `StudyKey.DEV_DOCS` (a full trial's
+  documents: the unit of cost), `StudyKey.BASELINES_ENQUEUED`,
   `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), and
   `StudyKey.TEST_PREFIX` + trial number (the Pareto set's test-split scores: Optuna
   forbids changing a finished trial, so they are kept on the study, keyed by trial);
 - each trial: the `TrialKey` attributes (weights by checkpoint, the recipe merged,
-  objectives and every metric on dev, timings, the baseline it is, the cached result
-  it reused, why it failed, and which process runs it).
+  objectives and every metric on dev, timings, the documents it scored, the baseline
+  it is, the cached result it reused, why it failed, which process runs it, and with
+  `search.fidelity` its scores per rung and the rung it was promoted to).
 """
 
 from __future__ import annotations
