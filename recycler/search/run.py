@@ -58,6 +58,7 @@ from recycler.search.stored import (
     rerun_attrs,
     settle_greedy_soup,
     stored_doc_scores,
+    stored_rungs,
     view_of,
     write_dev_docs,
     write_test_result,
@@ -258,6 +259,8 @@ class _Climb:
     trial: optuna.Trial
     recipe: dict[str, Any]
     scores: DocScores
+    # The objectives on each rung its scores cover, each computed once (a re-run's carried).
+    by_rung: dict[int, dict[str, float]]
     docs_scored: int = 0  # by this trial's own evaluations (carried rungs are not paid again)
     merge_seconds: float = 0.0
     eval_seconds: float = 0.0
@@ -443,7 +446,7 @@ class SearchDriver:
         self._maybe_enqueue_greedy()
         # A re-run carrying finished rungs goes on whatever the budget, as a promotion
         # of this process's own does: the budget paid for those rungs already.
-        carried = self._carried_waiting()
+        carried = self.rungs.multi and self._carried_waiting()
         if not carried and self._held(budget, taken=False):  # spent: do not take a trial
             return None
         trial = self.study.ask()
@@ -550,7 +553,7 @@ class SearchDriver:
         """Start a multi-fidelity trial at the first rung, or a re-run from the rungs it
         carries. True when an evaluation is in flight."""
         attrs = trial.user_attrs  # a re-run's carried rungs are on the trial already
-        climb = _Climb(trial, recipe, stored_doc_scores(attrs) or {})
+        climb = _Climb(trial, recipe, stored_doc_scores(attrs) or {}, stored_rungs(attrs))
         self._climbs[trial.number] = climb
         reached = self.rungs.reached(climb.scores)
         promoted = promoted_to(attrs)
@@ -593,10 +596,12 @@ class SearchDriver:
         writer = TrialWriter.of(trial)
         writer.timings(climb.merge_seconds, climb.eval_seconds)
         writer.cost(climb.docs_scored)
-        by_rung: dict[int, dict[str, float]] = {}
+        by_rung = climb.by_rung
         reached = self.rungs.reached(climb.scores)
         assert reached is not None
         for rung in range(reached + 1):
+            if rung in by_rung:
+                continue
             part = doc_scores.restricted(climb.scores, self.rungs.docs[rung])
             assert part is not None
             values = self._objective_values(doc_scores.aggregate(suite, part))
@@ -609,7 +614,7 @@ class SearchDriver:
         if single_objective(self.prepared.spec):
             # Optuna takes intermediate values of a single-valued study only: TPE ranks the
             # pruned trials by them, and the dashboard plots them.
-            trial.report(macro_average(by_rung[reached], self.prepared.objectives), step=reached)
+            trial.report(self._told(by_rung[reached])[0], step=reached)
         if reached == self.rungs.last:
             self._climbs.pop(trial.number)
             metrics = doc_scores.aggregate(suite, climb.scores)
@@ -663,12 +668,15 @@ class SearchDriver:
                 continue
             if any(o.name not in values for o in self.prepared.objectives):
                 continue
-            out[record.number] = (
-                [macro_average(values, self.prepared.objectives)]
-                if single_objective(self.prepared.spec)
-                else [values[o.name] for o in self.prepared.objectives]
-            )
+            out[record.number] = self._told(values)
         return out
+
+    def _told(self, values: dict[str, float]) -> list[float]:
+        """What Optuna is told for these objective values: the macro-average for a
+        single-valued study, else one value per objective."""
+        if single_objective(self.prepared.spec):
+            return [macro_average(values, self.prepared.objectives)]
+        return [values[o.name] for o in self.prepared.objectives]
 
     def _objective_values(self, metrics: dict[str, dict[str, float]]) -> dict[str, float] | str:
         values: dict[str, float] = {}
@@ -709,12 +717,7 @@ class SearchDriver:
             return
         writer.scores(result.metrics, values)
         writer.timings(result.merge_seconds, result.eval_seconds)
-        told = (
-            [macro_average(values, self.prepared.objectives)]
-            if single_objective(self.prepared.spec)
-            else [values[o.name] for o in self.prepared.objectives]
-        )
-        self.study.tell(trial, told)
+        self.study.tell(trial, self._told(values))
         merged = cache_hit is None
         if merged:
             self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))

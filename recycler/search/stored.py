@@ -381,10 +381,15 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         duplicate_of=dup if isinstance(dup := ua.get(TrialKey.DUPLICATE_OF), int) else None,
         docs_scored=ua.get(TrialKey.DOCS_SCORED),
         docs_in_flight=int(ua.get(TrialKey.DOCS_IN_FLIGHT) or 0),
-        rungs={int(k): dict(v) for k, v in (ua.get(TrialKey.RUNGS) or {}).items()},
+        rungs=stored_rungs(ua),
         doc_scores=stored_doc_scores(ua),
         promoted_to=promoted_to(ua),
     )
+
+
+def stored_rungs(trial_attrs: Mapping[str, Any]) -> dict[int, dict[str, float]]:
+    """A multi-fidelity trial's objectives on each rung it finished (or its re-run carries)."""
+    return {int(k): dict(v) for k, v in (trial_attrs.get(TrialKey.RUNGS) or {}).items()}
 
 
 def stored_doc_scores(trial_attrs: Mapping[str, Any]) -> dict[str, Any] | None:

@@ -408,8 +408,7 @@ def trial_cost(record: TrialRecord, full_docs: int | None) -> tuple[float, float
         spent = 1.0 if evaluated else 0.0
     else:
         spent = record.docs_scored / full_docs
-    running = record.state == "RUNNING" and full_docs is not None
-    held = record.docs_in_flight / full_docs if running and full_docs else 0.0
+    held = record.docs_in_flight / full_docs if record.state == "RUNNING" and full_docs else 0.0
     return spent, spent + held
 
 
