@@ -46,14 +46,11 @@ def merged(a: DocScores, b: DocScores) -> DocScores:
         both = set(left[IDS]) & set(right[IDS])
         if both:
             raise ValueError(f"task {task}: document {min(both)} was scored twice")
-        rows = sorted(
-            [(i, n) for n, i in enumerate(left[IDS])]
-            + [(i, -1 - n) for n, i in enumerate(right[IDS])]
-        )
-        entry: dict[str, list[Any]] = {IDS: [i for i, _ in rows]}
-        for key in left:
-            if key != IDS:
-                entry[key] = [left[key][n] if n >= 0 else right[key][-1 - n] for _, n in rows]
+        ids = sorted([*left[IDS], *right[IDS]])
+        entry: dict[str, list[Any]] = {IDS: ids}
+        for key in (k for k in left if k != IDS):
+            by_id = dict(zip(left[IDS], left[key])) | dict(zip(right[IDS], right[key]))
+            entry[key] = [by_id[i] for i in ids]
         out[task] = entry
     return out
 
