@@ -40,9 +40,6 @@ DEFAULT_BASELINES: tuple[BaselineName, ...] = ("uniform", "singles")
 # Keys renamed since a release: old name -> new name, both read, the old with a note.
 _RENAMED_SEARCH_KEYS = {"seeds": "baselines"}
 
-# Method parameters that `search.tune` may search (the methods' descriptions say which,
-# and each method's default range; `merge.method` picks the range).
-TUNABLE: frozenset[str] = frozenset(name for m in METHODS.values() for name in m.tunable)
 _GRANULARITY = re.compile(r"^(model|blocks|layers:([1-9][0-9]*))$")
 _GLOB = re.compile(r"[*?\[]")
 _OBJECTIVE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
@@ -193,15 +190,11 @@ class SearchSpec(_Strict):
         out: list[Any] = []
         for item in value:
             if isinstance(item, str):
-                raise ValueError(
-                    f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}"
-                )
+                # Only where merge.method is unknown (its own error says so).
+                raise ValueError(f"unknown parameter {item!r}")
             elif isinstance(item, dict) and len(item) == 1:
+                # Whether merge.method can tune it: StudySpec._check_method, which knows it.
                 ((name, rng),) = item.items()
-                if name not in TUNABLE:
-                    raise ValueError(
-                        f"unknown parameter {name!r}; tunable: {', '.join(sorted(TUNABLE))}"
-                    )
                 if not (
                     isinstance(rng, list | tuple)
                     and len(rng) == 2
@@ -381,11 +374,6 @@ class StudySpec(_Strict):
         tune: list[Any] = []
         for item in search["tune"]:
             if isinstance(item, str):
-                if item not in TUNABLE:
-                    raise _KeyError(
-                        "search.tune",
-                        f"unknown parameter {item!r}; tunable: {', '.join(sorted(TUNABLE))}",
-                    )
                 if item not in ranges:
                     raise _KeyError("search.tune", _not_tunable(item, method.name, ranges))
                 item = {item: list(ranges[item])}
@@ -447,6 +435,12 @@ class StudySpec(_Strict):
             if why is not None:
                 raise _KeyError("pool.checkpoints", why)
         tunable = method.tunable
+        if not method.searchable:
+            raise _KeyError(
+                "merge.method",
+                f"{name} has nothing to search: it reads no weights and has no parameter a "
+                "search can tune (merge it once with `recycler merge`)",
+            )
         for tune in self.search.tune:
             if tune.name not in tunable:
                 raise _KeyError("search.tune", _not_tunable(tune.name, name, tunable))

@@ -150,8 +150,8 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
             merged(
                 merge={"method": "model_stock"}, pool={"base": "base", "checkpoints": ["a", "b"]}
             ),
-            "study.yaml: search.tune: model_stock reads no weights, so the search needs a "
-            "parameter to tune (model_stock has none",
+            "study.yaml: merge.method: model_stock has nothing to search: it reads no weights "
+            "and has no parameter a search can tune",
         ),
         (
             merged(
@@ -196,7 +196,27 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
         ),
         (
             merged(search={"tune": ["temperature"]}),
-            "study.yaml: search.tune: unknown parameter 'temperature'",
+            "study.yaml: search.tune: temperature is not a parameter of linear that a search "
+            "can tune (tunable: none)",
+        ),
+        (
+            # a misspelling lists this method's tunables, not every method's
+            merged(
+                merge={"method": "ties"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": ["densty", {"lamda": [0.5, 1.0]}]},
+            ),
+            "study.yaml: search.tune: densty is not a parameter of ties that a search can tune "
+            "(tunable: density, lambda)",
+        ),
+        (
+            merged(
+                merge={"method": "ties"},
+                pool={"base": "base", "checkpoints": ["a", "b"]},
+                search={"tune": [{"lamda": [0.5, 1.0]}]},
+            ),
+            "study.yaml: search.tune: lamda is not a parameter of ties that a search can tune "
+            "(tunable: density, lambda)",
         ),
         (
             merged(

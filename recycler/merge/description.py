@@ -104,6 +104,30 @@ class TensorParams:
         return float(self.values.get("lambda", 1.0))
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """Values of a tensor-scope parameter at which the merge is one of its two inputs:
+    `first` gives the base (or, without a base, the first model), `last` the other model.
+    A search's `singles` baselines of a method that reads no weights are these."""
+
+    param: str
+    first: float
+    last: float
+
+
+@dataclass(frozen=True)
+class Coupling:
+    """`param` is legal only below a bound that the value of `on` sets (della: density ±
+    epsilon inside (0, 1)). A search samples `param` as a share of what `on` allows, so
+    every point of a default range merges. `on` has one value per merge (recipe or model
+    scope), so the bound is one number."""
+
+    param: str
+    on: str
+    limit: Callable[[float], float]  # the exclusive upper bound of `param` given `on`
+    rule: str  # the constraint in words, for messages
+
+
 class UndefinedMerge(ValueError):
     """The method has no defined result for this tensor's inputs (the message says why)."""
 
@@ -172,6 +196,11 @@ class MethodDescription:
     checks_finite: bool = False
     # Deliberate differences from mergekit 0.1.5, with the reason (README's method table).
     differs: str = ""
+    # Where a parameter's values make the merge one of its inputs (slerp's t = 0 and 1):
+    # the baselines a search of a method that reads no weights compares against.
+    endpoints: Endpoints | None = None
+    # Parameters whose legal values depend on another's (a search samples them coupled).
+    couplings: tuple[Coupling, ...] = ()
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -195,6 +224,15 @@ class MethodDescription:
     def weighted(self) -> bool:
         """Whether the per-model `weight` changes the merge (what a search searches)."""
         return "weight" in self.param_names
+
+    @property
+    def searchable(self) -> bool:
+        """Whether a search has anything to vary: weights, or a parameter with a tune range."""
+        return self.weighted or bool(self.tunable)
+
+    def coupling(self, name: str) -> Coupling | None:
+        """The constraint that bounds parameter `name` by another's value, if any."""
+        return next((c for c in self.couplings if c.param == name), None)
 
     @property
     def param_names(self) -> list[str]:

@@ -13,6 +13,7 @@ registry is read by recipe checks and by file-to-file merges that run without it
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from recycler.merge.description import (
     NON_NEGATIVE,
     UNIT,
     Bounds,
+    Coupling,
+    Endpoints,
     LinearTerms,
     MergeInputs,
     MethodDescription,
@@ -330,6 +333,17 @@ T_NEARSWAP = ParamSpec(
     NON_NEGATIVE,
     tune=(1e-4, 1e-2),
 )
+
+
+def _della_epsilon_limit(density: float) -> float:
+    """The largest epsilon (exclusive) that keeps density ± epsilon inside (0, 1); della
+    keeps every entry at density 1 and reads no epsilon there."""
+    return math.inf if density >= 1.0 else min(density, 1.0 - density)
+
+
+DELLA_EPSILON = Coupling(
+    "epsilon", "density", _della_epsilon_limit, "density ± epsilon must lie in (0, 1)"
+)
 SEEDING = "recipe random_seed and tensor name (and model index), per fixed block of rows"
 _DARE_RESCALE = (
     "rescale multiplies kept entries by 1/density (the paper's, unbiased per entry, row-local so "
@@ -443,6 +457,7 @@ METHODS: dict[str, MethodDescription] = {
             differs=(
                 "masks come from recycler's own seeded generator (mergekit: torch's global RNG)"
             ),
+            couplings=(DELLA_EPSILON,),
         ),
         MethodDescription(
             "della_linear",
@@ -455,6 +470,7 @@ METHODS: dict[str, MethodDescription] = {
             models=(1, None),
             seeding=SEEDING,
             differs="as della",
+            couplings=(DELLA_EPSILON,),
         ),
         MethodDescription(
             "slerp",
@@ -471,6 +487,7 @@ METHODS: dict[str, MethodDescription] = {
                 "without a base the first model is t = 0 (mergekit requires the base); "
                 "‖·‖ and cos Ω in fp64"
             ),
+            endpoints=Endpoints("t", 0.0, 1.0),
         ),
         MethodDescription(
             "nuslerp",

@@ -1,7 +1,12 @@
 """Baseline trials, enqueued first so they live in the study and on the dashboard.
 
-- `uniform`: w_i = 1/n (the uniform soup).
-- `singles`: each checkpoint alone (one-hot weights).
+- `uniform`: w_i = 1/n (the uniform soup); for a method that reads no weights, `defaults`:
+  its tuned parameters at their defaults (the middle of a range where none).
+- `singles`: each checkpoint alone (one-hot weights); for a method that reads no weights,
+  the values at which it gives each input back (slerp: t = 0 is the base or first model,
+  t = 1 the other), where it has such values.
+- A baseline that is the same merge as an earlier one (one checkpoint: uniform = its single;
+  equal losses: MWA = uniform) is skipped with a note.
 - `mwa_loss`, `mwa_step`: metric-weighted averaging from trainer_state.json
   (w_i ∝ (1/loss_i)^p or step_i^p, recycler.merge.weights), with p = 0.65 for loss and
   p = 1.0 for steps: the middle of the ranges Yu & Choi report as best.
@@ -15,32 +20,44 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from recycler.errors import RecyclerError
 from recycler.merge.weights import mwa_weights, uniform_weights
+from recycler.search.cache import recipe_key
+from recycler.search.space import SearchSpace
 from recycler.search.stored import Objective, TrialRecord
 from recycler.search.study import macro_average
 
 MWA_PENALTY = {"loss": 0.65, "step": 1.0}
 SINGLE = "single:"
 GREEDY = "greedy"
+# The baselines of a method that reads no weights: its defaults, and the base as an endpoint.
+DEFAULTS = "defaults"
+BASE = "base"
 
 
 @dataclass(frozen=True)
 class Baseline:
     label: str
-    weights: list[float]
+    weights: list[float] | None  # None: the method reads no weights
+    tuned: dict[str, float] = field(default_factory=dict)  # the rest take their default
 
 
 def fixed_baselines(
-    names: Sequence[str], checkpoints: Sequence[Any], wanted: Sequence[str]
+    space: SearchSpace, checkpoints: Sequence[Any], wanted: Sequence[str]
 ) -> tuple[list[Baseline], list[str]]:
-    """The baselines whose weights are known before any score: (baselines, notes on skipped ones).
+    """The baselines whose values are known before any score: (baselines, notes on skipped
+    ones). Each is a merge the method makes: weights where it reads them; otherwise its
+    tuned values at their defaults (`defaults`) and, as `singles`, the values at which it
+    gives its inputs back (`MethodDescription.endpoints`: slerp's t = 0 and 1).
 
     `checkpoints` are recycler.pool Checkpoints (for trainer_state.json), in pool order.
     """
+    if not space.weighted:
+        return _unweighted_baselines(space, wanted)
+    names = space.names
     n = len(names)
     out: list[Baseline] = []
     notes: list[str] = []
@@ -58,6 +75,54 @@ def fixed_baselines(
                 out.append(Baseline(label, mwa_weights(checkpoints, metric, MWA_PENALTY[metric])))
             except RecyclerError as exc:
                 notes.append(f"baseline {label} skipped: {exc}")
+    return out, notes
+
+
+def _unweighted_baselines(
+    space: SearchSpace, wanted: Sequence[str]
+) -> tuple[list[Baseline], list[str]]:
+    method = space.method
+    out: list[Baseline] = []
+    notes: list[str] = []
+    for label in wanted:
+        if label == "uniform":
+            out.append(Baseline(DEFAULTS, None))
+        elif label == "singles" and method.endpoints is not None:
+            ends = method.endpoints
+            first = BASE if space.base_path is not None else f"{SINGLE}{space.names[0]}"
+            out.append(Baseline(first, None, {ends.param: ends.first}))
+            out.append(Baseline(f"{SINGLE}{space.names[-1]}", None, {ends.param: ends.last}))
+        elif label == "singles":
+            notes.append(f"baseline singles skipped: {method.name} never gives one input back")
+        else:
+            notes.append(f"baseline {label} skipped: {method.name} reads no weights")
+    if DEFAULTS in [b.label for b in out]:
+        notes.append(
+            f"baseline uniform is {DEFAULTS} for {method.name} (it reads no weights): "
+            "every tuned parameter at its default, or the middle of its range"
+        )
+    return out, notes
+
+
+def baseline_trials(
+    space: SearchSpace, checkpoints: Sequence[Any], wanted: Sequence[str]
+) -> tuple[list[tuple[str, dict[str, float]]], list[str]]:
+    """(label, trial parameters) of each fixed baseline inside the space, none of them the
+    same merge as an earlier one (the result cache's test); notes on those skipped."""
+    baselines, notes = fixed_baselines(space, checkpoints, wanted)
+    out: list[tuple[str, dict[str, float]]] = []
+    seen: dict[str, str] = {}
+    for b in baselines:
+        params = space.encode(b.weights, b.tuned)
+        if params is None:
+            notes.append(f"baseline {b.label} skipped: its values are outside the search space")
+            continue
+        key = recipe_key(space.recipe_dict(space.decode(params)))
+        if key in seen:
+            notes.append(f"baseline {b.label} skipped: the same merge as {seen[key]}")
+            continue
+        seen[key] = b.label
+        out.append((b.label, params))
     return out, notes
 
 

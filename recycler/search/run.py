@@ -42,7 +42,7 @@ from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
-from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
+from recycler.search.baselines import GREEDY, baseline_trials, greedy_state, members_weights
 from recycler.search.cache import CachedResult, ResultCache
 from recycler.search.fidelity import RungPlan, promotes
 from recycler.search.space import SearchSpace
@@ -170,18 +170,10 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     notes: list[str] = []
     study = handle.study
     if create and not baselines_enqueued(study.user_attrs):
-        baselines, notes = fixed_baselines(
-            space.names, pool.checkpoints, spec.search.enqueued_baselines
-        )
-        for b in baselines:
-            params = space.encode(b.weights)
-            if params is None:
-                notes.append(
-                    f"baseline {b.label} skipped: its weights are outside the search space"
-                )
-                continue
+        baselines, notes = baseline_trials(space, pool.checkpoints, spec.search.enqueued_baselines)
+        for label, params in baselines:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
-            enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
+            enqueue(study, params, queued_attrs(params, baseline=label), skip_if_exists=True)
         mark_baselines_enqueued(study)
     if spec.search.fidelity is not None and spec.search.sampler not in ("tpe", "random"):
         notes.append(
@@ -479,7 +471,7 @@ class SearchDriver:
         writer = TrialWriter.of(trial)
         writer.claim(self.owner)
         proposal = self.prepared.space.suggest(trial)
-        writer.proposal(self.prepared.space.weights_by_checkpoint(proposal))
+        writer.proposal(self.prepared.space.weights_by_checkpoint(proposal), proposal.tuned)
         if not proposal.is_finite():
             self._fail(trial, "non-finite weights")
             return None
@@ -821,9 +813,12 @@ class SearchDriver:
         settle_greedy_soup(self.study, soup_trial)
 
     def _greedy_pending(self) -> bool:
-        """The study asks for the greedy soup and has not settled it yet."""
-        return "greedy" in self.prepared.spec.search.baselines and not greedy_soup_settled(
-            self.study.user_attrs
+        """The study asks for the greedy soup (a soup of weights: only where the method reads
+        them) and has not settled it yet."""
+        return (
+            "greedy" in self.prepared.spec.search.baselines
+            and self.prepared.space.weighted
+            and not greedy_soup_settled(self.study.user_attrs)
         )
 
     # ---- bookkeeping ----------------------------------------------------------------

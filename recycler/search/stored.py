@@ -12,9 +12,9 @@ storage, so each name below is written here and read back here, nowhere else.
   `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), and
   `StudyKey.TEST_PREFIX` + trial number (the Pareto set's test-split scores: Optuna
   forbids changing a finished trial, so they are kept on the study, keyed by trial);
-- each trial: the `TrialKey` attributes (weights by checkpoint, the recipe merged,
-  objectives and every metric on dev, timings, the documents it scored, the baseline
-  it is, the cached result it reused, why it failed, which process runs it, and with
+- each trial: the `TrialKey` attributes (weights by checkpoint, each tuned value, the
+  recipe merged, objectives and every metric on dev, timings, the documents it scored,
+  the baseline it is, the cached result it reused, why it failed, which process runs it, and with
   `search.fidelity` its scores per rung and the rung it was promoted to).
 """
 
@@ -49,6 +49,9 @@ class TrialKey:
     OWNER = "owner"  # host:pid:start time of the process that runs it
     HEARTBEAT = "heartbeat"  # when that process last said it still runs it
     WEIGHTS = "weights"  # by checkpoint name (a dict per group for grouped weights)
+    # One attribute per tuned method parameter, "tuned:<name>" (the dashboard shows each
+    # as a column): its value, or {group: value} where it is set per group of tensors.
+    TUNED_PREFIX = "tuned:"
     RECIPE = "recipe"  # the mergekit dict that was merged
     DEV = "dev"  # every metric of every task on the search's split
     OBJECTIVES = "objectives"  # objective name -> value on that split
@@ -141,8 +144,11 @@ class TrialWriter:
     def heartbeat(self) -> None:
         self._set(TrialKey.HEARTBEAT, time.time())
 
-    def proposal(self, weights: Mapping[str, Any]) -> None:
+    def proposal(self, weights: Mapping[str, Any], tuned: Mapping[str, Any]) -> None:
+        """What the trial merges: its weights by checkpoint and its tuned values, exactly."""
         self._set(TrialKey.WEIGHTS, json_safe(dict(weights)))
+        for name, value in tuned.items():
+            self._set(f"{TrialKey.TUNED_PREFIX}{name}", json_safe(value))
 
     def recipe(self, recipe: Mapping[str, Any]) -> None:
         self._set(TrialKey.RECIPE, dict(recipe))
@@ -302,6 +308,7 @@ class TrialRecord:
     rungs: dict[int, dict[str, float]] = field(default_factory=dict)
     doc_scores: dict[str, Any] | None = None
     promoted_to: int | None = None
+    tuned: dict[str, Any] = field(default_factory=dict)  # tuned parameter -> value(s)
 
     @property
     def highest_rung(self) -> int | None:
@@ -384,7 +391,14 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         rungs=stored_rungs(ua),
         doc_scores=stored_doc_scores(ua),
         promoted_to=promoted_to(ua),
+        tuned=stored_tuned(ua),
     )
+
+
+def stored_tuned(trial_attrs: Mapping[str, Any]) -> dict[str, Any]:
+    """A trial's tuned method parameters: name -> value, or {group: value}."""
+    prefix = TrialKey.TUNED_PREFIX
+    return {k[len(prefix) :]: v for k, v in trial_attrs.items() if k.startswith(prefix)}
 
 
 def stored_rungs(trial_attrs: Mapping[str, Any]) -> dict[int, dict[str, float]]:
