@@ -257,13 +257,6 @@ class Recipe:
     def weights_for(self, tensor_name: str, n_layers: int) -> list[float]:
         return [self._model_value(s, "weight", tensor_name, n_layers) for s in self.models]
 
-    def densities_for(self, tensor_name: str, n_layers: int) -> list[float]:
-        return [self._model_value(s, "density", tensor_name, n_layers) for s in self.models]
-
-    def lambda_for(self, tensor_name: str, n_layers: int) -> float:
-        value = resolve(self.parameters.get("lambda"), tensor_name, n_layers)
-        return 1.0 if value is None else value
-
     def tensor_params(self, tensor_name: str, n_layers: int) -> TensorParams:
         """Every parameter of the method for one tensor, defaults filled in."""
         values: dict[str, float | bool] = {}
