@@ -6,8 +6,9 @@ its input contract (base required / optional / none, how many models); whether i
 one linear combination per tensor (then the C kernel and the file-to-file export serve
 it); whether a block of a tensor's rows merges on its own (then shard workers may split
 the tensor); whether it is random and how it is seeded. Recipe checks, study checks, the
-search space, the shard plan, the workers, the export and the docs all read these; the
-registry of descriptions is `recycler.merge.methods.METHODS`.
+search space, the shard plan, the workers, the export and the docs all read these. Each
+description stands beside its method's function (`linear`, `ties_family`, `geometric`,
+`selection`); the registry that collects them is `recycler.merge.methods.METHODS`.
 
 Parameter scopes follow mergekit's recipe format:
 
@@ -117,15 +118,23 @@ class Endpoints:
 
 @dataclass(frozen=True)
 class Coupling:
-    """`param` is legal only below a bound that the value of `on` sets (della: density ±
-    epsilon inside (0, 1)). A search samples `param` as a share of what `on` allows, so
-    every point of a default range merges. `on` has one value per merge (recipe or model
-    scope), so the bound is one number."""
+    """`param` is legal only below a bound that the value of per-model parameter `on` sets
+    (della: density ± epsilon inside (0, 1)). A search samples `param` as a share of what
+    `on` allows, so every point of a default range merges; the recipe checks it as a
+    `ModelRule` (`model_rule`), from the same `limit`."""
 
     param: str
     on: str
     limit: Callable[[float], float]  # the exclusive upper bound of `param` given `on`
-    rule: str  # the constraint in words, for messages
+    rule: str  # the constraint in words, a format string of `on` and `value`
+
+    def why_not(self, on: float, value: float) -> str | None:
+        """Why `value` of `param` does not fit `on`'s value, or None where it does."""
+        return None if value < self.limit(on) else self.rule.format(on=on, value=value)
+
+    @property
+    def model_rule(self) -> ModelRule:
+        return ModelRule((self.on, self.param), self.why_not)
 
 
 class UndefinedMerge(ValueError):
@@ -170,6 +179,21 @@ class LinearTerms:
 
 
 @dataclass(frozen=True)
+class ModelRule:
+    """A constraint on several per-model parameters of one model, taken together.
+
+    `why_not` gets the values of `params` (in that order) and says why they do not fit,
+    or returns None where they do.
+    """
+
+    params: tuple[str, ...]
+    why_not: Callable[..., str | None]
+
+    def check(self, values: Mapping[str, float]) -> str | None:
+        return self.why_not(*(values[name] for name in self.params))
+
+
+@dataclass(frozen=True)
 class MethodDescription:
     name: str
     title: str
@@ -201,6 +225,9 @@ class MethodDescription:
     endpoints: Endpoints | None = None
     # Parameters whose legal values depend on another's (a search samples them coupled).
     couplings: tuple[Coupling, ...] = ()
+    # Constraints that tie several of one model's parameters together (DELLA's
+    # density ± epsilon): checked on the recipe and again per tensor as it merges.
+    model_rules: tuple[ModelRule, ...] = ()
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -266,6 +293,22 @@ class MethodDescription:
         beside = " beside the base" if with_base and self.models_with_base is not None else ""
         noun = noun.removesuffix("s") if low == high == 1 else noun
         return f"{self.name} takes {want} {noun}{beside}, got {n_models}"
+
+
+# ---- parameters several methods share, as mergekit 0.1.5 names them ------------------
+def weight_param(doc: str = "the model's weight w_i") -> ParamSpec:
+    return ParamSpec("weight", "float", "model", 1.0, doc)
+
+
+def normalize_param(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "normalize", "bool", "recipe", default, "divide by the sum of the (agreeing) weights"
+    )
+
+
+INT8_MASK = ParamSpec(
+    "int8_mask", "bool", "recipe", False, "mergekit's memory switch; no effect (masks are bool)"
+)
 
 
 def describe_contract(m: MethodDescription) -> str:
