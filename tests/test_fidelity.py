@@ -35,14 +35,10 @@ from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.results import DocScores
 from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import folder_request, load_suite, suite_request
+from recycler.search.budget import Budget
 from recycler.search.fidelity import RungPlan, promotes, promotion_order
-from recycler.search.run import (
-    FREE_TRIALS_LIMIT,
-    Budget,
-    Prepared,
-    SearchDriver,
-    study_fingerprint,
-)
+from recycler.search.prepare import Prepared, study_fingerprint
+from recycler.search.run import FREE_TRIALS_LIMIT, SearchDriver
 from recycler.search.space import SearchSpace
 from recycler.search.stored import (
     TrialKey,

@@ -17,7 +17,8 @@ from recycler.evaluate.tasks import SuiteRequest
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.fidelity import RungPlan
-from recycler.search.run import Prepared, SearchDriver, study_fingerprint
+from recycler.search.prepare import Prepared, study_fingerprint
+from recycler.search.run import SearchDriver
 from recycler.search.space import SearchSpace
 from recycler.search.stored import TrialKey, mark_baselines_enqueued, queued_attrs, view_of
 from recycler.search.study import open_study, resolve_objectives
