@@ -220,7 +220,7 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
             start_ray(None)  # one local cluster for every run of this process
             with SearchDriver(
                 prepared,
-                lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+                lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.suite),
                 capacity=run.capacity,
             ) as driver:
                 driver.run(budget)

@@ -140,7 +140,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
 
         with SearchDriver(
             prepared,
-            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.suite),
             capacity=spec.cluster.eval_workers,
             on_progress=on_progress,
             on_trial=trial_printer(console),

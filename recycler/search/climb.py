@@ -19,6 +19,7 @@ from recycler.evaluate import doc_scores
 from recycler.evaluate.evaluator import EvalResult
 from recycler.evaluate.results import IDS, DocScores
 from recycler.evaluate.tasks import SuiteRequest, load_suite
+from recycler.merge.recipe import Recipe
 from recycler.search.fidelity import RungPlan, promotes
 from recycler.search.stored import (
     Objective,
@@ -37,7 +38,8 @@ class Climb:
     """A multi-fidelity trial the driver holds between rungs: what it has scored so far."""
 
     trial: optuna.Trial
-    recipe: dict[str, Any]
+    recipe: Recipe  # what the evaluator merges, rung after rung
+    stored: dict[str, Any]  # the recipe as the trial stores it: the result cache's key
     scores: DocScores
     # The objectives on each rung its scores cover, each computed once (a re-run's carried).
     by_rung: dict[int, dict[str, float]]
@@ -96,11 +98,12 @@ class Climbs:
         self.held: dict[int, Climb] = {}
         self.promotions: list[tuple[int, int]] = []  # (trial number, rung)
 
-    def start(self, trial: optuna.Trial, recipe: dict[str, Any]) -> int | Outcome:
+    def start(self, trial: optuna.Trial, recipe: Recipe, stored: dict[str, Any]) -> int | Outcome:
         """Hold a new trial, or a re-run with the rungs it carries: the rung it scores
         next, or its outcome when it had finished the rung it was promoted from."""
         attrs = trial.user_attrs  # a re-run's carried rungs are on the trial already
-        climb = Climb(trial, recipe, stored_doc_scores(attrs) or {}, stored_rungs(attrs))
+        scores = stored_doc_scores(attrs) or {}
+        climb = Climb(trial, recipe, stored, scores, stored_rungs(attrs))
         self.held[trial.number] = climb
         reached = self.rungs.reached(climb.scores)
         promoted = promoted_to(attrs)

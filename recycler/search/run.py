@@ -92,11 +92,16 @@ class SearchProgress:
     seconds_per_eval: float | None
 
 
+# A trial's recipe: parsed (what the evaluator merges) and as stored (the cache's key).
+TrialRecipe = tuple[Recipe, dict[str, Any]]
+
+
 @dataclass
 class _Flight:
     kind: str  # "dev": a trial of the search; "test": a front member re-scored
     number: int
-    recipe: dict[str, Any]
+    recipe: Recipe  # what the evaluator merges
+    stored: dict[str, Any]  # the recipe as the trial stores it: the result cache's key
     trial: optuna.Trial | None
     started: float
     n_docs: int = 0  # the documents it scores
@@ -237,7 +242,12 @@ class SearchDriver:
                         if hit is not None:
                             self._store_test(r.number, EvalResult(ok=True, metrics=hit.metrics))
                             continue
-                        self._submit("test", r.number, r.recipe, None, TEST_SPLIT)
+                        try:
+                            recipe = Recipe.from_dict(r.recipe, where=f"trial {r.number}")
+                        except RecyclerError as exc:
+                            self._store_test(r.number, EvalResult(ok=False, error=str(exc)))
+                            continue
+                        self._submit("test", r.number, (recipe, r.recipe), None, TEST_SPLIT)
                         count += 1
                     if self._flights:
                         for ticket, result in self.evaluator.wait():
@@ -299,8 +309,9 @@ class SearchDriver:
         self._submit("dev", trial.number, recipe, trial, self.split, n_docs=self.rungs.full_docs)
         return True
 
-    def _prepare_trial(self, trial: optuna.Trial) -> dict[str, Any] | None:
-        """Suggest, record and check the trial's recipe; None when it is already finished."""
+    def _prepare_trial(self, trial: optuna.Trial) -> TrialRecipe | None:
+        """Suggest, record and parse the trial's recipe (parsed once: the typed recipe is
+        what the evaluator gets); None when the trial is already finished."""
         writer = TrialWriter.of(trial)
         writer.claim(self.owner)
         proposal = self.prepared.space.suggest(trial)
@@ -308,26 +319,26 @@ class SearchDriver:
         if not proposal.is_finite():
             self._fail(trial, "non-finite weights")
             return None
-        recipe = self.prepared.space.recipe_dict(proposal)
-        writer.recipe(recipe)
+        stored = self.prepared.space.recipe_dict(proposal)
+        writer.recipe(stored)
         try:
-            Recipe.from_dict(recipe, where=f"trial {trial.number}")
+            recipe = Recipe.from_dict(stored, where=f"trial {trial.number}")
         except RecyclerError as exc:
             self._fail(trial, str(exc))
             return None
-        hit = self.cache.get(recipe, self.split)
+        hit = self.cache.get(stored, self.split)
         if hit is not None:
             writer.cache_hit(hit.trial_number)
             result = EvalResult(ok=True, metrics=hit.metrics)
-            self._complete(trial, recipe, result, cache_hit=hit.trial_number)
+            self._complete(trial, stored, result, cache_hit=hit.trial_number)
             return None
-        return recipe
+        return recipe, stored
 
     def _submit(
         self,
         kind: str,
         number: int,
-        recipe: dict[str, Any],
+        recipe: TrialRecipe,
         trial: optuna.Trial | None,
         split: str,
         *,
@@ -337,13 +348,14 @@ class SearchDriver:
     ) -> None:
         ticket = self._next_ticket
         self._next_ticket += 1
-        flight = _Flight(kind, number, recipe, trial, time.perf_counter(), n_docs, rung, docs)
+        now = time.perf_counter()
+        flight = _Flight(kind, number, recipe[0], recipe[1], trial, now, n_docs, rung, docs)
         with self._lock:
             # In flight before the evaluator starts: if it cannot, the trial is abandoned cleanly.
             self._flights[ticket] = flight
         evaluator = self.evaluator
         flight.started = time.perf_counter()  # the evaluator's start-up is not a trial's time
-        evaluator.submit(ticket, recipe, split, docs)
+        evaluator.submit(ticket, flight.recipe, split, docs)
 
     def _finish(self, ticket: int, result: EvalResult) -> str:
         with self._lock:
@@ -370,14 +382,14 @@ class SearchDriver:
         elif climb is not None:
             self._act(self.climbs.rung_scored(flight.number, result))
         else:
-            self._complete(flight.trial, flight.recipe, result, docs_scored=flight.n_docs)
+            self._complete(flight.trial, flight.stored, result, docs_scored=flight.n_docs)
         return "dev"
 
     # ---- multi-fidelity: a trial a rung at a time (climb.py) ---------------------------
-    def _start_climb(self, trial: optuna.Trial, recipe: dict[str, Any]) -> bool:
+    def _start_climb(self, trial: optuna.Trial, recipe: TrialRecipe) -> bool:
         """Start a multi-fidelity trial at its next rung: True when an evaluation is in
         flight, False when a re-run's carried rungs decided it at once."""
-        start = self.climbs.start(trial, recipe)
+        start = self.climbs.start(trial, *recipe)
         if isinstance(start, int):
             self._submit_rung(trial.number, start)
             return True
@@ -392,7 +404,7 @@ class SearchDriver:
         self._submit(
             "dev",
             number,
-            climb.recipe,
+            (climb.recipe, climb.stored),
             climb.trial,
             self.split,
             n_docs=n_docs,
@@ -406,7 +418,7 @@ class SearchDriver:
         if isinstance(outcome, Failed):
             self._fail(climb.trial, outcome.reason)
         elif isinstance(outcome, Completed):
-            self._complete(climb.trial, climb.recipe, outcome.result, docs_scored=climb.docs_scored)
+            self._complete(climb.trial, climb.stored, outcome.result, docs_scored=climb.docs_scored)
         elif isinstance(outcome, Pruned):
             self.study.tell(climb.trial, state=TrialState.PRUNED)
             if self.on_trial is not None:
@@ -424,13 +436,14 @@ class SearchDriver:
     def _complete(
         self,
         trial: optuna.Trial,
-        recipe: dict[str, Any],
+        stored: dict[str, Any],
         result: EvalResult,
         *,
         cache_hit: int | None = None,
         docs_scored: int = 0,
     ) -> None:
-        """Tell the trial its scores; `cache_hit`: the trial whose scores these are;
+        """Tell the trial its scores (`stored`: its recipe as stored, the cache's key);
+        `cache_hit`: the trial whose scores these are;
         `docs_scored`: the documents its own evaluations scored."""
         values = objective_values(self.prepared.objectives, result.metrics)
         writer = TrialWriter.of(trial)
@@ -443,7 +456,7 @@ class SearchDriver:
         self.study.tell(trial, told_values(self.prepared.spec, self.prepared.objectives, values))
         merged = cache_hit is None
         if merged:
-            self.cache.put(recipe, self.split, CachedResult(trial.number, result.metrics))
+            self.cache.put(stored, self.split, CachedResult(trial.number, result.metrics))
         if self.on_trial is not None:
             self.on_trial(
                 FinishedTrial(
