@@ -129,6 +129,7 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
     from recycler.cluster.evaluator import RayEvaluator
     from recycler.cluster.worker import WorkerConfig
     from recycler.evaluate.tasks import folder_request
+    from recycler.merge.recipe import Recipe
 
     recipe = uniform_recipe(zoo, dtype)
     cfg = WorkerConfig(
@@ -151,7 +152,7 @@ def merge_on_ray(zoo: Path, dtype: str, shard_workers: int, repeats: int) -> flo
     try:
         times = []
         for i in range(repeats + 1):
-            ev.submit(i, recipe, "dev")
+            ev.submit(i, Recipe.from_dict(recipe), "dev")
             [(_, result)] = ev.wait()
             if not result.ok:
                 raise RuntimeError(result.error)

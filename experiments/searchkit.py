@@ -201,7 +201,9 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     """The run's stored study, after running (or resuming) it to its budget."""
     from recycler.cluster.connect import start_ray
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.search.run import Budget, SearchDriver, prepare
+    from recycler.search.budget import Budget
+    from recycler.search.prepare import prepare
+    from recycler.search.run import SearchDriver
     from recycler.search.study import cost_of
 
     spec = load_study_spec(study_path(run, seed, SETTINGS.zoo(seed, say)))
@@ -218,7 +220,7 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
             start_ray(None)  # one local cluster for every run of this process
             with SearchDriver(
                 prepared,
-                lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+                lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.suite),
                 capacity=run.capacity,
             ) as driver:
                 driver.run(budget)

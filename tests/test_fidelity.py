@@ -23,6 +23,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from test_search_front import weights_of
 
 from recycler.cli import main
 from recycler.commands.search import run_search
@@ -35,14 +36,11 @@ from recycler.evaluate.model import ResidentModel
 from recycler.evaluate.results import DocScores
 from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import folder_request, load_suite, suite_request
+from recycler.merge.recipe import Recipe
+from recycler.search.budget import Budget
 from recycler.search.fidelity import RungPlan, promotes, promotion_order
-from recycler.search.run import (
-    FREE_TRIALS_LIMIT,
-    Budget,
-    Prepared,
-    SearchDriver,
-    study_fingerprint,
-)
+from recycler.search.prepare import Prepared, study_fingerprint
+from recycler.search.run import FREE_TRIALS_LIMIT, SearchDriver
 from recycler.search.space import SearchSpace
 from recycler.search.stored import (
     TrialKey,
@@ -170,15 +168,15 @@ class ToyDocEvaluator:
     capacity = 1
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, dict[str, Any], str, Any]] = []
+        self.pending: list[tuple[int, Recipe, str, Any]] = []
         self.log: list[tuple[list[float], dict[str, list[int]] | None]] = []
 
-    def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: Any = None) -> None:
+    def submit(self, ticket: int, recipe: Recipe, split: str, docs: Any = None) -> None:
         self.pending.append((ticket, recipe, split, docs))
 
     def wait(self) -> list[tuple[int, EvalResult]]:
         ticket, recipe, _split, docs = self.pending.pop()
-        weights = [m["parameters"]["weight"] for m in recipe["models"]]
+        weights = weights_of(recipe)
         self.log.append((weights, None if docs is None else {t: list(i) for t, i in docs.items()}))
         if docs is None:  # the test split's re-scoring: plain metrics
             metrics = {
@@ -341,7 +339,7 @@ def test_baselines_go_through_every_rung_and_rank_the_others(
 
 def test_an_evaluation_of_other_documents_fails_the_trial(tmp_path: Path, micro_zoo: Path) -> None:
     class Shifted(ToyDocEvaluator):
-        def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: Any = None) -> None:
+        def submit(self, ticket: int, recipe: Recipe, split: str, docs: Any = None) -> None:
             shifted = {t: [i + 1 for i in ids] for t, ids in docs.items()} if docs else docs
             super().submit(ticket, recipe, split, shifted)
 

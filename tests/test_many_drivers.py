@@ -28,7 +28,7 @@ from test_search_e2e import study_file
 
 from recycler.cli import main
 from recycler.config import load_study_spec
-from recycler.search.run import prepare
+from recycler.search.prepare import prepare
 from recycler.search.storage import open_storage
 from recycler.search.stored import TrialKey, TrialWriter, queued_attrs
 from recycler.search.study import (

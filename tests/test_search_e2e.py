@@ -27,7 +27,7 @@ import yaml
 from recycler.cli import main
 from recycler.commands.search import run_search
 from recycler.config import load_study_spec
-from recycler.search.run import prepare
+from recycler.search.prepare import prepare
 from recycler.search.stored import StudyKey, TrialKey
 
 OBJECTIVES = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -14,10 +13,12 @@ import yaml
 from recycler.config import load_study_spec
 from recycler.evaluate.evaluator import EvalResult
 from recycler.evaluate.tasks import SuiteRequest
+from recycler.merge.recipe import Recipe
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.fidelity import RungPlan
-from recycler.search.run import Prepared, SearchDriver, study_fingerprint
+from recycler.search.prepare import Prepared, study_fingerprint
+from recycler.search.run import SearchDriver
 from recycler.search.space import SearchSpace
 from recycler.search.stored import TrialKey, mark_baselines_enqueued, queued_attrs, view_of
 from recycler.search.study import open_study, resolve_objectives
@@ -113,22 +114,29 @@ def test_dominated_rows_and_dominates() -> None:
 # ---- a toy two-objective study through the real driver, Optuna and SQLite -----------------
 
 
+def weights_of(recipe: Recipe) -> list[float]:
+    """A toy trial's weights: one number per model (the typed recipe the evaluator gets)."""
+    weights = [m.weight for m in recipe.models]
+    assert all(isinstance(w, int | float) for w in weights), weights
+    return [float(w) for w in weights]  # type: ignore[arg-type]
+
+
 class ToyEvaluator:
     """A toy problem scored from the recipe's weights; two in flight, answered out of order."""
 
     capacity = 2
 
     def __init__(self) -> None:
-        self.pending: list[tuple[int, dict[str, Any], str]] = []
+        self.pending: list[tuple[int, Recipe, str]] = []
         self.calls = 0
 
-    def submit(self, ticket: int, recipe: dict[str, Any], split: str, docs: object = None) -> None:
+    def submit(self, ticket: int, recipe: Recipe, split: str, docs: object = None) -> None:
         self.pending.append((ticket, recipe, split))
 
     def wait(self) -> list[tuple[int, EvalResult]]:
         ticket, recipe, split = self.pending.pop()  # the newest first: out of order
         self.calls += 1
-        w = [m["parameters"]["weight"] for m in recipe["models"]]
+        w = weights_of(recipe)
         gain = 1.0 if split == "dev" else 0.9
         quality = gain * (w[0] + 0.6 * w[1] ** 0.5)  # maximised
         cost = (w[2] - 0.2) ** 2 + 0.5 * w[1]  # minimised

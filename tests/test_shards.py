@@ -255,7 +255,7 @@ def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
                 )  # the evaluation worker holds only the model
             got = []
             for i, recipe in enumerate(recipes):
-                ev.submit(i, recipe, "dev")
+                ev.submit(i, Recipe.from_dict(recipe), "dev")
                 [(ticket, result)] = ev.wait()
                 assert ticket == i and result.ok, result.error
                 got.append(result.metrics)
@@ -313,7 +313,7 @@ def test_a_killed_worker_is_restarted_and_its_trial_retried(
         cfg, address=None, n_workers=1, gpus_per_worker=0, shard_workers=2, merge_method="linear"
     )
     try:
-        recipe = recipe_dict(micro_zoo, "linear", "bfloat16")
+        recipe = Recipe.from_dict(recipe_dict(micro_zoo, "linear", "bfloat16"))
         ev.submit(0, recipe, "dev")
         [(_, before)] = ev.wait()
         assert before.ok, before.error
@@ -353,7 +353,7 @@ def test_placement_group_holds_every_worker_and_is_released(
         assert len({f["node_id"] for f in facts}) == 1
         table = placement_group_table(group)
         assert table["strategy"] == "STRICT_PACK" and len(table["bundles"]) == 3
-        ev.submit(0, recipe_dict(micro_zoo, "linear", "bfloat16"), "dev")
+        ev.submit(0, Recipe.from_dict(recipe_dict(micro_zoo, "linear", "bfloat16")), "dev")
         [(_, result)] = ev.wait()
         assert result.ok, result.error
     finally:

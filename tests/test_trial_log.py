@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
-from test_search_front import ToyEvaluator, toy_study
+from test_search_front import ToyEvaluator, toy_study, weights_of
 
 from recycler.commands.search import trial_line
 from recycler.evaluate.evaluator import EvalResult
@@ -18,7 +18,7 @@ class HalfFailingEvaluator(ToyEvaluator):
     def wait(self) -> list[tuple[int, EvalResult]]:
         recipe = self.pending[-1][1]
         out = super().wait()
-        if recipe["models"][0]["parameters"]["weight"] > 0.5:
+        if weights_of(recipe)[0] > 0.5:
             return [
                 (
                     ticket,

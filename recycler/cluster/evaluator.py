@@ -12,8 +12,9 @@ the reason and a fresh worker takes the slot, so the study goes on.
 `cluster.placement` other than `none` reserves one Ray placement group for all the
 workers of the search (`placement.py`); a replacement worker takes the dead one's bundle.
 
-The recipe dict a trial stores is parsed here, once per trial, into a `Recipe`: that
-typed recipe is what crosses to the workers.
+The search parses a trial's recipe once; that typed `Recipe` is what crosses to the
+workers. The task suite is the prepared study's (`Prepared.suite`), pinned here to the
+task files this host resolved so that every worker scores the same tasks.
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from recycler.cluster.shards import plan_shards, pool_sizes
 from recycler.cluster.worker import TrialWorker, WorkerConfig
 from recycler.config import CONNECT_TIMEOUT_S
 from recycler.errors import RecyclerError
-from recycler.evaluate.evaluator import EvalResult, describe_failure
-from recycler.evaluate.tasks import pinned_request, suite_request
+from recycler.evaluate.evaluator import EvalResult
+from recycler.evaluate.tasks import SuiteRequest, pinned_request
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 
@@ -141,14 +142,14 @@ class RayEvaluator:
             raise RecyclerError(f"a shard worker could not start: {_cause(exc)}") from None
 
     @classmethod
-    def from_spec(cls, spec: Any, pool: Any, objectives: Sequence[Any]) -> RayEvaluator:
-        """From a StudySpec, its opened Pool and its objectives."""
+    def from_spec(cls, spec: Any, pool: Any, suite: SuiteRequest) -> RayEvaluator:
+        """From a StudySpec, its opened Pool and its task suite (`Prepared.suite`)."""
         gpus = float(spec.cluster.gpus_per_worker)
         cfg = WorkerConfig(
             checkpoints=tuple(str(c.path.resolve()) for c in pool.checkpoints),
             base=str(pool.base.path.resolve()) if pool.base is not None else None,
             model_dir=str(pool.config_dir.resolve()),
-            suite=pinned_request(suite_request(spec)),
+            suite=pinned_request(suite),
             limit=spec.eval.limit,
             batch_size=spec.eval.batch_size,
             dtype=spec.merge.dtype,
@@ -190,7 +191,7 @@ class RayEvaluator:
     def submit(
         self,
         ticket: int,
-        recipe_dict: dict[str, Any],
+        recipe: Recipe,
         split: str,
         docs: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
@@ -199,14 +200,6 @@ class RayEvaluator:
                 "submit with every worker busy: the caller keeps one trial per worker"
             )
         actor = self._idle.pop()
-        try:
-            recipe = Recipe.from_dict(recipe_dict, where="trial recipe")
-        except RecyclerError as exc:  # a failed evaluation like any other: the study goes on
-            self._pending[ray.put(EvalResult(ok=False, error=describe_failure(exc)))] = (
-                ticket,
-                actor,
-            )
-            return
         if self._shards:
             # Every shard worker merges its pieces; the evaluation worker fetches them (nested
             # refs, so it sees a failed shard as its own error and fetches one shard at a time).

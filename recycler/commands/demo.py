@@ -23,7 +23,7 @@ from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
 from recycler.report import write_report
 from recycler.search.analysis import analyse
-from recycler.search.run import Budget
+from recycler.search.budget import Budget
 from recycler.search.stored import view_of
 from recycler.zoo.build import build_zoo
 

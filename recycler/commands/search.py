@@ -24,14 +24,9 @@ from recycler.commands._args import positive_int
 from recycler.commands.front import summary_line
 from recycler.config import StudySpec, load_study_spec
 from recycler.search.baselines import GREEDY
-from recycler.search.run import (
-    Budget,
-    FinishedTrial,
-    Prepared,
-    SearchDriver,
-    SearchProgress,
-    prepare,
-)
+from recycler.search.budget import Budget
+from recycler.search.prepare import Prepared, prepare
+from recycler.search.run import FinishedTrial, SearchDriver, SearchProgress
 from recycler.search.stored import view_of
 
 
@@ -145,7 +140,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
 
         with SearchDriver(
             prepared,
-            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.objectives),
+            lambda: RayEvaluator.from_spec(spec, prepared.pool, prepared.suite),
             capacity=spec.cluster.eval_workers,
             on_progress=on_progress,
             on_trial=trial_printer(console),

@@ -1,6 +1,7 @@
 """What the search needs from whoever evaluates a recipe (recycler.cluster implements it).
 
-The search hands over a recipe dict and a split, and gets scores back; it never sees a
+The search hands over a recipe (the typed `merge.recipe.Recipe`, parsed once by the
+search from what the trial stores) and a split, and gets scores back; it never sees a
 tensor, a worker or Ray. `capacity` is how many evaluations may be in flight at once
 (one per evaluation worker): the search keeps that many trials running and asks the
 sampler for the next one as soon as any finishes.
@@ -15,10 +16,11 @@ import os
 import traceback
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 from recycler.errors import RecyclerError
 from recycler.evaluate.results import DocScores
+from recycler.merge.recipe import Recipe
 
 
 @dataclass
@@ -41,13 +43,13 @@ class Evaluator(Protocol):
     def submit(
         self,
         ticket: int,
-        recipe: dict[str, Any],
+        recipe: Recipe,
         split: str,
         docs: Mapping[str, Sequence[int]] | None = None,
     ) -> None:
-        """Start evaluating `recipe` (as a trial stores it: a recipe dict, parsed once by
-        the implementation); `ticket` comes back with the result. `docs`: score only these
-        documents of each task (`TaskSuite.doc_ids`), and return each one's scores."""
+        """Start evaluating `recipe`; `ticket` comes back with the result. `docs`: score
+        only these documents of each task (`TaskSuite.doc_ids`), and return each one's
+        scores."""
 
     def wait(self) -> list[tuple[int, EvalResult]]:
         """Block until at least one submitted evaluation finishes; return all finished ones."""

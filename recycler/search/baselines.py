@@ -23,12 +23,24 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import optuna
+from optuna.trial import TrialState
+
+from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.merge.methods import METHODS
 from recycler.merge.weights import mwa_weights, uniform_weights
 from recycler.search.cache import recipe_key
 from recycler.search.space import SearchSpace
-from recycler.search.stored import Objective, TrialRecord
-from recycler.search.study import macro_average
+from recycler.search.stored import (
+    Objective,
+    TrialRecord,
+    greedy_soup_settled,
+    queued_attrs,
+    settle_greedy_soup,
+    view_of,
+)
+from recycler.search.study import enqueue, macro_average
 
 MWA_PENALTY = {"loss": 0.65, "step": 1.0}
 SINGLE = "single:"
@@ -208,3 +220,49 @@ def members_weights(names: Sequence[str], members: Sequence[str]) -> list[float]
     """The uniform soup of `members`, as weights over all checkpoints."""
     share = 1.0 / len(members)
     return [share if n in members else 0.0 for n in names]
+
+
+# ---- the greedy soup's steps, enqueued as the scores arrive --------------------------------
+
+
+def greedy_pending(spec: StudySpec, study: optuna.Study) -> bool:
+    """The study asks for the greedy soup (a soup of weights: only where the method reads
+    them) and has not settled it yet."""
+    return (
+        "greedy" in spec.search.baselines
+        and METHODS[spec.merge.method].weighted
+        and not greedy_soup_settled(study.user_attrs)
+    )
+
+
+def enqueue_greedy_step(
+    study: optuna.Study, spec: StudySpec, space: SearchSpace, objectives: Sequence[Objective]
+) -> None:
+    """Enqueue the greedy soup's next step once the scores it depends on are in and
+    nothing else waits; settle the soup when every step has a score."""
+    if not greedy_pending(spec, study):
+        return
+    if study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        return
+    state = greedy_state(view_of(study).trials, space.names, objectives)
+    if state.done:
+        settle_greedy_soup(study, state.soup_trial)
+        return
+    if state.blocked or state.next_members is None:
+        return
+    params = space.encode(members_weights(space.names, state.next_members))
+    if params is None:
+        settle_greedy_soup(study, None)
+        return
+    enqueue(study, params, queued_attrs(params, baseline=GREEDY, greedy_members=state.next_members))
+
+
+def settle_greedy(
+    study: optuna.Study, spec: StudySpec, names: Sequence[str], objectives: Sequence[Objective]
+) -> None:
+    """Record the greedy soup's trial once every step has a score."""
+    if not greedy_pending(spec, study):
+        return
+    state = greedy_state(view_of(study).trials, names, objectives)
+    if state.done:
+        settle_greedy_soup(study, state.soup_trial)

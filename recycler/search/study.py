@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.evaluate.evaluator import lookup_metric
 from recycler.search.samplers import effective_seed, make_sampler
 from recycler.search.storage import open_storage, shown
 from recycler.search.stored import (
@@ -75,6 +76,43 @@ def macro_average(values: dict[str, float], objectives: Sequence[Objective]) -> 
 
 def single_objective(spec: StudySpec) -> bool:
     return spec.search.scalarised
+
+
+def told_values(
+    spec: StudySpec, objectives: Sequence[Objective], values: Mapping[str, float]
+) -> list[float]:
+    """What Optuna is told for these objective values: the macro-average for a
+    single-valued study, else one value per objective."""
+    if single_objective(spec):
+        return [macro_average(dict(values), objectives)]
+    return [values[o.name] for o in objectives]
+
+
+def told_maximize(spec: StudySpec, objectives: Sequence[Objective]) -> list[bool]:
+    """The direction of each value Optuna is told (`told_values`)."""
+    if single_objective(spec):
+        return [True]
+    return [o.maximize for o in objectives]
+
+
+def objective_values(
+    objectives: Sequence[Objective], metrics: Mapping[str, Mapping[str, float]]
+) -> dict[str, float] | str:
+    """Each objective's value in lm-eval's `metrics`, or why one cannot be read."""
+    values: dict[str, float] = {}
+    for o in objectives:
+        task_metrics = metrics.get(o.task)
+        if task_metrics is None:
+            got = ", ".join(sorted(metrics)) or "none"
+            return f"lm-eval returned no results for task {o.task} (got: {got})"
+        value = lookup_metric(dict(task_metrics), o.metric)
+        if value is None:
+            got = ", ".join(sorted(task_metrics))
+            return f"task {o.task} has no metric {o.metric} (got: {got})"
+        if not isinstance(value, int | float) or value != value or abs(value) == float("inf"):
+            return f"objective {o.name} is not a finite number: {value!r}"
+        values[o.name] = float(value)
+    return values
 
 
 def owner_id() -> str:
