@@ -4,7 +4,8 @@
   and the other baselines (one panel per pair of objectives);
 - hypervolume.png: the hypervolume of the first k trials against k (best macro-average
   for a single objective), one fixed reference point so the curve only rises;
-- weights.png: the weights of the Pareto set's members by checkpoint.
+- weights.png: the weights of the Pareto set's members by checkpoint (where the method
+  reads weights; the tables show every member's and baseline's full recipe).
 
 Matplotlib's object API (Figure, no pyplot) keeps this free of global backend state.
 Files are written under temporary names and renamed, so a failed run leaves no half
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.search import front as pareto
-from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_weights
+from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_recipe
 from recycler.search.baselines import SINGLE
 from recycler.search.stored import StudyView
 
@@ -170,17 +171,17 @@ def plot_weights(s: FrontSummary, path: Path) -> None:
     _save(fig, path)
 
 
-def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, with_weights: bool) -> str:
-    """Front members (with weights, what they dominate) or baselines (what dominates them)."""
+def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, front: bool) -> str:
+    """Front members (what they dominate) or baselines (what dominates them), each with its
+    recipe: weights and tuned values."""
     test_vals = {m.record.number: m.values for m in [*test.members, *test.baselines]}
     head = "".join(
         f"<th>{html.escape(n)} (dev)</th><th>{html.escape(n)} (test)</th>" for n in s.objectives
     )
-    last = "dominates (dev)" if with_weights else "dominated by (dev)"
+    last = "dominates (dev)" if front else "dominated by (dev)"
     out = [
-        f"<table><tr><th>trial</th><th>label</th>{head}"
-        + ("<th>weights</th>" if with_weights else "")
-        + f"<th>{last}</th></tr>"
+        f"<table><tr><th>trial</th><th>label</th>{head}<th>recipe (weights, tuned values)</th>"
+        f"<th>{last}</th></tr>"
     ]
     for m in rows:
         tv = test_vals.get(m.record.number)
@@ -190,18 +191,14 @@ def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, with_weigh
             for k in range(len(s.objectives))
         )
         label = html.escape(m.label + (" (knee)" if m.is_knee else ""))
-        weights = (
-            f"<td><code>{html.escape(format_weights(m.record.weights))}</code></td>"
-            if with_weights
-            else ""
-        )
+        recipe = f"<td><code>{html.escape(format_recipe(m.record))}</code></td>"
         related = (
             m.dominates
-            if with_weights
+            if front
             else [f"trial {f.record.number}" for f in s.members if m.label in f.dominates]
         )
         out.append(
-            f"<tr><td>{m.record.number}</td><td>{label}</td>{cells}{weights}"
+            f"<tr><td>{m.record.number}</td><td>{label}</td>{cells}{recipe}"
             f"<td>{html.escape(', '.join(related) or '-')}</td></tr>"
         )
     out.append("</table>")
@@ -220,7 +217,14 @@ def write_report(spec: StudySpec, view: StudyView, out_dir: Path) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     plot_front(view, summary, out_dir / "pareto.png")
     plot_hypervolume(view, summary, out_dir / "hypervolume.png")
-    plot_weights(summary, out_dir / "weights.png")
+    weighted = any(m.record.weights for m in summary.members)
+    if weighted:
+        plot_weights(summary, out_dir / "weights.png")
+    weights_section = (
+        '<h2>Weights</h2><img src="weights.png" alt="weights of the Pareto set">'
+        if weighted
+        else "<p>The method reads no weights: the recipe columns above show what it tuned.</p>"
+    )
     hv = "n/a" if summary.hypervolume is None else f"{summary.hypervolume:.6g}"
     hv_test = "n/a" if test.hypervolume is None else f"{test.hypervolume:.6g}"
     directions = ", ".join(
@@ -252,7 +256,7 @@ sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
 {_html_table(summary, summary.baselines, test, False)}
 <h2>Pareto front</h2><img src="pareto.png" alt="Pareto front">
 <h2>Hypervolume</h2><img src="hypervolume.png" alt="hypervolume against trials">
-<h2>Weights</h2><img src="weights.png" alt="weights of the Pareto set">
+{weights_section}
 </body></html>
 """
     index = out_dir / "index.html"

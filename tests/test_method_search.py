@@ -9,6 +9,8 @@ to the same tensors as the trial's own; its baselines are distinct merges. Coupl
 
 from __future__ import annotations
 
+import html
+import io
 import itertools
 import random
 from pathlib import Path
@@ -19,16 +21,28 @@ import pytest
 import torch
 import yaml
 
+from recycler.commands.export import card_extra
+from recycler.commands.front import front_as_dict, render_csv, render_table
 from recycler.config import StudySpec, load_study_spec
 from recycler.errors import RecyclerError
 from recycler.merge.description import MergeInputs
 from recycler.merge.engine import merge_state_dict
 from recycler.merge.methods import METHODS
+from recycler.export.card import model_card
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
+from recycler.report import write_report
+from recycler.search.analysis import analyse, format_recipe
 from recycler.search.baselines import BASE, DEFAULTS, baseline_trials
 from recycler.search.space import SearchSpace
-from recycler.search.stored import TrialWriter, read_trial
+from recycler.search.stored import (
+    Objective,
+    TrialWriter,
+    queued_attrs,
+    read_trial,
+    view_of,
+    write_identity,
+)
 
 # Fisher merging needs fisher.safetensors beside each checkpoint (tests/test_fisher.py).
 SEARCHABLE = [m for m in METHODS.values() if m.searchable and not m.needs_fishers]
@@ -215,3 +229,43 @@ def test_default_ranges_are_legal_everywhere(method: str) -> None:
                 params=params,
             )
         )
+
+
+def test_front_report_and_card_show_each_trials_tuned_values(
+    micro_zoo: Path, tmp_path: Path
+) -> None:
+    """slerp with t per group of layers: every place a trial's scores are shown names its t."""
+    spec, pool = _study(tmp_path, micro_zoo, "slerp", granularity="layers:2")
+    space = SearchSpace.from_pool(spec, pool)
+    study = optuna.create_study(direction="maximize")
+    write_identity(study, [Objective("inc", "zoo_inc", "acc", True)], space.fingerprint())
+    baselines, _ = baseline_trials(space, pool.checkpoints, spec.search.enqueued_baselines)
+    for label, params in baselines:
+        study.enqueue_trial(params, user_attrs=queued_attrs(params, baseline=label))
+    for _ in range(len(baselines) + 2):
+        trial = study.ask()
+        proposal = space.suggest(trial)
+        writer = TrialWriter.of(trial)
+        writer.proposal(space.weights_by_checkpoint(proposal), proposal.tuned)
+        writer.recipe(space.recipe_dict(proposal))
+        # A score that orders the trials by their t (what is shown is the point here).
+        value = sum(proposal.tuned["t"].values())  # type: ignore[union-attr]
+        writer.scores({"zoo_inc": {"acc,none": value}}, {"inc": value})
+        study.tell(trial, value)
+    summary = analyse(view_of(study), "dev")
+    best = summary.members[0].record
+    t = best.tuned["t"]
+    shown = "t=" + "/".join(f"{v:.3g}" for v in t.values())
+    assert shown in format_recipe(best) and "=" not in format_recipe(best).replace(shown, "")
+    table = io.StringIO()
+    render_table(summary, spec, file=table)
+    assert shown in table.getvalue() and "t=0/0/0" in table.getvalue()  # the base baseline
+    header, *rows = render_csv(summary).splitlines()
+    assert "p:t" in header.split(",") and not any(c.startswith("w:") for c in header.split(","))
+    assert front_as_dict(summary, spec)["front"][0]["tuned"] == {"t": t}
+    page = write_report(spec, view_of(study), tmp_path / "report").read_text()
+    assert html.escape(shown) in page and not (tmp_path / "report" / "weights.png").exists()
+    assert card_extra(spec, best, "knee", summary)["tuned values"] == {"t": t}
+    assert best.recipe is not None
+    card = model_card(pool, Recipe.from_dict(best.recipe), {}, None)
+    assert "| checkpoint |\n|---|\n" in card and "- t: `per-tensor: " in card

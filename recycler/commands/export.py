@@ -85,6 +85,9 @@ def card_extra(
     }
     if record.baseline:
         extra["baseline"] = record.baseline
+    if record.tuned:
+        # what the search chose beside the weights (also in the recipe above)
+        extra["tuned values"] = dict(record.tuned)
     extra[f"scores on {spec.eval.split}"] = dict(record.objectives)
     if record.test_objectives:
         extra["scores on test"] = dict(record.test_objectives)

@@ -22,7 +22,7 @@ from recycler.search.analysis import (
     analyse,
     describe_doc_split,
     format_number,
-    format_weights,
+    format_recipe,
 )
 from recycler.search.stored import StudyView
 from recycler.search.study import load_view
@@ -88,6 +88,7 @@ def front_as_dict(
             "knee": m.is_knee,
             "scores": dict(zip(s.objectives, m.values)) if m.values is not None else None,
             "weights": r.weights,
+            "tuned": r.tuned,
             "dominates": m.dominates,
             "merge_seconds": r.merge_seconds,
             "eval_seconds": r.eval_seconds,
@@ -135,7 +136,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
         table.add_column(f"{name} {arrow}", justify="right")
     if mean:
         table.add_column(f"mean {arrows[0]}", justify="right")
-    table.add_column("weights")
+    table.add_column("recipe (weights, tuned values)")
     table.add_column("dominates")
     n_baselines = len({b.label for b in s.baselines if b.values is not None})
     for m in s.members:
@@ -149,7 +150,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
             str(m.record.number),
             label,
             *_values(m, len(s.objectives), mean),
-            format_weights(m.record.weights),
+            format_recipe(m.record),
             beaten,
         )
     console.print(table)
@@ -161,6 +162,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
             base.add_column(f"{name} {arrow}", justify="right")
         if mean:
             base.add_column(f"mean {arrows[0]}", justify="right")
+        base.add_column("recipe")
         base.add_column("dominated by (trials of the front)")
         for b in s.baselines:
             by = [str(m.record.number) for m in s.members if b.label in m.dominates]
@@ -168,6 +170,7 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
                 str(b.record.number),
                 b.label,
                 *_values(b, len(s.objectives), mean),
+                format_recipe(b.record),
                 ", ".join(by) or "-",
             )
         console.print(base)
@@ -189,9 +192,20 @@ def render_table(s: FrontSummary, spec: StudySpec, file: Any = None) -> None:
 def render_csv(s: FrontSummary) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    names = sorted({n for m in [*s.members, *s.baselines] for n in m.record.weights})
+    everyone = [*s.members, *s.baselines]
+    names = sorted({n for m in everyone for n in m.record.weights})
+    tuned = sorted({n for m in everyone for n in m.record.tuned})
     writer.writerow(
-        ["trial", "role", "label", "knee", *s.objectives, *(f"w:{n}" for n in names), "dominates"]
+        [
+            "trial",
+            "role",
+            "label",
+            "knee",
+            *s.objectives,
+            *(f"w:{n}" for n in names),
+            *(f"p:{n}" for n in tuned),
+            "dominates",
+        ]
     )
     rows = [("front", m) for m in s.members] + [
         ("baseline", b)
@@ -200,11 +214,16 @@ def render_csv(s: FrontSummary) -> str:
     ]
     for role, m in rows:
         vals = [f"{v:.6g}" for v in m.values] if m.values is not None else [""] * len(s.objectives)
-        ws = []
-        for n in names:
-            w = m.record.weights.get(n)
-            ws.append(json.dumps(w) if isinstance(w, dict) else ("" if w is None else f"{w:.6g}"))
+        ws = [_csv_cell(m.record.weights.get(n)) for n in names]
+        ps = [_csv_cell(m.record.tuned.get(n)) for n in tuned]
         writer.writerow(
-            [m.record.number, role, m.label, int(m.is_knee), *vals, *ws, ";".join(m.dominates)]
+            [m.record.number, role, m.label, int(m.is_knee), *vals, *ws, *ps, ";".join(m.dominates)]
         )
     return buf.getvalue()
+
+
+def _csv_cell(value: Any) -> str:
+    """A weight or tuned value as stored (JSON for one per group); empty when absent."""
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return "" if value is None else f"{value:.6g}"

@@ -31,20 +31,24 @@ def model_card(
         "",
         "## Recipe",
         "",
-        "| checkpoint | weight | density |",
-        "|---|---|---|",
+    ]
+    # One column per per-model parameter the method reads (slerp's checkpoints have none).
+    columns = [p for p in recipe.method.params if p.scope == "model"]
+    top = data.get("parameters", {})
+    lines += [
+        "| checkpoint |" + "".join(f" {p.name} |" for p in columns),
+        "|---|" + "---|" * len(columns),
     ]
     for entry, ckpt in zip(data["models"], pool.checkpoints):
         params = entry.get("parameters", {})
-        lines.append(
-            f"| {ckpt.name} | {_fmt(params.get('weight', 1.0))} | "
-            f"{_fmt(params.get('density', '-'))} |"
-        )
+        cells = [_fmt(params.get(p.name, top.get(p.name, p.default))) for p in columns]
+        lines.append(f"| {ckpt.name} |" + "".join(f" {c} |" for c in cells))
     lines += ["", f"- method: `{recipe.merge_method}`", f"- dtype: `{recipe.dtype}`"]
     if recipe.base_model:
         lines.append(f"- base model: `{recipe.base_model}`")
-    for key, value in data.get("parameters", {}).items():
-        lines.append(f"- {key}: `{value}`")
+    for key, value in top.items():
+        if all(p.name != key for p in columns):
+            lines.append(f"- {key}: `{_fmt(value)}`")
     if extra:
         lines += ["", "## Search", ""]
         for key, value in extra.items():
@@ -53,7 +57,7 @@ def model_card(
                 lines += [f"| {k} | {_fmt(v)} |" for k, v in value.items()]
                 lines.append("")
             else:
-                lines.append(f"- {key}: {_fmt(value)}")
+                lines.append(f"- {key}: `{_fmt(value)}`")
     lines += ["", "## Inputs", "", "| input | file | sha256 |", "|---|---|---|"]
     for ckpt in [c for c in [pool.base, *pool.checkpoints] if c is not None]:
         role = "base" if ckpt is pool.base else ckpt.name
@@ -70,4 +74,6 @@ def _fmt(value: Any) -> str:
             f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}"
             for e in value
         )
+    if isinstance(value, dict):  # a tuned value per group of tensors
+        return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return str(value)

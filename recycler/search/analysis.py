@@ -136,22 +136,36 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
 
 
 def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:
-    """{a: 0.5, b: 0.5, c: 0} → 'a=0.50 b=0.50'; grouped weights → 'a=0.50/0.40/0.10 ...'.
+    """{a: 0.5, b: 0.5, c: 0} → 'a=0.5 b=0.5'; grouped weights → 'a=0.5/0.4/0.1 ...'.
 
-    Weights that round to 0.00 are left out (a single checkpoint reads as one name).
+    Three significant digits; weights below 0.0005 are left out (a single checkpoint reads
+    as one name).
     """
     parts = []
     for name, w in weights.items():
         if isinstance(w, dict):
             values = [v for v in w.values() if isinstance(v, int | float)]
-            if drop_zero and values and all(abs(v) < 0.005 for v in values):
+            if drop_zero and values and all(abs(v) < 0.0005 for v in values):
                 continue
-            parts.append(f"{name}=" + "/".join(format_number(v, 2) for v in w.values()))
+            parts.append(f"{name}=" + "/".join(format_value(v) for v in w.values()))
         else:
-            if drop_zero and isinstance(w, int | float) and abs(w) < 0.005:
+            if drop_zero and isinstance(w, int | float) and abs(w) < 0.0005:
                 continue
-            parts.append(f"{name}={format_number(w, 2)}")
+            parts.append(f"{name}={format_value(w)}")
     return " ".join(parts) or "-"
+
+
+def format_recipe(record: TrialRecord) -> str:
+    """What a trial merged: its weights (where the method reads them), then each tuned
+    value ('density=0.42', per group 't=0.3/0.7')."""
+    tuned = format_weights(record.tuned, drop_zero=False) if record.tuned else ""
+    weights = format_weights(record.weights) if record.weights else ""
+    return " ".join(p for p in (weights, tuned) if p) or "-"
+
+
+def format_value(value: Any) -> str:
+    """A weight or tuned value at three significant digits (nearswap's t is ~1e-3)."""
+    return f"{value:.3g}" if isinstance(value, int | float) else "n/a"
 
 
 def format_number(value: Any, digits: int = 4) -> str:
