@@ -353,6 +353,8 @@ class StudySpec(_Strict):
     cluster: ClusterSpec = Field(default_factory=ClusterSpec)
     # The folder of the study file: the root of every relative path. Not a YAML key.
     root: Path = Field(default=Path("."), exclude=True)
+    # The study file itself, for messages about its keys found after it was read. Not a key.
+    source: Path | None = Field(default=None, exclude=True)
 
     @model_validator(mode="before")
     @classmethod
@@ -490,6 +492,15 @@ class StudySpec(_Strict):
     def task_dirs(self) -> list[Path]:
         """The study's own task folders (absolute), in lm-eval include_path order."""
         return [self.resolve(f) for f in self.eval.task_folders]
+
+    def keyed(self, message: str) -> str:
+        """A message that starts with one of the study file's keys (`search.fidelity.rungs:
+        …`, found once the pool or the tasks are read) with the file in front, as the file's
+        own checks give it."""
+        key = re.split(r"[.:]", message, maxsplit=1)[0]
+        if self.source is None or key not in type(self).model_fields or key in ("root", "source"):
+            return message
+        return f"{self.source}: {message}"
 
     def resolve(self, path: str | Path) -> Path:
         p = Path(path).expanduser()
@@ -645,11 +656,12 @@ def parse_study_spec(data: Any, path: Path, *, check_folders: bool = True) -> St
     """
     if not isinstance(data, dict):
         raise RecyclerError(f"{path}: the study file must be a YAML mapping of keys")
-    if "root" in data:
-        raise RecyclerError(f"{path}: root: unknown key")
+    for internal in ("root", "source"):
+        if internal in data:
+            raise RecyclerError(f"{path}: {internal}: unknown key")
     root = path.resolve().parent
     try:
-        spec = StudySpec.model_validate({**data, "root": root})
+        spec = StudySpec.model_validate({**data, "root": root, "source": path})
     except ValidationError as exc:
         errors = exc.errors()
         key, message = _describe(errors[0])

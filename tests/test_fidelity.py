@@ -389,6 +389,19 @@ def test_budget_in_full_trial_equivalents(tmp_path: Path, micro_zoo: Path) -> No
     assert n > 3  # most trials stop at a quarter of the documents
 
 
+def test_a_rung_too_small_to_rank_scores_ten_documents_of_each_task() -> None:
+    """The README's rungs on the micro pool's 40 dev documents: 0.11 would score 4 (every
+    search trial was pruned there); it scores 10, with a note, and stays nested."""
+    dev = {"a": list(range(40))}
+    plan = RungPlan.build(dev, _fidelity([0.11, 0.33, 1.0]), 0)
+    assert [len(plan.docs[k]["a"]) for k in range(3)] == [10, 13, 40]
+    assert set(plan.docs[0]["a"]) < set(plan.docs[1]["a"])
+    assert plan.notes == (
+        "search.fidelity.rungs: rung 0.11 leaves too few documents to rank trials (a 4 of its "
+        "40 dev documents); it scores 10 of each such task (all where it has fewer)",
+    )
+
+
 # ---- bad keys ---------------------------------------------------------------------------
 
 
@@ -404,8 +417,10 @@ def test_budget_in_full_trial_equivalents(tmp_path: Path, micro_zoo: Path) -> No
         ({"rungs": [0.1, 1.0], "eta": 1.5}, "search.fidelity.eta: input should be greater than"),
         ({"rungs": [0.1, 1.0], "speed": 2}, "search.fidelity.speed: unknown key"),
         (
-            {"rungs": [0.01, 1.0]},
-            "search.fidelity.rungs: rung 0.01 leaves no document of task zoo_dec (40 dev",
+            # 0.2 leaves 8 of the 40 dev documents: raised to 10, what 0.25 scores
+            {"rungs": [0.2, 0.25, 1.0]},
+            "study.yaml: search.fidelity.rungs: rungs 0.2 and 0.25 give task zoo_dec the same "
+            "10 documents (40 dev documents, at least 10 per rung)",
         ),
         (
             {"rungs": [0.5, 0.51, 1.0]},

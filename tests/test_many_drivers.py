@@ -263,7 +263,7 @@ def test_bad_storage_is_one_line(
     assert (
         proc.returncode == 2
         and len(lines) == 1
-        and lines[0].startswith("recycler: error: storage: ")
+        and lines[0].startswith(f"recycler: error: {study_path}: storage: ")
     ), proc.stderr
     assert ":pw@" not in lines[0] and ":wrong@" not in lines[0]  # the password is masked
     assert time.monotonic() - started < 90
@@ -286,7 +286,7 @@ def test_a_study_name_taken_with_other_objectives(
     proc, lines = failed_search(study_path)
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert (
-        lines[0].startswith("recycler: error: storage: study 'e2e'")
+        lines[0].startswith(f"recycler: error: {study_path}: storage: study 'e2e'")
         and "other objectives (inc/maximize, rev/maximize)" in lines[0]
     )
 

@@ -31,6 +31,10 @@ from recycler.evaluate.results import IDS, DocScores
 from recycler.search.front import dominates
 
 FULL = (1.0,)
+# The fewest documents of a task a rung scores: below ten, a task's accuracy moves in steps
+# over 0.1, so trials tie or are ranked by noise (rungs [0.11, 0.33, 1] left 4 documents
+# per task on the micro pool, and every search trial was pruned at the first rung).
+MIN_RUNG_DOCS = 10
 
 
 @dataclass(frozen=True)
@@ -41,33 +45,50 @@ class RungPlan:
     eta: float
     docs: tuple[dict[str, list[int]], ...]  # per rung: task → its documents (sorted)
 
+    # Notes on rungs raised to MIN_RUNG_DOCS documents of a task (printed by the search).
+    notes: tuple[str, ...] = ()
+
     @classmethod
     def build(
         cls, dev_ids: Mapping[str, Sequence[int]], fidelity: FidelitySpec | None, seed: int
     ) -> RungPlan:
-        """The plan for these dev documents; RecyclerError naming search.fidelity.rungs
-        when a rung would score no document of a task, or no more than the rung below."""
+        """The plan for these dev documents. A rung that leaves a task fewer than
+        MIN_RUNG_DOCS documents scores that many of it (a note says so); RecyclerError
+        naming search.fidelity.rungs where a rung then scores no more documents of a task
+        than the rung below."""
         fractions = FULL if fidelity is None else tuple(fidelity.rungs)
-        per_task = {task: rung_ids(ids, fractions, seed) for task, ids in sorted(dev_ids.items())}
+        per_task: dict[str, list[list[int]]] = {}
+        short: dict[int, list[str]] = {}
+        for task, ids in sorted(dev_ids.items()):
+            floor = min(MIN_RUNG_DOCS, len(ids)) / max(1, len(ids))
+            for k, f in enumerate(fractions):
+                if f < floor:
+                    given = round(len(ids) * f)
+                    short.setdefault(k, []).append(f"{task} {given} of its {len(ids)}")
+            # The same seeded order, a longer prefix: the rungs stay nested.
+            per_task[task] = rung_ids(ids, [max(f, floor) for f in fractions], seed)
         for task, rungs in per_task.items():
-            for k, ids in enumerate(rungs):
-                if not ids:
-                    raise RecyclerError(
-                        f"search.fidelity.rungs: rung {fractions[k]} leaves no document of task "
-                        f"{task} ({len(dev_ids[task])} dev documents)"
-                    )
-                if k and len(ids) == len(rungs[k - 1]):
+            for k in range(1, len(rungs)):
+                if len(rungs[k]) == len(rungs[k - 1]):
                     raise RecyclerError(
                         f"search.fidelity.rungs: rungs {fractions[k - 1]} and {fractions[k]} "
-                        f"give task {task} the same {len(ids)} documents "
-                        f"({len(dev_ids[task])} dev documents)"
+                        f"give task {task} the same {len(rungs[k])} documents "
+                        f"({len(dev_ids[task])} dev documents"
+                        + (f", at least {MIN_RUNG_DOCS} per rung)" if k - 1 in short else ")")
                     )
+        notes = tuple(
+            f"search.fidelity.rungs: rung {fractions[k]} leaves too few documents to rank "
+            f"trials ({', '.join(tasks)} dev documents); it scores {MIN_RUNG_DOCS} of each "
+            "such task (all where it has fewer)"
+            for k, tasks in sorted(short.items())
+        )
         return cls(
             fractions=fractions,
             eta=1.0 if fidelity is None else float(fidelity.eta),
             docs=tuple(
                 {task: rungs[k] for task, rungs in per_task.items()} for k in range(len(fractions))
             ),
+            notes=notes,
         )
 
     @property

@@ -106,7 +106,15 @@ def objective_directions(
 
 def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
     """Index the pool (headers only), build the space, open or create the study, enqueue
-    the baselines."""
+    the baselines. An error about a key of the study file names the file, as its own
+    checks do."""
+    try:
+        return _prepare(spec, create)
+    except RecyclerError as exc:
+        raise RecyclerError(spec.keyed(str(exc))) from None
+
+
+def _prepare(spec: StudySpec, create: bool) -> Prepared:
     pool = Pool.open(spec.pool.checkpoints, spec.base_path, root=spec.root)
     space = SearchSpace.from_pool(spec, pool)
     request = suite_request(spec)
@@ -123,6 +131,7 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=label), skip_if_exists=True)
         mark_baselines_enqueued(study)
+    notes.extend(rungs.notes)
     if spec.search.fidelity is not None and spec.search.sampler not in ("tpe", "random"):
         notes.append(
             f"search.fidelity with sampler {spec.search.sampler}: it learns from complete "
