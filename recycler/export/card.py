@@ -57,7 +57,7 @@ def model_card(
                 lines += [f"| {k} | {_fmt(v)} |" for k, v in value.items()]
                 lines.append("")
             else:
-                lines.append(f"- {key}: `{_fmt(value)}`")
+                lines.append(f"- {key}: {_fmt(value)}")
     lines += ["", "## Inputs", "", "| input | file | sha256 |", "|---|---|---|"]
     for ckpt in [c for c in [pool.base, *pool.checkpoints] if c is not None]:
         role = "base" if ckpt is pool.base else ckpt.name
