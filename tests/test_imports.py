@@ -21,6 +21,8 @@ LAYERS: list[set[str]] = [
     {"yaml_file"},
     {"pool"},
     {"merge"},
+    {"study_keys"},
+    {"search_spec"},
     {"config"},
     {"evaluate"},
     {"export", "search", "zoo"},
