@@ -231,10 +231,6 @@ class StudySpec(StrictModel):
                 )
             shots[o.task] = o.num_fewshot
         self._check_method()
-        if self.search.sampler == "cmaes" and self.search.objective == "pareto":
-            raise KeyedError(
-                "search.objective", "cmaes optimises one value: use macro_average or leave it out"
-            )
         if self.search.budget is not None and "n_trials" in self.search.model_fields_set:
             raise KeyedError("search.budget", "give search.n_trials or search.budget, not both")
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:

@@ -10,6 +10,7 @@ from typing import Any, Literal
 from pydantic import Field, field_serializer, field_validator, model_validator
 
 from recycler.merge.methods import METHODS
+from recycler.samplers import SAMPLERS
 from recycler.study_keys import KeyedError, StrictModel, matching, note_once
 
 BaselineName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
@@ -66,10 +67,12 @@ class SearchSpec(StrictModel):
     bounds: tuple[float, float] = (0.0, 1.0)
     granularity: str = "model"
     tune: list[TuneSpec] = Field(default_factory=list)
-    sampler: Literal["tpe", "nsga2", "gp", "random", "cmaes"] = "tpe"
+    # A name in recycler.samplers.SAMPLERS.
+    sampler: str = "tpe"
     # pareto: one Optuna value per objective, the search keeps a Pareto set;
     # macro_average: one value, the signed mean of the objectives (the setting of
-    # Khalifa et al. 2024). Left out: macro_average for cmaes (single-objective), else pareto.
+    # Khalifa et al. 2024). Left out: macro_average for a sampler of one objective (cmaes),
+    # else pareto.
     objective: Literal["pareto", "macro_average"] | None = None
     n_trials: int = Field(default=50, ge=1)
     # The search's budget in full-trial equivalents (documents scored / a full trial's),
@@ -96,6 +99,22 @@ class SearchSpec(StrictModel):
             )
             data = {(new if k == old else k): v for k, v in data.items()}
         return data
+
+    @field_validator("sampler")
+    @classmethod
+    def _sampler(cls, value: str) -> str:
+        if value not in SAMPLERS:
+            raise ValueError(f"must be one of {', '.join(SAMPLERS)}")
+        return value
+
+    @model_validator(mode="after")
+    def _objective(self) -> SearchSpec:
+        if self.objective == "pareto" and not SAMPLERS[self.sampler].multi_objective:
+            raise KeyedError(
+                "search.objective",
+                f"{self.sampler} optimises one value: use macro_average or leave it out",
+            )
+        return self
 
     @field_validator("granularity")
     @classmethod
@@ -160,7 +179,7 @@ class SearchSpec(StrictModel):
     def scalarised(self) -> bool:
         """True when the study optimises the macro-average instead of a Pareto set."""
         return self.objective == "macro_average" or (
-            self.objective is None and self.sampler == "cmaes"
+            self.objective is None and not SAMPLERS[self.sampler].multi_objective
         )
 
     @property

@@ -18,7 +18,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "recycler"
 # package's own __init__ (the version).
 LAYERS: list[set[str]] = [
     {"recycler", "errors"},
-    {"yaml_file"},
+    {"yaml_file", "samplers"},
     {"pool"},
     {"merge"},
     {"study_keys"},

@@ -6,6 +6,7 @@ import pytest
 
 from recycler.merge import method_docs
 from recycler.merge.methods import METHODS
+from recycler.samplers import SAMPLERS, sampler_table
 
 
 @pytest.mark.parametrize("block", sorted(method_docs.DOCS))
@@ -23,3 +24,10 @@ def test_every_method_and_parameter_is_documented() -> None:
         assert f"[`{m.name}`]" in table
         for p in m.params:
             assert f"| `{m.name}` | `{p.name}` |" in params
+
+
+def test_every_sampler_is_documented() -> None:
+    table = sampler_table()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        f"`{name}`" for name in SAMPLERS
+    ]

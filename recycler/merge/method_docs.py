@@ -1,5 +1,6 @@
-"""The README's method table and docs/internals.md's parameter table, written from the
-methods' descriptions (`methods.METHODS`), so the docs cannot drift from the code.
+"""The README's method and sampler tables and docs/internals.md's parameter table, written
+from the methods' and samplers' descriptions (`methods.METHODS`, `samplers.SAMPLERS`), so
+the docs cannot drift from the code.
 
     python -m recycler.merge.method_docs          # rewrite both blocks in place
     python -m recycler.merge.method_docs --check  # exit 1 where a block is stale
@@ -16,9 +17,14 @@ from pathlib import Path
 
 from recycler.merge.description import MethodDescription, ParamSpec, describe_contract
 from recycler.merge.methods import METHODS
+from recycler.samplers import sampler_table
 
 ROOT = Path(__file__).resolve().parents[2]
-DOCS = {"table": ROOT / "README.md", "params": ROOT / "docs" / "internals.md"}
+DOCS = {
+    "table": ROOT / "README.md",
+    "params": ROOT / "docs" / "internals.md",
+    "samplers": ROOT / "README.md",
+}
 
 
 def _default(p: ParamSpec) -> str:
@@ -78,7 +84,7 @@ def params_table() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"table": method_table, "params": params_table}
+BLOCKS = {"table": method_table, "params": params_table, "samplers": sampler_table}
 
 
 def _block(name: str) -> re.Pattern[str]:

@@ -40,6 +40,7 @@ from recycler.evaluate.tasks import (
 )
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
+from recycler.samplers import SAMPLERS
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.baselines import GREEDY, fixed_baselines, greedy_state, members_weights
@@ -183,7 +184,7 @@ def prepare(spec: StudySpec, *, create: bool = True) -> Prepared:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=b.label), skip_if_exists=True)
         mark_baselines_enqueued(study)
-    if spec.search.fidelity is not None and spec.search.sampler not in ("tpe", "random"):
+    if spec.search.fidelity is not None and SAMPLERS[spec.search.sampler].ignores_pruned:
         notes.append(
             f"search.fidelity with sampler {spec.search.sampler}: it learns from complete "
             "trials only, a few of a multi-fidelity search's; tpe learns from pruned ones too"

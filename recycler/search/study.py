@@ -19,7 +19,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
-from recycler.search.samplers import effective_seed, make_sampler
+from recycler.samplers import effective_seed, make_sampler
 from recycler.search.storage import open_storage, shown
 from recycler.search.stored import (
     Objective,
