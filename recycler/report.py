@@ -26,6 +26,7 @@ from recycler.errors import RecyclerError
 from recycler.search import front as pareto
 from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_weights
 from recycler.search.baselines import SINGLE
+from recycler.search.storage import shown
 from recycler.search.stored import StudyView
 
 
@@ -242,7 +243,7 @@ Pareto set of {len(summary.members)} chosen on {html.escape(spec.eval.split)};
 knee: trial {summary.knee}.
 Hypervolume: {hv} on dev, {hv_test} on test for the Pareto set. Objectives:
 {html.escape(directions)}.
-Storage: <code>{html.escape(spec.storage)}</code>,
+Storage: <code>{html.escape(shown(spec.storage))}</code>,
 method <code>{html.escape(spec.merge.method)}</code>,
 sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
 <p>Documents each score used:</p><ul>{documents}</ul>

@@ -24,6 +24,7 @@ from recycler.search.analysis import (
     format_number,
     format_weights,
 )
+from recycler.search.storage import shown
 from recycler.search.stored import StudyView
 from recycler.search.study import load_view
 
@@ -100,7 +101,7 @@ def front_as_dict(
 
     return {
         "study": spec.name,
-        "storage": spec.storage,
+        "storage": shown(spec.storage),
         "split": s.split,
         "documents": doc_split,
         "objectives": [
