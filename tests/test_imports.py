@@ -29,6 +29,7 @@ LAYERS: list[set[str]] = [
     {"cluster", "report"},
     {"commands"},
     {"cli"},
+    {"__main__"},
 ]
 
 
