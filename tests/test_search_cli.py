@@ -280,3 +280,22 @@ def test_python_dash_m_recycler_is_the_command(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert proc.returncode == 2 and "absent.yaml" in one_error_line(proc.stderr)
+
+
+def test_gpus_a_machine_lacks_are_refused_before_ray_starts(
+    tmp_path: Path, micro_zoo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+    import torch
+    from test_search_e2e import study_file
+
+    if torch.cuda.device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    study = study_file(tmp_path, micro_zoo, cluster={"gpus_per_worker": 1})
+    code, out, err = run_cli("search", study, capsys=capsys)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        "recycler: error: cluster.gpus_per_worker: 1 worker(s) × 1 GPU need 1 GPUs; "
+        "this machine has 0"
+    )
+    assert not ray.is_initialized() and not (tmp_path / "study.db").exists()
