@@ -30,7 +30,8 @@ from recycler.zoo.build import build_zoo
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
-# "  1.2 s  starting Ray; checking the study, indexing the pool …" (commands/search.phase)
+# "  1.2 s  starting Ray; checking the study, indexing the pool …" (commands/search.phase,
+# printed with -v)
 PHASE = re.compile(r"^\s*([0-9.]+) s  (.*?) …$")
 FIRST_TRIAL = re.compile(r"^trial \d+ \[.*\] complete")
 
@@ -60,7 +61,7 @@ def one_run(zoo: Path, folder: Path) -> dict[str, Any]:
     study.write_text(yaml.safe_dump(data))
     started = time.perf_counter()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "recycler", "search", str(study)],
+        [sys.executable, "-m", "recycler", "search", "-v", str(study)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,

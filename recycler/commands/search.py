@@ -41,17 +41,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", type=Path)
     parser.add_argument("--n-trials", type=positive_int, help="total trials (default: the study's)")
     parser.add_argument(
-        "-v", "--verbose", action="store_true", help="show Ray's own notes and stack dumps"
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print each start-up phase; show Ray's own notes and stack dumps",
     )
 
 
 def run(args: argparse.Namespace) -> None:
     if not args.verbose:
         quiet_ray()
-    run_search(args.study, args.n_trials)
+    run_search(args.study, args.n_trials, verbose=args.verbose)
 
 
-def run_search(study_path: Path, n_trials: int | None = None) -> None:
+def run_search(study_path: Path, n_trials: int | None = None, *, verbose: bool = False) -> None:
     """Search the study to `n_trials` trials (the study file's number by default).
 
     Ray starts in the background while the study is checked and the pool indexed: the
@@ -61,21 +64,21 @@ def run_search(study_path: Path, n_trials: int | None = None) -> None:
     started = time.perf_counter()
     cluster = spec.cluster
     check_local_gpus(cluster.address, cluster.gpus_per_worker, cluster.eval_workers)
-    phase(console, started, "starting Ray; checking the study, indexing the pool")
     began = begin_ray(cluster.address, cluster.connect_timeout_s)
     prepared: Prepared | None = None
     leaving = False
     try:
         from recycler.search.run import Budget  # after Ray has begun: see the imports
 
-        prepared = prepare_quietly(spec)
+        with phase(
+            console, started, "starting Ray; checking the study, indexing the pool", verbose
+        ):
+            prepared = prepare_quietly(spec)
         for note in prepared.notes:
             console.print(f"[yellow]note:[/] {note}")
-        phase(
-            console,
-            started,
-            f"study ready; Ray, {cluster.eval_workers} evaluation worker(s), the first trial",
-        )
+        starting = f"Ray, {cluster.eval_workers} evaluation worker(s), the first trial"
+        with phase(console, started, starting, verbose, spinner=False):
+            pass  # the progress bar says it until the first trial ends
         search_and_rescore(prepared, Budget.of(spec, n_trials), console)
     except SystemExit:  # SIGTERM (the `recycler` command raises it)
         leaving = True
@@ -88,9 +91,20 @@ def run_search(study_path: Path, n_trials: int | None = None) -> None:
     print(summary_line(view_of(prepared.handle.study), prepared.spec))
 
 
-def phase(console: Console, started: float, text: str) -> None:
-    """A start-up phase, on stderr, with the seconds since the command began."""
-    console.print(f"[dim]{time.perf_counter() - started:5.1f} s  {text} …[/]", highlight=False)
+@contextmanager
+def phase(
+    console: Console, started: float, text: str, verbose: bool, *, spinner: bool = True
+) -> Iterator[None]:
+    """A start-up phase: with `-v` a line with the seconds since the command began; else on
+    a terminal a spinner that leaves nothing behind, so an error line stands alone."""
+    if verbose:
+        console.print(f"{time.perf_counter() - started:5.1f} s  {text} …", highlight=False)
+        yield
+    elif spinner and console.is_terminal:
+        with console.status(f"{text} …"):
+            yield
+    else:
+        yield
 
 
 def kept(prepared: Prepared, study_path: Path) -> str:
@@ -181,7 +195,10 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
         transient=False,
     ) as progress:
         total = budget.cost if by_cost else budget.n_trials
-        task_id = progress.add_task(f"study {spec.name}", total=total, count="", hv="-", spe="-")
+        # Until a trial ends: what the search waits for (Ray, its workers, the first trial).
+        task_id = progress.add_task(
+            f"study {spec.name}: starting workers", total=total, count="", hv="-", spe="-"
+        )
 
         def on_progress(p: SearchProgress) -> None:
             if by_cost:
@@ -190,6 +207,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
                 count = f"{p.done}/{p.budget.n_trials} trials · cost {p.cost:.2f} full trials"
             progress.update(
                 task_id,
+                description=f"study {spec.name}",
                 completed=min(p.cost if by_cost else p.done, total or 0),
                 count=count,
                 hv="-" if p.hypervolume is None else f"{p.hypervolume:.4g}",
