@@ -235,3 +235,33 @@ def test_sigterm_while_the_cluster_starts_ends_the_search_promptly(
         trials = load(study).get_trials()
         assert not [t for t in trials if t.state.name == "RUNNING"]
         assert "`recycler search " in err
+
+
+def test_sigterm_mid_search_says_what_was_kept_without_ray_noise(
+    tmp_path: Path, micro_zoo: Path, ray_tmpdir: Path
+) -> None:
+    study = study_file(tmp_path, micro_zoo, n_trials=40, address=None)
+    proc = start_search(study, ray_tmpdir)
+    assert proc.stderr is not None
+    try:
+        seen = []
+        for line in proc.stderr:  # a line per finished trial: stderr is a pipe
+            seen.append(line)
+            if line.startswith("trial "):
+                proc.send_signal(signal.SIGTERM)
+                break
+        _, rest = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    err = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, err
+    stored = sum(t.state.is_finished() for t in load(study).get_trials())
+    assert (
+        f"recycler: stopped: {stored} finished trial(s) of study 'lifecycle' are stored in "
+        f"sqlite:///study.db; `recycler search {study}` resumes it"
+    ) in err
+    # Ray's token-authentication note and its C++ stack dump are not shown (no -v).
+    assert "Token authentication" not in err and "SIGTERM received" not in err, err
+    assert "Traceback" not in err, err
