@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives exp-fidelity clean
+.PHONY: install lint test demo bench bench-startup exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives exp-fidelity clean
 
 # setup.py and the C kernel too: an edited kernel is rebuilt before the tests run.
 $(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
@@ -43,6 +43,10 @@ demo: $(STAMP)
 bench: $(STAMP) $(MERGEKIT)
 	$(BIN)/python experiments/bench_merge.py
 	bash .ci/with-postgres $(BIN)/python experiments/bench_ray.py
+
+# Seconds from `recycler search` to its first finished trial on the micro pool, by phase.
+bench-startup: $(STAMP)
+	$(BIN)/python experiments/bench_startup.py
 
 # Experiments: each builds what it needs, scores on the test split, and
 # writes CSV, Markdown and PNG to experiments/results/.

@@ -41,7 +41,7 @@ from expkit import (
 
 from recycler.config import load_study_spec, parse_study_spec
 from recycler.merge.methods import METHODS
-from recycler.search.samplers import effective_seed
+from recycler.samplers import effective_seed
 from recycler.search.stored import StudyView, view_of
 from recycler.search.study import macro_average
 

@@ -1,7 +1,8 @@
 """The `recycler` command: maps each subcommand's name to its module in `recycler.commands`.
 
 Exit codes: 0 success; 2 bad input or configuration (one line `recycler: error: ...`
-on stderr, no traceback); 1 an internal fault. Nothing imports this module.
+on stderr, no traceback); 1 an internal fault. Only `python -m recycler` (`__main__.py`)
+imports this module.
 """
 
 from __future__ import annotations

@@ -8,60 +8,31 @@ a study runs the same from any working directory.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
-import sys
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    ValidationError,
-    field_serializer,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from recycler.errors import RecyclerError
 from recycler.merge.methods import METHODS
+from recycler.search_spec import SearchSpec
+from recycler.study_keys import KeyedError, StrictModel, matching
 from recycler.yaml_file import load_yaml
 
-BaselineName = Literal["uniform", "singles", "mwa", "mwa_loss", "mwa_step", "greedy"]
-# The uniform soup and every single checkpoint: n + 1 evaluations that let `front` say
-# which baselines the search beats. Not by default (experiments 1 and 2): MWA, which did
-# not beat the uniform soup, and the greedy soup, n - 1 more evaluations that every
-# search of the same budget beat.
-DEFAULT_BASELINES: tuple[BaselineName, ...] = ("uniform", "singles")
-# Keys renamed since a release: old name -> new name, both read, the old with a note.
-_RENAMED_SEARCH_KEYS = {"seeds": "baselines"}
-
-_GRANULARITY = re.compile(r"^(model|blocks|layers:([1-9][0-9]*))$")
 _GLOB = re.compile(r"[*?\[]")
 _OBJECTIVE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_.\-]*$")
 
 
-def _matching(pattern: re.Pattern[str], value: str, message: str) -> str:
-    if not pattern.match(value):
-        raise ValueError(message)
-    return value
-
-
-class _Strict(BaseModel):
-    # A misspelt key is an error, never silently ignored.
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class PoolSpec(_Strict):
+class PoolSpec(StrictModel):
     base: Path | None = None
     checkpoints: list[str] = Field(min_length=1)
 
 
-class MergeSpec(_Strict):
+class MergeSpec(StrictModel):
     method: str = "linear"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
     params: dict[str, float | int | bool] = Field(default_factory=dict)
@@ -81,175 +52,21 @@ class MergeSpec(_Strict):
         for key, v in self.params.items():
             spec = method.param(key)
             if spec is None or key == "weight":
-                raise _KeyError(
+                raise KeyedError(
                     "merge.params",
                     f"{key}: unknown parameter for {self.method} "
                     f"(known: {', '.join(known) or 'none'})",
                 )
             if spec.kind == "bool" and not isinstance(v, bool):
-                raise _KeyError("merge.params", f"{key}: must be true or false")
+                raise KeyedError("merge.params", f"{key}: must be true or false")
             if spec.kind != "bool" and isinstance(v, bool):
-                raise _KeyError("merge.params", f"{key}: must be a number")
+                raise KeyedError("merge.params", f"{key}: must be a number")
             if spec.kind != "bool" and not spec.bounds.contains(float(v)):
-                raise _KeyError("merge.params", f"{key}: must be in {spec.bounds}")
+                raise KeyedError("merge.params", f"{key}: must be in {spec.bounds}")
         return self
 
 
-class TuneSpec(_Strict):
-    """One searched method parameter and its range."""
-
-    name: str
-    low: float
-    high: float
-
-
-class FidelitySpec(_Strict):
-    """Multi-fidelity trials (`recycler.search.fidelity`): a trial scores a rung's share of
-    every task's dev documents, and goes on to the next rung only when it is among the
-    best 1/eta of the trials that finished the rung."""
-
-    rungs: list[float]
-    eta: float = Field(default=3, ge=2)
-
-    @field_validator("rungs")
-    @classmethod
-    def _rungs(cls, value: list[float]) -> list[float]:
-        if len(value) < 2:
-            raise ValueError(
-                "needs at least two rungs (one rung of 1.0 is a full-fidelity search: leave "
-                "search.fidelity out)"
-            )
-        for low, high in itertools.pairwise(value):
-            if not low < high:
-                raise ValueError(f"must be increasing, got {low} before {high}")
-        if value[0] <= 0:
-            raise ValueError(f"a rung is a fraction of the dev documents in (0, 1], got {value[0]}")
-        if value[-1] != 1.0:
-            raise ValueError(f"the last rung must be 1.0 (every dev document), got {value[-1]}")
-        return value
-
-
-class SearchSpec(_Strict):
-    weights: Literal["simplex", "box"] = "simplex"
-    bounds: tuple[float, float] = (0.0, 1.0)
-    granularity: str = "model"
-    tune: list[TuneSpec] = Field(default_factory=list)
-    sampler: Literal["tpe", "nsga2", "gp", "random", "cmaes"] = "tpe"
-    # pareto: one Optuna value per objective, the search keeps a Pareto set;
-    # macro_average: one value, the signed mean of the objectives (the setting of
-    # Khalifa et al. 2024). Left out: macro_average for cmaes (single-objective), else pareto.
-    objective: Literal["pareto", "macro_average"] | None = None
-    n_trials: int = Field(default=50, ge=1)
-    # The search's budget in full-trial equivalents (documents scored / a full trial's),
-    # instead of n_trials: what a multi-fidelity search is measured in.
-    budget: float | None = Field(default=None, gt=0)
-    fidelity: FidelitySpec | None = None
-    seed: int = 0
-    baselines: list[BaselineName] = Field(default_factory=lambda: list(DEFAULT_BASELINES))
-
-    @model_validator(mode="before")
-    @classmethod
-    def _renamed(cls, data: Any) -> Any:
-        if not isinstance(data, dict):
-            return data
-        for old, new in _RENAMED_SEARCH_KEYS.items():
-            if old not in data:
-                continue
-            if new in data:
-                raise _KeyError(
-                    f"search.{old}", f"renamed to search.{new}, which is also given: keep one"
-                )
-            _note_once(
-                f"search.{old} is now called search.{new}; the study file still reads as before"
-            )
-            data = {(new if k == old else k): v for k, v in data.items()}
-        return data
-
-    @field_validator("granularity")
-    @classmethod
-    def _granularity(cls, value: str) -> str:
-        return _matching(
-            _GRANULARITY, value, "must be model, blocks or layers:K with K a positive integer"
-        )
-
-    @field_validator("bounds")
-    @classmethod
-    def _bounds(cls, value: tuple[float, float]) -> tuple[float, float]:
-        low, high = value
-        if not low < high:
-            raise ValueError(f"must be [low, high] with low < high, got [{low}, {high}]")
-        return value
-
-    @field_validator("tune", mode="before")
-    @classmethod
-    def _tune(cls, value: Any) -> Any:
-        # `tune: [density, {lambda: [0.5, 2.0]}]`: a bare name takes merge.method's default
-        # range (StudySpec._tune_ranges has put it in before this runs).
-        if not isinstance(value, list):
-            return value
-        out: list[Any] = []
-        for item in value:
-            if isinstance(item, str):
-                # Only where merge.method is unknown (its own error says so).
-                raise ValueError(f"unknown parameter {item!r}")
-            elif isinstance(item, dict) and len(item) == 1:
-                # Whether merge.method can tune it: StudySpec._check_method, which knows it.
-                ((name, rng),) = item.items()
-                if not (
-                    isinstance(rng, list | tuple)
-                    and len(rng) == 2
-                    and all(isinstance(v, int | float) and not isinstance(v, bool) for v in rng)
-                ):
-                    raise ValueError(f"{name}: range must be [low, high]")
-                if not rng[0] < rng[1]:
-                    raise ValueError(f"{name}: range must have low < high, got {list(rng)}")
-                out.append({"name": name, "low": float(rng[0]), "high": float(rng[1])})
-            else:
-                raise ValueError("each entry must be a parameter name or {name: [low, high]}")
-        names = [o["name"] for o in out]
-        if len(set(names)) != len(names):
-            raise ValueError("a parameter is listed twice")
-        return out
-
-    @field_validator("baselines")
-    @classmethod
-    def _baselines(cls, value: list[BaselineName]) -> list[BaselineName]:
-        if len(set(value)) != len(value):
-            raise ValueError("a baseline is listed twice")
-        if "greedy" in value and "singles" not in value:
-            raise ValueError("greedy is built from the single-checkpoint scores: add singles")
-        return value
-
-    @property
-    def scalarised(self) -> bool:
-        """True when the study optimises the macro-average instead of a Pareto set."""
-        return self.objective == "macro_average" or (
-            self.objective is None and self.sampler == "cmaes"
-        )
-
-    @property
-    def layer_groups(self) -> int | None:
-        """K for `layers:K`, else None."""
-        match = _GRANULARITY.match(self.granularity)
-        return int(match.group(2)) if match and match.group(2) else None
-
-    @field_serializer("tune")
-    def _tune_as_written(self, tune: list[TuneSpec]) -> list[dict[str, list[float]]]:
-        # The form the study file gives it in: {name: [low, high]}.
-        return [{t.name: [t.low, t.high]} for t in tune]
-
-    @property
-    def enqueued_baselines(self) -> list[str]:
-        """The baselines with `mwa` expanded into its two variants, in enqueue order."""
-        out: list[str] = []
-        for baseline in self.baselines:
-            for name in ("mwa_loss", "mwa_step") if baseline == "mwa" else (baseline,):
-                if name not in out:
-                    out.append(name)
-        return out
-
-
-class ObjectiveSpec(_Strict):
+class ObjectiveSpec(StrictModel):
     name: str
     task: str
     metric: str
@@ -261,7 +78,7 @@ class ObjectiveSpec(_Strict):
     @field_validator("name")
     @classmethod
     def _name(cls, value: str) -> str:
-        return _matching(
+        return matching(
             _OBJECTIVE_NAME,
             value,
             "must start with a letter or _ and hold only letters, digits, _ . -",
@@ -271,7 +88,7 @@ class ObjectiveSpec(_Strict):
 GenKwarg = str | int | float | bool | list[str]
 
 
-class EvalSpec(_Strict):
+class EvalSpec(StrictModel):
     # lm-eval's include_path: the study's own folder(s) of task YAMLs, searched before
     # lm-eval's built-in tasks. Left out: built-in tasks only.
     tasks_dir: Path | list[Path] | None = None
@@ -301,7 +118,7 @@ class EvalSpec(_Strict):
     @model_validator(mode="after")
     def _multiturn(self) -> EvalSpec:
         if self.fewshot_as_multiturn and not self.apply_chat_template:
-            raise _KeyError("eval.fewshot_as_multiturn", "needs apply_chat_template: true")
+            raise KeyedError("eval.fewshot_as_multiturn", "needs apply_chat_template: true")
         return self
 
     @property
@@ -315,7 +132,7 @@ class EvalSpec(_Strict):
 CONNECT_TIMEOUT_S = 60.0
 
 
-class ClusterSpec(_Strict):
+class ClusterSpec(StrictModel):
     # null: a Ray cluster of the search's own; "auto", "HOST:PORT", "ray://HOST:PORT": attach
     # (recycler.cluster.connect).
     address: str | None = None
@@ -342,7 +159,7 @@ class ClusterSpec(_Strict):
         return value
 
 
-class StudySpec(_Strict):
+class StudySpec(StrictModel):
     name: str = Field(min_length=1)
     storage: str = "sqlite:///recycler.db"
     pool: PoolSpec
@@ -377,7 +194,7 @@ class StudySpec(_Strict):
         for item in search["tune"]:
             if isinstance(item, str):
                 if item not in ranges:
-                    raise _KeyError("search.tune", _not_tunable(item, method.name, ranges))
+                    raise KeyedError("search.tune", _not_tunable(item, method.name, ranges))
                 item = {item: list(ranges[item])}
             tune.append(item)
         return {**data, "search": {**search, "tune": tune}}
@@ -396,32 +213,28 @@ class StudySpec(_Strict):
         names = [o.name for o in self.objectives]
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise _KeyError("objectives", f"objective name {dup[0]!r} is used twice")
+            raise KeyedError("objectives", f"objective name {dup[0]!r} is used twice")
         pairs = [(o.task, o.metric) for o in self.objectives]
         if len(set(pairs)) != len(pairs):
-            raise _KeyError("objectives", "the same task and metric are listed twice")
+            raise KeyedError("objectives", "the same task and metric are listed twice")
         shots: dict[str, int | None] = {}
         for i, o in enumerate(self.objectives):
             # lm-eval builds a task once per evaluation: one few-shot setting per task.
             if o.task in shots and shots[o.task] != o.num_fewshot:
-                raise _KeyError(
+                raise KeyedError(
                     f"objectives.{i}.num_fewshot",
                     f"task {o.task} is scored with num_fewshot {shots[o.task]} by another "
                     "objective: one setting per task",
                 )
             shots[o.task] = o.num_fewshot
         self._check_method()
-        if self.search.sampler == "cmaes" and self.search.objective == "pareto":
-            raise _KeyError(
-                "search.objective", "cmaes optimises one value: use macro_average or leave it out"
-            )
         if self.search.budget is not None and "n_trials" in self.search.model_fields_set:
-            raise _KeyError("search.budget", "give search.n_trials or search.budget, not both")
+            raise KeyedError("search.budget", "give search.n_trials or search.budget, not both")
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
-            raise _KeyError("search.bounds", "only used with weights: box")
+            raise KeyedError("search.bounds", "only used with weights: box")
         if self.eval.split == "test":
             # The front is re-scored on test: optimising on test would leave nothing held out.
-            raise _KeyError("eval.split", "the search must not optimise the test split; use dev")
+            raise KeyedError("eval.split", "the search must not optimise the test split; use dev")
         return self
 
     def _check_method(self) -> None:
@@ -429,42 +242,42 @@ class StudySpec(_Strict):
         method = METHODS[self.merge.method]
         name = method.name
         if method.needs_base and self.pool.base is None:
-            raise _KeyError("pool.base", f"required by merge.method {name}")
+            raise KeyedError("pool.base", f"required by merge.method {name}")
         # A glob is counted once the pool is open (search.space).
         if not any(_GLOB.search(c) for c in self.pool.checkpoints):
             with_base = self.pool.base is not None and method.uses_base
             why = method.count_error(len(self.pool.checkpoints), with_base, "checkpoints")
             if why is not None:
-                raise _KeyError("pool.checkpoints", why)
+                raise KeyedError("pool.checkpoints", why)
         tunable = method.tunable
         if not method.searchable:
-            raise _KeyError(
+            raise KeyedError(
                 "merge.method",
                 f"{name} has nothing to search: it reads no weights and has no parameter a "
                 "search can tune (merge it once with `recycler merge`)",
             )
         for tune in self.search.tune:
             if tune.name not in tunable:
-                raise _KeyError("search.tune", _not_tunable(tune.name, name, tunable))
+                raise KeyedError("search.tune", _not_tunable(tune.name, name, tunable))
             if tune.name in self.merge.params:
-                raise _KeyError(
+                raise KeyedError(
                     "search.tune", f"{tune.name} is fixed in merge.params and searched: choose one"
                 )
             spec = method.param(tune.name)
             assert spec is not None
             if not (spec.bounds.contains(tune.low) and spec.bounds.contains(tune.high)):
-                raise _KeyError(
+                raise KeyedError(
                     "search.tune",
                     f"{tune.name}: range [{tune.low:g}, {tune.high:g}] leaves {spec.bounds}",
                 )
         searched = {t.name for t in self.search.tune}
         for spec in method.params:
             if spec.required and spec.name not in self.merge.params and spec.name not in searched:
-                raise _KeyError(
+                raise KeyedError(
                     "merge.params", f"{spec.name}: required by {name}: set it here or tune it"
                 )
         if not method.weighted and not searched:
-            raise _KeyError(
+            raise KeyedError(
                 "search.tune",
                 f"{name} reads no weights, so the search needs a parameter to tune "
                 f"({', '.join(tunable) or f'{name} has none: it cannot be searched'})",
@@ -608,32 +421,13 @@ def _not_tunable(param: str, method: str, tunable: Mapping[str, Any]) -> str:
     )
 
 
-_noted: set[str] = set()
-
-
-def _note_once(message: str) -> None:
-    """A note on stderr, once per process however often a study file is read."""
-    if message not in _noted:
-        _noted.add(message)
-        print(f"recycler: note: {message}", file=sys.stderr)
-
-
-class _KeyError(ValueError):
-    """A cross-field error that names its own key rather than the model's."""
-
-    def __init__(self, key: str, message: str) -> None:
-        super().__init__(message)
-        self.key = key
-        self.message = message
-
-
 def _describe(error: Mapping[str, Any]) -> tuple[str, str]:
     """One pydantic error → (dotted key, short message)."""
     loc = ".".join(str(p) for p in error.get("loc", ()))
     kind = error.get("type", "")
     ctx = error.get("ctx") or {}
     exc = ctx.get("error")
-    if isinstance(exc, _KeyError):
+    if isinstance(exc, KeyedError):
         return exc.key, exc.message
     if kind == "literal_error":
         expected = str(ctx.get("expected", ""))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import os
+import shutil
 from itertools import combinations
 from pathlib import Path
 from typing import Any
@@ -24,9 +25,11 @@ from matplotlib.figure import Figure
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.export.model_dir import check_out_dir, move_into_place
 from recycler.search import front as pareto
 from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_recipe
 from recycler.search.baselines import SINGLE
+from recycler.search.storage import shown
 from recycler.search.stored import StudyView
 
 
@@ -205,16 +208,30 @@ def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, front: boo
     return "\n".join(out)
 
 
-def write_report(spec: StudySpec, view: StudyView, out_dir: Path) -> Path:
-    """index.html + pareto.png, hypervolume.png, weights.png in `out_dir`; the page's path."""
+def write_report(spec: StudySpec, view: StudyView, out_dir: Path, *, force: bool = False) -> Path:
+    """index.html + pareto.png, hypervolume.png, weights.png in `out_dir`; the page's path.
+    A non-empty `out_dir` is replaced only when `force`; the report is written beside it
+    first, so a failure leaves it as it was."""
     summary = analyse(view, "dev")
     if not summary.members:
         raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
-    test = analyse(view, "test")
     out_dir = Path(out_dir)
-    if out_dir.exists() and not out_dir.is_dir():
-        raise RecyclerError(f"{out_dir}: exists and is not a folder")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_out_dir(out_dir, force)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.recycler-report-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _write_pages(spec, view, summary, tmp)
+        move_into_place(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir / "index.html"
+
+
+def _write_pages(spec: StudySpec, view: StudyView, summary: FrontSummary, out_dir: Path) -> None:
+    test = analyse(view, "test")
     plot_front(view, summary, out_dir / "pareto.png")
     plot_hypervolume(view, summary, out_dir / "hypervolume.png")
     weighted = any(m.record.weights for m in summary.members)
@@ -246,7 +263,7 @@ Pareto set of {len(summary.members)} chosen on {html.escape(spec.eval.split)};
 knee: trial {summary.knee}.
 Hypervolume: {hv} on dev, {hv_test} on test for the Pareto set. Objectives:
 {html.escape(directions)}.
-Storage: <code>{html.escape(spec.storage)}</code>,
+Storage: <code>{html.escape(shown(spec.storage))}</code>,
 method <code>{html.escape(spec.merge.method)}</code>,
 sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
 <p>Documents each score used:</p><ul>{documents}</ul>
@@ -259,8 +276,4 @@ sampler <code>{html.escape(spec.search.sampler)}</code>.</p>
 {weights_section}
 </body></html>
 """
-    index = out_dir / "index.html"
-    tmp = out_dir / ".index.html.tmp"
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, index)
-    return index
+    (out_dir / "index.html").write_text(page, encoding="utf-8")

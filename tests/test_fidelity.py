@@ -118,7 +118,7 @@ def test_plan_of_the_micro_pool(micro_zoo: Path) -> None:
 
 
 def _fidelity(rungs: list[float], eta: float = 3) -> Any:
-    from recycler.config import FidelitySpec
+    from recycler.search_spec import FidelitySpec
 
     return FidelitySpec(rungs=rungs, eta=eta)
 

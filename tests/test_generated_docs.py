@@ -1,4 +1,5 @@
-"""The docs' generated blocks (README's method table, docs/internals.md's parameter table)
+"""The docs' generated blocks (README's method and sampler tables, docs/internals.md's
+parameter table)
 are the code's own: `tools/generated_docs.py` would not change them."""
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from recycler.merge.methods import METHODS
+from recycler.samplers import SAMPLERS
 from tools import generated_docs
 
 
@@ -27,6 +29,13 @@ def test_every_method_and_parameter_is_documented() -> None:
         assert f"[`{m.name}`]" in table
         for p in m.params:
             assert f"| `{m.name}` | `{p.name}` |" in params
+
+
+def test_every_sampler_is_documented() -> None:
+    table = generated_docs.sampler_table()
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == [
+        f"`{name}`" for name in SAMPLERS
+    ]
 
 
 def test_check_names_a_stale_file_and_rewriting_mends_it(tmp_path: Path) -> None:

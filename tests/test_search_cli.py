@@ -244,3 +244,58 @@ def test_dashboard_ends_on_a_signal_that_lands_during_requests(tmp_path: Path, s
     lands (before the fix a SIGTERM was then lost 8 times in 10); three rounds."""
     for _ in range(3):
         signal_while_clients_poll(tmp_path, signum)
+
+
+def test_report_replaces_a_non_empty_folder_only_with_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    with SearchDriver(toy_study(tmp_path), ToyEvaluator, capacity=1) as driver:
+        driver.run(5)
+    out = tmp_path / "report"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli("report", tmp_path / "study.yaml", out, capsys=capsys)
+    assert code == 2 and one_error_line(err).endswith(
+        f"{out}: exists and is not empty (use --force to replace it)"
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    code, _, _ = run_cli("report", tmp_path / "study.yaml", out, "--force", capsys=capsys)
+    assert code == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "hypervolume.png",
+        "index.html",
+        "pareto.png",
+        "weights.png",
+    ]
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".report")]
+
+
+def test_python_dash_m_recycler_is_the_command(tmp_path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "recycler", "front", str(tmp_path / "absent.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "absent.yaml" in one_error_line(proc.stderr)
+
+
+def test_gpus_a_machine_lacks_are_refused_before_ray_starts(
+    tmp_path: Path, micro_zoo: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import ray
+    import torch
+    from test_search_e2e import study_file
+
+    if torch.cuda.device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    study = study_file(tmp_path, micro_zoo, cluster={"gpus_per_worker": 1})
+    code, out, err = run_cli("search", study, capsys=capsys)
+    assert code == 2 and out == ""
+    assert one_error_line(err) == (
+        "recycler: error: cluster.gpus_per_worker: 1 worker(s) × 1 GPU need 1 GPUs; "
+        "this machine has 0"
+    )
+    assert not ray.is_initialized() and not (tmp_path / "study.db").exists()

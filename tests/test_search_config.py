@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import yaml
 
-from recycler import config
+from recycler import study_keys
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
 from recycler.evaluate.tasks import suite_request
@@ -379,7 +379,7 @@ def test_missing_file(tmp_path: Path) -> None:
 def test_the_old_name_of_baselines_is_read_with_a_note(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config._noted.clear()
+    study_keys._noted.clear()
     for _ in range(2):
         spec = load_study_spec(write(tmp_path, merged(search={"seeds": ["uniform", "mwa"]})))
         assert spec.search.baselines == ["uniform", "mwa"]

@@ -17,9 +17,9 @@ from recycler.errors import RecyclerError
 from recycler.merge.engine import merge_state_dict
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
+from recycler.samplers import SAMPLERS, effective_seed, make_sampler
 from recycler.search.baselines import greedy_state, members_weights
 from recycler.search.cache import ResultCache, recipe_key
-from recycler.search.samplers import effective_seed, make_sampler
 from recycler.search.space import SearchSpace
 from recycler.search.stored import Objective, TrialRecord
 
@@ -187,7 +187,7 @@ def test_grouped_recipe_merges_like_the_engine_on_a_real_pool(tmp_path: Path) ->
     )
 
 
-@pytest.mark.parametrize("name", ["tpe", "nsga2", "gp", "random"])
+@pytest.mark.parametrize("name", [n for n, s in SAMPLERS.items() if s.multi_objective])
 def test_samplers_with_the_same_seed_propose_the_same(tmp_path: Path, name: str) -> None:
     def proposals(seed: int) -> list[dict[str, float]]:
         study = optuna.create_study(
@@ -277,7 +277,7 @@ def test_greedy_soup_replays_from_stored_trials() -> None:
 
 
 def test_nsga2_evolves_within_a_small_budget() -> None:
-    from recycler.search.samplers import nsga2_population
+    from recycler.samplers import nsga2_population
 
     sampler = make_sampler("nsga2", 0, n_objectives=2, n_trials=50)
     assert isinstance(sampler, optuna.samplers.NSGAIISampler)

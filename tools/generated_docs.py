@@ -19,6 +19,7 @@ from pathlib import Path
 
 from recycler.merge.description import MethodDescription, ParamSpec, describe_contract
 from recycler.merge.methods import METHODS
+from recycler.samplers import sampler_table
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -102,6 +103,7 @@ class Block:
 BLOCKS = (
     Block("methods:table", README, method_table),
     Block("methods:params", INTERNALS, params_table),
+    Block("samplers:table", README, sampler_table),
 )
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -90,70 +91,150 @@ class _DropNotMainThreadWarning(logging.Filter):
         return "not the main thread" not in record.getMessage()
 
 
-def start_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
-    """Connect to (address) or start (None) a Ray cluster within timeout_s; True when this
-    call initialised Ray (then the caller shuts it down), False when it already was."""
-    if ray.is_initialized():
-        return False
-    target = resolve_address(address)
-    tried = describe(address, target)
-    started = time.monotonic()
-    endpoint = host_port(target)
-    if endpoint is not None:
-        why = probe(*endpoint, timeout_s=min(timeout_s, 10.0))
-        if why is not None:
-            raise RecyclerError(f"cluster.address: cannot connect to Ray at {tried}: {why}")
-    kwargs: dict[str, Any] = {
-        "namespace": RAY_NAMESPACE,
-        "log_to_driver": False,  # lm-eval's per-trial logging would drown the progress bar
-        "logging_level": logging.WARNING,
-    }
-    if target == "local":
-        # A local cluster: no Ray dashboard server (recycler has optuna-dashboard for that).
-        kwargs["include_dashboard"] = False
-    failure: list[BaseException] = []
-    done = threading.Event()
-    release = threading.Event()
+class _Connection:
+    """A `ray.init` under way in its helper thread (see the module doc)."""
 
-    def init() -> None:
+    def __init__(self, address: str | None, timeout_s: float) -> None:
+        self.address, self.timeout_s = address, timeout_s
+        self.target = resolve_address(address)
+        self.tried = describe(address, self.target)
+        self.started = time.monotonic()
+        self.failure: list[BaseException] = []
+        self.done = threading.Event()
+        self.release = threading.Event()
+        endpoint = host_port(self.target)
+        if endpoint is not None:
+            why = probe(*endpoint, timeout_s=min(timeout_s, 10.0))
+            if why is not None:
+                raise RecyclerError(
+                    f"cluster.address: cannot connect to Ray at {self.tried}: {why}"
+                )
+        kwargs: dict[str, Any] = {
+            "namespace": RAY_NAMESPACE,
+            "log_to_driver": False,  # lm-eval's per-trial logging would drown the progress bar
+            "logging_level": logging.WARNING,
+        }
+        if self.target == "local":
+            # A local cluster: no Ray dashboard server (recycler has optuna-dashboard for that).
+            kwargs["include_dashboard"] = False
+        self._quiet = _DropNotMainThreadWarning()
+        logging.getLogger("ray._private.worker").addFilter(self._quiet)
+        threading.Thread(
+            target=self._init, args=(kwargs,), name="recycler-ray-init", daemon=True
+        ).start()
+
+    def _init(self, kwargs: dict[str, Any]) -> None:
         try:
-            ray.init(address=target, **kwargs)
+            ray.init(address=self.target, **kwargs)
         except BaseException as exc:  # reported by the waiting thread
-            failure.append(exc)
+            self.failure.append(exc)
             return
         finally:
-            done.set()
+            self.done.set()
         # The processes of a local cluster die with the thread that started them (Ray
         # starts them with PR_SET_PDEATHSIG): this one stays until stop_ray.
-        release.wait()
+        self.release.wait()
 
-    worker_log = logging.getLogger("ray._private.worker")
-    quiet = _DropNotMainThreadWarning()
-    worker_log.addFilter(quiet)
-    thread = threading.Thread(target=init, name="recycler-ray-init", daemon=True)
-    try:
-        thread.start()
-        # A lock wait: a signal's handler runs (and raises) here at once.
-        done.wait(max(0.0, timeout_s - (time.monotonic() - started)))
-    finally:
-        worker_log.removeFilter(quiet)
-    if not done.is_set():  # Ray's connection cannot be cancelled: the command leaves at once
-        raise UnreachableError(
-            f"cluster.address: Ray at {tried} did not answer within {timeout_s:g} s "
-            "(cluster.connect_timeout_s); is the cluster up?"
-        )
-    if failure:
-        reason = str(failure[0]).strip().splitlines()
+    def wait(self) -> None:
+        """Until Ray is up, at most what is left of timeout_s; one error line otherwise."""
+        try:
+            # A lock wait: a signal's handler runs (and raises) here at once.
+            self.done.wait(max(0.0, self.timeout_s - (time.monotonic() - self.started)))
+        finally:
+            logging.getLogger("ray._private.worker").removeFilter(self._quiet)
+        if not self.done.is_set():  # Ray's connection cannot be cancelled: leave at once
+            raise UnreachableError(
+                f"cluster.address: Ray at {self.tried} did not answer within "
+                f"{self.timeout_s:g} s (cluster.connect_timeout_s); is the cluster up?"
+            )
+        if self.failure:
+            reason = str(self.failure[0]).strip().splitlines()
+            raise RecyclerError(
+                f"cluster.address: cannot connect to Ray at {self.tried}: "
+                f"{reason[0] if reason else type(self.failure[0]).__name__}"
+            )
+        _holders.append(self.release)
+        _reclaim_sigterm()
+
+
+def check_local_gpus(address: str | None, gpus_per_worker: float, workers: int) -> None:
+    """A local cluster asked for GPUs this machine lacks: one line before Ray starts (Ray
+    would start, then wait forever for the GPUs)."""
+    if address is not None or resolve_address(None) != "local" or gpus_per_worker <= 0:
+        return
+    import torch  # only when GPUs are asked for: the CPU path need not wait for it here
+
+    have = torch.cuda.device_count()
+    if gpus_per_worker * workers > have:
         raise RecyclerError(
-            f"cluster.address: cannot connect to Ray at {tried}: "
-            f"{reason[0] if reason else type(failure[0]).__name__}"
+            f"cluster.gpus_per_worker: {workers} worker(s) × {gpus_per_worker:g} GPU need "
+            f"{gpus_per_worker * workers:g} GPUs; this machine has {have}"
         )
-    _holders.append(release)
+
+
+# Ray's notes that say nothing to a recycler user (the local cluster's token authentication).
+_RAY_NOISE_LOGGERS = ("ray._private.authentication.authentication_token_setup",)
+_quiet = [False]
+
+
+def quiet_ray() -> None:
+    """Keep Ray's noise off the terminal (the `recycler` command's default; `-v` keeps it):
+    its token-authentication note, and the C++ stack dump its core worker's failure handler
+    prints on SIGTERM before the command's own handler runs."""
+    for name in _RAY_NOISE_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+    _quiet[0] = True
+
+
+def _reclaim_sigterm() -> None:
+    # ray.init installs a C++ SIGTERM handler over Python's; setting the Python handler
+    # again (it is still in Python's table) puts Python's C handler back. Main thread only.
+    if _quiet[0] and threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGTERM)
+        if handler is not None:
+            signal.signal(signal.SIGTERM, handler)
+
+
+_early: list[_Connection] = []  # a connection begun by begin_ray, not yet waited for
+
+
+def begin_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Start connecting to (or starting) Ray now, in the background, while the caller does
+    other work (a search checks its study and indexes its pool meanwhile); `start_ray`
+    with the same address then waits for it. A failure is reported there. True when it
+    began one (then the caller's `stop_ray` ends it, whatever happens)."""
+    if ray.is_initialized() or _early:
+        return False
+    _early.append(_Connection(address, timeout_s))
     return True
 
 
-def stop_ray() -> None:
-    """Shut down the Ray that start_ray initialised (its local cluster, if it started one)."""
+def start_ray(address: str | None, timeout_s: float = CONNECT_TIMEOUT_S) -> bool:
+    """Connect to (address) or start (None) a Ray cluster within timeout_s; True when this
+    call initialised Ray (then the caller shuts it down), False when it already was."""
+    early = _early.pop() if _early else None
+    if early is not None and early.address == address:
+        early.wait()
+        return True
+    if early is not None:  # begun for another address: let it finish, then drop it
+        early.done.wait(early.timeout_s)
+        stop_ray()
+    if ray.is_initialized():
+        return False
+    _Connection(address, timeout_s).wait()
+    return True
+
+
+def stop_ray(*, leaving: bool = False) -> None:
+    """Shut down the Ray that start_ray (or begin_ray) initialised (its local cluster, if it
+    started one). `leaving`: the process is ending (a signal); a connection still under way
+    is not waited for, its processes end with this one."""
+    while _early:  # begun and never waited for (the search stopped before its workers)
+        early = _early.pop()
+        if leaving and not early.done.is_set():
+            return
+        early.done.wait(early.timeout_s)
+        _holders.append(early.release)
     ray.shutdown()
     while _holders:
         _holders.pop().set()

@@ -19,12 +19,12 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
-import optuna
 from optuna_dashboard import wsgi
 
 from recycler.commands._args import port
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
+from recycler.search.storage import open_existing
 
 
 class _QuietHandler(WSGIRequestHandler):
@@ -47,17 +47,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> None:
     """Serve until interrupted. The storage must exist: the dashboard must not create it."""
     spec = load_study_spec(args.study)
-    sqlite = spec.sqlite_path
-    if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(
-            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
-        )
-    try:
-        storage = optuna.storages.get_storage(spec.storage_url)
-    except Exception as exc:
-        raise RecyclerError(
-            f"storage: cannot open {spec.storage}: {str(exc).splitlines()[0]}"
-        ) from None
+    storage = open_existing(spec)
     host, port_number = args.host, args.port
     try:
         server = make_server(

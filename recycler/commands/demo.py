@@ -79,7 +79,7 @@ def run_demo(workdir: Path, n_trials: int | None = None, size: str = "small") ->
     console.print("[4/5] export: the knee trial")
     export_trial(study_path, workdir / "knee-model", pick="knee", force=True)
     console.print("[5/5] report")
-    print(f"report written to {write_report(spec, view, workdir / 'report')}")
+    print(f"report written to {write_report(spec, view, workdir / 'report', force=True)}")
     elapsed = time.perf_counter() - started
     print(f"\ndemo done in {elapsed:.0f} s. Next:")
     print(f"  recycler dashboard {study_path}        # optuna-dashboard on http://127.0.0.1:8080/")

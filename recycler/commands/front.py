@@ -24,6 +24,7 @@ from recycler.search.analysis import (
     format_number,
     format_recipe,
 )
+from recycler.search.storage import shown
 from recycler.search.stored import StudyView
 from recycler.search.study import load_view
 
@@ -101,7 +102,7 @@ def front_as_dict(
 
     return {
         "study": spec.name,
-        "storage": spec.storage,
+        "storage": shown(spec.storage),
         "split": s.split,
         "documents": doc_split,
         "objectives": [

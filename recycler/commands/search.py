@@ -11,43 +11,112 @@ import argparse
 import contextlib
 import io
 import logging
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import optuna
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from recycler.cluster.evaluator import RayEvaluator
+from recycler.cluster.connect import begin_ray, check_local_gpus, quiet_ray, stop_ray
 from recycler.commands._args import positive_int
 from recycler.commands.front import summary_line
 from recycler.config import StudySpec, load_study_spec
 from recycler.search.baselines import GREEDY
-from recycler.search.budget import Budget
-from recycler.search.prepare import Prepared, prepare
-from recycler.search.run import FinishedTrial, SearchDriver, SearchProgress
+from recycler.search.storage import shown
 from recycler.search.stored import view_of
+
+if TYPE_CHECKING:
+    from recycler.search.budget import Budget
+    from recycler.search.prepare import Prepared
+    from recycler.search.run import FinishedTrial, SearchProgress
+
+# The search driver (lm-eval's tasks) and the Ray evaluator (PyTorch, the workers' code)
+# take seconds to import: they are imported inside the functions that use them, after
+# `run_search` has set Ray starting, so that the imports and Ray's start overlap.
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study", metavar="STUDY.yaml", type=Path)
     parser.add_argument("--n-trials", type=positive_int, help="total trials (default: the study's)")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="print each start-up phase; show Ray's own notes and stack dumps",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
-    run_search(args.study, args.n_trials)
+    if not args.verbose:
+        quiet_ray()
+    run_search(args.study, args.n_trials, verbose=args.verbose)
 
 
-def run_search(study_path: Path, n_trials: int | None = None) -> None:
-    """Search the study to `n_trials` trials (the study file's number by default)."""
+def run_search(study_path: Path, n_trials: int | None = None, *, verbose: bool = False) -> None:
+    """Search the study to `n_trials` trials (the study file's number by default).
+
+    Ray starts in the background while the study is checked and the pool indexed: the
+    two phases take seconds each and need nothing of each other."""
     spec = load_study_spec(study_path)
     console = Console(stderr=True)
-    prepared = prepare_quietly(spec)
-    for note in prepared.notes:
-        console.print(f"[yellow]note:[/] {note}")
-    search_and_rescore(prepared, Budget.of(spec, n_trials), console)
+    started = time.perf_counter()
+    cluster = spec.cluster
+    check_local_gpus(cluster.address, cluster.gpus_per_worker, cluster.eval_workers)
+    began = begin_ray(cluster.address, cluster.connect_timeout_s)
+    prepared: Prepared | None = None
+    leaving = False
+    try:
+        from recycler.search.budget import Budget  # after Ray has begun: see the imports
+
+        with phase(
+            console, started, "starting Ray; checking the study, indexing the pool", verbose
+        ):
+            prepared = prepare_quietly(spec)
+        for note in prepared.notes:
+            console.print(f"[yellow]note:[/] {note}")
+        starting = f"Ray, {cluster.eval_workers} evaluation worker(s), the first trial"
+        with phase(console, started, starting, verbose, spinner=False):
+            pass  # the progress bar says it until the first trial ends
+        search_and_rescore(prepared, Budget.of(spec, n_trials), console)
+    except SystemExit:  # SIGTERM (the `recycler` command raises it)
+        leaving = True
+        if prepared is not None:
+            console.print(f"recycler: stopped: {kept(prepared, study_path)}", soft_wrap=True)
+        raise
+    finally:
+        if began:
+            stop_ray(leaving=leaving)  # a no-op once the search's evaluator has stopped it
     print(summary_line(view_of(prepared.handle.study), prepared.spec))
+
+
+@contextmanager
+def phase(
+    console: Console, started: float, text: str, verbose: bool, *, spinner: bool = True
+) -> Iterator[None]:
+    """A start-up phase: with `-v` a line with the seconds since the command began; else on
+    a terminal a spinner that leaves nothing behind, so an error line stands alone."""
+    if verbose:
+        console.print(f"{time.perf_counter() - started:5.1f} s  {text} …", highlight=False)
+        yield
+    elif spinner and console.is_terminal:
+        with console.status(f"{text} …"):
+            yield
+    else:
+        yield
+
+
+def kept(prepared: Prepared, study_path: Path) -> str:
+    """What a stopped search leaves: the trials stored, and how to go on."""
+    study = prepared.handle.study
+    finished = sum(t.state.is_finished() for t in study.get_trials(deepcopy=False))
+    return (
+        f"{finished} finished trial(s) of study {prepared.spec.name!r} are stored in "
+        f"{shown(prepared.spec.storage)}; `recycler search {study_path}` resumes it"
+    )
 
 
 @contextmanager
@@ -66,6 +135,8 @@ def quiet_lm_eval() -> Iterator[None]:
 def prepare_quietly(spec: StudySpec) -> Prepared:
     """`prepare`, with what lm-eval and Optuna log along the way kept off the terminal."""
     # Optuna logs every trial at INFO; the progress bar and `recycler front` say it better.
+    from recycler.search.prepare import prepare  # see the imports
+
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with quiet_lm_eval():
         return prepare(spec)
@@ -112,6 +183,9 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
 
     The bar counts trials, or with `search.budget` the cost in full-trial equivalents;
     both are shown either way."""
+    from recycler.cluster.evaluator import RayEvaluator  # see the imports
+    from recycler.search.run import SearchDriver
+
     spec = prepared.spec
     by_cost = budget.cost is not None
     with Progress(
@@ -123,7 +197,10 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
         transient=False,
     ) as progress:
         total = budget.cost if by_cost else budget.n_trials
-        task_id = progress.add_task(f"study {spec.name}", total=total, count="", hv="-", spe="-")
+        # Until a trial ends: what the search waits for (Ray, its workers, the first trial).
+        task_id = progress.add_task(
+            f"study {spec.name}: starting workers", total=total, count="", hv="-", spe="-"
+        )
 
         def on_progress(p: SearchProgress) -> None:
             if by_cost:
@@ -132,6 +209,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
                 count = f"{p.done}/{p.budget.n_trials} trials · cost {p.cost:.2f} full trials"
             progress.update(
                 task_id,
+                description=f"study {spec.name}",
                 completed=min(p.cost if by_cost else p.done, total or 0),
                 count=count,
                 hv="-" if p.hypervolume is None else f"{p.hypervolume:.4g}",

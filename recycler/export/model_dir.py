@@ -72,7 +72,7 @@ def write_model_dir(
 ) -> Path:
     """Merge `pool` by `recipe` from disk and write a HF model dir at `out_dir`."""
     out_dir = Path(out_dir)
-    _check_out_dir(out_dir, force)
+    check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}"
@@ -114,7 +114,7 @@ def write_model_dir(
         (tmp / "recipe.yaml").write_text(resolved.to_yaml())
         file_hashes = hashes.result()
         (tmp / "README.md").write_text(model_card(pool, resolved, file_hashes, card_extra))
-        _move_into_place(tmp, out_dir)
+        move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -150,7 +150,8 @@ def _out_info(info: TensorInfo, out_code: str) -> TensorInfo:
     return TensorInfo(info.shape, out_code if info.is_floating_point else info.code)
 
 
-def _check_out_dir(out_dir: Path, force: bool) -> None:
+def check_out_dir(out_dir: Path, force: bool) -> None:
+    """A command's output folder may be written: absent, empty, or `force` given."""
     if out_dir.exists():
         if not out_dir.is_dir():
             raise RecyclerError(f"{out_dir}: exists and is not a directory")
@@ -176,7 +177,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _move_into_place(tmp: Path, out_dir: Path) -> None:
+def move_into_place(tmp: Path, out_dir: Path) -> None:
+    """`tmp` (written beside `out_dir`) becomes `out_dir`, replacing what was there."""
     if out_dir.exists():
         old = out_dir.parent / f".{out_dir.name}.recycler-old-{os.getpid()}"
         os.replace(out_dir, old)

@@ -24,11 +24,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from recycler.config import FidelitySpec
 from recycler.errors import RecyclerError
 from recycler.evaluate.docsplit import rung_ids
 from recycler.evaluate.results import IDS, DocScores
 from recycler.search.front import dominates
+from recycler.search_spec import FidelitySpec
 
 FULL = (1.0,)
 # The fewest documents of a task a rung scores: below ten, a task's accuracy moves in steps

@@ -21,6 +21,7 @@ from recycler.evaluate.tasks import (
     suite_request,
 )
 from recycler.pool import Pool
+from recycler.samplers import SAMPLERS
 from recycler.search.baselines import baseline_trials
 from recycler.search.fidelity import RungPlan
 from recycler.search.space import SearchSpace
@@ -132,7 +133,7 @@ def _prepare(spec: StudySpec, create: bool) -> Prepared:
             enqueue(study, params, queued_attrs(params, baseline=label), skip_if_exists=True)
         mark_baselines_enqueued(study)
     notes.extend(rungs.notes)
-    if spec.search.fidelity is not None and spec.search.sampler not in ("tpe", "random"):
+    if spec.search.fidelity is not None and SAMPLERS[spec.search.sampler].ignores_pruned:
         notes.append(
             f"search.fidelity with sampler {spec.search.sampler}: it learns from complete "
             "trials only, a few of a multi-fidelity search's; tpe learns from pruned ones too"

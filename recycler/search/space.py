@@ -20,10 +20,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from recycler.config import StudySpec, TuneSpec
+from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.merge.description import Coupling
 from recycler.merge.methods import METHODS
+from recycler.search_spec import TuneSpec
 
 # Where a transformer's layer index sits in a tensor name (Llama, GPT-2, GPT-NeoX, BERT...).
 _LAYER_PREFIX = re.compile(r"^(.*?(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.)")

@@ -1,5 +1,8 @@
 """The Optuna storage behind a study file's `storage` URL: opened once per process, with a
-bounded wait for a server and one `storage:` line for whatever goes wrong.
+bounded wait for a server and one `storage:` line for whatever goes wrong. Every command
+opens it here; a command that only reads a study (`front`, `export`, `report`,
+`dashboard`) opens it with `open_existing`, which creates nothing. A URL is printed only
+through `shown` (its password masked), and an error's text only through `masked`.
 
 A SQLite file needs nothing more; a PostgreSQL server (`postgresql://user:pw@host/db`)
 needs its driver, psycopg 3, which SQLAlchemy picks for that scheme:
@@ -8,14 +11,17 @@ needs its driver, psycopg 3, which SQLAlchemy picks for that scheme:
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+from urllib.parse import quote, unquote
 
 import optuna
 from optuna.storages import BaseStorage, RDBStorage
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import make_url
 
+from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 
 # Seconds a database server may take to accept a connection before the command gives up.
@@ -30,12 +36,30 @@ _opened: dict[str, RDBStorage] = {}
 _opened_lock = threading.Lock()
 
 
+# user:password@ after the scheme, for a URL SQLAlchemy cannot parse (a bad port, say).
+_USERINFO_PASSWORD = re.compile(r"(?<=://)([^/@:]*):([^/@]*)@")
+
+
 def shown(url: str) -> str:
     """The URL as messages print it: the password masked."""
     try:
         return make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL SQLAlchemy parses: nothing to mask
-        return url
+    except Exception:  # not a URL SQLAlchemy parses: mask what stands where a password would
+        return _USERINFO_PASSWORD.sub(r"\1:***@", url)
+
+
+def masked(text: str, url: str) -> str:
+    """`text` (a driver's error message, say) with `url`'s password masked wherever it appears."""
+    try:
+        password = make_url(url).password
+    except Exception:  # not a URL SQLAlchemy parses
+        match = _USERINFO_PASSWORD.search(url)
+        password = match.group(2) if match else None
+    if not password:
+        return text
+    for form in {str(password), unquote(str(password)), quote(str(password), safe="")}:
+        text = text.replace(form, "***")
+    return text
 
 
 def _engine_kwargs(url: str) -> dict[str, object]:
@@ -84,9 +108,13 @@ def rdb_storage(url: str) -> RDBStorage:
             scheme = url.split(":", 1)[0]
             need = _DRIVERS.get(scheme, f"the Python driver for {scheme}")
             cause = exc.__cause__ or exc
-            raise RecyclerError(f"storage: {shown(url)}: needs {need}: {cause}") from None
+            raise RecyclerError(
+                f"storage: {shown(url)}: needs {need}: {masked(str(cause), url)}"
+            ) from None
         except Exception as exc:  # SQLAlchemy's many errors: a bad URL, no server, a refused login
-            raise RecyclerError(f"storage: cannot open {shown(url)}: {_first_line(exc)}") from None
+            raise RecyclerError(
+                f"storage: cannot open {shown(url)}: {_first_line(exc, url)}"
+            ) from None
         _opened[url] = storage
         return storage
 
@@ -96,6 +124,37 @@ def open_storage(url: str) -> BaseStorage:
     return optuna.storages.get_storage(rdb_storage(url))
 
 
-def _first_line(exc: BaseException) -> str:
+def study_names(storage: BaseStorage, spec: StudySpec) -> list[str]:
+    """The names of the studies `spec`'s storage holds."""
+    try:
+        return optuna.get_all_study_names(storage)
+    except Exception as exc:  # the server went away after the connection was made
+        raise RecyclerError(
+            f"storage: cannot read {shown(spec.storage)}: {_first_line(exc, spec.storage_url)}"
+        ) from None
+
+
+def open_existing(spec: StudySpec) -> BaseStorage:
+    """`spec`'s storage, holding `spec`'s study, for a command that reads it: neither a SQLite
+    file nor a study is created; one line says which is missing."""
+    sqlite = spec.sqlite_path
+    if sqlite is not None and not sqlite.exists():
+        raise RecyclerError(
+            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
+        )
+    storage = open_storage(spec.storage_url)
+    if spec.name not in study_names(storage, spec):
+        raise no_such_study(spec)
+    return storage
+
+
+def no_such_study(spec: StudySpec) -> RecyclerError:
+    """The error for a storage that does not hold `spec`'s study."""
+    return RecyclerError(
+        f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
+    )
+
+
+def _first_line(exc: BaseException, url: str) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return lines[0] if lines else type(exc).__name__
+    return masked(lines[0], url) if lines else type(exc).__name__

@@ -20,8 +20,15 @@ from optuna.trial import FrozenTrial, TrialState
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.evaluate.evaluator import lookup_metric
-from recycler.search.samplers import effective_seed, make_sampler
-from recycler.search.storage import open_storage, shown
+from recycler.samplers import effective_seed, make_sampler
+from recycler.search.storage import (
+    masked,
+    no_such_study,
+    open_existing,
+    open_storage,
+    shown,
+    study_names,
+)
 from recycler.search.stored import (
     Objective,
     StudyView,
@@ -157,24 +164,9 @@ def open_study(
 
     `doc_split`: each task's dev/test documents (stored on creation, compared on resume).
     """
-    sqlite = spec.sqlite_path
-    if not create and sqlite is not None and not sqlite.exists():
-        raise RecyclerError(
-            f"{spec.storage}: no study yet (no file {sqlite}); run recycler search first"
-        )
-    storage = open_storage(spec.storage_url)
-    try:
-        names = optuna.get_all_study_names(storage)
-    except Exception as exc:  # the server went away after the connection was made
-        raise RecyclerError(
-            f"storage: cannot read {shown(spec.storage)}: {str(exc).splitlines()[0]}"
-        ) from None
+    storage = open_storage(spec.storage_url) if create else open_existing(spec)
     n_values = 1 if single_objective(spec) else len(objectives)
-    exists = spec.name in names
-    if not exists and not create:
-        raise RecyclerError(
-            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
-        )
+    exists = spec.name in study_names(storage, spec)
     n_existing, in_use = 0, False
     if exists:
         probe = optuna.load_study(study_name=spec.name, storage=storage)
@@ -502,21 +494,15 @@ def duplicate_of(study: optuna.Study, number: int) -> int | None:
 
 def load_view(spec: StudySpec) -> StudyView:
     """The stored study as records, for `front`, `export`, `report` (never creates anything)."""
-    sqlite = spec.sqlite_path
-    if sqlite is not None and not sqlite.exists():
-        raise RecyclerError(
-            f"storage: no study yet ({sqlite} does not exist); run recycler search first"
-        )
-    storage = open_storage(spec.storage_url)
+    storage = open_existing(spec)
     try:
         study = optuna.load_study(study_name=spec.name, storage=storage)
-    except KeyError:
-        raise RecyclerError(
-            f"name: no study {spec.name!r} in {shown(spec.storage)}; run recycler search first"
-        ) from None
+    except KeyError:  # deleted since open_existing looked
+        raise no_such_study(spec) from None
     except Exception as exc:
         raise RecyclerError(
-            f"storage: cannot open {shown(spec.storage)}: {str(exc).splitlines()[0]}"
+            f"storage: cannot open {shown(spec.storage)}: "
+            f"{masked(str(exc).splitlines()[0], spec.storage_url)}"
         ) from None
     view = view_of(study)
     if not view.objectives:
