@@ -19,7 +19,7 @@ install:
 	touch $(STAMP)
 
 lint: $(STAMP)
-	$(BIN)/ruff check recycler tests experiments
+	$(BIN)/ruff check recycler tests experiments tools
 	$(BIN)/mypy
 
 # mergekit in a venv of its own, for the parity tests and the benchmark; where it

@@ -95,7 +95,7 @@ def fisher_for(ckpt: Path, data: Path, cache: Path, n: int, say: Clock) -> Path:
         meta = SafetensorsFile(cache).metadata
         if meta.get("n_examples") == str(n) and meta.get("data") == str(data):
             return cache
-    out = estimate_fisher_file(ckpt, data, n_examples=n)
+    out = estimate_fisher_file(ckpt, data, n_examples=n).path
     cache.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(out), cache)
     return cache

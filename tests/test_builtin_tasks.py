@@ -348,8 +348,9 @@ def test_bad_task_inputs_are_one_line_before_anything_starts(
             tmp_path, micro_zoo, local_data, objectives=objectives or arc, **eval_keys
         )
         code, _, err = cli("search", path, capsys=capsys)
-        assert not (tmp_path / "study.db").exists() or code == 2
-        return one_error(code, err)
+        line = one_error(code, err)
+        assert not (tmp_path / "study.db").exists(), f"a study was created before: {line}"
+        return line
 
     line = error([{"name": "arc", "task": "arc_eazy", "metric": "acc"}])
     assert "objectives.0.task" in line and "'arc_eazy'" in line and "arc_easy" in line

@@ -45,7 +45,9 @@ def test_fisher_is_estimated_then_weights_the_merge(
     recipe = _recipe(pool, tmp_path / "recipe.yaml")
     # Without the Fisher files the merge says what to run.
     assert main(["merge", str(recipe), str(tmp_path / "early")]) == 2
-    assert "run `recycler fisher" in capsys.readouterr().err
+    assert "no fisher.safetensors for fisher merging; run `recycler fisher`" in (
+        capsys.readouterr().err
+    )
     for name in ("c0", "c1"):
         assert (
             main(["fisher", str(pool[name]), "--data", str(pool["data"]), "--n-examples", "8"]) == 0

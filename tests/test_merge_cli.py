@@ -343,12 +343,48 @@ def test_yaml_syntax_error(pool: Path, tmp_path: Path, capsys: pytest.CaptureFix
     assert_clean_error(code, err, out, "YAML syntax error at line")
 
 
-def test_pickle_is_loaded_weights_only_when_allowed(
+def test_allowed_pickle_merges_as_its_safetensors_do(
     pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    _damage_pickle(pool)
-    code, err = run_merge(capsys, str(write_recipe(pool)), str(tmp_path / "out"), "--allow-pickle")
+    from_safetensors, from_pickle = tmp_path / "safetensors", tmp_path / "pickle"
+    code, err = run_merge(capsys, str(write_recipe(pool)), str(from_safetensors))
     assert code == 0, err
+    _damage_pickle(pool)
+    code, err = run_merge(capsys, str(write_recipe(pool)), str(from_pickle), "--allow-pickle")
+    assert code == 0, err
+    a, b = load_state(from_safetensors), load_state(from_pickle)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+class _MakesDirWhenLoaded:
+    """What a malicious checkpoint holds: an object whose unpickling runs code (here:
+    creates `marker`)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Callable[[str], None], tuple[str]]:
+        return os.mkdir, (str(self.marker),)
+
+
+def test_pickle_that_runs_code_is_refused_and_never_run(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    marker = tmp_path / "the-pickle-ran"
+    checkpoint = pool / "c0" / "pytorch_model.bin"
+    state: dict[str, object] = dict(load_state(pool / "c0"))
+    state["payload"] = _MakesDirWhenLoaded(marker)
+    (pool / "c0" / "model.safetensors").unlink()
+    torch.save(state, checkpoint)
+    refusals = {(): "pickled checkpoints can run code", ("--allow-pickle",): "weights-only"}
+    for flags, fragment in refusals.items():
+        out = tmp_path / f"out{len(flags)}"
+        code, err = run_merge(capsys, str(write_recipe(pool)), str(out), *flags)
+        assert_clean_error(code, err, out, str(checkpoint.parent.name), fragment)
+        assert not marker.exists()
+    # The payload is live: an unrestricted load runs it.
+    torch.load(checkpoint, weights_only=False)
+    assert marker.is_dir()
 
 
 def test_real_process_error_has_no_traceback(pool: Path, tmp_path: Path) -> None:

@@ -6,14 +6,10 @@ import pytest
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.merge.description import TensorParams
-from recycler.merge.methods import (
-    METHODS,
-    MergeInputs,
-    NonFiniteError,
-    dare_mask,
-    linear_combination,
-)
+from recycler.merge.description import MergeInputs, TensorParams
+from recycler.merge.kernel import NonFiniteError, linear_combination
+from recycler.merge.methods import METHODS
+from recycler.merge.sparsify import dare_mask, magnitude_trim
 from recycler.merge.weights import mwa_weights_from_values, uniform_weights
 
 
@@ -150,8 +146,6 @@ def test_mwa_weights() -> None:
 
 
 def test_magnitude_trim_keeps_exactly_k_and_breaks_ties_by_index() -> None:
-    from recycler.merge.methods import magnitude_trim
-
     tau = torch.tensor([1.0, -3.0, 2.0, -2.0, 2.0, 0.5])
     # k = 3: |-3| and two of the three 2s, the lowest indices first.
     assert magnitude_trim(tau, 0.5).tolist() == [0.0, -3.0, 2.0, -2.0, 0.0, 0.0]

@@ -38,6 +38,15 @@ def sizes(seed: int = 0, n: int = 40) -> list[TensorSize]:
     return out
 
 
+def shard_bytes(plan: ShardPlan) -> list[int]:
+    return [sum(p.nbytes for p in shard) for shard in plan.shards]
+
+
+def split_tensors(plan: ShardPlan) -> list[str]:
+    """The tensors cut into row blocks."""
+    return sorted({p.name for shard in plan.shards for p in shard if not p.whole})
+
+
 def assert_covers(plan: ShardPlan, tensors: list[TensorSize]) -> None:
     """Every tensor's rows are covered exactly once, and a whole piece is the whole tensor."""
     by_name: dict[str, list[Piece]] = {}
@@ -65,13 +74,13 @@ def test_plan_covers_balances_and_is_deterministic(n_shards: int, method: str) -
     assert plan.n_shards == n_shards
     assert_covers(plan, tensors)
     assert plan == plan_shards(list(tensors), n_shards, method=method)
-    loads = plan.shard_bytes()
+    loads = shard_bytes(plan)
     assert sum(loads) == sum(t.nbytes for t in tensors)
     biggest = max(p.nbytes for shard in plan.shards for p in shard)
     # Greedy largest-first into the lightest bin: no bin exceeds another by more than one piece.
     assert max(loads) - min(loads) <= biggest
     if not METHODS[method].row_splittable or n_shards == 1:
-        assert plan.split_tensors == []
+        assert split_tensors(plan) == []
     if n_shards == 1:
         assert [p.name for p in plan.shards[0]] == [t.name for t in tensors]  # pool order
 
@@ -82,16 +91,16 @@ def test_plan_splits_big_tensors_by_rows_only_where_the_method_allows() -> None:
         *(TensorSize(f"s{i}", (10, 10), 400) for i in range(5)),
     ]
     plan = plan_shards(tensors, 3, method="linear")
-    assert plan.split_tensors == ["big"]
+    assert split_tensors(plan) == ["big"]
     assert_covers(plan, tensors)
-    loads = plan.shard_bytes()
+    loads = shard_bytes(plan)
     assert max(loads) - min(loads) <= 400 + 40  # balanced to within a small piece (and a row)
     ties = plan_shards(tensors, 3, method="ties")
-    assert ties.split_tensors == []
+    assert split_tensors(ties) == []
     assert_covers(ties, tensors)
     # A forced small piece size cuts everything above it, never below one row.
     small = plan_shards(tensors, 2, method="dare_linear", max_piece_bytes=100)
-    assert set(small.split_tensors) == {t.name for t in tensors}
+    assert set(split_tensors(small)) == {t.name for t in tensors}
     assert_covers(small, tensors)
     assert all(p.rows >= 1 for shard in small.shards for p in shard)
     with pytest.raises(ValueError):
@@ -171,7 +180,7 @@ def test_sharded_merge_is_bit_for_bit(micro_zoo: Path, ray_cluster: None) -> Non
             tensors, n_shards, method="dare_linear", max_piece_bytes=small if n_shards > 1 else None
         )
         if n_shards > 1:
-            assert plan.split_tensors
+            assert split_tensors(plan)
         actors = [
             remote.options(num_cpus=0.1).remote(ShardConfig(ckpts, base, pieces, threads=1))
             for pieces in plan.shards
@@ -240,7 +249,7 @@ def test_sharded_scores_equal(micro_zoo: Path, ray_cluster: None) -> None:
         )
         try:
             if n_shards > 1:
-                assert ev.plan.split_tensors and len(ev.shard_infos) == n_shards
+                assert split_tensors(ev.plan) and len(ev.shard_infos) == n_shards
                 assert (
                     ev.infos[0]["resident_bytes"] == 0
                 )  # the evaluation worker holds only the model
@@ -278,7 +287,7 @@ def test_shards_resident_on_cuda_merge_as_the_whole_tensor_does(
     plan = plan_shards(
         tensors, 3, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5
     )
-    assert plan.split_tensors
+    assert split_tensors(plan)
     for pieces in plan.shards:
         worker = ShardWorker(ShardConfig(ckpts, base, pieces, device="cuda"))
         assert all(t.device.type == "cuda" for vs in worker.resident.versions.values() for t in vs)
@@ -387,7 +396,7 @@ def test_shard_pieces_merge_the_other_methods_as_the_engine_does(
     plan = plan_shards(
         tensors, 2, method=method, max_piece_bytes=max(t.nbytes for t in tensors) // 5
     )
-    assert bool(plan.split_tensors) == METHODS[method].row_splittable
+    assert bool(split_tensors(plan)) == METHODS[method].row_splittable
     params = {"nearswap": {"t": 0.001}, "sce": {"select_topk": 0.5}}.get(method, {})
     models = [
         {"model": c, "parameters": {"weight": 0.5, "density": 0.6}}

@@ -39,14 +39,6 @@ class ShardPlan:
     def n_shards(self) -> int:
         return len(self.shards)
 
-    def shard_bytes(self) -> list[int]:
-        return [sum(p.nbytes for p in shard) for shard in self.shards]
-
-    @property
-    def split_tensors(self) -> list[str]:
-        """The tensors cut into row blocks."""
-        return sorted({p.name for shard in self.shards for p in shard if not p.whole})
-
 
 def plan_shards(
     tensors: Sequence[TensorSize], n_shards: int, *, method: str, max_piece_bytes: int | None = None

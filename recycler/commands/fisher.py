@@ -30,7 +30,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> None:
-    estimate_fisher_file(
+    stored = estimate_fisher_file(
         args.checkpoint, args.data, n_examples=args.n_examples, max_length=args.max_length,
         device=args.device, empirical=not args.sampled, seed=args.seed,
     )  # fmt: skip
+    print(f"wrote {stored.path} ({stored.n_examples} examples, norm {stored.norm:.4g})")

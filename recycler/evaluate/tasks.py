@@ -498,18 +498,13 @@ def _build_suite(request: SuiteRequest) -> TaskSuite:
     for item in requested:
         for task in item.get_all_tasks() if isinstance(item, Group) else [item]:
             leaves[task.task_name] = task
-    _apply_options(manager, request, requested, leaves)
+    _apply_options(manager, request, leaves)
     splits = {name: _leaf_split(name, task, request) for name, task in leaves.items()}
     # Given built objects, load() only arranges them (tasks, groups, group_map).
     return TaskSuite(request, manager, requested, leaves, manager.load(list(requested)), splits)
 
 
-def _apply_options(
-    manager: TaskManager,
-    request: SuiteRequest,
-    requested: list[Task | Group],
-    leaves: dict[str, Task],
-) -> None:
+def _apply_options(manager: TaskManager, request: SuiteRequest, leaves: dict[str, Task]) -> None:
     """What simple_evaluate does to tasks before scoring, done once per build."""
     shots: dict[str, int] = {}
     for name, n in request.num_fewshot.items():

@@ -29,7 +29,12 @@ from recycler.merge.recipe import Recipe
 from recycler.pool import Pool, TensorInfo
 from recycler.pool.hashing import sha256_files_async
 from recycler.pool.safetensors_file import dtype_name
-from recycler.pool.safetensors_writer import ShardFiles, WriterThread, plan_shards, write_index
+from recycler.pool.safetensors_writer import (
+    ShardFiles,
+    WriterThread,
+    plan_output_files,
+    write_index,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +84,7 @@ def write_model_dir(
         hashes = sha256_files_async(f for c in inputs for f in c.files())
         out_code = recipe.out_code
         infos = {n: _out_info(pool.info(n), out_code) for n in pool.tensor_names}
-        shards = plan_shards(infos, max_shard_bytes)
+        shards = plan_output_files(infos, max_shard_bytes)
         started = time.perf_counter()
         files = ShardFiles(tmp, shards)
         try:

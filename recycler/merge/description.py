@@ -6,8 +6,9 @@ its input contract (base required / optional / none, how many models); whether i
 one linear combination per tensor (then the C kernel and the file-to-file export serve
 it); whether a block of a tensor's rows merges on its own (then shard workers may split
 the tensor); whether it is random and how it is seeded. Recipe checks, study checks, the
-search space, the shard plan, the workers, the export and the docs all read these; the
-registry of descriptions is `recycler.merge.methods.METHODS`.
+search space, the shard plan, the workers, the export and the docs all read these. Each
+description stands beside its method's function (`linear`, `ties_family`, `geometric`,
+`selection`); the registry that collects them is `recycler.merge.methods.METHODS`.
 
 Parameter scopes follow mergekit's recipe format:
 
@@ -146,6 +147,21 @@ class LinearTerms:
 
 
 @dataclass(frozen=True)
+class ModelRule:
+    """A constraint on several per-model parameters of one model, taken together.
+
+    `why_not` gets the values of `params` (in that order) and says why they do not fit,
+    or returns None where they do.
+    """
+
+    params: tuple[str, ...]
+    why_not: Callable[..., str | None]
+
+    def check(self, values: Mapping[str, float]) -> str | None:
+        return self.why_not(*(values[name] for name in self.params))
+
+
+@dataclass(frozen=True)
 class MethodDescription:
     name: str
     title: str
@@ -172,6 +188,9 @@ class MethodDescription:
     checks_finite: bool = False
     # Deliberate differences from mergekit 0.1.5, with the reason (README's method table).
     differs: str = ""
+    # Constraints that tie several of one model's parameters together (DELLA's
+    # density ± epsilon): checked on the recipe and again per tensor as it merges.
+    model_rules: tuple[ModelRule, ...] = ()
 
     # ---- derived facts -------------------------------------------------------------
     @property
@@ -228,6 +247,22 @@ class MethodDescription:
         beside = " beside the base" if with_base and self.models_with_base is not None else ""
         noun = noun.removesuffix("s") if low == high == 1 else noun
         return f"{self.name} takes {want} {noun}{beside}, got {n_models}"
+
+
+# ---- parameters several methods share, as mergekit 0.1.5 names them ------------------
+def weight_param(doc: str = "the model's weight w_i") -> ParamSpec:
+    return ParamSpec("weight", "float", "model", 1.0, doc)
+
+
+def normalize_param(default: bool) -> ParamSpec:
+    return ParamSpec(
+        "normalize", "bool", "recipe", default, "divide by the sum of the (agreeing) weights"
+    )
+
+
+INT8_MASK = ParamSpec(
+    "int8_mask", "bool", "recipe", False, "mergekit's memory switch; no effect (masks are bool)"
+)
 
 
 def describe_contract(m: MethodDescription) -> str:

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recycler.errors import RecyclerError
-from recycler.merge.kernel import Ranges, combine_files, fused_dtypes
-from recycler.merge.methods import METHODS, MergeInputs, NonFiniteError, UndefinedMerge
+from recycler.merge.description import MergeInputs, UndefinedMerge
+from recycler.merge.kernel import NonFiniteError, Ranges, combine_files, fused_dtypes
+from recycler.merge.methods import METHODS
 from recycler.merge.recipe import Recipe
 from recycler.pool import Checkpoint, Pool, StoredTensor
 from recycler.pool.safetensors_file import itemsize

@@ -30,6 +30,15 @@ from recycler.pool.safetensors_file import SafetensorsFile
 FISHER_FLOOR = 1e-6
 
 
+@dataclass(frozen=True)
+class StoredFisher:
+    """A diagonal Fisher written beside its checkpoint."""
+
+    path: Path
+    n_examples: int
+    norm: float
+
+
 class FisherFile:
     """A stored diagonal Fisher, read tensor by tensor, unit-normalised and floored."""
 
@@ -37,8 +46,7 @@ class FisherFile:
         path = ckpt.fisher_path
         if not path.is_file():
             raise RecyclerError(
-                f"{ckpt.path}: no {path.name} for fisher merging; run `recycler fisher {ckpt.path} "
-                "--data FILE` first"
+                f"{ckpt.path}: no {path.name} for fisher merging; run `recycler fisher` on it first"
             )
         self.file = SafetensorsFile(path)
         try:
@@ -161,7 +169,7 @@ def estimate_fisher_file(
     device: str = "cpu",
     empirical: bool = True,
     seed: int = 0,
-) -> Path:
+) -> StoredFisher:
     """`recycler fisher`: estimate and store `fisher.safetensors` beside the checkpoint."""
     if not (checkpoint / "config.json").is_file():
         raise RecyclerError(
@@ -189,5 +197,4 @@ def estimate_fisher_file(
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    print(f"wrote {out} ({len(examples)} examples, norm {norm:.4g})")
-    return out
+    return StoredFisher(out, len(examples), norm)

@@ -3,9 +3,10 @@
 Each function takes one tensor's `MergeInputs` and returns its merge in `out_dtype`,
 computing in fp32 (norms and dot products of whole tensors in fp64, so their rounding
 does not depend on the tensor's size). The semantics and parameter names are
-mergekit 0.1.5's; the formulas are in each function's doc and in `METHODS`.
+mergekit 0.1.5's; the formulas are in each function's doc and in its description beside
+it (`DESCRIPTIONS`, collected by `methods.METHODS`).
 
-PyTorch is imported inside the functions, as in methods.py: the registry that names these
+PyTorch is imported inside the functions, as in `linear`: the registry that names these
 functions is read by recipe checks and by file-to-file merges that run without it.
 """
 
@@ -14,7 +15,15 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING
 
-from recycler.merge.description import MergeInputs, UndefinedMerge
+from recycler.merge.description import (
+    NON_NEGATIVE,
+    Bounds,
+    MergeInputs,
+    MethodDescription,
+    ParamSpec,
+    UndefinedMerge,
+    weight_param,
+)
 from recycler.merge.kernel import linear_combination
 
 if TYPE_CHECKING:
@@ -254,3 +263,146 @@ def arcee_fusion(inp: MergeInputs) -> torch.Tensor:
     q1, median, q3 = (torch.kthvalue(flat, i + 1).values for i in index)
     threshold = median + 1.5 * (q3 - q1)  # in fp32, as mergekit rounds it
     return (a + diff * (importance >= threshold)).to(inp.out_dtype)
+
+
+T_SLERP = ParamSpec(
+    "t",
+    "float",
+    "tensor",
+    None,
+    "interpolation factor: 0 is the base (first) model, 1 the other",
+    tune=(0.0, 1.0),
+)
+T_NEARSWAP = ParamSpec(
+    "t",
+    "float",
+    "tensor",
+    None,
+    "distance within which the model's value is taken",
+    NON_NEGATIVE,
+    tune=(1e-4, 1e-2),
+)
+
+DESCRIPTIONS = (
+    MethodDescription(
+        "slerp",
+        "SLERP",
+        "https://en.wikipedia.org/wiki/Slerp",
+        "θ = sin((1−t)Ω)/sin Ω · θ_a + sin(tΩ)/sin Ω · θ_b over whole tensors "
+        "(lerp if |cos Ω| > 0.9995)",
+        slerp,
+        (T_SLERP,),
+        base="optional",
+        models=(2, 2),
+        models_with_base=(1, 1),
+        differs=(
+            "without a base the first model is t = 0 (mergekit requires the base); "
+            "‖·‖ and cos Ω in fp64"
+        ),
+    ),
+    MethodDescription(
+        "nuslerp",
+        "NuSLERP",
+        "https://github.com/arcee-ai/mergekit/blob/main/docs/merge_methods.md",
+        "slerp(τ_1, τ_2) or slerp(θ_1, θ_2) with t = w_2/(w_1 + w_2), "
+        "whole tensor, per row or per column",
+        nuslerp,
+        (
+            weight_param(),
+            ParamSpec(
+                "nuslerp_flatten", "bool", "recipe", True, "one slerp over the flattened tensor"
+            ),
+            ParamSpec(
+                "nuslerp_row_wise",
+                "bool",
+                "recipe",
+                False,
+                "unflattened: slerp columns instead of rows",
+            ),
+        ),
+        base="optional",
+        models=(2, 2),
+    ),
+    MethodDescription(
+        "multislerp",
+        "Multi-SLERP",
+        "https://goddard.blog/posts/multislerp-wow-what-a-cool-idea",
+        "exp_μ(Σ w_i log_μ x̂_i) · Σ w_i ‖x_i‖ on the unit sphere (x_i = θ_i or τ_i)",
+        multislerp,
+        (
+            weight_param(),
+            ParamSpec("normalize_weights", "bool", "recipe", True, "weights divided by their sum"),
+            ParamSpec(
+                "eps",
+                "float",
+                "recipe",
+                1e-8,
+                "guard against zero norms",
+                Bounds(0.0, low_open=True),
+            ),
+        ),
+        base="optional",
+        models=(1, None),
+    ),
+    MethodDescription(
+        "karcher",
+        "Karcher mean",
+        "https://en.wikipedia.org/wiki/Karcher_mean",
+        "Riemannian mean of x̂_i on the unit sphere (fixed point), scaled by Σ α_i ‖x_i‖",
+        karcher,
+        (
+            weight_param("weight α_i of the model (normalised; mergekit: all equal, the default)"),
+            ParamSpec("max_iter", "int", "recipe", 10, "iterations at most", Bounds(1.0)),
+            ParamSpec(
+                "tol",
+                "float",
+                "recipe",
+                1e-5,
+                "stop when the tangent's norm is below",
+                Bounds(0.0, low_open=True),
+            ),
+        ),
+        base="optional",
+        models=(1, None),
+        differs=(
+            "weights α_i are read (mergekit ignores them: equal weights, the default, "
+            "give its merge)"
+        ),
+    ),
+    MethodDescription(
+        "model_stock",
+        "Model Stock",
+        "https://arxiv.org/abs/2403.19522",
+        "θ = t · mean θ_i + (1 − t) θ_0, t = N cos/(1 + (N − 1) cos), "
+        "cos the mean pairwise cosine of τ_i",
+        model_stock,
+        (ParamSpec("filter_wise", "bool", "recipe", False, "one t per row instead of per tensor"),),
+        base="required",
+        models=(2, None),
+    ),
+    MethodDescription(
+        "nearswap",
+        "NearSwap",
+        "https://huggingface.co/alchemonaut/QuartetAnemoi-70B-t0.0001",
+        "θ = w θ_1 + (1 − w) θ_0, w = clamp(t / |θ_1 − θ_0|, 0, 1) per entry",
+        nearswap,
+        (T_NEARSWAP,),
+        base="required",
+        models=(1, 1),
+        row_splittable=True,
+    ),
+    MethodDescription(
+        "arcee_fusion",
+        "Arcee Fusion",
+        "https://arcee.ai",
+        "θ = θ_0 + τ_1 · [|τ_1| · KL(softmax θ_1 ‖ softmax θ_0) ≥ median + 1.5 IQR]",
+        arcee_fusion,
+        (),
+        base="required",
+        models=(1, 1),
+        differs=(
+            "quantiles are exact (mergekit samples 10⁶ entries at random, unseeded, "
+            "above that size)"
+        ),
+    ),
+)

@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 # it was not built.
 _FUSED_CODES: dict[str, int] = {}
 try:
-    from recycler.merge import _fused
+    import recycler.merge._fused as _fused
 except ImportError:  # built without a C compiler (setup.py marks the extension optional)
     pass
 else:

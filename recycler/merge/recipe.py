@@ -16,7 +16,8 @@ A parameter is a number (true/false for a switch), a layer gradient or a list of
 says how each resolves per tensor, as mergekit does). A model's own parameter wins;
 where it is absent, or none of its filters matches, the top-level `parameters` entry
 applies, as in mergekit. Which parameters a method takes, their scope, defaults and allowed
-values are the method's description (`methods.METHODS`); a parameter the method
+values are the method's description (`methods.METHODS`), rules that tie a model's
+parameters together (DELLA's density ± epsilon) included; a parameter the method
 does not take is an error. As in mergekit, a model listed again as the base model
 of a method that reads the base is the base (it is dropped from `models`).
 recycler's own additions: `random_seed` (seeds the random methods' masks), and the
@@ -25,6 +26,7 @@ method `fisher` and the weight schemes of `weights.py`.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,32 +202,33 @@ class Recipe:
                 )
             if spec.kind != "bool":
                 _check_values(spec, top, f"{where}: parameters.{spec.name}")
-        if self.merge_method.startswith("della"):
-            self._check_della(where)
+        self._check_model_rules(method, where)
         if self.normalize and "weight" in method.param_names and _weights_can_sum_to_zero(self):
             raise RecyclerError(
                 f"{where}: models: the weights sum to zero, which normalize cannot divide by"
             )
 
-    def _check_della(self, where: str) -> None:
-        """density ± epsilon must stay in (0, 1) wherever density < 1 (checked per tensor again
-        as it merges)."""
-        for i, model in enumerate(self.models):
-            densities = values_of(
-                model.density if model.density is not None else self.parameters.get("density")
-            ) or [1.0]
-            epsilons = values_of(
-                model.get("epsilon")
-                if model.get("epsilon") is not None
-                else self.parameters.get("epsilon")
-            ) or [0.15]
-            for d in densities:
-                for e in epsilons:
-                    if d < 1.0 and not (d - e > 0.0 and d + e < 1.0):
+    def _check_model_rules(self, method: MethodDescription, where: str) -> None:
+        """The method's rules on each model's parameters, for every combination of the values
+        the recipe lists (the method checks each tensor's values again as it merges)."""
+        for rule in method.model_rules:
+            for i, model in enumerate(self.models):
+                listed = [self._listed_values(method, model, name) for name in rule.params]
+                for values in itertools.product(*listed):
+                    why = rule.why_not(*values)
+                    if why is not None:
                         raise RecyclerError(
-                            f"{where}: models[{i}].parameters.epsilon: "
-                            f"density {d:g} ± epsilon {e:g} must lie in (0, 1)"
+                            f"{where}: models[{i}].parameters.{rule.params[-1]}: {why}"
                         )
+
+    def _listed_values(self, method: MethodDescription, model: ModelSpec, name: str) -> list[float]:
+        """Every value a model's parameter takes in some tensor: its own entry, else the
+        top-level one, else the default."""
+        own = model.get(name)
+        listed = values_of(own if own is not None else self.parameters.get(name))
+        spec = method.param(name)
+        default = spec.default if spec is not None else None
+        return listed or ([] if default is None else [float(default)])
 
     # ---- per-tensor values ---------------------------------------------------------
     @property
@@ -254,13 +257,6 @@ class Recipe:
 
     def weights_for(self, tensor_name: str, n_layers: int) -> list[float]:
         return [self._model_value(s, "weight", tensor_name, n_layers) for s in self.models]
-
-    def densities_for(self, tensor_name: str, n_layers: int) -> list[float]:
-        return [self._model_value(s, "density", tensor_name, n_layers) for s in self.models]
-
-    def lambda_for(self, tensor_name: str, n_layers: int) -> float:
-        value = resolve(self.parameters.get("lambda"), tensor_name, n_layers, self.first_layer)
-        return 1.0 if value is None else float(value)
 
     def tensor_params(self, tensor_name: str, n_layers: int) -> TensorParams:
         """Every parameter of the method for one tensor, defaults filled in."""

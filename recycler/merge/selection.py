@@ -3,7 +3,9 @@
 τ_i = θ_i − θ_0 in fp32; weights are not read (both methods weigh the task vectors
 themselves). Semantics and parameter names are mergekit 0.1.5's.
 
-PyTorch is imported inside the functions, as in methods.py: the registry that names these
+Each method's description stands beside its function (`DESCRIPTIONS`, collected by
+`methods.METHODS`). PyTorch is imported inside the functions, as in `linear`: the registry
+that names these
 functions is read by recipe checks and by file-to-file merges that run without it.
 """
 
@@ -11,7 +13,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from recycler.merge.description import MergeInputs
+from recycler.merge.description import (
+    INT8_MASK,
+    NON_NEGATIVE,
+    UNIT,
+    MergeInputs,
+    MethodDescription,
+    ParamSpec,
+)
 from recycler.merge.kernel import NonFiniteError
 from recycler.merge.sparsify import keep_top_k
 
@@ -103,3 +112,73 @@ def ramplus_tl(inp: MergeInputs) -> torch.Tensor:
     scale = torch.where(unique, lam.view(-1, *[1] * (taus.dim() - 1)), 1.0 / counts.clamp(min=1))
     merged = (taus * scale).sum(0)
     return (inp.base.float() + merged).to(inp.out_dtype)
+
+
+EPSILON_RAM = ParamSpec(
+    "epsilon",
+    "float",
+    "tensor",
+    1e-5,
+    "|τ| above which a model contributes to an entry",
+    NON_NEGATIVE,
+)
+
+DESCRIPTIONS = (
+    MethodDescription(
+        "sce",
+        "SCE",
+        "https://arxiv.org/abs/2408.07990",
+        "θ = θ_0 + Σ_{agree} c_i τ̂_i / Σ_{agree} c_i, τ̂ top-variance entries, c_i ∝ mean τ̂_i²",
+        sce,
+        (
+            ParamSpec(
+                "select_topk",
+                "float",
+                "tensor",
+                1.0,
+                "fraction of entries (by variance across models) kept",
+                UNIT,
+                tune=(0.1, 1.0),
+            ),
+            INT8_MASK,
+        ),
+        base="required",
+        models=(1, None),
+        differs="entries tied in variance are kept lowest index first",
+    ),
+    MethodDescription(
+        "ram",
+        "RAM",
+        "https://arxiv.org/abs/2601.13572",
+        "θ = θ_0 + Σ_i τ̃_i / max(1, #models with |τ| > ε)",
+        ram,
+        (EPSILON_RAM,),
+        base="required",
+        models=(1, None),
+        row_splittable=True,
+    ),
+    MethodDescription(
+        "ramplus_tl",
+        "RAM+ (tensor-local)",
+        "https://arxiv.org/abs/2601.13572",
+        "RAM with each model's unique entries scaled by 1 + r · clamp(shared/unique, 0, alpha)",
+        ramplus_tl,
+        (
+            ParamSpec(
+                "r",
+                "float",
+                "tensor",
+                0.1,
+                "strength of the rescale of unique entries",
+                NON_NEGATIVE,
+                tune=(0.0, 0.5),
+            ),
+            ParamSpec(
+                "alpha", "float", "tensor", 0.2, "cap on the shared/unique ratio", NON_NEGATIVE
+            ),
+            EPSILON_RAM,
+        ),
+        base="required",
+        models=(1, None),
+    ),
+)

@@ -9,7 +9,7 @@ a tensor's rows are split across shard workers.
 Entries tied in magnitude are kept lowest index first (a stable order), so the same
 inputs sparsify the same way everywhere. All arithmetic is fp32.
 
-PyTorch is imported inside the functions, as in methods.py: the registry that names these
+PyTorch is imported inside the functions, as in `linear`: the registry that names these
 functions is read by recipe checks and by file-to-file merges that run without it.
 """
 

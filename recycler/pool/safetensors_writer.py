@@ -32,7 +32,7 @@ class ShardLayout:
     tensor_nbytes: list[int]
 
 
-def plan_shards(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[ShardLayout]:
+def plan_output_files(infos: dict[str, TensorInfo], max_shard_bytes: int) -> list[ShardLayout]:
     """Group tensors, in order, into shards of at most `max_shard_bytes` (a larger tensor gets its
     own)."""
     groups: list[list[str]] = [[]]

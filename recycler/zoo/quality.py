@@ -8,15 +8,13 @@
 - merging has something to find: the best (by mean dev accuracy) of N random
   simplex-weighted linear merges is not dominated by any single checkpoint on dev.
 
-`python -m recycler.zoo.quality DIR [--merges 30] [--seed 0]` prints the
-markdown table of recycler/zoo/README.md and writes DIR/quality.json.
+`measure` gives the report, `render_markdown` the table of recycler/zoo/README.md; the
+development tool `python -m tools.zoo_quality DIR` prints it and writes DIR/quality.json.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -203,22 +201,3 @@ def render_markdown(zoo_dir: Path, report: Mapping[str, Any]) -> str:
         f"{', '.join(report['best_merge_dominated_by']) or 'none'}.",
     ]
     return "\n".join(lines) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m recycler.zoo.quality", description=__doc__.splitlines()[0]
-    )
-    parser.add_argument("dir", type=Path)
-    parser.add_argument("--merges", type=int, default=30)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-    torch.set_num_threads(1)
-    report = measure(args.dir, args.merges, args.seed)
-    (args.dir / "quality.json").write_text(json.dumps(report, indent=2) + "\n")
-    sys.stdout.write(render_markdown(args.dir, report))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

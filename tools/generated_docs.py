@@ -1,10 +1,11 @@
-"""The README's method table and docs/internals.md's parameter table, written from the
-methods' descriptions (`methods.METHODS`), so the docs cannot drift from the code.
+"""The generated blocks of the repository's docs, written from the code that owns their
+facts, so the docs cannot drift from it. A development step, run from the repository root:
 
-    python -m recycler.merge.method_docs          # rewrite both blocks in place
-    python -m recycler.merge.method_docs --check  # exit 1 where a block is stale
+    python -m tools.generated_docs          # rewrite every block in place
+    python -m tools.generated_docs --check  # exit 1 naming each file with a stale block
 
-Each block sits between `<!-- methods:NAME -->` and `<!-- /methods:NAME -->`.
+A block sits between `<!-- NAME -->` and `<!-- /NAME -->` in its file. To add one, write
+a function that returns its text and list it in `BLOCKS`.
 """
 
 from __future__ import annotations
@@ -12,13 +13,16 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from recycler.merge.description import MethodDescription, ParamSpec, describe_contract
 from recycler.merge.methods import METHODS
 
-ROOT = Path(__file__).resolve().parents[2]
-DOCS = {"table": ROOT / "README.md", "params": ROOT / "docs" / "internals.md"}
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+INTERNALS = ROOT / "docs" / "internals.md"
 
 
 def _default(p: ParamSpec) -> str:
@@ -48,6 +52,7 @@ def _cell(text: str) -> str:
 
 
 def method_table() -> str:
+    """README: one row per merge method (formula, parameters, inputs, serving, differences)."""
     lines = [
         "| method | formula | parameters (default) | inputs | serving "
         "| differs from mergekit 0.1.5 |",
@@ -63,6 +68,7 @@ def method_table() -> str:
 
 
 def params_table() -> str:
+    """docs/internals.md: one row per method and parameter."""
     lines = [
         "| method | parameter | type | scope | default | allowed | `tune` range |",
         "|---|---|---|---|---|---|---|",
@@ -78,36 +84,51 @@ def params_table() -> str:
     return "\n".join(lines)
 
 
-BLOCKS = {"table": method_table, "params": params_table}
+@dataclass(frozen=True)
+class Block:
+    name: str  # the marker: <!-- name --> ... <!-- /name -->
+    path: Path
+    text: Callable[[], str]
+
+    def rewritten(self, doc: str) -> str:
+        """`doc` with this block's text replaced by the current one (ValueError: no block)."""
+        name = re.escape(self.name)
+        pattern = re.compile(rf"(<!-- {name} -->\n)(?:.*?\n)?(<!-- /{name} -->)", re.S)
+        if not pattern.search(doc):
+            raise ValueError(f"{self.path}: no <!-- {self.name} --> block")
+        return pattern.sub(lambda m: m.group(1) + self.text() + "\n" + m.group(2), doc)
 
 
-def _block(name: str) -> re.Pattern[str]:
-    return re.compile(rf"(<!-- methods:{name} -->\n)(?:.*?\n)?(<!-- /methods:{name} -->)", re.S)
+BLOCKS = (
+    Block("methods:table", README, method_table),
+    Block("methods:params", INTERNALS, params_table),
+)
 
 
-def rewritten(name: str, text: str) -> str:
-    pattern = _block(name)
-    if not pattern.search(text):
-        raise ValueError(f"no <!-- methods:{name} --> block")
-    return pattern.sub(lambda m: m.group(1) + BLOCKS[name]() + "\n" + m.group(2), text)
+def stale_files(write: bool) -> list[Path]:
+    """The files with a stale block (each rewritten in place where `write`)."""
+    stale = []
+    for path in dict.fromkeys(b.path for b in BLOCKS):
+        text = path.read_text(encoding="utf-8")
+        new = text
+        for block in (b for b in BLOCKS if b.path == path):
+            new = block.rewritten(new)
+        if new != text:
+            stale.append(path)
+            if write:
+                path.write_text(new, encoding="utf-8")
+    return stale
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="only report stale blocks")
     args = parser.parse_args(argv)
-    stale = []
-    for name, path in DOCS.items():
-        text = path.read_text()
-        new = rewritten(name, text)
-        if new != text:
-            stale.append(str(path))
-            if not args.check:
-                path.write_text(new)
+    stale = stale_files(write=not args.check)
     if args.check and stale:
+        names = ", ".join(str(p.relative_to(ROOT)) for p in stale)
         print(
-            f"stale method docs: {', '.join(stale)} (run python -m recycler.merge.method_docs)",
-            file=sys.stderr,
+            f"stale generated docs: {names} (run python -m tools.generated_docs)", file=sys.stderr
         )
         return 1
     return 0
