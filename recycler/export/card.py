@@ -66,8 +66,16 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
-        return "per-tensor: " + ", ".join(
-            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}"
-            for e in value
-        )
+        if all(isinstance(e, dict) for e in value):
+            return "per-tensor: " + ", ".join(
+                f"{e.get('filter', '*')}={_point(e['value'])}" for e in value
+            )
+        return "layer gradient " + _point(value)
     return str(value)
+
+
+def _point(value: Any) -> str:
+    """A number, a switch or a layer gradient, short."""
+    if isinstance(value, list):
+        return "[" + " → ".join(_point(v) for v in value) + "]"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
