@@ -126,9 +126,7 @@ def parse(value: Any, where: str, kind: str = "float") -> Param:
                 )
             filt = entry.get("filter")
             if filt is not None and not isinstance(filt, str):
-                raise RecyclerError(
-                    f"{where}[{j}].filter: must be a tensor name part, got {filt!r}"
-                )
+                raise RecyclerError(f"{where}[{j}].filter: must be text, got {filt!r}")
             entries.append(FilterValue(filt, _plain(entry["value"], f"{where}[{j}].value", kind)))
         return tuple(entries)
     return _plain(value, where, kind)
@@ -142,7 +140,9 @@ def _plain(value: Any, where: str, kind: str) -> Scalar | Gradient:
         if all(_fits(v, kind) for v in value):
             return tuple(v if kind == "bool" else float(v) for v in value)
         bad = next(v for v in value if not _fits(v, kind))
-        raise RecyclerError(f"{where}: a layer gradient takes {_expected(kind)}s, got {bad!r}")
+        raise RecyclerError(
+            f"{where}: a layer gradient takes {_expected(kind)} values only, got {bad!r}"
+        )
     if kind == "bool":
         raise RecyclerError(f"{where}: must be true or false, got {value!r}")
     if kind == "int" and _fits(value, "float"):
