@@ -419,6 +419,7 @@ def test_a_killed_merge_leaves_no_output_dir(sig: signal.Signals, tmp_path: Path
             {f"w{i}": torch.randn(1500, 4000) for i in range(4)},
             str(root / name / "model.safetensors"),
         )
+        (root / name / "config.json").write_text("{}")  # a merge that would succeed
     recipe = root / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
