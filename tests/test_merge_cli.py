@@ -241,7 +241,7 @@ def test_bad_pool_fails_cleanly(
         ({"dtype": "float8"}, "dtype: unknown dtype 'float8'"),
         ({"parameters": {"normalize": True, "lambda": "big"}}, "parameters.lambda: not a number"),
         ({"parameters": {"temperature": 1.0}}, "parameters.temperature: unknown parameter"),
-        ({"slices": []}, "slices: not supported"),
+        ({"slices": []}, "models: give either models or slices, not both"),
         ({"colour": "red"}, "colour: unknown key"),
         # the new methods' contracts and parameters, from their descriptions
         (

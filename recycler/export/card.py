@@ -62,6 +62,34 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def stacked_card(recipe_yaml: str, hashes: dict[Path, str]) -> str:
+    """README.md of a `slices:` merge: its recipe and the exact input files."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, recycler]",
+        "---",
+        "",
+        "# Merged model (layer slices)",
+        "",
+        f"Made by recycler {__version__}; `recipe.yaml` beside this file reproduces it "
+        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_yaml.rstrip(),
+        "```",
+        "",
+        "## Inputs",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    lines += [f"| `{f.resolve()}` | `{h}` |" for f, h in sorted(hashes.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"

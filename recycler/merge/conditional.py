@@ -50,6 +50,13 @@ def layer_index(tensor_name: str) -> int | None:
     return int(match.group(1)) if match is not None else None
 
 
+def with_layer_index(tensor_name: str, index: int) -> str:
+    """The tensor's name in layer `index` (`model.layers.3.mlp...` → `model.layers.7.mlp...`)."""
+    match = _LAYER_INDEX.search(tensor_name)
+    assert match is not None, tensor_name
+    return tensor_name[: match.start(1)] + str(index) + tensor_name[match.end(1) :]
+
+
 def layer_position(tensor_name: str, n_layers: int, first_layer: int = 0) -> float:
     """mergekit's t for a tensor: (i − first_layer) / (n_layers − 1) inside the layers
     (1 for a single layer), 0 outside them."""
