@@ -222,3 +222,51 @@ def test_bad_slices_name_the_key(
         err
     )
     assert not (tmp_path / "out").exists()
+
+
+def test_stages_run_in_order_and_resume(
+    merged: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """mergekit's mega.yml shape: a named slices stage, then a merge that names it."""
+    first = dict(merged["recipes"]["gradient-slerp"], name="smooth", out_path="stages/smooth")
+    b = merged["inputs"][2]
+    second = {
+        "merge_method": "linear",
+        "models": [
+            {"model": "smooth", "parameters": {"weight": [0.2, 0.8]}},
+            {"model": b, "parameters": {"weight": 0.5}},
+        ],
+        "dtype": "float32",
+    }
+    path = tmp_path / "mega.yaml"
+    path.write_text(yaml.safe_dump_all([first, second], sort_keys=False))
+    out = tmp_path / "final"
+    assert main(["merge", str(path), str(out)]) == 0
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["stage 1/2 smooth", "stage 2/2"], lines
+    smooth = _tensors(tmp_path / "stages" / "smooth")
+    final, other = _tensors(out), _tensors(Path(b))
+    key = "model.layers.{}.mlp.down_proj.weight"
+    for layer, w in ((0, 0.2), (3, 0.8)):  # the weight gradient over the 4 layers
+        n = key.format(layer)
+        want = (w * smooth[n] + 0.5 * other[n]) / (w + 0.5)
+        assert torch.allclose(final[n], want, atol=1e-6), n
+    assert main(["merge", str(path), str(out)]) == 0
+    again = capsys.readouterr().err.strip().splitlines()
+    assert all(line.endswith("is complete, not redone") for line in again) and len(again) == 2
+    second["models"][1]["parameters"]["weight"] = 0.25  # the last stage changed: not complete
+    path.write_text(yaml.safe_dump_all([first, second], sort_keys=False))
+    assert main(["merge", str(path), str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0].startswith("stage 1/2 smooth") and "exists and is not empty" in err[-1], err
+
+
+def test_a_stage_named_twice_is_refused(
+    merged: dict[str, Any], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    doc = dict(merged["recipes"]["frankenmerge"], name="x")
+    path = tmp_path / "mega.yaml"
+    path.write_text(yaml.safe_dump_all([doc, doc, doc], sort_keys=False))
+    assert main(["merge", str(path), str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("document 2: name: must be a new stage name, got 'x'"), err

@@ -7,6 +7,7 @@ the benchmark, which times the merge apart from the interpreter's start).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -26,9 +27,10 @@ from recycler.export.model_dir import (
 from recycler.merge.engine import MergeStats
 from recycler.merge.recipe import Recipe
 from recycler.merge.slices import SlicedRecipe, open_slices, stacked_config
+from recycler.merge.stages import plan_stages
 from recycler.pool import Pool
 from recycler.pool.detect import PickleRefused
-from recycler.yaml_file import load_yaml
+from recycler.yaml_file import load_yaml_documents
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -94,8 +96,59 @@ def merge_recipe_file(
     allow_pickle: bool = False,
     max_shard_bytes: int = 5 * 10**9,
 ) -> Path:
-    data = load_yaml(recipe_path, "recipe")
+    documents = load_yaml_documents(recipe_path, "recipe")
     _check_device(device)
+    options: dict[str, Any] = {
+        "device": device,
+        "force": force,
+        "allow_pickle": allow_pickle,
+        "max_shard_bytes": max_shard_bytes,
+    }
+    if len([d for d in documents if d is not None]) <= 1:
+        data = next((d for d in documents if d is not None), None)
+        return _merge_document(data, recipe_path, out_dir, "", **options)
+    for stage in plan_stages(documents, recipe_path, out_dir):
+        written = stage.out_dir / "recipe.yaml"
+        if (
+            not force
+            and (stage.out_dir / "config.json").is_file()
+            and written.is_file()
+            and written.read_text() == _resolved_yaml(stage.data, recipe_path)
+        ):
+            print(f"{stage.label}: {stage.out_dir} is complete, not redone", file=sys.stderr)
+            continue
+        _merge_document(stage.data, recipe_path, stage.out_dir, f"{stage.label}: ", **options)
+    return out_dir
+
+
+def _resolved_yaml(data: dict[str, Any], recipe_path: Path) -> str:
+    """The recipe.yaml a merge of `data` writes (every model as an absolute path)."""
+    where = str(recipe_path)
+    if "slices" in data:
+        sliced = SlicedRecipe.from_dict(data, where)
+        names = {s.model for out in sliced.slices for s in out.sources}
+        return sliced.to_yaml({m: locate(m, recipe_path.parent) for m in names})
+    recipe = Recipe.from_dict(data, where=where)
+
+    def absolute(model: str) -> str:
+        return str(locate(model, recipe_path.parent).resolve())
+
+    models = [dataclasses.replace(m, model=absolute(m.model)) for m in recipe.models]
+    base = absolute(recipe.base_model) if recipe.base_model is not None else None
+    return dataclasses.replace(recipe, models=models, base_model=base).to_yaml()
+
+
+def _merge_document(
+    data: Any,
+    recipe_path: Path,
+    out_dir: Path,
+    label: str,
+    *,
+    device: str,
+    force: bool,
+    allow_pickle: bool,
+    max_shard_bytes: int,
+) -> Path:
     stats = MergeStats()
     if isinstance(data, dict) and "slices" in data:
         n_inputs = write_sliced(
@@ -135,7 +188,7 @@ def merge_recipe_file(
         )
     gb = (stats.bytes_read + stats.bytes_written) / 1e9
     print(
-        f"merged {n_inputs} checkpoints into {out_dir} in {stats.seconds:.2f} s "
+        f"{label}merged {n_inputs} checkpoints into {out_dir} in {stats.seconds:.2f} s "
         f"({gb / max(stats.seconds, 1e-9):.2f} GB/s)",
         file=sys.stderr,
     )
