@@ -207,7 +207,7 @@ def write_sliced(
     models = {s.model for out in recipe.slices for s in out.sources}
     found = {m: locate(m, recipe_dir) for m in models}
     pools = open_slices(recipe, found, allow_pickle=allow_pickle)
-    source = recipe.data.get("tokenizer_source")
+    source = recipe.tokenizer.source
     first = pools[0].reference
     facts = OutputFacts(
         config=stacked_config(recipe, pools),
@@ -216,6 +216,7 @@ def write_sliced(
         ),
         recipe_yaml=recipe.to_yaml(found),
         card=lambda hashes: stacked_card(recipe.to_yaml(found), hashes),
+        chat_template=recipe.tokenizer.chat_template,
     )
     write_parts(
         out_dir, [MergePart(p, s.recipe) for p, s in zip(pools, recipe.slices)], facts, **options

@@ -78,6 +78,7 @@ class OutputFacts:
     tokenizer_dir: Path
     recipe_yaml: str
     card: Callable[[dict[Path, str]], str]  # the input files' sha256 -> README.md
+    chat_template: str | None = None  # Jinja text replacing the tokenizer's own
 
 
 def write_model_dir(
@@ -98,6 +99,7 @@ def write_model_dir(
         tokenizer_dir=_tokenizer_dir(pool, recipe),
         recipe_yaml=resolved.to_yaml(),
         card=lambda hashes: model_card(pool, resolved, hashes, card_extra),
+        chat_template=recipe.chat_template,
     )
     return write_parts(
         out_dir,
@@ -158,6 +160,8 @@ def write_parts(
         write_index(tmp, shards)
         _write_config(tmp, facts.config, out_code)
         _copy_tokenizer(tmp, facts.tokenizer_dir)
+        if facts.chat_template is not None:
+            _write_chat_template(tmp, facts.chat_template)
         (tmp / "recipe.yaml").write_text(facts.recipe_yaml)
         (tmp / "README.md").write_text(facts.card(hashes.result()))
         _move_into_place(tmp, out_dir)
@@ -264,10 +268,22 @@ def tokenizer_dir(source: str | None, base_dir: Path) -> Path:
         return base_dir
     path = Path(source)
     if not path.is_dir():
-        raise RecyclerError(
+        raise RecyclerError(  # union and the rest are refused as the recipe is read
             f"tokenizer_source: {source!r} is not a directory (use base or a model dir)"
         )
     return path
+
+
+def _write_chat_template(tmp: Path, template: str) -> None:
+    """The recipe's template, where transformers reads it first (chat_template.jinja) and in
+    tokenizer_config.json, which older versions read."""
+    (tmp / "chat_template.jinja").write_text(template)
+    (tmp / "chat_template.json").unlink(missing_ok=True)
+    config_path = tmp / "tokenizer_config.json"
+    if config_path.is_file():
+        config = load_json(config_path)
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _copy_tokenizer(tmp: Path, source: Path) -> None:
@@ -295,5 +311,6 @@ def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
         dtype=recipe.dtype,
         out_dtype=recipe.out_dtype,
         tokenizer_source=recipe.tokenizer_source,
+        chat_template=recipe.chat_template,
         random_seed=recipe.random_seed,
     )

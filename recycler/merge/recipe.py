@@ -45,6 +45,8 @@ from recycler.merge.conditional import (
 )
 from recycler.merge.description import MethodDescription, ParamSpec, TensorParams
 from recycler.merge.methods import METHODS
+from recycler.merge.tokenizer_choice import KEYS as TOKENIZER_KEYS
+from recycler.merge.tokenizer_choice import read_tokenizer_keys
 from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
 
@@ -67,9 +69,9 @@ _TOP_LEVEL_KEYS = {
     "parameters",
     "dtype",
     "out_dtype",
-    "tokenizer_source",
     "random_seed",
     "name",
+    *TOKENIZER_KEYS,
 }
 __all__ = ["DTYPES", "FilterValue", "ModelSpec", "Param", "Recipe", "resolve"]
 
@@ -100,6 +102,7 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     random_seed: int = 0
+    chat_template: str | None = None  # Jinja text written with the tokenizer
     # The output layer this recipe's first layer becomes (a slice of a `slices:` recipe,
     # merged on its own): layer gradients count from it. Not part of the YAML.
     first_layer: int = 0
@@ -148,6 +151,7 @@ class Recipe:
         if base_path is not None and method.uses_base:
             # mergekit's rule: a model that is the base model is the base, not one more model.
             models = [m for m in models if m.model != base_path] or models
+        tokens = read_tokenizer_keys(data, where)
         seed = data.get("random_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RecyclerError(f"{where}: random_seed: must be an integer, got {seed!r}")
@@ -158,10 +162,9 @@ class Recipe:
             parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
-            tokenizer_source=str(data["tokenizer_source"])
-            if data.get("tokenizer_source") is not None
-            else None,
+            tokenizer_source=tokens.source,
             random_seed=seed,
+            chat_template=tokens.chat_template,
         )
         recipe.validate(where)
         return recipe
@@ -311,6 +314,8 @@ class Recipe:
             out["tokenizer_source"] = self.tokenizer_source
         if self.random_seed:
             out["random_seed"] = self.random_seed
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         return out
 
     def to_yaml(self) -> str:

@@ -36,6 +36,8 @@ from recycler.merge import conditional
 from recycler.merge.layer_view import LAYER_COUNT_KEYS, LayerView
 from recycler.merge.methods import METHODS
 from recycler.merge.recipe import Recipe
+from recycler.merge.tokenizer_choice import KEYS as TOKENIZER_KEYS
+from recycler.merge.tokenizer_choice import TokenizerChoice, read_tokenizer_keys
 from recycler.pool import Checkpoint, Pool
 from recycler.pool.detect import open_checkpoint
 
@@ -46,9 +48,9 @@ _TOP_KEYS = {
     "parameters",
     "dtype",
     "out_dtype",
-    "tokenizer_source",
     "random_seed",
     "name",
+    *TOKENIZER_KEYS,
 }
 # Tensors outside the layers that come before them (merged by the first slice).
 _BEFORE_LAYERS = ("embed", "wte", "wpe")
@@ -78,6 +80,7 @@ class OutputSlice:
 class SlicedRecipe:
     slices: list[OutputSlice]
     data: dict[str, Any]  # the recipe as read, for recipe.yaml
+    tokenizer: TokenizerChoice
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], where: str) -> SlicedRecipe:
@@ -105,7 +108,7 @@ class SlicedRecipe:
             out = _slice(entry, data, top, f"{where}: slices.{k}", first_layer)
             slices.append(out)
             first_layer += out.n_layers
-        return cls(slices, data)
+        return cls(slices, data, read_tokenizer_keys(data, where))
 
     @property
     def n_layers(self) -> int:
