@@ -46,6 +46,20 @@ for config, out in json.loads(sys.argv[1]):
          standalone_mode=False)
 """
 
+# The same, each recipe on its own: {out: error} for those that raise.
+MERGEKIT_EACH = """
+import json, sys
+from mergekit.scripts.run_yaml import main
+failed = {}
+for config, out in json.loads(sys.argv[1]):
+    try:
+        main([config, out, "--no-copy-tokenizer", "--no-write-model-card", "--quiet"],
+             standalone_mode=False)
+    except Exception as exc:
+        failed[out] = str(exc)
+print(json.dumps(failed))
+"""
+
 
 def recipes(base: str, a: str, b: str) -> dict[str, dict[str, Any]]:
     t = [
@@ -270,3 +284,100 @@ def test_a_stage_named_twice_is_refused(
     assert main(["merge", str(path), str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.endswith("document 2: name: must be a new stage name, got 'x'"), err
+
+
+def _qwen2_pool(root: Path) -> list[str]:
+    """A tiny Qwen2 (tied embeddings, q/k/v biases) base and two fine-tunes, fp32."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=True,
+    )
+    paths = []
+    for seed, name in enumerate(("base", "a", "b")):
+        torch.manual_seed(seed)
+        model = Qwen2ForCausalLM(config)
+        with torch.no_grad():  # visible biases (transformers initialises them to zero)
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.normal_(0, 0.1)
+        model.save_pretrained(root / name)
+        paths.append(str(root / name))
+    return paths
+
+
+def test_qwen2_slices_and_ties_gradients_match_mergekit(tmp_path: Path) -> None:
+    """Tied embeddings stay tied, biases are merged, the stacked config loads (mergekit
+    0.1.5's own stacked Qwen2 config keeps the old `layer_types`), and TIES with per-model
+    gradients under filters gives mergekit's tensors."""
+    base, a, b = _qwen2_pool(tmp_path / "pool")
+    stacked = {
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 3]}]},
+            {"sources": [{"model": b, "layer_range": [1, 4]}]},
+        ],
+        "merge_method": "passthrough",
+        "dtype": "float32",
+    }
+    ties = {
+        "merge_method": "ties",
+        "base_model": base,
+        "models": [
+            {
+                "model": a,
+                "parameters": {
+                    "weight": [{"filter": "mlp", "value": [0.2, 1.0]}, {"value": 0.6}],
+                    "density": [0.9, 0.5],
+                },
+            },
+            {
+                "model": b,
+                "parameters": {
+                    "weight": 0.4,
+                    "density": [{"filter": "self_attn", "value": [0.3, 0.8]}, {"value": 0.7}],
+                },
+            },
+        ],
+        "parameters": {"normalize": True},
+        "dtype": "float32",
+    }
+    jobs = []
+    for name, recipe in (("stacked", stacked), ("ties", ties)):
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+        assert main(["merge", str(path), str(tmp_path / "ours" / name)]) == 0
+        jobs.append([str(path), str(tmp_path / "mergekit" / name)])
+    ours = _tensors(tmp_path / "ours" / "stacked")
+    assert "lm_head.weight" not in ours and "model.layers.5.self_attn.q_proj.bias" in ours
+    config = json.loads((tmp_path / "ours" / "stacked" / "config.json").read_text())
+    assert config["num_hidden_layers"] == 6 and config["tie_word_embeddings"] is True
+    if "layer_types" in config:
+        assert len(config["layer_types"]) == 6
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours" / "stacked")
+    assert len(model.model.layers) == 6
+    if not MERGEKIT_PYTHON.is_file():
+        pytest.skip(f"mergekit venv not found at {MERGEKIT_PYTHON}")
+    done = subprocess.run(
+        [str(MERGEKIT_PYTHON), "-c", MERGEKIT_EACH, json.dumps(jobs)],
+        check=True,
+        timeout=300,
+        capture_output=True,
+        text=True,
+    )
+    failed = json.loads(done.stdout.strip().splitlines()[-1])
+    # mergekit writes the stacked tensors, then fails on the config it made: 6 layers, 4 types
+    assert list(failed) == [jobs[0][1]] and "layer_types" in failed[jobs[0][1]], failed
+    scale = max(float(t.abs().max()) for p in (base, a, b) for t in _tensors(Path(p)).values())
+    for name in ("stacked", "ties"):
+        got, want = _tensors(tmp_path / "ours" / name), _tensors(tmp_path / "mergekit" / name)
+        assert sorted(got) == sorted(want), name
+        for n in want:
+            diff = float((got[n].double() - want[n].double()).abs().max())
+            assert diff <= 2.0**-8 * scale, f"{name}: {n} differs by {diff:.3g}"
