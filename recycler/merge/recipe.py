@@ -118,8 +118,8 @@ class Recipe:
             raise RecyclerError(f"{where}: expected a mapping with merge_method and models")
         if "slices" in data:
             raise RecyclerError(
-                f"{where}: slices: not supported (layer stacking changes the architecture; "
-                "see the README); list whole models under models:"
+                f"{where}: slices: one model of one shape is expected here; a slices recipe "
+                "is merged by `recycler merge` (recycler.merge.slices)"
             )
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
