@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import yaml
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -53,7 +54,7 @@ import make_pool  # noqa: E402
 MERGEKIT_VENV = Path(os.environ.get("RECYCLER_MERGEKIT_VENV", ROOT / ".venv-mergekit"))
 MERGEKIT_YAML = MERGEKIT_VENV / "bin" / "mergekit-yaml"
 WEIGHTS = (0.4, 0.3, 0.2, 0.1)
-METHODS = ("linear", "ties", "model_stock")
+METHODS = ("linear", "ties", "model_stock", "gradient_slerp", "frankenmerge")
 POLL_S = 0.02
 
 
@@ -325,6 +326,8 @@ def write_recipe(method: str, pool: Any, path: Path) -> list[Path]:
             "bfloat16\n"
         )
         return list(pool.files())
+    if method in ("gradient_slerp", "frankenmerge"):
+        return _slices_recipe(method, pool, path)
     if method == "ties":
         models = "\n".join(
             f"  - model: {c}\n    parameters: {{weight: {w}, density: 0.5}}"
@@ -336,6 +339,45 @@ def write_recipe(method: str, pool: Any, path: Path) -> list[Path]:
         f"merge_method: {method}\nbase_model: {pool.base}\nmodels:\n{models}\ndtype: bfloat16\n"
     )
     return list(pool.files(include_base=True))
+
+
+def _slices_recipe(method: str, pool: Any, path: Path) -> list[Path]:
+    """mergekit's examples on the pool's first two checkpoints: gradient-slerp.yml (every
+    layer, t gradients under filters) and a passthrough frankenmerge of the first 3/4 of
+    one and the last 3/4 of the other (orcamini-platy-44layer.yml's shape)."""
+    a, b = pool.checkpoints[:2]
+    n = int(json.loads((a / "config.json").read_text())["num_hidden_layers"])
+    if method == "gradient_slerp":
+        recipe: dict[str, Any] = {
+            "slices": [
+                {
+                    "sources": [
+                        {"model": str(a), "layer_range": [0, n]},
+                        {"model": str(b), "layer_range": [0, n]},
+                    ]
+                }
+            ],
+            "merge_method": "slerp",
+            "base_model": str(a),
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
+        }
+    else:
+        cut = (3 * n) // 4
+        recipe = {
+            "slices": [
+                {"sources": [{"model": str(a), "layer_range": [0, cut]}]},
+                {"sources": [{"model": str(b), "layer_range": [n - cut, n]}]},
+            ],
+            "merge_method": "passthrough",
+        }
+    path.write_text(yaml.safe_dump({**recipe, "dtype": "bfloat16"}, sort_keys=False))
+    return [f for d in (a, b) for f in sorted(d.glob("*.safetensors"))]
 
 
 def bench_size(

@@ -18,6 +18,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from recycler.errors import RecyclerError
+from recycler.merge import conditional
 from recycler.merge.methods import METHODS
 from recycler.search_spec import SearchSpec
 from recycler.study_keys import KeyedError, StrictModel, matching
@@ -35,7 +36,20 @@ class PoolSpec(StrictModel):
 class MergeSpec(StrictModel):
     method: str = "linear"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"
-    params: dict[str, float | int | bool] = Field(default_factory=dict)
+    # Each value as a recipe's top-level `parameters` takes it: a number (true/false for a
+    # switch), a layer gradient or a list of `{filter, value}` entries.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_slices(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "slices" in data:
+            raise KeyedError(
+                "merge.slices",
+                "layer slices cannot be searched (the resident model keeps one shape); merge "
+                "them with `recycler merge` and list the output under pool.checkpoints",
+            )
+        return data
 
     @field_validator("method")
     @classmethod
@@ -57,12 +71,13 @@ class MergeSpec(StrictModel):
                     f"{key}: unknown parameter for {self.method} "
                     f"(known: {', '.join(known) or 'none'})",
                 )
-            if spec.kind == "bool" and not isinstance(v, bool):
-                raise KeyedError("merge.params", f"{key}: must be true or false")
-            if spec.kind != "bool" and isinstance(v, bool):
-                raise KeyedError("merge.params", f"{key}: must be a number")
-            if spec.kind != "bool" and not spec.bounds.contains(float(v)):
-                raise KeyedError("merge.params", f"{key}: must be in {spec.bounds}")
+            try:
+                setting = conditional.parse(v, key, spec.kind)
+            except RecyclerError as exc:
+                raise KeyedError("merge.params", str(exc)) from None
+            for value in conditional.values_of(setting):
+                if spec.kind != "bool" and not spec.bounds.contains(float(value)):
+                    raise KeyedError("merge.params", f"{key}: must be in {spec.bounds}")
         return self
 
 

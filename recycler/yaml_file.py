@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,15 @@ from recycler.errors import RecyclerError
 
 def load_yaml(path: Path, kind: str) -> Any:
     """The parsed YAML of `path`; a RecyclerError naming the file (and line) otherwise."""
+    return _parse(path, kind, yaml.safe_load)
+
+
+def load_yaml_documents(path: Path, kind: str) -> list[Any]:
+    """Every document of `path` (`---` between them), as `load_yaml` reads one."""
+    return _parse(path, kind, lambda text: list(yaml.safe_load_all(text)))
+
+
+def _parse(path: Path, kind: str, parse: Callable[[str], Any]) -> Any:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
@@ -20,7 +30,7 @@ def load_yaml(path: Path, kind: str) -> Any:
         reason = getattr(exc, "strerror", None) or exc
         raise RecyclerError(f"{path}: cannot read the {kind} file: {reason}") from None
     try:
-        return yaml.safe_load(text)
+        return parse(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -241,8 +241,11 @@ def test_bad_pool_fails_cleanly(
         ({"dtype": "float8"}, "dtype: unknown dtype 'float8'"),
         ({"parameters": {"normalize": True, "lambda": "big"}}, "parameters.lambda: not a number"),
         ({"parameters": {"temperature": 1.0}}, "parameters.temperature: unknown parameter"),
-        ({"slices": []}, "slices: not supported"),
+        ({"slices": []}, "models: give either models or slices, not both"),
         ({"colour": "red"}, "colour: unknown key"),
+        ({"tokenizer_source": "union"}, "tokenizer_source: union is not built"),
+        ({"tokenizer": {"source": "base", "tokens": {"<x>": {}}}}, "tokenizer.tokens: not built"),
+        ({"chat_template": "chatml"}, "chat_template: 'chatml': named templates are not built"),
         # the new methods' contracts and parameters, from their descriptions
         (
             {"merge_method": "slerp", "parameters": {}, "models": ONE_MODEL},
@@ -419,6 +422,7 @@ def test_a_killed_merge_leaves_no_output_dir(sig: signal.Signals, tmp_path: Path
             {f"w{i}": torch.randn(1500, 4000) for i in range(4)},
             str(root / name / "model.safetensors"),
         )
+        (root / name / "config.json").write_text("{}")  # a merge that would succeed
     recipe = root / "recipe.yaml"
     recipe.write_text(
         yaml.safe_dump(
@@ -472,3 +476,18 @@ def test_base_and_first_checkpoint_may_differ_in_dtype(
     merged, a = load_state(tmp_path / "out"), load_state(tmp_path / "a")
     for name, t in merged.items():
         torch.testing.assert_close(t, a[name].float(), rtol=0, atol=1e-6)
+
+
+def test_tokenizer_from_a_model_with_a_chat_template(
+    pool: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    recipe = write_recipe(pool, tokenizer={"source": str(pool / "base")}, chat_template=template)
+    out = tmp_path / "out"
+    code, err = run_merge(capsys, str(recipe), str(out))
+    assert code == 0, err
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.chat_template == template
+    text = tok.apply_chat_template([{"role": "user", "content": "ab"}], tokenize=False)
+    assert text == "<s>ab</s>"
+    assert yaml.safe_load((out / "recipe.yaml").read_text())["chat_template"] == template

@@ -173,6 +173,35 @@ def build_method_recipes(base: str, ckpts: list[str]) -> dict[str, dict[str, Any
             "models": [{"model": base}, {"model": ckpts[0]}],
             "parameters": {"t": [0.2, 0.7]},
         },
+        # mergekit's examples/gradient-slerp.yml in its `models:` form: layer gradients as the
+        # values of filter entries (the pool's 2 layers take each gradient's ends)
+        "gradient_slerp": {
+            "merge_method": "slerp",
+            "base_model": base,
+            "models": [{"model": base}, {"model": ckpts[0]}],
+            "parameters": {
+                "t": [
+                    {"filter": "self_attn", "value": [0, 0.5, 0.3, 0.7, 1]},
+                    {"filter": "mlp", "value": [1, 0.5, 0.7, 0.3, 0]},
+                    {"value": 0.5},
+                ]
+            },
+        },
+        # per-model weight and top-level lambda given as gradients under filters
+        "ta_filter_gradients": {
+            "merge_method": "task_arithmetic",
+            "base_model": base,
+            "models": [
+                {
+                    "model": ckpts[0],
+                    "parameters": {
+                        "weight": [{"filter": "self_attn", "value": [0.2, 0.8]}, {"value": 0.5}]
+                    },
+                },
+                {"model": ckpts[1], "parameters": {"weight": [0.9, 0.1]}},
+            ],
+            "parameters": {"lambda": [{"filter": "mlp", "value": [1.0, 0.4]}, {"value": 1.2}]},
+        },
         "nuslerp": {"merge_method": "nuslerp", "models": two},
         "nuslerp-rows": {
             "merge_method": "nuslerp",
@@ -258,6 +287,8 @@ METHOD_PARITY = [
     f"{m}-float32"
     for m in (
         "slerp",
+        "gradient_slerp",
+        "ta_filter_gradients",
         "nuslerp",
         "nuslerp-rows",
         "multislerp",

@@ -12,6 +12,7 @@ from recycler import study_keys
 from recycler.config import load_study_spec
 from recycler.errors import RecyclerError
 from recycler.evaluate.tasks import suite_request
+from recycler.merge.recipe import Recipe
 
 BASE: dict[str, Any] = {
     "name": "demo",
@@ -233,6 +234,18 @@ def test_full_file_with_every_key(tmp_path: Path) -> None:
             "study.yaml: merge.params: normalize: must be true or false",
         ),
         (
+            merged(merge={"method": "ties", "params": {"lambda": [{"filter": "mlp"}]}}),
+            "study.yaml: merge.params: lambda[0]: expected {filter: NAME, value: NUMBER}",
+        ),
+        (
+            merged(merge={"method": "ties", "params": {"density": [0.5, 1.5]}}),
+            "study.yaml: merge.params: density: must be in (0, 1]",
+        ),
+        (
+            merged(merge={"slices": [{"sources": []}]}),
+            "study.yaml: merge.slices: layer slices cannot be searched",
+        ),
+        (
             merged(search={"n_trials": 0}),
             "study.yaml: search.n_trials: input should be greater than or equal to 1",
         ),
@@ -442,3 +455,28 @@ def _write_in(folder: Path, data: dict[str, Any]) -> Path:
     path = folder / "study.yaml"
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+def test_fixed_params_take_gradients_under_filters(tmp_path: Path) -> None:
+    """merge.params as a recipe's `parameters`: gradients under filters, kept as filter lists
+    in the recipe a trial merges (and so in an exported recipe.yaml)."""
+    lam = [{"filter": "mlp", "value": [1.0, 0.5]}, {"value": 1.2}]
+    data = merged(
+        pool={"base": "base", "checkpoints": ["a", "b"]},
+        merge={"method": "task_arithmetic", "params": {"lambda": lam}},
+    )
+    spec = load_study_spec(write(tmp_path, data))
+    assert spec.merge.params["lambda"] == lam
+    recipe = Recipe.from_dict(
+        {
+            "merge_method": "task_arithmetic",
+            "base_model": "base",
+            "models": [{"model": "a"}, {"model": "b"}],
+            "parameters": dict(spec.merge.params),
+        }
+    )
+    assert recipe.to_dict()["parameters"]["lambda"] == lam
+    at = recipe.tensor_params
+    assert at("model.layers.0.mlp.up_proj.weight", 2).lambda_ == 1.0
+    assert at("model.layers.1.mlp.up_proj.weight", 2).lambda_ == 0.5
+    assert at("model.layers.1.self_attn.q_proj.weight", 2).lambda_ == 1.2

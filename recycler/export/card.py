@@ -66,14 +66,50 @@ def model_card(
     return "\n".join(lines) + "\n"
 
 
+def stacked_card(recipe_yaml: str, hashes: dict[Path, str]) -> str:
+    """README.md of a `slices:` merge: its recipe and the exact input files."""
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags: [merge, recycler]",
+        "---",
+        "",
+        "# Merged model (layer slices)",
+        "",
+        f"Made by recycler {__version__}; `recipe.yaml` beside this file reproduces it "
+        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe_yaml.rstrip(),
+        "```",
+        "",
+        "## Inputs",
+        "",
+        "| file | sha256 |",
+        "|---|---|",
+    ]
+    lines += [f"| `{f.resolve()}` | `{h}` |" for f, h in sorted(hashes.items())]
+    return "\n".join(lines) + "\n"
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     if isinstance(value, list):
-        return "per-tensor: " + ", ".join(
-            f"{e.get('filter', '*')}={e['value']:.3g}" if isinstance(e, dict) else f"{e:.3g}"
-            for e in value
-        )
+        if all(isinstance(e, dict) for e in value):
+            return "per-tensor: " + ", ".join(
+                f"{e.get('filter', '*')}={_point(e['value'])}" for e in value
+            )
+        return "layer gradient " + _point(value)
     if isinstance(value, dict):  # a tuned value per group of tensors
         return ", ".join(f"{k}={_fmt(v)}" for k, v in value.items())
     return str(value)
+
+
+def _point(value: Any) -> str:
+    """A number, a switch or a layer gradient, short."""
+    if isinstance(value, list):
+        return "[" + " → ".join(_point(v) for v in value) + "]"
+    return f"{value:.3g}" if isinstance(value, float) else str(value)

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,6 +28,7 @@ from recycler.export.card import model_card
 from recycler.merge.engine import FileJob, FileMerger, MergeStats, iter_merged
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool, TensorInfo
+from recycler.pool.checkpoint import load_json
 from recycler.pool.hashing import sha256_files_async
 from recycler.pool.safetensors_file import dtype_name
 from recycler.pool.safetensors_writer import (
@@ -59,6 +61,26 @@ class OutputExists(RecyclerError):
     """OUT_DIR holds files and `force` was not given."""
 
 
+@dataclass(frozen=True)
+class MergePart:
+    """Tensors of the output that one pool and recipe merge (a `slices:` recipe has one per
+    slice; the pool's tensor names are the output's)."""
+
+    pool: Pool
+    recipe: Recipe
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    """What the output dir says besides its tensors."""
+
+    config: dict[str, Any]
+    tokenizer_dir: Path
+    recipe_yaml: str
+    card: Callable[[dict[Path, str]], str]  # the input files' sha256 -> README.md
+    chat_template: str | None = None  # Jinja text replacing the tokenizer's own
+
+
 def write_model_dir(
     out_dir: Path,
     pool: Pool,
@@ -71,54 +93,95 @@ def write_model_dir(
     stats: MergeStats | None = None,
 ) -> Path:
     """Merge `pool` by `recipe` from disk and write a HF model dir at `out_dir`."""
+    resolved = _resolved_recipe(pool, recipe)
+    facts = OutputFacts(
+        config=load_json(pool.config_dir / "config.json"),
+        tokenizer_dir=_tokenizer_dir(pool, recipe),
+        recipe_yaml=resolved.to_yaml(),
+        card=lambda hashes: model_card(pool, resolved, hashes, card_extra),
+        chat_template=recipe.chat_template,
+    )
+    return write_parts(
+        out_dir,
+        [MergePart(pool, recipe)],
+        facts,
+        device=device,
+        force=force,
+        max_shard_bytes=max_shard_bytes,
+        stats=stats,
+    )
+
+
+def write_parts(
+    out_dir: Path,
+    parts: Sequence[MergePart],
+    facts: OutputFacts,
+    *,
+    device: str = "cpu",
+    force: bool = False,
+    max_shard_bytes: int = 5 * 10**9,
+    stats: MergeStats | None = None,
+) -> Path:
+    """Merge every part from disk into one HF model dir at `out_dir` (built beside it, renamed
+    into place)."""
     out_dir = Path(out_dir)
     check_out_dir(out_dir, force)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_tmp_dirs(out_dir)
     tmp = out_dir.parent / f".{out_dir.name}{_TMP_TAG}{os.getpid()}"
     stats = stats if stats is not None else MergeStats()
+    out_code = parts[0].recipe.out_code
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        inputs = [c for c in [pool.base, *pool.checkpoints] if c is not None]
-        hashes = sha256_files_async(f for c in inputs for f in c.files())
-        out_code = recipe.out_code
-        infos = {n: _out_info(pool.info(n), out_code) for n in pool.tensor_names}
+        inputs = {
+            f: None
+            for part in parts
+            for c in [part.pool.base, *part.pool.checkpoints]
+            if c is not None
+            for f in c.files()
+        }
+        hashes = sha256_files_async(iter(inputs))
+        infos = {
+            n: _out_info(part.pool.info(n), out_code)
+            for part in parts
+            for n in part.pool.tensor_names
+        }
         shards = plan_output_files(infos, max_shard_bytes)
         started = time.perf_counter()
         files = ShardFiles(tmp, shards)
         try:
-            rest = (
-                _merge_file_to_file(pool, recipe, files, stats)
-                if device == "cpu"
-                else pool.tensor_names
-            )
-            writer = WriterThread(files)
-            try:
-                for name, tensor in _on_device(
-                    iter_merged(pool, recipe, device, stats, names=rest)
-                ):
-                    writer.put(name, tensor)
-                writer.close()
-            except BaseException:
-                writer.abort()
-                raise
+            for part in parts:
+                _write_part(part, files, device, stats)
             files.check_complete()
         finally:
             files.close()
         stats.seconds = time.perf_counter() - started
         write_index(tmp, shards)
-        _write_config(tmp, pool.config_dir, out_code)
-        _copy_tokenizer(tmp, _tokenizer_dir(pool, recipe))
-        resolved = _resolved_recipe(pool, recipe)
-        (tmp / "recipe.yaml").write_text(resolved.to_yaml())
-        file_hashes = hashes.result()
-        (tmp / "README.md").write_text(model_card(pool, resolved, file_hashes, card_extra))
+        _write_config(tmp, facts.config, out_code)
+        _copy_tokenizer(tmp, facts.tokenizer_dir)
+        if facts.chat_template is not None:
+            _write_chat_template(tmp, facts.chat_template)
+        (tmp / "recipe.yaml").write_text(facts.recipe_yaml)
+        (tmp / "README.md").write_text(facts.card(hashes.result()))
         move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def _write_part(part: MergePart, files: ShardFiles, device: str, stats: MergeStats) -> None:
+    pool, recipe = part.pool, part.recipe
+    rest = _merge_file_to_file(pool, recipe, files, stats) if device == "cpu" else pool.tensor_names
+    writer = WriterThread(files)
+    try:
+        for name, tensor in _on_device(iter_merged(pool, recipe, device, stats, names=rest)):
+            writer.put(name, tensor)
+        writer.close()
+    except BaseException:
+        writer.abort()
+        raise
 
 
 def _merge_file_to_file(
@@ -188,8 +251,8 @@ def move_into_place(tmp: Path, out_dir: Path) -> None:
         os.replace(tmp, out_dir)
 
 
-def _write_config(tmp: Path, config_dir: Path, code: str) -> None:
-    config = json.loads((config_dir / "config.json").read_text())
+def _write_config(tmp: Path, config: dict[str, Any], code: str) -> None:
+    config = dict(config)
     name = dtype_name(code)
     config["dtype"] = name
     if "torch_dtype" in config:
@@ -198,15 +261,31 @@ def _write_config(tmp: Path, config_dir: Path, code: str) -> None:
 
 
 def _tokenizer_dir(pool: Pool, recipe: Recipe) -> Path:
-    source = recipe.tokenizer_source
+    return tokenizer_dir(recipe.tokenizer_source, pool.config_dir)
+
+
+def tokenizer_dir(source: str | None, base_dir: Path) -> Path:
+    """Where the output's tokenizer comes from: `base` (the default) or a model dir."""
     if source in (None, "base"):
-        return pool.config_dir
+        return base_dir
     path = Path(source)
     if not path.is_dir():
-        raise RecyclerError(
+        raise RecyclerError(  # union and the rest are refused as the recipe is read
             f"tokenizer_source: {source!r} is not a directory (use base or a model dir)"
         )
     return path
+
+
+def _write_chat_template(tmp: Path, template: str) -> None:
+    """The recipe's template, where transformers reads it first (chat_template.jinja) and in
+    tokenizer_config.json, which older versions read."""
+    (tmp / "chat_template.jinja").write_text(template)
+    (tmp / "chat_template.json").unlink(missing_ok=True)
+    config_path = tmp / "tokenizer_config.json"
+    if config_path.is_file():
+        config = load_json(config_path)
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2) + "\n")
 
 
 def _copy_tokenizer(tmp: Path, source: Path) -> None:
@@ -234,5 +313,6 @@ def _resolved_recipe(pool: Pool, recipe: Recipe) -> Recipe:
         dtype=recipe.dtype,
         out_dtype=recipe.out_dtype,
         tokenizer_source=recipe.tokenizer_source,
+        chat_template=recipe.chat_template,
         random_seed=recipe.random_seed,
     )

@@ -79,7 +79,7 @@ def merge_tensor(
         weights=params.per_model.get("weight", ones),
         base=base,
         out_dtype=out_dtype,
-        normalize=recipe.normalize,
+        normalize=params.normalize,
         lambda_=params.lambda_,
         densities=params.per_model.get("density", ones),
         seed_key=f"{recipe.random_seed}:{name}",

@@ -11,12 +11,11 @@
     parameters: {normalize: true, lambda: 1.0}
     dtype: bfloat16
 
-A parameter is a number, a gradient (a list of numbers interpolated across the
-layers; tensors outside the layers take the first) or a list of `{filter, value}`
-entries (the first whose filter is a substring of the tensor name wins; no filter,
-or `"*"`, matches every tensor). A model's own parameter wins; where it is absent,
-or none of its filters matches, the top-level `parameters` entry applies, as in
-mergekit. Which parameters a method takes, their scope, defaults and allowed
+A parameter is a number (true/false for a switch), a layer gradient or a list of
+`{filter, value}` entries whose values are numbers or gradients (`conditional.py`
+says how each resolves per tensor, as mergekit does). A model's own parameter wins;
+where it is absent, or none of its filters matches, the top-level `parameters` entry
+applies, as in mergekit. Which parameters a method takes, their scope, defaults and allowed
 values are the method's description (`methods.METHODS`), rules that tie a model's
 parameters together (DELLA's density ± epsilon) included; a parameter the method
 does not take is an error. As in mergekit, a model listed again as the base model
@@ -28,7 +27,6 @@ method `fisher` and the weight schemes of `weights.py`.
 from __future__ import annotations
 
 import itertools
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,8 +34,19 @@ from typing import TYPE_CHECKING, Any
 import yaml
 
 from recycler.errors import RecyclerError
+from recycler.merge.conditional import (
+    FilterValue,
+    Param,
+    filters_of,
+    parse,
+    resolve,
+    setting_to_yaml,
+    values_of,
+)
 from recycler.merge.description import MethodDescription, ParamSpec, TensorParams
 from recycler.merge.methods import METHODS
+from recycler.merge.tokenizer_choice import KEYS as TOKENIZER_KEYS
+from recycler.merge.tokenizer_choice import read_tokenizer_keys
 from recycler.pool.safetensors_file import torch_dtype
 from recycler.yaml_file import load_yaml
 
@@ -60,22 +69,11 @@ _TOP_LEVEL_KEYS = {
     "parameters",
     "dtype",
     "out_dtype",
-    "tokenizer_source",
     "random_seed",
     "name",
+    *TOKENIZER_KEYS,
 }
-_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
-
-
-@dataclass(frozen=True)
-class FilterValue:
-    """One entry of a conditional parameter; `filter=None` matches every tensor."""
-
-    filter: str | None
-    value: float
-
-
-Param = float | tuple[float, ...] | tuple[FilterValue, ...]
+__all__ = ["DTYPES", "FilterValue", "ModelSpec", "Param", "Recipe", "resolve"]
 
 
 @dataclass
@@ -104,6 +102,10 @@ class Recipe:
     out_dtype: str | None = None
     tokenizer_source: str | None = None
     random_seed: int = 0
+    chat_template: str | None = None  # Jinja text written with the tokenizer
+    # The output layer this recipe's first layer becomes (a slice of a `slices:` recipe,
+    # merged on its own): layer gradients count from it. Not part of the YAML.
+    first_layer: int = 0
 
     # ---- reading -----------------------------------------------------------------
     @classmethod
@@ -116,8 +118,8 @@ class Recipe:
             raise RecyclerError(f"{where}: expected a mapping with merge_method and models")
         if "slices" in data:
             raise RecyclerError(
-                f"{where}: slices: not supported (layer stacking changes the architecture; "
-                "see the README); list whole models under models:"
+                f"{where}: slices: one model of one shape is expected here; a slices recipe "
+                "is merged by `recycler merge` (recycler.merge.slices)"
             )
         for key in data:
             if key not in _TOP_LEVEL_KEYS:
@@ -149,6 +151,7 @@ class Recipe:
         if base_path is not None and method.uses_base:
             # mergekit's rule: a model that is the base model is the base, not one more model.
             models = [m for m in models if m.model != base_path] or models
+        tokens = read_tokenizer_keys(data, where)
         seed = data.get("random_seed", 0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise RecyclerError(f"{where}: random_seed: must be an integer, got {seed!r}")
@@ -159,10 +162,9 @@ class Recipe:
             parameters=params,
             dtype=str(data.get("dtype", "bfloat16")),
             out_dtype=str(data["out_dtype"]) if data.get("out_dtype") is not None else None,
-            tokenizer_source=str(data["tokenizer_source"])
-            if data.get("tokenizer_source") is not None
-            else None,
+            tokenizer_source=tokens.source,
             random_seed=seed,
+            chat_template=tokens.chat_template,
         )
         recipe.validate(where)
         return recipe
@@ -226,7 +228,7 @@ class Recipe:
         """Every value a model's parameter takes in some tensor: its own entry, else the
         top-level one, else the default."""
         own = model.get(name)
-        listed = _values(own if own is not None else self.parameters.get(name))
+        listed = values_of(own if own is not None else self.parameters.get(name))
         spec = method.param(name)
         default = spec.default if spec is not None else None
         return listed or ([] if default is None else [float(default)])
@@ -234,7 +236,9 @@ class Recipe:
     # ---- per-tensor values ---------------------------------------------------------
     @property
     def normalize(self) -> bool:
-        return bool(self.parameters.get("normalize", self.method.default_normalize))
+        """`normalize` where no filter names the tensor (each tensor's own: `tensor_params`)."""
+        value = resolve(self.parameters.get("normalize"), "", 1)
+        return bool(self.method.default_normalize if value is None else value)
 
     @property
     def out_code(self) -> str:
@@ -249,9 +253,9 @@ class Recipe:
         self, spec: ModelSpec, key: str, tensor_name: str, n_layers: int, default: float = 1.0
     ) -> float:
         for source in (spec.get(key), self.parameters.get(key)):
-            value = resolve(source, tensor_name, n_layers)
+            value = resolve(source, tensor_name, n_layers, self.first_layer)
             if value is not None:
-                return value
+                return float(value)
         return default
 
     def weights_for(self, tensor_name: str, n_layers: int) -> list[float]:
@@ -270,11 +274,7 @@ class Recipe:
                     for m in self.models
                 ]
                 continue
-            raw = self.parameters.get(spec.name)
-            if isinstance(raw, bool):
-                values[spec.name] = raw
-                continue
-            value = resolve(raw, tensor_name, n_layers)
+            value = resolve(self.parameters.get(spec.name), tensor_name, n_layers, self.first_layer)
             if value is None:
                 if default is None:
                     raise RecyclerError(
@@ -283,7 +283,7 @@ class Recipe:
                     )
                 values[spec.name] = default
             else:
-                values[spec.name] = value
+                values[spec.name] = bool(value) if spec.kind == "bool" else float(value)
         return TensorParams(values, per_model)
 
     # ---- writing -------------------------------------------------------------------
@@ -295,18 +295,16 @@ class Recipe:
         for spec in self.models:
             entry: dict[str, Any] = {"model": spec.model}
             params = {
-                k: _param_to_yaml(v)
+                k: setting_to_yaml(v)
                 for k in ("weight", "density")
                 if (v := getattr(spec, k)) is not None
             }
-            params.update({k: _param_to_yaml(v) for k, v in spec.params.items()})
+            params.update({k: setting_to_yaml(v) for k, v in spec.params.items()})
             if params:
                 entry["parameters"] = params
             models.append(entry)
         out["models"] = models
-        params = {
-            k: (v if isinstance(v, bool) else _param_to_yaml(v)) for k, v in self.parameters.items()
-        }
+        params = {k: setting_to_yaml(v) for k, v in self.parameters.items()}
         if params:
             out["parameters"] = params
         out["dtype"] = self.dtype
@@ -316,49 +314,12 @@ class Recipe:
             out["tokenizer_source"] = self.tokenizer_source
         if self.random_seed:
             out["random_seed"] = self.random_seed
+        if self.chat_template is not None:
+            out["chat_template"] = self.chat_template
         return out
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def resolve(value: Param | None, tensor_name: str, n_layers: int) -> float | None:
-    """The value of a parameter for one tensor; None where it is unset or no filter matches."""
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    if value and isinstance(value[0], FilterValue):
-        for entry in value:
-            assert isinstance(entry, FilterValue)
-            if entry.filter in (None, "*") or entry.filter in tensor_name:
-                return entry.value
-        return None
-    return _gradient(
-        [float(v) for v in value if isinstance(v, (int, float))], tensor_name, n_layers
-    )
-
-
-def _gradient(points: list[float], tensor_name: str, n_layers: int) -> float:
-    """A list of numbers spread evenly over the layers (t = layer / (L − 1)), linearly
-    interpolated; tensors outside the layer stack take t = 0, the first value."""
-    if len(points) == 1:
-        return points[0]
-    match = _LAYER_INDEX.search(tensor_name)
-    if match is None:
-        return points[0]
-    t = int(match.group(1)) / (n_layers - 1) if n_layers > 1 else 1.0
-    x = t * (len(points) - 1)
-    i = min(int(x), len(points) - 2)
-    return points[i] + (points[i + 1] - points[i]) * (x - i)
-
-
-def _values(value: Param | None) -> list[float]:
-    if value is None:
-        return []
-    if isinstance(value, (int, float)):
-        return [float(value)]
-    return [e.value if isinstance(e, FilterValue) else float(e) for e in value]
 
 
 def _weights_can_sum_to_zero(recipe: Recipe) -> bool:
@@ -369,8 +330,7 @@ def _weights_can_sum_to_zero(recipe: Recipe) -> bool:
     """
     probes = [""]
     for w in [*(spec.weight for spec in recipe.models), recipe.parameters.get("weight")]:
-        if isinstance(w, tuple):
-            probes += [e.filter for e in w if isinstance(e, FilterValue) and e.filter]
+        probes += filters_of(w)
     return any(abs(sum(recipe.weights_for(p, 1))) < 1e-12 for p in probes)
 
 
@@ -382,28 +342,18 @@ def _method(name: str, where: str) -> MethodDescription:
     return METHODS[name]
 
 
-def _global_param(method: MethodDescription, key: str, value: Any, where: str) -> Any:
+def _global_param(method: MethodDescription, key: str, value: Any, where: str) -> Param:
     """A top-level parameter, checked against the method's description."""
     spec = method.param(key)
     if spec is None:
         known = ", ".join(method.param_names) or "none"
         raise RecyclerError(f"{where}: unknown parameter for {method.name} (known: {known})")
-    if spec.kind == "bool":
-        if not isinstance(value, bool):
-            raise RecyclerError(f"{where}: must be true or false, got {value!r}")
-        return value
-    if spec.scope == "recipe":
-        if not _is_number(value):
-            raise RecyclerError(f"{where}: must be a number, got {value!r}")
-        if spec.kind == "int" and float(value) != int(value):
-            raise RecyclerError(f"{where}: must be an integer, got {value!r}")
-        return float(value)
-    return _param(value, where)
+    return parse(value, where, spec.kind)
 
 
 def _check_values(spec: ParamSpec, value: Param | None, where: str) -> None:
-    for v in _values(value):
-        if not spec.bounds.contains(v):
+    for v in values_of(value):
+        if isinstance(v, bool) or not spec.bounds.contains(v):
             raise RecyclerError(f"{where}: must be in {spec.bounds}, got {v:g}")
 
 
@@ -425,7 +375,10 @@ def _model_spec(entry: Any, where: str, method: MethodDescription) -> ModelSpec:
                 f"{where}.parameters.{key}: unknown parameter for {method.name} "
                 f"(known: {', '.join(per_model) or 'none'})"
             )
-    values = {key: _param(value, f"{where}.parameters.{key}") for key, value in params.items()}
+    values = {
+        key: parse(value, f"{where}.parameters.{key}", _kind(method, key))
+        for key, value in params.items()
+    }
     return ModelSpec(
         model=_model_path(entry["model"], f"{where}.model"),
         weight=values.pop("weight", None),
@@ -451,38 +404,6 @@ def _model_path(value: Any, where: str) -> str:
     return value
 
 
-def _param(value: Any, where: str) -> Param:
-    if _is_number(value):
-        return float(value)
-    if isinstance(value, list) and value:
-        if all(_is_number(v) for v in value):
-            return tuple(float(v) for v in value)
-        if all(isinstance(v, dict) for v in value):
-            entries = []
-            for j, v in enumerate(value):
-                if set(v) - {"filter", "value"} or "value" not in v or not _is_number(v["value"]):
-                    raise RecyclerError(
-                        f"{where}[{j}]: expected {{filter: NAME, value: NUMBER}}, got {v!r}"
-                    )
-                entries.append(
-                    FilterValue(
-                        str(v["filter"]) if v.get("filter") is not None else None, float(v["value"])
-                    )
-                )
-            return tuple(entries)
-    raise RecyclerError(f"{where}: not a number: {value!r}")
-
-
-def _param_to_yaml(value: Param) -> Any:
-    if isinstance(value, (int, float)):
-        return float(value)
-    return [
-        ({"filter": e.filter, "value": e.value} if e.filter is not None else {"value": e.value})
-        if isinstance(e, FilterValue)
-        else float(e)
-        for e in value
-    ]
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+def _kind(method: MethodDescription, key: str) -> str:
+    spec = method.param(key)
+    return spec.kind if spec is not None else "float"
