@@ -9,7 +9,6 @@ from typing import Any, Literal
 
 from pydantic import Field, field_serializer, field_validator, model_validator
 
-from recycler.merge.methods import METHODS
 from recycler.samplers import SAMPLERS
 from recycler.study_keys import KeyedError, StrictModel, matching, note_once
 

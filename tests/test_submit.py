@@ -323,7 +323,8 @@ def test_a_job_that_fails_on_the_cluster_exits_non_zero(
     line = one_error_line(proc)
     job_id = proc.stdout.splitlines()[0]
     assert line.startswith(
-        f"recycler: error: job {job_id} failed on the cluster: pool.checkpoints:"
+        # The job's copy of the study file names the key, as a local search does.
+        f"recycler: error: job {job_id} failed on the cluster: study.yaml: pool.checkpoints:"
     ), line
     assert str(head.jobs().get_job_info(job_id).status) == "FAILED"
 
