@@ -201,10 +201,9 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     """The run's stored study, after running (or resuming) it to its budget."""
     from recycler.cluster.connect import start_ray
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.search.budget import Budget
+    from recycler.search.budget import Budget, cost_of
     from recycler.search.prepare import prepare
     from recycler.search.run import SearchDriver
-    from recycler.search.study import cost_of
 
     spec = load_study_spec(study_path(run, seed, SETTINGS.zoo(seed, say)))
     prepared = prepare(spec)

@@ -37,7 +37,7 @@ from recycler.evaluate.results import DocScores
 from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import folder_request, load_suite, suite_request
 from recycler.merge.recipe import Recipe
-from recycler.search.budget import Budget
+from recycler.search.budget import Budget, cost_of
 from recycler.search.fidelity import RungPlan, promotes, promotion_order
 from recycler.search.prepare import Prepared, study_fingerprint
 from recycler.search.run import FREE_TRIALS_LIMIT, SearchDriver
@@ -49,7 +49,7 @@ from recycler.search.stored import (
     view_of,
     write_dev_docs,
 )
-from recycler.search.study import cost_of, enqueue, open_study, resolve_objectives
+from recycler.search.study import enqueue, open_study, resolve_objectives
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS
 from recycler.zoo.tasks import GROUP, task_name

@@ -44,9 +44,11 @@ def run_search(study_path: Path, n_trials: int | None = None) -> None:
     spec = load_study_spec(study_path)
     console = Console(stderr=True)
     prepared = prepare_quietly(spec)
-    for note in prepared.notes:
+    budget = Budget.of(spec, n_trials)
+    budget_note = budget.baselines_note(prepared.handle.study)
+    for note in [*prepared.notes, *([budget_note] if budget_note else [])]:
         console.print(f"[yellow]note:[/] {note}")
-    search_and_rescore(prepared, Budget.of(spec, n_trials), console)
+    search_and_rescore(prepared, budget, console)
     print(summary_line(view_of(prepared.handle.study), prepared.spec))
 
 
@@ -145,6 +147,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
             on_progress=on_progress,
             on_trial=trial_printer(console),
         ) as driver:
+            driver.preflight(budget)  # one document per task first: a failing config fails here
             driver.run(budget)
             if driver.stop_reason is not None:
                 console.print(f"note: {driver.stop_reason}")
