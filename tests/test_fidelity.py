@@ -347,10 +347,14 @@ def test_an_evaluation_of_other_documents_fails_the_trial(tmp_path: Path, micro_
     prepared = toy_prepared(
         tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []}
     )
-    with SearchDriver(prepared, Shifted, capacity=1) as driver:
+    # Failed trials count for nothing; the first three failing alike stop the search.
+    with (
+        SearchDriver(prepared, Shifted, capacity=1) as driver,
+        pytest.raises(RecyclerError, match="first 3 trials all failed the same way"),
+    ):
         driver.run(2)
     trials = view_of(prepared.handle.study).trials
-    assert [t.state for t in trials] == ["FAIL", "FAIL"]
+    assert [t.state for t in trials] == ["FAIL", "FAIL", "FAIL"]
     assert trials[0].fail_reason == (
         "the evaluation returned scores of other documents than it was given"
     )
