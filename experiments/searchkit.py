@@ -201,7 +201,7 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     """The run's stored study, after running (or resuming) it to its budget."""
     from recycler.cluster.connect import start_ray
     from recycler.cluster.evaluator import RayEvaluator
-    from recycler.search.budget import Budget, cost_of
+    from recycler.search.budget import Budget
     from recycler.search.prepare import prepare
     from recycler.search.run import SearchDriver
 
@@ -210,10 +210,8 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     budget = Budget.of(spec)
     try:
         view = view_of(prepared.handle.study)
-        finished = sum(t.state in ("COMPLETE", "FAIL", "PRUNED") for t in view.trials)
-        spent = finished if budget.cost is None else cost_of(view)[0]
         wanted = budget.n_trials if budget.cost is None else budget.cost
-        if spent < (wanted or 0):
+        if not budget.spent(prepared.handle.study):  # what the driver counts, failures not
             size = f"{wanted} trials" if budget.cost is None else f"{wanted:g} full-trial costs"
             say(f"seed {seed}: search {run.key} ({size})")
             start_ray(None)  # one local cluster for every run of this process
