@@ -216,7 +216,7 @@ def drivers_throughput(zoo: Path, storage: str, n_drivers: int, trials: int) -> 
     """`n_drivers` `recycler search` processes, started together on one study, one
     evaluation worker each. Trials per minute over the span from the first trial's start
     to the last one's end (each process's own Ray start-up is before it)."""
-    from recycler.search.study import counts_toward_budget
+    from recycler.search.budget import counts_toward_budget
 
     work = Path(tempfile.mkdtemp(prefix="bench-drivers-"))
     name = f"bench-drivers-{n_drivers}-{os.getpid()}-{time.time_ns()}"

@@ -43,8 +43,8 @@ from expkit import TRAINED, Clock, md_table, one_thread, save_figure, write_rows
 from searchkit import RUNS, SETTINGS, RecipeScores, ensure_run, experiment_args
 
 from recycler.search import front as pareto
+from recycler.search.budget import trial_cost
 from recycler.search.stored import StudyView, TrialRecord
-from recycler.search.study import trial_cost
 
 KEYS = ("tpe", "tpe-mf", "tpe-mf-2rungs", "tpe-mf-gentle")
 LABELS = {

@@ -204,17 +204,14 @@ def ensure_run(run: RunSpec, seed: int, say: Clock) -> StudyView:
     from recycler.search.budget import Budget
     from recycler.search.prepare import prepare
     from recycler.search.run import SearchDriver
-    from recycler.search.study import cost_of
 
     spec = load_study_spec(study_path(run, seed, SETTINGS.zoo(seed, say)))
     prepared = prepare(spec)
     budget = Budget.of(spec)
     try:
         view = view_of(prepared.handle.study)
-        finished = sum(t.state in ("COMPLETE", "FAIL", "PRUNED") for t in view.trials)
-        spent = finished if budget.cost is None else cost_of(view)[0]
         wanted = budget.n_trials if budget.cost is None else budget.cost
-        if spent < (wanted or 0):
+        if not budget.spent(prepared.handle.study):  # what the driver counts, failures not
             size = f"{wanted} trials" if budget.cost is None else f"{wanted:g} full-trial costs"
             say(f"seed {seed}: search {run.key} ({size})")
             start_ray(None)  # one local cluster for every run of this process

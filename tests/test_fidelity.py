@@ -37,7 +37,7 @@ from recycler.evaluate.results import DocScores
 from recycler.evaluate.runner import evaluate_tasks, score_documents
 from recycler.evaluate.tasks import folder_request, load_suite, suite_request
 from recycler.merge.recipe import Recipe
-from recycler.search.budget import Budget
+from recycler.search.budget import Budget, cost_of
 from recycler.search.fidelity import RungPlan, promotes, promotion_order
 from recycler.search.prepare import Prepared, study_fingerprint
 from recycler.search.run import FREE_TRIALS_LIMIT, SearchDriver
@@ -49,7 +49,7 @@ from recycler.search.stored import (
     view_of,
     write_dev_docs,
 )
-from recycler.search.study import cost_of, enqueue, open_study, resolve_objectives
+from recycler.search.study import enqueue, open_study, resolve_objectives
 from recycler.zoo.checkpoints import read_full
 from recycler.zoo.skills import SKILLS
 from recycler.zoo.tasks import GROUP, task_name
@@ -347,10 +347,14 @@ def test_an_evaluation_of_other_documents_fails_the_trial(tmp_path: Path, micro_
     prepared = toy_prepared(
         tmp_path, micro_zoo, {"fidelity": {"rungs": [0.25, 1.0], "eta": 2}, "baselines": []}
     )
-    with SearchDriver(prepared, Shifted, capacity=1) as driver:
+    # Failed trials count for nothing; the first three failing alike stop the search.
+    with (
+        SearchDriver(prepared, Shifted, capacity=1) as driver,
+        pytest.raises(RecyclerError, match="first 3 trials all failed the same way"),
+    ):
         driver.run(2)
     trials = view_of(prepared.handle.study).trials
-    assert [t.state for t in trials] == ["FAIL", "FAIL"]
+    assert [t.state for t in trials] == ["FAIL", "FAIL", "FAIL"]
     assert trials[0].fail_reason == (
         "the evaluation returned scores of other documents than it was given"
     )

@@ -28,18 +28,11 @@ from test_search_e2e import study_file
 
 from recycler.cli import main
 from recycler.config import load_study_spec
+from recycler.search.budget import budget_held, counts_toward_budget, n_counted, put_back
 from recycler.search.prepare import prepare
 from recycler.search.storage import open_storage
 from recycler.search.stored import TrialKey, TrialWriter, queued_attrs
-from recycler.search.study import (
-    StudyHandle,
-    budget_held,
-    counts_toward_budget,
-    duplicate_of,
-    enqueue,
-    n_counted,
-    put_back,
-)
+from recycler.search.study import StudyHandle, duplicate_of, enqueue
 
 POSTGRES_ENV = "RECYCLER_TEST_POSTGRES_URL"
 N_TRIALS = 8

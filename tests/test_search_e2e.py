@@ -212,14 +212,16 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
     assert cli("search", study_path, capsys=capsys)[0] == 0
     study = load(study_path)
     states = [t.state.name for t in study.get_trials()]
-    assert states == ["COMPLETE", "FAIL", "COMPLETE"]
+    # The failed trial counts toward no n_trials: 3 with a result, and it besides.
+    assert states == ["COMPLETE", "FAIL", "COMPLETE", "COMPLETE"]
     assert "the weights sum to zero" in study.trials[1].user_attrs[TrialKey.FAIL_REASON]
     errors = [v["error"] for k, v in study.user_attrs.items() if k.startswith(StudyKey.TEST_PREFIX)]
     assert errors and all(e.startswith("ValueError: ") for e in errors)
     code, out, _ = cli("front", study_path, "--split", "test", capsys=capsys)
     assert code == 0 and "n/a" in out
 
-    # A merge that overflows: every trial fails in the worker with the tensor named, none is lost.
+    # A merge that overflows: every trial fails in the worker with the tensor named, none is
+    # lost, and the first three failing alike stop the search with one error line.
     other = tmp_path / "overflow"
     other.mkdir()
     path = study_file(
@@ -234,12 +236,81 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(
             "sampler": "random",
         },
     )
-    assert cli("search", path, capsys=capsys)[0] == 0
+    code, _, err = cli("search", path, capsys=capsys)
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and last.startswith("recycler: error: search: stopped after its first 3 ")
+    assert "non-finite values" in last and err.count("recycler: error:") == 1
     failed = load(path).get_trials()
-    assert [t.state.name for t in failed] == ["FAIL", "FAIL"]
+    assert [t.state.name for t in failed] == ["FAIL", "FAIL", "FAIL"]
     assert all("non-finite values" in t.user_attrs[TrialKey.FAIL_REASON] for t in failed)
     code, _, err = cli("front", path, capsys=capsys)
     assert code == 2 and err.startswith("recycler: error: study 'e2e' has no completed trial yet")
+
+
+# The zoo's `inc` task as a generative one: its answers generated, then matched exactly.
+GENERATIVE_TASK = """\
+include: _zoo_common.yaml
+task: zoo_inc_gen
+dataset_kwargs:
+  skill: inc
+output_type: generate_until
+generation_kwargs:
+  until: ["\\n"]
+metric_list:
+  - metric: exact_match
+    aggregation: mean
+    higher_is_better: true
+metadata:
+  version: 1
+"""
+
+
+def test_a_config_that_fails_every_evaluation_stops_before_the_search_and_is_rerun_fixed(
+    tmp_path: Path, micro_zoo: Path, ray_cluster: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    tasks = tmp_path / "tasks"
+    shutil.copytree(micro_zoo / "tasks", tasks)
+    (tasks / "zoo_inc_gen.yaml").write_text(GENERATIVE_TASK)
+
+    def write_study(max_gen_toks: int) -> Path:
+        path = study_file(
+            tmp_path,
+            micro_zoo,
+            tasks_dir=tasks,
+            search={"n_trials": 6, "baselines": ["uniform", "singles"]},
+            eval={"gen_kwargs": {"max_gen_toks": max_gen_toks}},
+        )
+        data = yaml.safe_load(path.read_text())
+        data["objectives"] = [
+            OBJECTIVES[0],
+            {"name": "gen", "task": "zoo_inc_gen", "metric": "exact_match"},
+        ]
+        path.write_text(yaml.safe_dump(data))
+        return path
+
+    # 64 tokens to generate do not fit the micro model's context of 32: lm-eval refuses
+    # every evaluation. One document per task, scored before the search, says so.
+    started = time.perf_counter()
+    code, _, err = cli("search", write_study(64), capsys=capsys)
+    seconds = time.perf_counter() - started
+    last = err.strip().splitlines()[-1]
+    assert code == 2 and err.count("recycler: error:") == 1, err
+    assert last.startswith("recycler: error: objectives: tasks zoo_inc (inc), zoo_inc_gen (gen)")
+    assert "AssertionError: Invalid configuration: requested max tokens to generate (64)" in last
+    assert seconds < 60
+    study = load(tmp_path / "study.yaml")
+    assert {t.state.name for t in study.get_trials()} == {"WAITING"}  # no trial was spent
+    # Fixed, the same study runs its 6 trials, every baseline among them.
+    code, _, err = cli("search", write_study(4), capsys=capsys)
+    assert code == 0, err
+    trials = load(tmp_path / "study.yaml").get_trials()
+    assert [t.state.name for t in trials] == ["COMPLETE"] * 6
+    names = sorted(p.name for p in (micro_zoo / "checkpoints").iterdir())
+    assert [t.user_attrs.get(TrialKey.BASELINE) for t in trials[:5]] == [
+        "uniform",
+        *(f"single:{n}" for n in names),
+    ]
+    assert "gen" in trials[0].user_attrs[TrialKey.OBJECTIVES]
 
 
 def _states(db_url: str) -> list[str]:

@@ -256,6 +256,12 @@ def test_greedy_soup_replays_from_stored_trials() -> None:
         record(2, "RUNNING", "single:z"),
     ]
     assert greedy_state(singles, names, objs).blocked
+    # Every single failed: the soup waits for their re-runs instead of settling on none.
+    failed = [
+        record(n, "FAIL", f"single:{x}", None, None, "AssertionError")
+        for n, x in [(0, "x"), (1, "y"), (2, "z")]
+    ]
+    assert greedy_state(failed, names, objs).blocked
     singles[2] = record(2, "COMPLETE", "single:z", 0.6)
     # Best single first (y), then z: the next soup to score is {y, z}.
     state = greedy_state(singles, names, objs)

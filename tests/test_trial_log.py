@@ -5,11 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import optuna
+import pytest
 from test_search_front import ToyEvaluator, toy_study, weights_of
 
 from recycler.commands.search import trial_line
+from recycler.errors import RecyclerError
 from recycler.evaluate.evaluator import EvalResult
+from recycler.search.budget import cost_of, n_counted
 from recycler.search.run import FinishedTrial, SearchDriver
+from recycler.search.stored import view_of
 
 
 class HalfFailingEvaluator(ToyEvaluator):
@@ -43,7 +47,10 @@ def test_one_line_per_search_trial_with_what_the_study_stored(tmp_path: Path) ->
         driver.run(8)
         study = driver.study
     trials = study.get_trials()
-    assert sorted(t.number for t in told) == [t.number for t in trials] == list(range(8))
+    assert sorted(t.number for t in told) == [t.number for t in trials]
+    assert [t.number for t in trials] == list(range(len(trials)))
+    # Failed trials count toward no n_trials: 8 with a result, and the failed ones besides.
+    assert n_counted(study) == 8 and len(trials) > 8
     assert {t.state.name for t in trials} == {"COMPLETE", "FAIL"}
     for t in told:
         stored = trials[t.number]
@@ -62,3 +69,40 @@ def test_one_line_per_search_trial_with_what_the_study_stored(tmp_path: Path) ->
 def test_a_cache_hit_names_the_trial_it_reused() -> None:
     line = trial_line(FinishedTrial(9, None, {"q": 0.5}, cache_hit=3))
     assert line == "trial 9 [search] complete (scores of trial 3, same recipe): q=0.5"
+
+
+class FailingEvaluator(ToyEvaluator):
+    """Every evaluation fails with one same error, as a task that cannot run makes it."""
+
+    def wait(self) -> list[tuple[int, EvalResult]]:
+        return [
+            (ticket, EvalResult(ok=False, error="AssertionError: max_gen_toks does not fit"))
+            for ticket, _ in super().wait()
+        ]
+
+
+def test_failing_trials_stop_the_search_spend_nothing_and_a_fixed_rerun_has_every_baseline(
+    tmp_path: Path,
+) -> None:
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    prepared = toy_study(tmp_path)  # baselines: uniform and 3 singles, enqueued
+    with (
+        SearchDriver(prepared, FailingEvaluator, capacity=2) as driver,
+        pytest.raises(RecyclerError) as caught,
+    ):
+        driver.run(6)
+    message = str(caught.value)
+    assert message.startswith("search: stopped after its first 3 trials all failed the same way")
+    assert message.endswith(": AssertionError: max_gen_toks does not fit")
+    study = prepared.handle.study
+    assert n_counted(study) == 0 and cost_of(view_of(study)) == (0.0, 0.0)
+    states = [t.state.name for t in study.get_trials()]
+    assert "COMPLETE" not in states and states.count("FAIL") >= 3
+    # Fixed: the next start queues the failed baselines again and completes 6 trials with
+    # every baseline among them.
+    with SearchDriver(prepared, ToyEvaluator, capacity=2) as driver:
+        driver.run(6)
+    assert len(driver.requeued) >= 2
+    complete = [r for r in view_of(study).trials if r.state == "COMPLETE"]
+    assert len(complete) == n_counted(study) == 6
+    assert {r.baseline for r in complete} >= {"uniform", "single:c0", "single:c1", "single:c2"}

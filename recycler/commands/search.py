@@ -76,12 +76,14 @@ def run_search(study_path: Path, n_trials: int | None = None, *, verbose: bool =
             console, started, "starting Ray; checking the study, indexing the pool", verbose
         ):
             prepared = prepare_quietly(spec)
-        for note in prepared.notes:
+        budget = Budget.of(spec, n_trials)
+        budget_note = budget.baselines_note(prepared.handle.study)
+        for note in [*prepared.notes, *([budget_note] if budget_note else [])]:
             console.print(f"[yellow]note:[/] {note}")
         starting = f"Ray, {cluster.eval_workers} evaluation worker(s), the first trial"
         with phase(console, started, starting, verbose, spinner=False):
             pass  # the progress bar says it until the first trial ends
-        search_and_rescore(prepared, Budget.of(spec, n_trials), console)
+        search_and_rescore(prepared, budget, console)
     except SystemExit:  # SIGTERM (the `recycler` command raises it)
         leaving = True
         if prepared is not None:
@@ -223,6 +225,7 @@ def search_and_rescore(prepared: Prepared, budget: Budget, console: Console) -> 
             on_progress=on_progress,
             on_trial=trial_printer(console),
         ) as driver:
+            driver.preflight(budget)  # one document per task first: a failing config fails here
             driver.run(budget)
             if driver.stop_reason is not None:
                 console.print(f"note: {driver.stop_reason}")

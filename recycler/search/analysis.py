@@ -15,8 +15,8 @@ from typing import Any
 
 from recycler.search import front as pareto
 from recycler.search.baselines import baseline_name, is_final_baseline
+from recycler.search.budget import cost_of
 from recycler.search.stored import StudyView, TrialRecord
-from recycler.search.study import cost_of
 
 
 @dataclass

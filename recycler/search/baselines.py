@@ -185,7 +185,9 @@ def greedy_state(
         if single.state == "COMPLETE" and single.vector_dev is not None:
             scored.append((macro_average(single.objectives, objectives), i, name, single.number))
     if not scored:
-        return GreedyState(done=True)
+        # Every single failed: no soup yet. Left unsettled, so that the start that runs
+        # them again (`study.requeue_failed_baselines`) builds it.
+        return GreedyState(done=False, blocked=True)
     scored.sort(key=lambda s: (-s[0], s[1]))
     steps: dict[frozenset[str], TrialRecord] = {}
     for r in records:

@@ -14,12 +14,10 @@ Pareto set is re-scored on the test split.
 
 from __future__ import annotations
 
-import contextlib
 import random
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,9 +30,11 @@ from recycler.merge.recipe import Recipe
 from recycler.search import front as pareto
 from recycler.search.analysis import analyse
 from recycler.search.baselines import enqueue_greedy_step, settle_greedy
-from recycler.search.budget import Budget
+from recycler.search.budget import Budget, cost_of, n_counted, put_back
 from recycler.search.cache import CachedResult, ResultCache
 from recycler.search.climb import Climbs, Completed, Failed, Outcome, Pruned, scored_as_asked
+from recycler.search.failures import FailureStreak
+from recycler.search.preflight import preflight
 from recycler.search.prepare import Prepared
 from recycler.search.stored import (
     TrialWriter,
@@ -45,15 +45,13 @@ from recycler.search.stored import (
     write_test_result,
 )
 from recycler.search.study import (
-    HEARTBEAT_INTERVAL,
-    cost_of,
     duplicate_of,
     enqueue,
     fail_stale_trials,
-    n_counted,
+    heartbeat,
     objective_values,
     owner_id,
-    put_back,
+    requeue_failed_baselines,
     told_values,
 )
 
@@ -148,6 +146,8 @@ class SearchDriver:
         # proposals): they cost nothing, so a `search.budget` would never be spent.
         self._free_in_a_row = 0
         self.stop_reason: str | None = None
+        self.failures = FailureStreak()
+        self.requeued: list[int] = []  # failed baselines this start queued again
 
     # ---- lifecycle ------------------------------------------------------------------
     @property
@@ -173,18 +173,20 @@ class SearchDriver:
         whoever runs them.
 
         Other processes may drive the same study: the budget is the study's
-        (study.budget_held, study.cost_of), and once it is all taken this driver waits for
+        (budget.budget_held, budget.cost_of), and once it is all taken this driver waits for
         the trials others still run, so that one of them failing as stale is run again here.
         """
         if isinstance(budget, int):
             budget = Budget(n_trials=budget)
         self.stale = fail_stale_trials(self.prepared.handle)
+        self.requeued = requeue_failed_baselines(self.study)
         self._seed_cache()
         self._report(budget)
-        with self._heartbeat():
+        with heartbeat(self._running):
             try:
                 while True:
                     while self._n_flying("dev") < self.capacity:
+                        self._stop_if_failing()
                         started = self._start_next(budget)
                         if started is None:
                             break
@@ -199,12 +201,26 @@ class SearchDriver:
                     for ticket, result in self.evaluator.wait():
                         self._finish(ticket, result)
                         self._report(budget)
+                    self._stop_if_failing()
             except BaseException:
                 self._abandon_flights("interrupted")
                 raise
         settle_greedy(
             self.study, self.prepared.spec, self.prepared.space.names, self.prepared.objectives
         )
+
+    def preflight(self, budget: Budget) -> None:
+        """Before `run`: one document of every task scored with one checkpoint (`preflight`),
+        unless the budget is spent already (a finished study starts no worker)."""
+        if not budget.spent(self.study):
+            preflight(self.prepared, self.evaluator)
+
+    def _stop_if_failing(self) -> None:
+        """Stop the search on failing trials (`failures`): what is in flight is re-run by
+        the next start."""
+        error = self.failures.stop_error(self.study)
+        if error is not None:
+            raise error
 
     def _await_others(self) -> None:
         """Nothing of ours in flight, budget left but held by others' RUNNING trials (or a
@@ -231,7 +247,7 @@ class SearchDriver:
             if r.recipe is not None and r.test_metrics is not None:
                 self.cache.put(r.recipe, TEST_SPLIT, CachedResult(r.number, r.test_metrics))
         count = 0
-        with self._heartbeat():
+        with heartbeat(self._running):
             try:
                 pending = list(todo)
                 while pending or self._flights:
@@ -286,14 +302,14 @@ class SearchDriver:
             return None
         trial = self.study.ask()
         resumed = stored_doc_scores(trial.user_attrs) is not None
-        # Counted after taking it (see study.py, budget).
+        # Counted after taking it (see budget.py).
         if not resumed and budget.held(self.study, taken=True):
             put_back(self.prepared.handle, trial.number)
             return None
         duplicate = duplicate_of(self.study, trial.number)
         if duplicate is not None:
             TrialWriter.of(trial).duplicate(duplicate)
-            self._fail(trial, f"duplicate of trial {duplicate}: not run")
+            self._fail(trial, f"duplicate of trial {duplicate}: not run", streak=False)
             return False
         try:
             recipe = self._prepare_trial(trial)
@@ -421,6 +437,7 @@ class SearchDriver:
             self._complete(climb.trial, climb.stored, outcome.result, docs_scored=climb.docs_scored)
         elif isinstance(outcome, Pruned):
             self.study.tell(climb.trial, state=TrialState.PRUNED)
+            self.failures.succeeded()
             if self.on_trial is not None:
                 self.on_trial(
                     FinishedTrial(
@@ -454,6 +471,7 @@ class SearchDriver:
         writer.scores(result.metrics, values)
         writer.timings(result.merge_seconds, result.eval_seconds)
         self.study.tell(trial, told_values(self.prepared.spec, self.prepared.objectives, values))
+        self.failures.succeeded()
         merged = cache_hit is None
         if merged:
             self.cache.put(stored, self.split, CachedResult(trial.number, result.metrics))
@@ -469,7 +487,18 @@ class SearchDriver:
                 )
             )
 
-    def _fail(self, trial: optuna.Trial, reason: str, result: EvalResult | None = None) -> None:
+    def _fail(
+        self,
+        trial: optuna.Trial,
+        reason: str,
+        result: EvalResult | None = None,
+        *,
+        streak: bool = True,
+    ) -> None:
+        """Tell the trial failed; `streak`: it counts among failures in a row (a duplicate
+        dropped unrun does not)."""
+        if streak:
+            self.failures.failed(reason)
         writer = TrialWriter.of(trial)
         writer.failure(reason)
         if result is not None:
@@ -541,25 +570,8 @@ class SearchDriver:
         )
         self.on_progress(SearchProgress(done, budget, spent, hv, per_trial))
 
-    @contextmanager
-    def _heartbeat(self) -> Iterator[None]:
-        """Stamp the running trials every HEARTBEAT_INTERVAL s (seen by a start on another host)."""
-        stop = threading.Event()
-
-        def beat() -> None:
-            while not stop.wait(HEARTBEAT_INTERVAL):
-                with self._lock:
-                    trials = [f.trial for f in list(self._flights.values()) if f.trial is not None]
-                    # A trial between rungs waits for a worker: it is still this process's.
-                    trials += [c.trial for c in list(self.climbs.held.values())]
-                for t in trials:
-                    with contextlib.suppress(Exception):  # finished meanwhile: nothing to stamp
-                        TrialWriter.of(t).heartbeat()
-
-        thread = threading.Thread(target=beat, name="recycler-heartbeat", daemon=True)
-        thread.start()
-        try:
-            yield
-        finally:
-            stop.set()
-            thread.join(timeout=5)
+    def _running(self) -> list[optuna.Trial]:
+        """The trials this process holds: in flight, or between rungs waiting for a worker."""
+        with self._lock:
+            trials = [f.trial for f in list(self._flights.values()) if f.trial is not None]
+        return trials + [c.trial for c in list(self.climbs.held.values())]

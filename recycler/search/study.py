@@ -4,12 +4,15 @@ running, and load it back as records. What it stores, and under which keys, is `
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import threading
 import time
 import warnings
 import zlib
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -32,7 +35,6 @@ from recycler.search.storage import (
 from recycler.search.stored import (
     Objective,
     StudyView,
-    TrialRecord,
     TrialWriter,
     baselines_enqueued,
     identity_written,
@@ -335,6 +337,27 @@ def _stale_reason(trial: FrozenTrial, now: float) -> str | None:
     return None
 
 
+@contextmanager
+def heartbeat(running: Callable[[], Sequence[optuna.Trial]]) -> Iterator[None]:
+    """Stamp the trials `running()` names every HEARTBEAT_INTERVAL s while the block runs:
+    a start on another host reads the stamps (`_stale_reason`)."""
+    stop = threading.Event()
+
+    def beat() -> None:
+        while not stop.wait(HEARTBEAT_INTERVAL):
+            for trial in running():
+                with contextlib.suppress(Exception):  # finished meanwhile: nothing to stamp
+                    TrialWriter.of(trial).heartbeat()
+
+    thread = threading.Thread(target=beat, name="recycler-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+
+
 def enqueue(
     study: optuna.Study,
     params: Mapping[str, float],
@@ -376,91 +399,30 @@ def fail_stale_trials(handle: StudyHandle) -> list[int]:
     return failed
 
 
-def counts_toward_budget(trial: FrozenTrial) -> bool:
-    """Finished trials count toward n_trials, except stale ones that were run again and
-    duplicates that were never run."""
-    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
-        return True
-    return trial.state == TrialState.FAIL and not _not_run(trial)
-
-
-def _not_run(trial: FrozenTrial) -> bool:
-    """A failed trial that stands for no result: re-run elsewhere, or a duplicate dropped."""
-    record = read_trial(trial)
-    return record.stale or record.duplicate_of is not None
-
-
-# ---- the budget: n_trials is the study's, whichever processes run its trials -------------
-#
-# Several processes may drive one study. Each takes a trial (study.ask: a new RUNNING
-# trial, or a queued one set RUNNING) and only then counts the trials that hold budget:
-# the finished ones that count and every RUNNING one, its own included. Over n_trials,
-# it puts its trial back in the queue and starts nothing. This cannot overshoot: suppose
-# more than n_trials trials were kept. Take the kept trial whose count was read last. Every
-# other kept trial turned RUNNING (a committed write: trial creation locks the study row,
-# a queued trial's RUNNING update is a compare-and-set) before its own count, so before
-# this last count, which (read committed, or SQLite's single writer) saw them all, plus
-# itself: more than n_trials, so it was put back, not kept. A contradiction. The converse
-# (two processes both seeing the other and both putting back) leaves budget unspent for a
-# moment; the driver then tries again after a random pause.
-
-
-def holds_budget(trial: FrozenTrial) -> bool:
-    """A trial spending one of n_trials: reserved while RUNNING, counted once finished."""
-    return trial.state == TrialState.RUNNING or counts_toward_budget(trial)
-
-
-def budget_held(study: optuna.Study) -> int:
-    """How many of the study's trials hold budget now (read fresh from the storage)."""
-    return sum(holds_budget(t) for t in study.get_trials(deepcopy=False))
-
-
-def n_counted(study: optuna.Study) -> int:
-    """How many finished trials count toward n_trials."""
-    return sum(counts_toward_budget(t) for t in study.get_trials(deepcopy=False))
-
-
-# ---- the budget in full-trial equivalents (search.budget) ----------------------------------
-#
-# The cost of a trial is the documents its own evaluations scored over those of a full
-# trial (a cache hit costs nothing; a re-run does not pay again for the rungs it
-# carries). A RUNNING trial also holds the documents of the evaluation it runs now, so
-# that drivers sharing a study do not all start one on the last of the budget. Unlike
-# n_trials this can overshoot: trials between rungs when it is reached still go on to
-# the rungs they won (at most about one full trial per evaluation worker).
-
-
-def trial_cost(record: TrialRecord, full_docs: int | None) -> tuple[float, float]:
-    """(spent, held) by one trial, in full-trial equivalents (`full_docs`: the documents of
-    a full trial; None for a study made before documents were counted)."""
-    if record.docs_scored is None or full_docs is None:  # a trial scored every document
-        evaluated = record.cache_hit is None and record.eval_seconds is not None
-        spent = 1.0 if evaluated else 0.0
-    else:
-        spent = record.docs_scored / full_docs
-    held = record.docs_in_flight / full_docs if record.state == "RUNNING" and full_docs else 0.0
-    return spent, spent + held
-
-
-def cost_of(view: StudyView) -> tuple[float, float]:
-    """(spent, held) by the whole study, in full-trial equivalents."""
-    spent = held = 0.0
-    for record in view.trials:
-        s, h = trial_cost(record, view.dev_docs)
-        spent, held = spent + s, held + h
-    return spent, held
-
-
-def put_back(handle: StudyHandle, number: int) -> None:
-    """Return a trial this process has just taken, before it suggested anything, to the queue."""
-    storage = handle.storage
-    study_id = storage.get_study_id_from_name(handle.study.study_name)
-    storage.set_trial_state_values(
-        storage.get_trial_id_from_study_id_trial_number(study_id, number), TrialState.WAITING
-    )
+def requeue_failed_baselines(study: optuna.Study) -> list[int]:
+    """Enqueue again every baseline and greedy step all of whose copies failed; the
+    numbers of the failed trials re-run. Called when a search starts, so that a study fixed after
+    its baselines failed compares its search with every baseline."""
+    copies: dict[tuple[str, tuple[str, ...]], list[FrozenTrial]] = {}
+    for trial in study.get_trials(deepcopy=False):
+        identity = _baseline_identity(trial)
+        if identity is not None:
+            copies.setdefault(identity, []).append(trial)
+    requeued: list[int] = []
+    for trials in copies.values():
+        # A stale copy's re-run is one of the copies: all failed means it failed too.
+        if any(t.state != TrialState.FAIL for t in trials):
+            continue
+        last = trials[-1]
+        params = dict(read_trial(last).enqueued_params or last.params)
+        if params:
+            enqueue(study, params, rerun_attrs(last.number, last.user_attrs, params))
+            requeued.append(last.number)
+    return requeued
 
 
 def _baseline_identity(trial: FrozenTrial) -> tuple[str, tuple[str, ...]] | None:
+    """A baseline's label and a greedy step's members; None for a trial of the search."""
     record = read_trial(trial)
     if not isinstance(record.baseline, str):
         return None
@@ -473,18 +435,15 @@ def duplicate_of(study: optuna.Study, number: int) -> int | None:
 
     Two processes may enqueue one baseline at the same moment; trial numbers follow the
     order the trials were created in, so the earliest live copy is the one that runs, and
-    each later copy, whichever process takes it, sees that earlier one.
+    each later copy, whichever process takes it, sees that earlier one. A failed copy is
+    not live: its re-run (`requeue_failed_baselines`) runs.
     """
     trials = study.get_trials(deepcopy=False)
     mine = next((_baseline_identity(t) for t in trials if t.number == number), None)
     if mine is None:
         return None
     for t in trials:
-        if (
-            t.number < number
-            and _baseline_identity(t) == mine
-            and not (t.state == TrialState.FAIL and _not_run(t))
-        ):
+        if t.number < number and _baseline_identity(t) == mine and t.state != TrialState.FAIL:
             return t.number
     return None
 

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from recycler.errors import RecyclerError
-from recycler.zoo.spec import ZooSpec, get_spec
+from recycler.zoo.spec import Run, ZooSpec, get_spec
 
 MARKER = ".zoo-complete.json"
 BUILDING = ".zoo-building"
@@ -173,112 +173,53 @@ def quiet_libraries() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
+class _Laps:
+    """Seconds per build stage, each lap from the end of the one before."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._clock = time.perf_counter()
+
+    def __call__(self, stage: str) -> None:
+        now = time.perf_counter()
+        self.seconds[stage] = round(now - self._clock, 2)
+        self._clock = now
+
+
 def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str, Any]:
+    """Tasks, base, fine-tuning runs, LoRA run, scores and study, in that order: every
+    stage draws from torch's generator after the one before, so the order is part of
+    what makes two builds of one seed byte-identical."""
     # Imported only when a pool is trained: reusing a built one (the demo's second run,
     # the tests, the experiments) must not wait for transformers, peft and datasets.
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from recycler.zoo import checkpoints as ck
-    from recycler.zoo import lora
     from recycler.zoo.scoring import score_zoo
-    from recycler.zoo.skills import TrainStream, eval_sets
+    from recycler.zoo.skills import eval_sets
     from recycler.zoo.study import write_study
     from recycler.zoo.tasks import write_tasks
-    from recycler.zoo.tokenizer import PAD_ID, save_tokenizer, vocab
-    from recycler.zoo.train import train, trainer_state, write_trainer_state
+    from recycler.zoo.tokenizer import vocab
 
-    seconds: dict[str, float] = {}
-    clock = time.perf_counter()
-
-    def lap(stage: str) -> None:
-        nonlocal clock
-        now = time.perf_counter()
-        seconds[stage] = round(now - clock, 2)
-        clock = now
-
+    lap = _Laps()
     with quiet_libraries():
         data = eval_sets(seed, spec.eval_per_split)
+        # No training example is one of the tasks' prompts.
         exclude = {e.prompt for splits in data.values() for exs in splits.values() for e in exs}
         task_names = write_tasks(out_dir / "tasks", data)
         table = vocab()
-        shape = spec.shape
-        config = LlamaConfig(
-            vocab_size=len(table),
-            hidden_size=shape.hidden,
-            intermediate_size=shape.intermediate,
-            num_hidden_layers=shape.layers,
-            num_attention_heads=shape.heads,
-            num_key_value_heads=shape.kv_heads,
-            max_position_embeddings=shape.max_positions,
-            tie_word_embeddings=True,
-            pad_token_id=PAD_ID,
-            bos_token_id=table["<bos>"],
-            eos_token_id=table["<eos>"],
-        )
         lap("tasks")
 
         say(f"pretraining the base ({spec.pretrain.steps} steps)")
-        torch.manual_seed(seed)
-        base = LlamaForCausalLM(config)
-        stream = TrainStream(
-            spec.pretrain_mixture, exclude, f"{seed}-pretrain", spec.pretrain_noise
-        )
-        train(base, stream, table, spec.pretrain)
-        ck.save_full(base, out_dir / "base", torch.float32, None)
-        save_tokenizer(out_dir / "base")
+        base = _pretrain(out_dir, spec, seed, table, exclude)
         lap("pretrain")
 
-        checkpoint_dirs: list[Path] = []
-        for run in spec.runs:
-            say(f"fine-tuning run {run.name} ({run.schedule.steps} steps, lr {run.schedule.lr:g})")
-            model = copy.deepcopy(base)
-            saves = {s.step: s for s in run.saves}
-
-            def save(
-                step: int, log: Any, model: Any = model, run: Any = run, saves: Any = saves
-            ) -> None:
-                if step not in saves:
-                    return
-                target = out_dir / "checkpoints" / f"{run.name}-step{step:04d}"
-                ck.save_full(model, target, saves[step].dtype, saves[step].max_shard_size)
-                save_tokenizer(target)
-                write_trainer_state(
-                    target, trainer_state(log, step, run.schedule.steps, run.schedule.batch_size)
-                )
-                checkpoint_dirs.append(target)
-
-            train(
-                model,
-                TrainStream(run.mixture, exclude, f"{seed}-{run.name}"),
-                table,
-                run.schedule,
-                on_step=save,
-            )
+        checkpoint_dirs = [
+            path
+            for run in spec.runs
+            for path in _finetune(out_dir, run, seed, base, table, exclude, say)
+        ]
         lap("finetune")
 
         say(f"LoRA run {spec.lora.name} ({spec.lora.schedule.steps} steps)")
-        torch.manual_seed(seed + 1)  # LoRA's A matrices are drawn at random
-        peft_model = lora.wrap(base, spec.lora)
-        adapters: dict[Path, dict[str, torch.Tensor]] = {}
-
-        def save_adapter(step: int, log: Any) -> None:
-            if step not in spec.lora.save_steps:
-                return
-            target = out_dir / "adapters" / f"{spec.lora.name}-step{step:04d}"
-            lora.save_adapter(peft_model, target)
-            write_trainer_state(
-                target,
-                trainer_state(log, step, spec.lora.schedule.steps, spec.lora.schedule.batch_size),
-            )
-            adapters[target] = lora.merged_weights(peft_model)
-
-        train(
-            peft_model,
-            TrainStream(spec.lora.mixture, exclude, f"{seed}-{spec.lora.name}"),
-            table,
-            spec.lora.schedule,
-            on_step=save_adapter,
-        )
+        adapters = _lora_run(out_dir, spec, seed, base, table, exclude)
         lap("lora")
 
         say(f"scoring {1 + len(checkpoint_dirs) + len(adapters) + 1} models with lm-eval")
@@ -286,5 +227,101 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
         (out_dir / "scores.json").write_text(json.dumps(scores, indent=2) + "\n")
         write_study(out_dir, spec, task_names)
         lap("score")
-    seconds["total"] = round(sum(seconds.values()), 2)
+    seconds = {**lap.seconds, "total": round(sum(lap.seconds.values()), 2)}
     return {"seconds": seconds, "checkpoints": len(checkpoint_dirs), "adapters": len(adapters)}
+
+
+def _pretrain(
+    out_dir: Path, spec: ZooSpec, seed: int, table: dict[str, int], exclude: set[str]
+) -> Any:
+    """The base model, trained from a seeded initialisation and saved to out_dir/base."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from recycler.zoo import checkpoints as ck
+    from recycler.zoo.skills import TrainStream
+    from recycler.zoo.tokenizer import PAD_ID, save_tokenizer
+    from recycler.zoo.train import train
+
+    shape = spec.shape
+    config = LlamaConfig(
+        vocab_size=len(table),
+        hidden_size=shape.hidden,
+        intermediate_size=shape.intermediate,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        num_key_value_heads=shape.kv_heads,
+        max_position_embeddings=shape.max_positions,
+        tie_word_embeddings=True,
+        pad_token_id=PAD_ID,
+        bos_token_id=table["<bos>"],
+        eos_token_id=table["<eos>"],
+    )
+    torch.manual_seed(seed)
+    base = LlamaForCausalLM(config)
+    stream = TrainStream(spec.pretrain_mixture, exclude, f"{seed}-pretrain", spec.pretrain_noise)
+    train(base, stream, table, spec.pretrain)
+    ck.save_full(base, out_dir / "base", torch.float32, None)
+    save_tokenizer(out_dir / "base")
+    return base
+
+
+def _finetune(
+    out_dir: Path,
+    run: Run,
+    seed: int,
+    base: Any,
+    table: dict[str, int],
+    exclude: set[str],
+    say: _Progress,
+) -> list[Path]:
+    """One fine-tuning run from a copy of the base: the checkpoints it saves, in order."""
+    from recycler.zoo import checkpoints as ck
+    from recycler.zoo.skills import TrainStream
+    from recycler.zoo.tokenizer import save_tokenizer
+    from recycler.zoo.train import train, trainer_state, write_trainer_state
+
+    say(f"fine-tuning run {run.name} ({run.schedule.steps} steps, lr {run.schedule.lr:g})")
+    model = copy.deepcopy(base)
+    saves = {s.step: s for s in run.saves}
+    saved: list[Path] = []
+
+    def save(step: int, log: Any) -> None:
+        if step not in saves:
+            return
+        target = out_dir / "checkpoints" / f"{run.name}-step{step:04d}"
+        ck.save_full(model, target, saves[step].dtype, saves[step].max_shard_size)
+        save_tokenizer(target)
+        write_trainer_state(
+            target, trainer_state(log, step, run.schedule.steps, run.schedule.batch_size)
+        )
+        saved.append(target)
+
+    stream = TrainStream(run.mixture, exclude, f"{seed}-{run.name}")
+    train(model, stream, table, run.schedule, on_step=save)
+    return saved
+
+
+def _lora_run(
+    out_dir: Path, spec: ZooSpec, seed: int, base: Any, table: dict[str, int], exclude: set[str]
+) -> dict[Path, dict[str, torch.Tensor]]:
+    """The LoRA run on the base: each saved adapter's folder → its merged weights."""
+    from recycler.zoo import lora
+    from recycler.zoo.skills import TrainStream
+    from recycler.zoo.train import train, trainer_state, write_trainer_state
+
+    torch.manual_seed(seed + 1)  # LoRA's A matrices are drawn at random
+    peft_model = lora.wrap(base, spec.lora)
+    adapters: dict[Path, dict[str, torch.Tensor]] = {}
+    schedule = spec.lora.schedule
+
+    def save_adapter(step: int, log: Any) -> None:
+        if step not in spec.lora.save_steps:
+            return
+        target = out_dir / "adapters" / f"{spec.lora.name}-step{step:04d}"
+        lora.save_adapter(peft_model, target)
+        write_trainer_state(target, trainer_state(log, step, schedule.steps, schedule.batch_size))
+        adapters[target] = lora.merged_weights(peft_model)
+
+    stream = TrainStream(spec.lora.mixture, exclude, f"{seed}-{spec.lora.name}")
+    train(peft_model, stream, table, schedule, on_step=save_adapter)
+    return adapters
