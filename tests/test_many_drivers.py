@@ -117,6 +117,14 @@ def trials_of(study_path: Path) -> list[FrozenTrial]:
         return []
 
 
+def proposed_in_flight(study_path: Path, pid: int) -> bool:
+    """Whether process `pid` runs a trial whose parameters are proposed."""
+    return any(
+        t.state == TrialState.RUNNING and owner_pid(t) == pid and t.params
+        for t in trials_of(study_path)
+    )
+
+
 def failed_search(study_path: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """`recycler search` expected to stop at once: the process and its stderr's lines."""
     proc = subprocess.run(
@@ -199,19 +207,25 @@ def test_a_killed_search_is_finished_by_the_other(
     n_checkpoints = len(list((micro_zoo / "checkpoints").iterdir()))
     with searches(study_path, 2) as (survivor, victim):
         deadline = time.monotonic() + 300
-        while True:
-            trials = trials_of(study_path)
-            victims = [
-                t for t in trials if t.state == TrialState.RUNNING and owner_pid(t) == victim.pid
-            ]
-            if victims and sum(t.state == TrialState.COMPLETE for t in trials) >= 2:
-                break
+        while not (
+            sum(t.state == TrialState.COMPLETE for t in trials_of(study_path)) >= 2
+            and proposed_in_flight(study_path, victim.pid)
+        ):
             assert_running(victim, survivor)
             assert time.monotonic() < deadline, (
-                f"no trial of the victim running within 300 s: {trials}"
+                f"no trial of the victim running within 300 s: {trials_of(study_path)}"
             )
             time.sleep(0.1)
-        os.killpg(victim.pid, signal.SIGKILL)  # the driver and its Ray, a trial in flight
+        # The driver and its Ray, a proposed trial in flight: stopped, and killed only if
+        # it still has one, so that what the test saw is what the kill left.
+        while True:
+            os.killpg(victim.pid, signal.SIGSTOP)
+            if proposed_in_flight(study_path, victim.pid):
+                os.killpg(victim.pid, signal.SIGKILL)
+                break
+            os.killpg(victim.pid, signal.SIGCONT)
+            assert time.monotonic() < deadline, "the victim's trials all finished"
+            time.sleep(0.05)
         victim.wait(timeout=30)
         done_before = {
             t.number: (t.params, t.values)
@@ -228,9 +242,14 @@ def test_a_killed_search_is_finished_by_the_other(
     assert failed and all(
         owner_pid(t) == victim.pid and t.user_attrs.get(TrialKey.STALE) for t in failed
     )
+    assert any(t.params for t in failed)
     for t in failed:
         reruns = [r for r in trials if r.user_attrs.get(TrialKey.RERUN_OF) == t.number]
-        assert len(reruns) == 1 and reruns[0].state == TrialState.COMPLETE
+        if t.params:
+            assert len(reruns) == 1 and reruns[0].state == TrialState.COMPLETE
+            assert t.params.items() <= reruns[0].params.items()
+        else:  # claimed, nothing proposed yet: the sampler proposes anew, nothing to re-run
+            assert reruns == []
 
 
 @pytest.mark.parametrize("case", ["unreachable", "wrong password", "missing driver"])
