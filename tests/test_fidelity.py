@@ -60,10 +60,11 @@ TASKS = [task_name(s) for s in SKILLS]
 # ---- ASHA's rule, by hand -------------------------------------------------------------
 
 
-def test_promotion_order_is_fronts_then_crowding_then_number() -> None:
-    # Two maximised objectives. Front 1: 0, 1, 2, 4 (3 is dominated by 2, 5 by everyone).
-    # Crowding in front 1: 0 and 1 are ends (inf); 2: (1-0.2)/1 + (0.9-0)/1 = 1.7;
-    # 4: (0.5-0)/1 + (1-0.5)/1 = 1.0. Front 2: 3; front 3: 5.
+def test_promotion_order_is_fronts_then_hypervolume_contribution() -> None:
+    # Two maximised objectives, both ranging over [0, 1]: the reference point is
+    # (-0.1, -0.1). Front 1: 0, 1, 2, 4 (3 is dominated by 2, 5 by everyone). What each
+    # alone dominates: 2: (0.2, 0.5] × (0, 0.5] = 0.15; 4: (0, 0.2] × (0.5, 0.9] = 0.08;
+    # 0: (0.5, 1] × (-0.1, 0] = 0.05; 1: (-0.1, 0] × (0.9, 1] = 0.01. Front 2: 3; front 3: 5.
     values = {
         0: [1.0, 0.0],
         1: [0.0, 1.0],
@@ -72,13 +73,39 @@ def test_promotion_order_is_fronts_then_crowding_then_number() -> None:
         4: [0.2, 0.9],
         5: [0.1, 0.1],
     }
-    assert promotion_order(values, [True, True]) == [0, 1, 2, 4, 3, 5]
-    # Six finished the rung, eta 3: the best two go on.
-    assert [n for n in values if promotes(n, values, [True, True], 3)] == [0, 1]
+    assert promotion_order(values, [True, True]) == [2, 4, 0, 1, 3, 5]
+    # Six finished the rung, eta 3: the best two go on (crowding distance, then the trial
+    # number, kept the two ends, 0 and 1).
+    assert [n for n in values if promotes(n, values, [True, True], 3)] == [2, 4]
     # Eta 2: three go on. A minimised objective reverses its order.
-    assert [n for n in values if promotes(n, values, [True, True], 2)] == [0, 1, 2]
+    assert [n for n in values if promotes(n, values, [True, True], 2)] == [0, 2, 4]
     flipped = {n: [v[0], -v[1]] for n, v in values.items()}
-    assert promotion_order(flipped, [True, False]) == [0, 1, 2, 4, 3, 5]
+    assert promotion_order(flipped, [True, False]) == [2, 4, 0, 1, 3, 5]
+
+
+def test_a_new_all_rounder_beats_old_specialists() -> None:
+    """The micro pool's case: the baselines are specialists, each the best in one skill
+    and the worst in the others. Crowding distance is infinite for all of them, so the
+    trial number decided and a later all-rounder was pruned; it alone dominates the most."""
+    values = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [0.0, 0.0, 1.0], 3: [0.6, 0.6, 0.6]}
+    assert promotion_order(values, [True] * 3)[0] == 3
+    assert promotes(3, values, [True] * 3, 2)  # the best two of four: it is one
+    assert promotes(3, values, [True] * 3, 3)  # the best one of four
+
+
+def test_ties_are_not_decided_by_age() -> None:
+    """Trials of equal values are ordered by a seeded draw: the same every time for one
+    seed, and any of them may come first (by trial number, the oldest always did)."""
+    equal = {n: [0.5, 0.5] for n in range(4)}
+    assert promotion_order(equal, [True, True], seed=3) == promotion_order(
+        equal, [True, True], seed=3
+    )
+    firsts = {promotion_order(equal, [True, True], seed=s)[0] for s in range(30)}
+    assert firsts == {0, 1, 2, 3}
+    # Equal values share their point's contribution: a copy of the best trial is not
+    # ranked below the rest of the front (each copy alone adds nothing).
+    values = {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [0.5, 0.5], 3: [0.5, 0.5]}
+    assert set(promotion_order(values, [True, True])[:2]) == {2, 3}
 
 
 def test_fewer_than_eta_trials_promote_the_best_so_far() -> None:

@@ -84,6 +84,32 @@ def hypervolume(
     return float(_hv_min(y, ref))
 
 
+def hypervolume_contributions(
+    values: Array | Sequence[Sequence[float]],
+    reference: Sequence[float] | NDArray[np.float64],
+    maximize: Sequence[bool],
+) -> NDArray[np.float64]:
+    """Each row's exclusive hypervolume contribution: the volume it dominates up to
+    `reference` that no other row does (all rows' hypervolume less the others').
+
+    Computed per row as its box up to the reference less the hypervolume of the other
+    rows clipped to that box (each other row moved to its worse side of this one), which
+    is far smaller than the others' whole hypervolume. A row equal to another adds
+    nothing of its own: both get 0.
+    """
+    y = _as_min(values, maximize)
+    ref = _as_min([list(reference)], maximize)[0]
+    out = np.zeros(len(y), dtype=np.float64)
+    for i, row in enumerate(y):
+        if not np.all(row < ref):
+            continue
+        clipped = np.maximum(np.delete(y, i, axis=0), row)
+        clipped = clipped[np.all(clipped < ref, axis=1)]
+        covered = _hv_min(clipped, ref) if len(clipped) else 0.0
+        out[i] = max(0.0, float(np.prod(ref - row)) - covered)  # rounding: never below 0
+    return out
+
+
 def _hv_min(points: Array, ref: Array) -> float:
     """Hypervolume for minimisation by slicing along the last objective (HSO).
 
