@@ -101,6 +101,21 @@ def test_hypervolume_contributions_are_what_each_row_alone_adds(m: int) -> None:
     assert dominated.any() and np.all(got[dominated] == 0.0)
 
 
+def test_estimated_contributions_are_close_to_the_exact_ones() -> None:
+    rng = np.random.default_rng(4)
+    points = rng.random((20, 4))
+    maximize = [True, False, True, False]
+    ref = pareto.nadir(points, maximize) + np.array([-0.1, 0.1, -0.1, 0.1])
+    exact = pareto.hypervolume_contributions(points, ref, maximize)
+    estimated = pareto.estimated_contributions(points, ref, maximize, seed=0)
+    assert np.abs(estimated - exact).max() < 0.03 * exact.max()
+    assert list(np.argsort(-exact)[:3]) == list(np.argsort(-estimated)[:3])
+    dominated = ~pareto.pareto_mask(points, maximize)
+    assert np.all(estimated[dominated] == 0.0)
+    again = pareto.estimated_contributions(points, ref, maximize, seed=0)
+    assert np.array_equal(estimated, again)  # seeded
+
+
 def test_hypervolume_history_never_decreases() -> None:
     rng = np.random.default_rng(7)
     values = rng.random((30, 3))

@@ -37,7 +37,7 @@ from recycler.config import FidelitySpec
 from recycler.errors import RecyclerError
 from recycler.evaluate.docsplit import rung_ids
 from recycler.evaluate.results import IDS, DocScores
-from recycler.search.front import hypervolume_contributions
+from recycler.search.front import estimated_contributions, hypervolume_contributions
 
 FULL = (1.0,)
 # The fewest documents of a task a rung scores: below ten, a task's accuracy moves in steps
@@ -150,6 +150,10 @@ class RungPlan:
 # objective's range there, so a trial that is the worst of the rung in one objective still
 # has a contribution of its own (with the nadir itself, it would have none).
 REFERENCE_MARGIN = 0.1
+# Exact contributions cost about (trials on the front)^(objectives - 1) steps: about 0.2 s
+# at this many (66 trials in five objectives); above it they are estimated
+# (`front.estimated_contributions`, seeded), which stays under a second for hundreds.
+EXACT_COST_LIMIT = 2e7
 
 
 class _RungRanking:
@@ -172,8 +176,8 @@ class _RungRanking:
 
     def fronts(self) -> Iterator[list[int]]:
         """Non-dominated sorting: the first front, then the front of what is left, ..."""
-        z = self.scaled[:, None, :], self.scaled[None, :, :]
-        beats = np.all(z[0] <= z[1], axis=2) & np.any(z[0] < z[1], axis=2)  # row beats column
+        row, column = self.scaled[:, None, :], self.scaled[None, :, :]
+        beats = np.all(row <= column, axis=2) & np.any(row < column, axis=2)  # row beats column
         left = np.ones(len(self.numbers), dtype=bool)
         while left.any():
             front = left & ~beats[left].any(axis=0)
@@ -186,8 +190,12 @@ class _RungRanking:
         equal values sharing their point's contribution; ties by `tie_key`, never by age."""
         rows = self.scaled[[self.numbers.index(n) for n in front]]
         points, point_of = np.unique(rows, axis=0, return_inverse=True)
-        reference = [1.0 + REFERENCE_MARGIN] * points.shape[1]
-        contribution = hypervolume_contributions(points, reference, [False] * points.shape[1])
+        n_objectives = points.shape[1]
+        reference, minimize = [1.0 + REFERENCE_MARGIN] * n_objectives, [False] * n_objectives
+        if float(len(points)) ** (n_objectives - 1) <= EXACT_COST_LIMIT:
+            contribution = hypervolume_contributions(points, reference, minimize)
+        else:
+            contribution = estimated_contributions(points, reference, minimize, self.seed)
         # Rounded, so that values equal but for floating-point noise tie.
         key = {n: -round(float(contribution[p]), 12) for n, p in zip(front, point_of.ravel())}
         return sorted(front, key=lambda n: (key[n], tie_key(n, self.seed)))
