@@ -198,8 +198,8 @@ class Climbs:
 
         Baselines are in, as ASHA ranks every trial that finished the rung: they are merges
         of the same pool scored on the same documents, so a trial they beat there is not
-        worth more documents; and one among the best ⌊n/eta⌋ takes a place ASHA would have
-        given it anyway (only one below them is promoted beyond ASHA's share)."""
+        worth more documents; and a baseline among the best ⌊n/eta⌋ takes a place ASHA would
+        have given it anyway (only one below them is promoted beyond ASHA's share)."""
         out: dict[int, list[float]] = {}
         for record in view_of(self.study).trials:
             values = record.rungs.get(rung)
