@@ -548,10 +548,12 @@ def _kill_between_rungs(proc: subprocess.Popen[bytes], db_path: Path, err_path: 
     driver cannot write meanwhile (it waits up to storage.SQLITE_LOCK_WAIT, 60 s; a look
     takes milliseconds), so when the test kills it, what the test saw is what the driver
     leaves. Between looks the lock is released until the driver has committed a write
-    (PRAGMA data_version) and taken again at once. A promoted trial stores its next rung
-    only after that rung's evaluation, which starts after its promotion is stored: the
-    test holds the lock again long before, so no promotion passes unseen, however fast
-    a rung's evaluation is.
+    (PRAGMA data_version) and taken again within about a millisecond. A promoted trial
+    stores its next rung only after that rung's evaluation, which starts once its
+    promotion is stored, so the test holds the lock again while that evaluation runs: a
+    promotion could pass unseen only if this process were kept off the CPU for a whole
+    evaluation, and the first is always there to see (the uniform baseline climbs every
+    rung). Neither the polling period nor the evaluation's speed decides any more.
     """
 
     def check_alive() -> None:
