@@ -10,9 +10,11 @@ local Ray.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -60,10 +62,11 @@ TASKS = [task_name(s) for s in SKILLS]
 # ---- ASHA's rule, by hand -------------------------------------------------------------
 
 
-def test_promotion_order_is_fronts_then_crowding_then_number() -> None:
-    # Two maximised objectives. Front 1: 0, 1, 2, 4 (3 is dominated by 2, 5 by everyone).
-    # Crowding in front 1: 0 and 1 are ends (inf); 2: (1-0.2)/1 + (0.9-0)/1 = 1.7;
-    # 4: (0.5-0)/1 + (1-0.5)/1 = 1.0. Front 2: 3; front 3: 5.
+def test_promotion_order_is_fronts_then_hypervolume_contribution() -> None:
+    # Two maximised objectives, both ranging over [0, 1]: the reference point is
+    # (-0.1, -0.1). Front 1: 0, 1, 2, 4 (3 is dominated by 2, 5 by everyone). What each
+    # alone dominates: 2: (0.2, 0.5] × (0, 0.5] = 0.15; 4: (0, 0.2] × (0.5, 0.9] = 0.08;
+    # 0: (0.5, 1] × (-0.1, 0] = 0.05; 1: (-0.1, 0] × (0.9, 1] = 0.01. Front 2: 3; front 3: 5.
     values = {
         0: [1.0, 0.0],
         1: [0.0, 1.0],
@@ -72,13 +75,42 @@ def test_promotion_order_is_fronts_then_crowding_then_number() -> None:
         4: [0.2, 0.9],
         5: [0.1, 0.1],
     }
-    assert promotion_order(values, [True, True]) == [0, 1, 2, 4, 3, 5]
-    # Six finished the rung, eta 3: the best two go on.
-    assert [n for n in values if promotes(n, values, [True, True], 3)] == [0, 1]
+    assert promotion_order(values, [True, True]) == [2, 4, 0, 1, 3, 5]
+    # Six finished the rung, eta 3: the best two go on (crowding distance, then the trial
+    # number, kept the two ends, 0 and 1).
+    assert [n for n in values if promotes(n, values, [True, True], 3)] == [2, 4]
     # Eta 2: three go on. A minimised objective reverses its order.
-    assert [n for n in values if promotes(n, values, [True, True], 2)] == [0, 1, 2]
+    assert [n for n in values if promotes(n, values, [True, True], 2)] == [0, 2, 4]
     flipped = {n: [v[0], -v[1]] for n, v in values.items()}
-    assert promotion_order(flipped, [True, False]) == [0, 1, 2, 4, 3, 5]
+    assert promotion_order(flipped, [True, False]) == [2, 4, 0, 1, 3, 5]
+
+
+def test_a_new_all_rounder_beats_old_specialists() -> None:
+    """The micro pool's case: the baselines are specialists, each the best in one skill
+    and the worst in the others. Crowding distance is infinite for all of them, so the
+    trial number decided and a later all-rounder was pruned; it alone dominates the most."""
+    values = {0: [1.0, 0.0, 0.0], 1: [0.0, 1.0, 0.0], 2: [0.0, 0.0, 1.0], 3: [0.6, 0.6, 0.6]}
+    assert promotion_order(values, [True] * 3)[0] == 3
+    assert promotes(3, values, [True] * 3, 2)  # the best two of four: it is one
+    assert promotes(3, values, [True] * 3, 3)  # the best one of four
+    # Ten objectives: the contributions are estimated (exact ones would take minutes).
+    many = {n: [float(n == j) for j in range(10)] for n in range(10)} | {10: [0.6] * 10}
+    assert promotion_order(many, [True] * 10)[0] == 10
+
+
+def test_ties_are_not_decided_by_age() -> None:
+    """Trials of equal values are ordered by a seeded draw: the same every time for one
+    seed, and any of them may come first (by trial number, the oldest always did)."""
+    equal = {n: [0.5, 0.5] for n in range(4)}
+    assert promotion_order(equal, [True, True], seed=3) == promotion_order(
+        equal, [True, True], seed=3
+    )
+    firsts = {promotion_order(equal, [True, True], seed=s)[0] for s in range(30)}
+    assert firsts == {0, 1, 2, 3}
+    # Equal values share their point's contribution: a copy of the best trial is not
+    # ranked below the rest of the front (each copy alone adds nothing).
+    values = {0: [1.0, 0.0], 1: [0.0, 1.0], 2: [0.5, 0.5], 3: [0.5, 0.5]}
+    assert set(promotion_order(values, [True, True])[:2]) == {2, 3}
 
 
 def test_fewer_than_eta_trials_promote_the_best_so_far() -> None:
@@ -476,10 +508,99 @@ def _study(tmp_path: Path, zoo: Path, search: dict[str, Any]) -> Path:
 
 
 def _trials(url: str) -> list[optuna.trial.FrozenTrial]:
+    return optuna.load_study(study_name="mf", storage=url).get_trials(deepcopy=False)
+
+
+# The dev documents a trial holds after each rung: 5 tasks × 10, 20, 40.
+RUNG_DOCS = [50, 100, 200]
+
+
+def _between_rungs(state: str, attrs: dict[str, Any]) -> bool:
+    """A trial promoted to a rung it has not scored any document of yet."""
+    scores, rungs = attrs.get(TrialKey.DOC_SCORES), attrs.get(TrialKey.RUNGS)
+    if state != "RUNNING" or not scores or not rungs or TrialKey.PROMOTED_TO not in attrs:
+        return False
+    top = max(int(k) for k in rungs)
+    held = sum(len(e["ids"]) for e in scores.values())
+    return attrs[TrialKey.PROMOTED_TO] > top and held == RUNG_DOCS[top]
+
+
+def _locked_trials(db: sqlite3.Connection) -> list[tuple[str, dict[str, Any]]]:
+    """Each trial's state and user attributes, read in Optuna's tables through the
+    connection that holds the write lock (an Optuna storage would open its own)."""
     try:
-        return optuna.load_study(study_name="mf", storage=url).get_trials(deepcopy=False)
-    except Exception:  # not created yet
+        rows = db.execute(
+            "SELECT t.number, t.state, a.key, a.value_json FROM trials t "
+            "JOIN studies s ON s.study_id = t.study_id "
+            "LEFT JOIN trial_user_attributes a ON a.trial_id = t.trial_id "
+            "WHERE s.study_name = 'mf'"
+        ).fetchall()
+    except sqlite3.OperationalError:  # Optuna's tables are not created yet
         return []
+    trials: dict[int, tuple[str, dict[str, Any]]] = {}
+    for number, state, key, value in rows:
+        trials.setdefault(number, (state, {}))[1].update(
+            {} if key is None else {key: json.loads(value)}
+        )
+    return list(trials.values())
+
+
+def _kill_between_rungs(proc: subprocess.Popen[bytes], db_path: Path, err_path: Path) -> None:
+    """SIGKILL the search once a trial is between rungs, deterministically.
+
+    The test looks only while it holds the database's write lock (BEGIN IMMEDIATE): the
+    driver cannot write meanwhile (it waits up to storage.SQLITE_LOCK_WAIT, 60 s; a look
+    takes milliseconds), so when the test kills it, what the test saw is what the driver
+    leaves. Between looks the lock is released until the driver has committed a write
+    (PRAGMA data_version) and taken again within about a millisecond. A promoted trial
+    stores its next rung only after that rung's evaluation, which starts once its
+    promotion is stored, so the test holds the lock again while that evaluation runs: a
+    promotion could pass unseen only if this process were kept off the CPU for a whole
+    evaluation, and the first is always there to see (the uniform baseline climbs every
+    rung). Neither the polling period nor the evaluation's speed decides any more.
+    """
+
+    def check_alive() -> None:
+        if proc.poll() is not None:
+            err = err_path.read_text()
+            pytest.fail(f"the search ended with no trial seen between rungs: {err}")
+        assert time.monotonic() < deadline, "no trial between rungs within 300 s"
+
+    def data_version(db: sqlite3.Connection) -> int | None:
+        """What changes when another connection commits; None while one is committing."""
+        try:
+            return int(db.execute("PRAGMA data_version").fetchone()[0])
+        except sqlite3.OperationalError:  # locked: the driver is committing
+            return None
+
+    deadline = time.monotonic() + 300
+    while not db_path.exists():
+        check_alive()
+        time.sleep(0.05)
+    # timeout=0: a lock the driver holds is retried here at once, not after SQLite's
+    # backoff; isolation_level=None: the transactions are the test's own statements.
+    db = sqlite3.connect(f"file:{db_path}?mode=rw", uri=True, timeout=0, isolation_level=None)
+    try:
+        while True:
+            check_alive()
+            try:
+                db.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError:  # the driver is writing
+                time.sleep(0.001)
+                continue
+            try:
+                if any(_between_rungs(*t) for t in _locked_trials(db)):
+                    os.kill(proc.pid, signal.SIGKILL)
+                    proc.wait(timeout=30)
+                    return
+                version = db.execute("PRAGMA data_version").fetchone()[0]
+            finally:
+                db.execute("ROLLBACK")
+            while data_version(db) in (version, None):
+                check_alive()
+                time.sleep(0.001)
+    finally:
+        db.close()
 
 
 def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
@@ -495,37 +616,22 @@ def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
         },
     )
     url = load_study_spec(path).storage_url
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "recycler.cli", "search", str(path)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-        start_new_session=True,
-    )
+    err_path = tmp_path / "search.err"
+    with err_path.open("wb") as err:  # a file, not a pipe: a full pipe would stall the driver
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "recycler.cli", "search", str(path)],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            start_new_session=True,
+        )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            # A trial between rungs: it has scored a rung and been promoted.
-            trials = _trials(url)
-            if any(
-                t.state.name == "RUNNING" and TrialKey.PROMOTED_TO in t.user_attrs for t in trials
-            ):
-                break
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            time.sleep(0.05)
-        else:
-            pytest.fail("no trial promoted within 300 s")
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=30)
+        _kill_between_rungs(proc, tmp_path / "study.db", err_path)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
     before = {t.number: t for t in _trials(url)}
-    climbing = [
-        t
-        for t in before.values()
-        if t.state.name == "RUNNING" and TrialKey.DOC_SCORES in t.user_attrs
-    ]
+    climbing = [t for t in before.values() if _between_rungs(t.state.name, t.user_attrs)]
     assert climbing
     run_search(path)  # resume here, on the shared Ray
     after = {t.number: t for t in _trials(url)}
@@ -542,9 +648,9 @@ def test_killed_and_resumed_multi_fidelity_search_loses_no_rung(
         # as they were, to the rung it had been promoted to (not ranked again) ...
         assert all(finished[k] == v for k, v in carried.items())
         assert max(finished) >= stale.user_attrs[TrialKey.PROMOTED_TO] > max(carried)
-        # ... scoring only the documents it had not: 5 tasks × 10, 20, 40 per rung.
-        docs = [50, 100, 200]
-        assert rerun.user_attrs[TrialKey.DOCS_SCORED] == docs[max(finished)] - docs[max(carried)]
+        # ... scoring only the documents it had not.
+        scored = RUNG_DOCS[max(finished)] - RUNG_DOCS[max(carried)]
+        assert rerun.user_attrs[TrialKey.DOCS_SCORED] == scored
         assert rerun.user_attrs[TrialKey.DOC_SCORES] is None  # dropped once it finished
     view = view_of(optuna.load_study(study_name="mf", storage=url))
     assert view.pruned and view.complete

@@ -86,6 +86,36 @@ def test_hypervolume_known_values_and_edge_cases() -> None:
     assert pareto.hypervolume([[3.0, 4.0]], [0.0, 10.0], [True, False]) == pytest.approx(18.0)
 
 
+@pytest.mark.parametrize("m", [2, 3, 5])
+def test_hypervolume_contributions_are_what_each_row_alone_adds(m: int) -> None:
+    rng = np.random.default_rng(m)
+    points = rng.integers(0, 5, size=(15, m)).astype(float)  # coarse: duplicates, dominated rows
+    maximize = [bool(rng.integers(0, 2)) for _ in range(m)]
+    ref = pareto.nadir(points, maximize) + np.array([-1.0 if up else 1.0 for up in maximize])
+    whole = pareto.hypervolume(points, ref, maximize)
+    got = pareto.hypervolume_contributions(points, ref, maximize)
+    for i in range(len(points)):
+        without = pareto.hypervolume(np.delete(points, i, axis=0), ref, maximize)
+        assert got[i] == pytest.approx(whole - without, abs=1e-9)
+    dominated = ~pareto.pareto_mask(points, maximize)
+    assert dominated.any() and np.all(got[dominated] == 0.0)
+
+
+def test_estimated_contributions_are_close_to_the_exact_ones() -> None:
+    rng = np.random.default_rng(4)
+    points = rng.random((20, 4))
+    maximize = [True, False, True, False]
+    ref = pareto.nadir(points, maximize) + np.array([-0.1, 0.1, -0.1, 0.1])
+    exact = pareto.hypervolume_contributions(points, ref, maximize)
+    estimated = pareto.estimated_contributions(points, ref, maximize, seed=0)
+    assert np.abs(estimated - exact).max() < 0.03 * exact.max()
+    assert list(np.argsort(-exact)[:3]) == list(np.argsort(-estimated)[:3])
+    dominated = ~pareto.pareto_mask(points, maximize)
+    assert np.all(estimated[dominated] == 0.0)
+    again = pareto.estimated_contributions(points, ref, maximize, seed=0)
+    assert np.array_equal(estimated, again)  # seeded
+
+
 def test_hypervolume_history_never_decreases() -> None:
     rng = np.random.default_rng(7)
     values = rng.random((30, 3))

@@ -178,7 +178,11 @@ class Climbs:
         # (a task's few-shot examples are drawn per evaluation).
         maximize = told_maximize(self.spec, self.objectives)
         if baseline_of(trial.user_attrs) is not None or promotes(
-            trial.number, self._rung_vectors(reached), maximize, self.rungs.eta
+            trial.number,
+            self._rung_vectors(reached),
+            maximize,
+            self.rungs.eta,
+            self.spec.search.seed,
         ):
             writer.promoted(reached + 1)
             self.promotions.append((trial.number, reached + 1))
@@ -190,7 +194,12 @@ class Climbs:
     def _rung_vectors(self, rung: int) -> dict[int, list[float]]:
         """Every trial that has finished `rung`, with its objectives there (as Optuna is
         told them: the macro-average for a single-objective study). A stale trial is left
-        out: its re-run carries the same scores."""
+        out: its re-run carries the same scores.
+
+        Baselines are in, as ASHA ranks every trial that finished the rung: they are merges
+        of the same pool scored on the same documents, so a trial they beat there is not
+        worth more documents; and a baseline among the best ⌊n/eta⌋ takes a place ASHA would
+        have given it anyway (only one below them is promoted beyond ASHA's share)."""
         out: dict[int, list[float]] = {}
         for record in view_of(self.study).trials:
             values = record.rungs.get(rung)
