@@ -370,24 +370,50 @@ release_scratch:
 #define GRAM_LANES 8
 #define GRAM_MAX 4 /* inputs at most: 10 products */
 
-/* Adds to `sums` the products of elements [lo, lo + n) of the inputs; callers cut their
- * ranges into the same FILE_STEP chunks (gram and gram_files alike), so memory and files
- * give the same bits. */
+/* dst[0..n) = src[lo..lo+n) widened to fp32 (exact), one loop per dtype so it vectorises. */
+DISPATCH
+static void widen(float *dst, const void *src, int dtype, size_t lo, size_t n) {
+    switch (dtype) {
+    case DT_BF16:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_BF16, lo + j);
+        break;
+#if HAVE_F16
+    case DT_F16:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_F16, lo + j);
+        break;
+#endif
+    default:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_F32, lo + j);
+    }
+}
+
+/* Adds to `sums` the products of elements [lo, lo + n) of the inputs, widened a BLOCK at
+ * a time; element j of the call goes to lane j % GRAM_LANES, whose sum is added into
+ * `sums` at the end. Callers cut their ranges into the same FILE_STEP chunks (gram and
+ * gram_files alike), so memory and files give the same bits. */
 DISPATCH
 static void gram_block(double *sums, void *const *ins, const int *dtypes, int k, size_t lo, size_t n) {
-    size_t p = 0;
-    for (int a = 0; a < k; a++) {
-        for (int b = a; b < k; b++, p++) {
-            double lanes[GRAM_LANES] = {0};
-            size_t j = 0;
-            for (; j + GRAM_LANES <= n; j += GRAM_LANES)
-                for (int l = 0; l < GRAM_LANES; l++)
-                    lanes[l] += (double)load(ins[a], dtypes[a], lo + j + l) * (double)load(ins[b], dtypes[b], lo + j + l);
-            for (; j < n; j++) lanes[j % GRAM_LANES] += (double)load(ins[a], dtypes[a], lo + j) * (double)load(ins[b], dtypes[b], lo + j);
-            double total = 0.0;
-            for (int l = 0; l < GRAM_LANES; l++) total += lanes[l];
-            sums[p] += total;
+    double lanes[GRAM_MAX * (GRAM_MAX + 1) / 2][GRAM_LANES] = {{0}};
+    float wide[GRAM_MAX][BLOCK];
+    for (size_t at = 0; at < n; at += BLOCK) { /* BLOCK is a multiple of GRAM_LANES */
+        size_t m = n - at < BLOCK ? n - at : BLOCK;
+        for (int a = 0; a < k; a++) widen(wide[a], ins[a], dtypes[a], lo + at, m);
+        size_t p = 0;
+        for (int a = 0; a < k; a++) {
+            for (int b = a; b < k; b++, p++) {
+                const float *x = wide[a], *y = wide[b];
+                double *lane = lanes[p];
+                size_t j = 0;
+                for (; j + GRAM_LANES <= m; j += GRAM_LANES)
+                    for (int l = 0; l < GRAM_LANES; l++) lane[l] += (double)x[j + l] * (double)y[j + l];
+                for (; j < m; j++) lane[j % GRAM_LANES] += (double)x[j] * (double)y[j];
+            }
         }
+    }
+    for (int p = 0; p < k * (k + 1) / 2; p++) {
+        double total = 0.0;
+        for (int l = 0; l < GRAM_LANES; l++) total += lanes[p][l];
+        sums[p] += total;
     }
 }
 
