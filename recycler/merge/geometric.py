@@ -84,9 +84,10 @@ def _torch_gram(a: torch.Tensor, b: torch.Tensor) -> list[list[float]]:
     return [[aa, ab], [ab, bb]]
 
 
-def slerp_gram_terms(p: TensorParams, gram: list[list[float]], with_base: bool) -> LinearTerms:
-    """`slerp` as stored terms: θ_a is the base where it is read, else the first model."""
-    c_a, c_b = slerp_coeffs(float(p.values.get("t", 0.5)), gram[0][0], gram[1][1], gram[0][1])
+def slerp_gram_terms(p: TensorParams, inner: list[list[float]], with_base: bool) -> LinearTerms:
+    """`slerp` as stored terms from its endpoints' inner products: θ_a is the base where
+    it is read, else the first model."""
+    c_a, c_b = slerp_coeffs(float(p.values.get("t", 0.5)), inner[0][0], inner[1][1], inner[0][1])
     return LinearTerms([c_b], c_a) if with_base else LinearTerms([c_a, c_b])
 
 
