@@ -253,10 +253,8 @@ def test_a_lora_member_sends_only_its_targets_through_memory(tmp_path: Path) -> 
     )
 
 
-@pytest.mark.parametrize("method", ["linear", "slerp"])
-def test_a_linear_or_slerp_merge_runs_without_importing_pytorch(
-    method: str, tmp_path: Path
-) -> None:
+@pytest.mark.parametrize("case", ["linear", "slerp", "slerp_from_base"])
+def test_a_linear_or_slerp_merge_runs_without_importing_pytorch(case: str, tmp_path: Path) -> None:
     # File to file, the merge needs no tensor: PyTorch's import (~2 s) is skipped. SLERP
     # reads its inner products from the files first (kernel.gram_files); the bits are
     # those of the in-memory merge (kernel.gram).
@@ -267,15 +265,17 @@ def test_a_linear_or_slerp_merge_runs_without_importing_pytorch(
 
     dirs = make_pool(tmp_path / "pool")
     recipe = tmp_path / "recipe.yaml"
-    if method == "linear":
+    base = dirs["base"] if case == "slerp_from_base" else None  # fp32: θ_a at t = 0
+    if case == "linear":
         models = [
             {"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in ("c0", "c1", "c2")
         ]
         extra: dict[str, object] = {}
     else:
-        models = [{"model": str(dirs[k])} for k in ("c0", "c1")]
+        models = [{"model": str(dirs[k])} for k in (("c1",) if base else ("c0", "c1"))]
         t = [{"filter": "self_attn", "value": [0, 0.7, 1]}, {"value": 0.3}]
-        extra = {"parameters": {"t": t}}
+        extra = {"parameters": {"t": t}, **({"base_model": str(base)} if base else {})}
+    method = "linear" if case == "linear" else "slerp"
     recipe.write_text(
         yaml.safe_dump({"merge_method": method, "models": models, "dtype": "bfloat16", **extra})
     )
@@ -286,7 +286,7 @@ def test_a_linear_or_slerp_merge_runs_without_importing_pytorch(
         "assert code == 0, code; assert 'torch' not in sys.modules, 'PyTorch was imported'"
     )
     subprocess.run([sys.executable, "-c", check, str(recipe), str(out)], check=True, timeout=120)
-    pool = Pool.open([Path(m["model"]) for m in models])
+    pool = Pool.open([Path(m["model"]) for m in models], base)
     in_memory = merge_state_dict(pool, Recipe.from_dict(yaml.safe_load(recipe.read_text())))
     written = load_state(out)
     assert written.keys() == in_memory.keys() and all(
