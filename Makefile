@@ -40,8 +40,12 @@ demo: $(STAMP)
 	$(BIN)/recycler demo
 
 # bench_ray measures a study on PostgreSQL too where a server can be started here.
+# The methods and mergekit's recipe styles (slices) are reported apart:
+# results/bench_merge.* and results/bench_recipes.*.
 bench: $(STAMP) $(MERGEKIT)
-	$(BIN)/python experiments/bench_merge.py
+	$(BIN)/python experiments/bench_merge.py --methods linear,ties,model_stock
+	$(BIN)/python experiments/bench_merge.py --methods gradient_slerp,frankenmerge \
+		--out experiments/results/bench_recipes
 	bash .ci/with-postgres $(BIN)/python experiments/bench_ray.py
 
 # Seconds from `recycler search` to its first finished trial on the micro pool, by phase.

@@ -5,7 +5,8 @@
 For each size, a pool of 4 bf16 Llama-style checkpoints and a base with random
 weights is built once (experiments/make_pool.py, cached under experiments/_pools/).
 For each method (by default linear: the C kernel file to file; ties: a sparsifying
-merge in memory; model_stock: a non-linear, geometric one) both tools merge the same
+merge in memory; model_stock: a non-linear, geometric one; gradient_slerp and
+frankenmerge: mergekit's `slices:` examples on the first two checkpoints) both tools merge the same
 recipe as subprocesses, alternately (the order swaps every round), `--runs` times
 each. Per run: wall time, peak RSS of the process tree (polled, plus the kernel's
 ru_maxrss), peak anonymous RSS (RSS less file pages, i.e. less memory-mapped
@@ -18,7 +19,9 @@ Page cache: the inputs are read once before timing so both tools start warm; the
 cache is never dropped (the machine is shared). Outputs are deleted and `sync`ed
 between runs, outside the timed region.
 
-Results: experiments/results/bench_merge.{md,json,csv}. Without ./.venv-mergekit
+Results: experiments/results/bench_merge.{md,json,csv} (`--out` elsewhere; `make bench`
+writes the recipe styles, gradient_slerp and frankenmerge, to bench_recipes.*, so the
+two runs keep each other's rows). Without ./.venv-mergekit
 (experiments/mergekit_env.sh makes it) only recycler is measured, and the report
 says so.
 """
@@ -574,7 +577,7 @@ def write_report(
             w.writerow(asdict(r))
 
     lines = [
-        "# `recycler merge` vs `mergekit-yaml` — merges of 4 bf16 Llama checkpoints (and a base)",
+        "# `recycler merge` vs `mergekit-yaml` — merges of bf16 Llama checkpoints",
         "",
         f"Written by `experiments/bench_merge.py` on {time.strftime('%Y-%m-%d %H:%M')}."
         " Medians over the runs; tools run alternately as subprocesses.",
@@ -766,7 +769,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(dtype bfloat16): "
         f"linear, weights {list(WEIGHTS)}, normalize true (the base not read); ties, the same "
         "weights, density 0.5; "
-        "model_stock over the base and the 4 checkpoints.",
+        "model_stock over the base and the 4 checkpoints; gradient_slerp and frankenmerge, "
+        "mergekit's examples/gradient-slerp.yml (slices of every layer, t gradients under the "
+        "self_attn and mlp filters) and a passthrough stack of the first 3/4 of the layers of "
+        "one checkpoint and the last 3/4 of another, on the first two checkpoints.",
         "Commands: `python -m recycler.cli merge RECIPE OUT` and "
         "`mergekit-yaml RECIPE OUT --no-copy-tokenizer --quiet` (mergekit 0.1.5's defaults "
         "otherwise: "

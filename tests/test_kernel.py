@@ -184,6 +184,22 @@ def test_combine_files_names_the_input_that_ends_early(tmp_path: Path) -> None:
     assert caught.value.filename == 1 and "ends before" in str(caught.value)
 
 
+def test_gram_matches_a_float64_reference_and_reads_the_same_bits_from_files(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(kernel, "TASK", 1 << 16)  # several ranges of FILE_STEP elements
+    xs, _ = _random(200_003, [torch.bfloat16, torch.float32, torch.float16], seed=4)
+    got = kernel.gram(xs)
+    assert got is not None
+    exact = [[float(torch.dot(a.double(), b.double())) for b in xs] for a in xs]
+    assert all(abs(g - e) <= 1e-12 * abs(e) for gr, er in zip(got, exact) for g, e in zip(gr, er))
+    fd, where = _stored(tmp_path, {f"x{i}": x for i, x in enumerate(xs)})
+    try:
+        assert kernel.gram_files([where[f"x{i}"] for i in range(3)], 200_003) == got
+    finally:
+        os.close(fd)
+
+
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
 def test_the_export_writes_the_in_memory_merge_bit_for_bit(method: str, tmp_path: Path) -> None:
     # The export combines file to file; a search trial merges in memory: same bits.
@@ -237,8 +253,11 @@ def test_a_lora_member_sends_only_its_targets_through_memory(tmp_path: Path) -> 
     )
 
 
-def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
-    # File to file, the merge needs no tensor: PyTorch's import (~2 s) is skipped.
+@pytest.mark.parametrize("case", ["linear", "slerp", "slerp_from_base"])
+def test_a_linear_or_slerp_merge_runs_without_importing_pytorch(case: str, tmp_path: Path) -> None:
+    # File to file, the merge needs no tensor: PyTorch's import (~2 s) is skipped. SLERP
+    # reads its inner products from the files first (kernel.gram_files); the bits are
+    # those of the in-memory merge (kernel.gram).
     import subprocess
     import sys
 
@@ -246,9 +265,19 @@ def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
 
     dirs = make_pool(tmp_path / "pool")
     recipe = tmp_path / "recipe.yaml"
-    models = [{"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in ("c0", "c1", "c2")]
+    base = dirs["base"] if case == "slerp_from_base" else None  # fp32: θ_a at t = 0
+    if case == "linear":
+        models = [
+            {"model": str(dirs[k]), "parameters": {"weight": 1.0}} for k in ("c0", "c1", "c2")
+        ]
+        extra: dict[str, object] = {}
+    else:
+        models = [{"model": str(dirs[k])} for k in (("c1",) if base else ("c0", "c1"))]
+        t = [{"filter": "self_attn", "value": [0, 0.7, 1]}, {"value": 0.3}]
+        extra = {"parameters": {"t": t}, **({"base_model": str(base)} if base else {})}
+    method = "linear" if case == "linear" else "slerp"
     recipe.write_text(
-        yaml.safe_dump({"merge_method": "linear", "models": models, "dtype": "bfloat16"})
+        yaml.safe_dump({"merge_method": method, "models": models, "dtype": "bfloat16", **extra})
     )
     out = tmp_path / "out"
     check = (
@@ -257,7 +286,7 @@ def test_a_linear_merge_runs_without_importing_pytorch(tmp_path: Path) -> None:
         "assert code == 0, code; assert 'torch' not in sys.modules, 'PyTorch was imported'"
     )
     subprocess.run([sys.executable, "-c", check, str(recipe), str(out)], check=True, timeout=120)
-    pool = Pool.open([dirs["c0"], dirs["c1"], dirs["c2"]])
+    pool = Pool.open([Path(m["model"]) for m in models], base)
     in_memory = merge_state_dict(pool, Recipe.from_dict(yaml.safe_load(recipe.read_text())))
     written = load_state(out)
     assert written.keys() == in_memory.keys() and all(

@@ -38,6 +38,8 @@ def _traits(m: MethodDescription) -> str:
     out = []
     if m.linear:
         out.append("linear (C kernel, file to file)")
+    if m.gram_terms is not None:
+        out.append("C kernel, file to file (inner products read first)")
     if m.row_splittable:
         out.append("row-splittable")
     if m.random:

@@ -14,8 +14,14 @@
  *       file to file: reads each input's elements with pread(2) into `scratch`,
  *       combines them there and writes the result with pwrite(2), so a merge
  *       streams from the page cache without mapping, allocating or holding a tensor.
+ *   gram(in_addrs, in_dtypes, start, stop) -> tuple
+ *   gram_files(in_fds, in_offsets, in_dtypes, start, stop, scratch) -> tuple
+ *       the inner products Σ x_i x_j (i <= j, row by row) of elements [start, stop)
+ *       of the inputs (in memory, or read from files like combine_files; the same
+ *       bits either way), accumulated in fp64: the
+ *       norms and angle of a merge whose coefficients depend on them (SLERP).
  *
- * Both return False when an output element is NaN or inf (a non-finite input, or an
+ * combine and combine_files return False when an output element is NaN or inf (a non-finite input, or an
  * overflow of the cast), release the GIL, and keep no state: callers run them on
  * several threads over disjoint ranges. Dtype codes: 0 float32, 1 bfloat16, 2 float16.
  *
@@ -191,7 +197,7 @@ static int check_dtype(int dtype) {
     return -1;
 }
 
-/* Fills `in` from same-length sequences; `offsets` may be NULL. */
+/* Fills `in` from same-length sequences; `offsets` and `coeffs` may be NULL. */
 static int inputs_parse(Inputs *in, PyObject *values, PyObject *offsets, PyObject *dtypes, PyObject *coeffs) {
     memset(in, 0, sizeof(*in));
     PyObject *seqs[4] = {values, offsets, dtypes, coeffs};
@@ -226,7 +232,7 @@ static int inputs_parse(Inputs *in, PyObject *values, PyObject *offsets, PyObjec
         in->values[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast[0], i));
         if (fast[1] != NULL) in->offsets[i] = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast[1], i));
         in->dtypes[i] = (int)PyLong_AsLong(PySequence_Fast_GET_ITEM(fast[2], i));
-        in->coeffs[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast[3], i));
+        if (fast[3] != NULL) in->coeffs[i] = (float)PyFloat_AsDouble(PySequence_Fast_GET_ITEM(fast[3], i));
         if (PyErr_Occurred() || check_dtype(in->dtypes[i]) < 0) goto done;
     }
     rc = 0;
@@ -356,6 +362,148 @@ release_scratch:
     return result;
 }
 
+/* ------------------------------------------------------------------ gram_files */
+
+/* Partial sums per product: GRAM_LANES of them, element j going to lane j % GRAM_LANES,
+ * so the additions of different lanes do not wait on each other (and vectorise) while
+ * the order of every sum stays fixed by the code: the same bits on every build. */
+#define GRAM_LANES 8
+#define GRAM_MAX 4 /* inputs at most: 10 products */
+
+/* dst[0..n) = src[lo..lo+n) widened to fp32 (exact), one loop per dtype so it vectorises. */
+DISPATCH
+static void widen(float *dst, const void *src, int dtype, size_t lo, size_t n) {
+    switch (dtype) {
+    case DT_BF16:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_BF16, lo + j);
+        break;
+#if HAVE_F16
+    case DT_F16:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_F16, lo + j);
+        break;
+#endif
+    default:
+        for (size_t j = 0; j < n; j++) dst[j] = load(src, DT_F32, lo + j);
+    }
+}
+
+/* Adds to `sums` the products of elements [lo, lo + n) of the inputs, widened a BLOCK at
+ * a time; element j of the call goes to lane j % GRAM_LANES, whose sum is added into
+ * `sums` at the end. Callers cut their ranges into the same FILE_STEP chunks (gram and
+ * gram_files alike), so memory and files give the same bits. */
+DISPATCH
+static void gram_block(double *sums, void *const *ins, const int *dtypes, int k, size_t lo, size_t n) {
+    double lanes[GRAM_MAX * (GRAM_MAX + 1) / 2][GRAM_LANES] = {{0}};
+    float wide[GRAM_MAX][BLOCK];
+    for (size_t at = 0; at < n; at += BLOCK) { /* BLOCK is a multiple of GRAM_LANES */
+        size_t m = n - at < BLOCK ? n - at : BLOCK;
+        for (int a = 0; a < k; a++) widen(wide[a], ins[a], dtypes[a], lo + at, m);
+        size_t p = 0;
+        for (int a = 0; a < k; a++) {
+            for (int b = a; b < k; b++, p++) {
+                const float *x = wide[a], *y = wide[b];
+                double *lane = lanes[p];
+                size_t j = 0;
+                for (; j + GRAM_LANES <= m; j += GRAM_LANES)
+                    for (int l = 0; l < GRAM_LANES; l++) lane[l] += (double)x[j + l] * (double)y[j + l];
+                for (; j < m; j++) lane[j % GRAM_LANES] += (double)x[j] * (double)y[j];
+            }
+        }
+    }
+    for (int p = 0; p < k * (k + 1) / 2; p++) {
+        double total = 0.0;
+        for (int l = 0; l < GRAM_LANES; l++) total += lanes[p][l];
+        sums[p] += total;
+    }
+}
+
+static PyObject *gram_tuple(const double *sums, int k) {
+    int n_sums = k * (k + 1) / 2;
+    PyObject *result = PyTuple_New(n_sums);
+    for (int p = 0; result != NULL && p < n_sums; p++) {
+        PyObject *v = PyFloat_FromDouble(sums[p]);
+        if (v == NULL) {
+            Py_CLEAR(result);
+            break;
+        }
+        PyTuple_SET_ITEM(result, p, v);
+    }
+    return result;
+}
+
+static PyObject *py_gram(PyObject *self, PyObject *args) {
+    PyObject *addrs, *dtypes;
+    Py_ssize_t start, stop;
+    if (!PyArg_ParseTuple(args, "OOnn", &addrs, &dtypes, &start, &stop)) return NULL;
+    if (start < 0 || stop < start) return PyErr_Format(PyExc_ValueError, "bad range [%zd, %zd)", start, stop);
+    Inputs in;
+    if (inputs_parse(&in, addrs, NULL, dtypes, NULL) < 0) return NULL;
+    if (in.k > GRAM_MAX) {
+        inputs_free(&in);
+        return PyErr_Format(PyExc_ValueError, "gram takes at most %d inputs, got %d", GRAM_MAX, in.k);
+    }
+    void *ins[GRAM_MAX];
+    for (int i = 0; i < in.k; i++) ins[i] = (void *)(uintptr_t)in.values[i];
+    double sums[GRAM_MAX * (GRAM_MAX + 1) / 2] = {0};
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t lo = (size_t)start; lo < (size_t)stop; lo += FILE_STEP)
+        gram_block(sums, ins, in.dtypes, in.k, lo, (size_t)stop - lo < FILE_STEP ? (size_t)stop - lo : FILE_STEP);
+    Py_END_ALLOW_THREADS
+    PyObject *result = gram_tuple(sums, in.k);
+    inputs_free(&in);
+    return result;
+}
+
+static PyObject *py_gram_files(PyObject *self, PyObject *args) {
+    PyObject *fds, *offsets, *dtypes;
+    Py_ssize_t start, stop;
+    Py_buffer scratch;
+    if (!PyArg_ParseTuple(args, "OOOnnw*", &fds, &offsets, &dtypes, &start, &stop, &scratch)) return NULL;
+    PyObject *result = NULL;
+    Inputs in;
+    if (start < 0 || stop < start) {
+        PyErr_Format(PyExc_ValueError, "bad range [%zd, %zd)", start, stop);
+        goto release_scratch;
+    }
+    if (inputs_parse(&in, fds, offsets, dtypes, NULL) < 0) goto release_scratch;
+    if (in.k > GRAM_MAX) {
+        PyErr_Format(PyExc_ValueError, "gram_files takes at most %d inputs, got %d", GRAM_MAX, in.k);
+        goto release_inputs;
+    }
+    if ((size_t)scratch.len < (size_t)in.k * FILE_STEP * 4) {
+        PyErr_Format(PyExc_ValueError, "scratch buffer too small: %zd bytes", scratch.len);
+        goto release_inputs;
+    }
+    void *ins[GRAM_MAX];
+    char *base = scratch.buf;
+    for (int i = 0; i < in.k; i++) ins[i] = base + (size_t)i * FILE_STEP * 4;
+    double sums[GRAM_MAX * (GRAM_MAX + 1) / 2] = {0};
+    int err = 0, which = 0;
+    Py_BEGIN_ALLOW_THREADS
+    for (size_t lo = (size_t)start; lo < (size_t)stop && err == 0; lo += FILE_STEP) {
+        size_t n = (size_t)stop - lo < FILE_STEP ? (size_t)stop - lo : FILE_STEP;
+        for (int i = 0; i < in.k && err == 0; i++) {
+            size_t width = itemsize(in.dtypes[i]);
+            err = pread_full((int)in.values[i], ins[i], n * width, (off_t)(in.offsets[i] + (long long)(lo * width)));
+            which = i;
+        }
+        if (err == 0) gram_block(sums, ins, in.dtypes, in.k, 0, n);
+    }
+    Py_END_ALLOW_THREADS
+    if (err == -1) {
+        PyErr_SetObject(PyExc_OSError, Py_BuildValue("(isi)", EIO, "the file ends before the tensor does", which));
+    } else if (err != 0) {
+        PyErr_SetObject(PyExc_OSError, Py_BuildValue("(isi)", err, strerror(err), which));
+    } else {
+        result = gram_tuple(sums, in.k);
+    }
+release_inputs:
+    inputs_free(&in);
+release_scratch:
+    PyBuffer_Release(&scratch);
+    return result;
+}
+
 /* ------------------------------------------------------------------ module */
 
 static PyMethodDef methods[] = {
@@ -366,6 +514,13 @@ static PyMethodDef methods[] = {
      "combine_files(out_fd, out_offset, out_dtype, in_fds, in_offsets, in_dtypes, coeffs, start, stop, scratch) -> bool: "
      "combine() from files to a file with pread/pwrite; scratch holds (len(in_fds) + 1) * FILE_STEP * 4 bytes. "
      "An I/O error raises OSError whose filename is the input's index (-1: the output)."},
+    {"gram", py_gram, METH_VARARGS,
+     "gram(in_addrs, in_dtypes, start, stop) -> tuple: "
+     "sum_j x_a[j] * x_b[j] over [start, stop) for a <= b (row by row), in fp64."},
+    {"gram_files", py_gram_files, METH_VARARGS,
+     "gram_files(in_fds, in_offsets, in_dtypes, start, stop, scratch) -> tuple: "
+     "sum_j x_a[j] * x_b[j] over [start, stop) for a <= b (row by row), in fp64, read from files "
+     "with pread; scratch holds len(in_fds) * FILE_STEP * 4 bytes."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,3 +30,19 @@ def combine_files(
     scratch: bytearray,
     /,
 ) -> bool: ...
+def gram(
+    in_addrs: Sequence[int],
+    in_dtypes: Sequence[int],
+    start: int,
+    stop: int,
+    /,
+) -> tuple[float, ...]: ...
+def gram_files(
+    in_fds: Sequence[int],
+    in_offsets: Sequence[int],
+    in_dtypes: Sequence[int],
+    start: int,
+    stop: int,
+    scratch: bytearray,
+    /,
+) -> tuple[float, ...]: ...

@@ -209,6 +209,12 @@ class MethodDescription:
     # For a method that is one linear combination per tensor: its coefficients. The
     # export then combines the stored tensors file to file (`engine.FileMerger`).
     terms: Callable[[TensorParams], LinearTerms] | None = None
+    # For a method that is one linear combination per tensor whose coefficients depend on
+    # the inputs' inner products (SLERP's angle): its coefficients from the parameters,
+    # the Gram matrix of the inputs it reads ([base, *models] where it reads the base)
+    # and whether the base is among them. The export then reads the inner products and
+    # combines file to file too, without PyTorch.
+    gram_terms: Callable[[TensorParams, list[list[float]], bool], LinearTerms] | None = None
     # True where rows [a, b) of the merge are the merge of rows [a, b) of the inputs
     # (nothing beyond the rows is read), so shard workers may split the tensor.
     row_splittable: bool = False

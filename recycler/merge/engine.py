@@ -8,8 +8,9 @@ Two paths, the same bits:
   `resident.ResidentPieces`, the in-memory merge of a search's workers.
 - `FileMerger` writes a tensor's merge straight from the input files into the output
   file, where the method is one linear combination of stored tensors (linear, task
-  arithmetic): the C kernel reads, combines and writes chunks on its threads, and no
-  tensor is ever mapped or allocated. The export uses it on the CPU wherever it can.
+  arithmetic; SLERP too, its coefficients from the inner products that the kernel reads
+  from the files first): the C kernel reads, combines and writes chunks on its threads,
+  and no tensor is ever mapped or allocated. The export uses it on the CPU wherever it can.
 
 PyTorch is imported inside the functions that make tensors, not with the module: a
 file-to-file `recycler merge` runs without it.
@@ -27,7 +28,14 @@ from typing import TYPE_CHECKING
 
 from recycler.errors import RecyclerError
 from recycler.merge.description import MergeInputs, UndefinedMerge
-from recycler.merge.kernel import NonFiniteError, Ranges, combine_files, fused_dtypes
+from recycler.merge.kernel import (
+    NonFiniteError,
+    Ranges,
+    combine_files,
+    fused_dtypes,
+    fused_gram,
+    gram_files,
+)
 from recycler.merge.methods import METHODS
 from recycler.merge.recipe import Recipe
 from recycler.pool import Checkpoint, Pool, StoredTensor
@@ -233,11 +241,11 @@ class FileMerger:
     def plan(self, name: str) -> StoredTerms | None:
         """`name`'s merge as stored terms, or None where it goes through `iter_merged`."""
         recipe, pool = self._recipe, self._pool
-        terms_of = METHODS[recipe.merge_method].terms
-        if terms_of is None:
-            return None
+        method = METHODS[recipe.merge_method]
+        if method.terms is None:
+            return self._plan_gram(name)
         try:
-            terms = terms_of(recipe.tensor_params(name, self._n_layers))
+            terms = method.terms(recipe.tensor_params(name, self._n_layers))
         except ZeroDivisionError:
             raise RecyclerError(_zero_weights(name)) from None
         sources = list(pool.checkpoints)
@@ -246,13 +254,46 @@ class FileMerger:
             assert pool.base is not None  # check_fits: a method with a base term needs one
             sources.insert(0, pool.base)
             coeffs.insert(0, terms.base)
+        inputs = self._stored(name, sources)
+        return StoredTerms(inputs, coeffs) if inputs is not None else None
+
+    def _plan_gram(self, name: str) -> StoredTerms | None:
+        """The terms of a method whose coefficients need the inputs' inner products."""
+        recipe, pool = self._recipe, self._pool
+        method = METHODS[recipe.merge_method]
+        if method.gram_terms is None or not fused_gram():
+            return None
+        with_base = method.uses_base and pool.base is not None
+        sources = [*([pool.base] if pool.base is not None and with_base else []), *pool.checkpoints]
+        inputs = self._stored(name, sources)
+        if inputs is None:
+            return None
+        terms = method.gram_terms(
+            recipe.tensor_params(name, self._n_layers), self._gram(name, inputs), with_base
+        )
+        coeffs = [*([] if terms.base is None else [terms.base]), *terms.versions]
+        return StoredTerms(inputs, coeffs)
+
+    def _stored(self, name: str, sources: Sequence[Checkpoint]) -> list[StoredTensor] | None:
+        """`name` in each of `sources`, or None unless all hold it in dtypes the kernel takes."""
         stored = [c.locate(name) for c in sources]
         inputs = [s for s in stored if s is not None]
         if len(inputs) < len(stored) or not fused_dtypes(
-            [recipe.out_code, *(s.info.code for s in inputs)]
+            [self._recipe.out_code, *(s.info.code for s in inputs)]
         ):
             return None
-        return StoredTerms(inputs, coeffs)
+        return inputs
+
+    def _gram(self, name: str, inputs: Sequence[StoredTensor]) -> list[list[float]]:
+        try:
+            return gram_files(
+                [(self._fd(s.path), s.offset, s.info.code) for s in inputs], inputs[0].info.numel
+            )
+        except OSError as exc:
+            index = exc.filename if isinstance(exc.filename, int) else 0
+            raise RecyclerError(
+                f"{inputs[index].path}: tensor {name}: cannot read: {exc.strerror or exc}"
+            ) from None
 
     def merge(self, jobs: Sequence[FileJob], stats: MergeStats) -> None:
         """Write every job's merge into its slot; all are queued at once, so the kernel

@@ -19,13 +19,15 @@ from recycler.merge.description import (
     NON_NEGATIVE,
     Bounds,
     Endpoints,
+    LinearTerms,
     MergeInputs,
     MethodDescription,
     ParamSpec,
+    TensorParams,
     UndefinedMerge,
     weight_param,
 )
-from recycler.merge.kernel import linear_combination
+from recycler.merge.kernel import gram, linear_combination
 
 if TYPE_CHECKING:
     import torch
@@ -48,23 +50,45 @@ def _endpoints(inp: MergeInputs) -> tuple[torch.Tensor, torch.Tensor]:
     return inp.versions[0], inp.versions[1]
 
 
+def slerp_coeffs(t: float, aa: float, bb: float, ab: float) -> list[float]:
+    """SLERP's coefficients of (θ_a, θ_b) from t and the inner products ⟨θ_a, θ_a⟩,
+    ⟨θ_b, θ_b⟩ and ⟨θ_a, θ_b⟩ (the one formula of the in-memory and file-to-file paths)."""
+    na, nb = math.sqrt(max(aa, 0.0)), math.sqrt(max(bb, 0.0))
+    dot = ab / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))
+    if abs(dot) > 0.9995:
+        return [1.0 - t, t]
+    omega = math.acos(dot)
+    return [
+        math.sin((1.0 - t) * omega) / math.sin(omega),
+        math.sin(t * omega) / math.sin(omega),
+    ]
+
+
 def slerp(inp: MergeInputs) -> torch.Tensor:
     """Spherical interpolation of the two whole tensors (flattened) by t:
     θ = sin((1−t)Ω)/sin Ω · θ_a + sin(tΩ)/sin Ω · θ_b, cos Ω = ⟨θ_a, θ_b⟩ / (‖θ_a‖ ‖θ_b‖);
     plain lerp where |cos Ω| > 0.9995 (nearly colinear)."""
     a, b = _endpoints(inp)
-    t = inp.value("t", 0.5)
-    na, nb = _norm(a), _norm(b)
-    dot = _dot(a, b) / ((na if na > 1e-8 else 1.0) * (nb if nb > 1e-8 else 1.0))
-    if abs(dot) > 0.9995:
-        coeffs = [1.0 - t, t]
-    else:
-        omega = math.acos(dot)
-        coeffs = [
-            math.sin((1.0 - t) * omega) / math.sin(omega),
-            math.sin(t * omega) / math.sin(omega),
-        ]
+    g = gram([a, b]) or _torch_gram(a, b)
+    coeffs = slerp_coeffs(inp.value("t", 0.5), g[0][0], g[1][1], g[0][1])
     return linear_combination([a, b], coeffs, inp.out_dtype)
+
+
+def _torch_gram(a: torch.Tensor, b: torch.Tensor) -> list[list[float]]:
+    """`kernel.gram` of two tensors where the C kernel cannot serve (a GPU, float64)."""
+    import torch
+
+    # Each endpoint widened to fp64 once for its three inner products.
+    a64, b64 = a.reshape(-1).double(), b.reshape(-1).double()
+    aa, bb, ab = (float(torch.dot(x, y)) for x, y in ((a64, a64), (b64, b64), (a64, b64)))
+    return [[aa, ab], [ab, bb]]
+
+
+def slerp_gram_terms(p: TensorParams, inner: list[list[float]], with_base: bool) -> LinearTerms:
+    """`slerp` as stored terms from its endpoints' inner products: θ_a is the base where
+    it is read, else the first model."""
+    c_a, c_b = slerp_coeffs(float(p.values.get("t", 0.5)), inner[0][0], inner[1][1], inner[0][1])
+    return LinearTerms([c_b], c_a) if with_base else LinearTerms([c_a, c_b])
 
 
 def nuslerp(inp: MergeInputs) -> torch.Tensor:
@@ -300,6 +324,8 @@ DESCRIPTIONS = (
             "without a base the first model is t = 0 (mergekit requires the base); "
             "‖·‖ and cos Ω in fp64"
         ),
+        gram_terms=slerp_gram_terms,
+        checks_finite=True,  # linear_combination raises NonFiniteError
         endpoints=Endpoints("t", 0.0, 1.0),
     ),
     MethodDescription(

@@ -10,6 +10,10 @@ slowed by other work on a shared machine holds no one up. Two entry points:
 - `combine_files`: stored tensors straight from their files to the output file
   (`recycler merge`), with no tensor ever mapped or allocated.
 
+`gram` and `gram_files` give tensors' inner products (fp64, the same bits in memory and
+from files), which a merge whose coefficients depend on them (SLERP's angle) needs
+before combining.
+
 Where the C kernel cannot serve (a GPU, float64 or float8 inputs, or an install
 without a C compiler) the same sum runs as chunked PyTorch ops, which on the CPU
 are several times slower: each chunk is widened to fp32 with a copy, added, and
@@ -53,6 +57,11 @@ CHUNK = 1 << 18
 
 class NonFiniteError(ArithmeticError):
     """The merge of a tensor produced NaN or inf (a non-finite input, or an overflow)."""
+
+
+def fused_gram() -> bool:
+    """Whether the C kernel has `gram_files` (a kernel built before it lacks it)."""
+    return bool(_FUSED_CODES) and hasattr(_fused, "gram_files")
 
 
 def fused_dtypes(codes: Sequence[str]) -> bool:
@@ -175,6 +184,63 @@ def combine_files(
         )
 
     return Ranges(numel, task)
+
+
+def gram(tensors: Sequence[torch.Tensor]) -> list[list[float]] | None:
+    """The inner products ⟨x_a, x_b⟩ of the (flattened) `tensors` in fp64, as a symmetric
+    matrix: the same bits as `gram_files` over the same values. None where the C kernel
+    cannot serve (see `fused_gram`; a GPU, other dtypes, more than 4 tensors)."""
+    flats = [t.reshape(-1).contiguous() for t in tensors]
+    if not (
+        fused_gram()
+        and len(flats) <= 4
+        and all(f.device.type == "cpu" for f in flats)
+        and fused_dtypes([code_of(f.dtype) for f in flats])
+    ):
+        return None
+    addrs = [f.data_ptr() for f in flats]
+    codes = [_FUSED_CODES[code_of(f.dtype)] for f in flats]
+    sums = _gram_ranges(flats[0].numel(), lambda lo, hi: _fused.gram(addrs, codes, lo, hi))
+    del flats  # kept alive until every range was summed
+    return _symmetric(sums, len(tensors))
+
+
+def gram_files(inputs: Sequence[tuple[int, int, str]], numel: int) -> list[list[float]]:
+    """`gram` of `numel` elements of each of `inputs` ((fd, offset, dtype code), at most 4),
+    read from the files like `combine_files`; needs `fused_gram` and `fused_dtypes`.
+    OSError as `combine_files` raises it."""
+    fds = [fd for fd, _, _ in inputs]
+    offsets = [offset for _, offset, _ in inputs]
+    codes = [_FUSED_CODES[code] for _, _, code in inputs]
+    sums = _gram_ranges(
+        numel, lambda lo, hi: _fused.gram_files(fds, offsets, codes, lo, hi, _scratch(len(fds)))
+    )
+    return _symmetric(sums, len(inputs))
+
+
+def _gram_ranges(n: int, task: Callable[[int, int], tuple[float, ...]]) -> list[float]:
+    """`task`'s fp64 sums over [0, n) in TASK-sized ranges on the kernel threads, added in
+    the ranges' order: the result does not depend on which thread took which."""
+    if n <= TASK:
+        return list(task(0, n))
+    futures = [_executor().submit(task, lo, min(n, lo + TASK)) for lo in range(0, n, TASK)]
+    errors = [f.exception() for f in futures]  # every range waited for before raising
+    for error in errors:
+        if error is not None:
+            raise error
+    totals = list(futures[0].result())
+    for f in futures[1:]:
+        totals = [t + s for t, s in zip(totals, f.result())]
+    return totals
+
+
+def _symmetric(sums: Sequence[float], k: int) -> list[list[float]]:
+    """The k × k matrix of the kernel's sums, given for a <= b row by row."""
+    matrix = [[0.0] * k for _ in range(k)]
+    pairs = [(a, b) for a in range(k) for b in range(a, k)]
+    for (a, b), total in zip(pairs, sums):
+        matrix[a][b] = matrix[b][a] = total
+    return matrix
 
 
 def _scratch(k: int) -> bytearray:
