@@ -15,6 +15,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from recycler.cluster.connect import quiet_ray
 from recycler.commands._args import positive_int
 from recycler.commands.export import export_trial
 from recycler.commands.front import render_table, summary_line
@@ -32,9 +33,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workdir", default="demo", type=Path)
     parser.add_argument("--n-trials", type=positive_int, default=None)
     parser.add_argument("--size", choices=["micro", "small"], default="small")
+    parser.add_argument(
+        "-v", "--verbose", action="store_true", help="also show Ray's own log lines"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
+    if not args.verbose:  # as `recycler search` does
+        quiet_ray()
     run_demo(args.workdir, n_trials=args.n_trials, size=args.size)
 
 
