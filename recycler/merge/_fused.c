@@ -301,6 +301,18 @@ static int pwrite_full(int fd, const char *buf, size_t len, off_t off) {
     return 0;
 }
 
+/* Elements [lo, lo + n) of every input tensor into its buffer; `*which` names the input
+   read last (the one that failed, on an error). 0, -1 (a file ends early) or an errno. */
+static int read_chunk(const Inputs *in, void *const *ins, size_t lo, size_t n, int *which) {
+    int err = 0;
+    for (int i = 0; i < in->k && err == 0; i++) {
+        size_t width = itemsize(in->dtypes[i]);
+        err = pread_full((int)in->values[i], ins[i], n * width, (off_t)(in->offsets[i] + (long long)(lo * width)));
+        *which = i;
+    }
+    return err;
+}
+
 static PyObject *py_combine_files(PyObject *self, PyObject *args) {
     int out_fd, out_dtype;
     long long out_offset;
@@ -333,11 +345,7 @@ static PyObject *py_combine_files(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t lo = (size_t)start; lo < (size_t)stop && err == 0; lo += FILE_STEP) {
         size_t n = (size_t)stop - lo < FILE_STEP ? (size_t)stop - lo : FILE_STEP;
-        for (int i = 0; i < in.k && err == 0; i++) {
-            size_t width = itemsize(in.dtypes[i]);
-            err = pread_full((int)in.values[i], ins[i], n * width, (off_t)(in.offsets[i] + (long long)(lo * width)));
-            which = i;
-        }
+        err = read_chunk(&in, ins, lo, n, &which);
         if (err != 0) break;
         finite &= combine_range(out, out_dtype, ins, in.dtypes, in.coeffs, in.k, 0, n);
         size_t width = itemsize(out_dtype);
@@ -482,11 +490,7 @@ static PyObject *py_gram_files(PyObject *self, PyObject *args) {
     Py_BEGIN_ALLOW_THREADS
     for (size_t lo = (size_t)start; lo < (size_t)stop && err == 0; lo += FILE_STEP) {
         size_t n = (size_t)stop - lo < FILE_STEP ? (size_t)stop - lo : FILE_STEP;
-        for (int i = 0; i < in.k && err == 0; i++) {
-            size_t width = itemsize(in.dtypes[i]);
-            err = pread_full((int)in.values[i], ins[i], n * width, (off_t)(in.offsets[i] + (long long)(lo * width)));
-            which = i;
-        }
+        err = read_chunk(&in, ins, lo, n, &which);
         if (err == 0) gram_block(sums, ins, in.dtypes, in.k, 0, n);
     }
     Py_END_ALLOW_THREADS
