@@ -62,18 +62,21 @@ DTYPES: dict[str, str] = {
     "bfloat16": "BF16",
     "bf16": "BF16",
 }
-_TOP_LEVEL_KEYS = {
-    "merge_method",
-    "models",
-    "base_model",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "random_seed",
-    "name",
-    *TOKENIZER_KEYS,
-}
-__all__ = ["DTYPES", "FilterValue", "ModelSpec", "Param", "Recipe", "resolve"]
+# The top-level keys of any recipe besides its layout (`models:` here, `slices:` in slices.py).
+SHARED_TOP_KEYS = frozenset(
+    {
+        "merge_method",
+        "base_model",
+        "parameters",
+        "dtype",
+        "out_dtype",
+        "random_seed",
+        "name",
+        *TOKENIZER_KEYS,
+    }
+)
+_TOP_LEVEL_KEYS = SHARED_TOP_KEYS | {"models"}
+__all__ = ["DTYPES", "SHARED_TOP_KEYS", "FilterValue", "ModelSpec", "Param", "Recipe", "resolve"]
 
 
 @dataclass

@@ -35,23 +35,12 @@ from recycler.errors import RecyclerError
 from recycler.merge import conditional
 from recycler.merge.layer_view import LAYER_COUNT_KEYS, LayerView
 from recycler.merge.methods import METHODS
-from recycler.merge.recipe import Recipe
-from recycler.merge.tokenizer_choice import KEYS as TOKENIZER_KEYS
+from recycler.merge.recipe import SHARED_TOP_KEYS, Recipe
 from recycler.merge.tokenizer_choice import TokenizerChoice, read_tokenizer_keys
 from recycler.pool import Checkpoint, Pool
 from recycler.pool.detect import open_checkpoint
 
-_TOP_KEYS = {
-    "slices",
-    "merge_method",
-    "base_model",
-    "parameters",
-    "dtype",
-    "out_dtype",
-    "random_seed",
-    "name",
-    *TOKENIZER_KEYS,
-}
+_TOP_KEYS = SHARED_TOP_KEYS | {"slices"}
 # Tensors outside the layers that come before them (merged by the first slice).
 _BEFORE_LAYERS = ("embed", "wte", "wpe")
 
