@@ -10,6 +10,10 @@ from recycler import __version__
 from recycler.merge.recipe import Recipe
 from recycler.pool import Pool
 
+# The Hub's metadata block that opens every card, and how a card's recipe is run again.
+_FRONT_MATTER = ["---", "library_name: transformers", "tags: [merge, recycler]", "---", ""]
+_REPRODUCE = "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`)."
+
 
 def model_card(
     pool: Pool, recipe: Recipe, hashes: dict[Path, str], extra: dict[str, Any] | None
@@ -18,16 +22,11 @@ def model_card(
     scored."""
     data = recipe.to_dict()
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [merge, recycler]",
-        "---",
-        "",
+        *_FRONT_MATTER,
         f"# Merged model ({recipe.merge_method})",
         "",
         f"Made by recycler {__version__} with `{recipe.merge_method}`; `recipe.yaml` beside this "
-        "file reproduces it "
-        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        "file reproduces it " + _REPRODUCE,
         "",
         "## Recipe",
         "",
@@ -69,15 +68,11 @@ def model_card(
 def stacked_card(recipe_yaml: str, hashes: dict[Path, str]) -> str:
     """README.md of a `slices:` merge: its recipe and the exact input files."""
     lines = [
-        "---",
-        "library_name: transformers",
-        "tags: [merge, recycler]",
-        "---",
-        "",
+        *_FRONT_MATTER,
         "# Merged model (layer slices)",
         "",
         f"Made by recycler {__version__}; `recipe.yaml` beside this file reproduces it "
-        "(`recycler merge recipe.yaml OUT` or mergekit's `mergekit-yaml recipe.yaml OUT`).",
+        + _REPRODUCE,
         "",
         "## Recipe",
         "",
