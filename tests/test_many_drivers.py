@@ -22,6 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
+from killing import kill_at, sqlite_file
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from test_search_e2e import study_file
@@ -206,27 +207,17 @@ def test_a_killed_search_is_finished_by_the_other(
     study_path = shared_study(tmp_path, micro_zoo, storage_url)
     n_checkpoints = len(list((micro_zoo / "checkpoints").iterdir()))
     with searches(study_path, 2) as (survivor, victim):
-        deadline = time.monotonic() + 300
-        while not (
-            sum(t.state == TrialState.COMPLETE for t in trials_of(study_path)) >= 2
-            and proposed_in_flight(study_path, victim.pid)
-        ):
-            assert_running(victim, survivor)
-            assert time.monotonic() < deadline, (
-                f"no trial of the victim running within 300 s: {trials_of(study_path)}"
-            )
-            time.sleep(0.1)
-        # The driver and its Ray, a proposed trial in flight: stopped, and killed only if
-        # it still has one, so that what the test saw is what the kill left.
-        while True:
-            os.killpg(victim.pid, signal.SIGSTOP)
-            if proposed_in_flight(study_path, victim.pid):
-                os.killpg(victim.pid, signal.SIGKILL)
-                break
-            os.killpg(victim.pid, signal.SIGCONT)
-            assert time.monotonic() < deadline, "the victim's trials all finished"
-            time.sleep(0.05)
-        victim.wait(timeout=30)
+        kill_at(  # the driver and its Ray, a proposed trial in flight
+            victim,
+            lambda: any(t.state == TrialState.COMPLETE for t in trials_of(study_path)),
+            lambda: (
+                sum(t.state == TrialState.COMPLETE for t in trials_of(study_path)) >= 2
+                and proposed_in_flight(study_path, victim.pid)
+            ),
+            "a proposed trial of the victim in flight",
+            also_stopped=[survivor],
+            sqlite_file=sqlite_file(storage_url),
+        )
         done_before = {
             t.number: (t.params, t.values)
             for t in trials_of(study_path)

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
+from killing import kill_at, sqlite_file
 
 from recycler.cli import main
 from recycler.commands.search import run_search
@@ -313,18 +314,22 @@ def test_a_config_that_fails_every_evaluation_stops_before_the_search_and_is_rer
     assert "gen" in trials[0].user_attrs[TrialKey.OBJECTIVES]
 
 
-def _states(db_url: str) -> list[str]:
-    """Trial states; a running trial counts once its process has stamped it as its own."""
+def _reached(db_url: str, complete: int = 2, running: bool = True) -> bool:
+    """`complete` trials complete and (where `running`) one running that its process has
+    claimed and whose parameters are proposed (a sampled one's, or an enqueued one's)."""
     try:
-        study = optuna.load_study(study_name="e2e", storage=db_url)
-    except Exception:  # the subprocess has not created it yet
-        return []
-    return [
-        "CLAIMING"
-        if t.state.name == "RUNNING" and TrialKey.OWNER not in t.user_attrs
-        else t.state.name
-        for t in study.get_trials(deepcopy=False)
-    ]
+        trials = optuna.load_study(study_name="e2e", storage=db_url).get_trials()
+    except Exception:  # not created yet, or the stopped driver holds the database's lock
+        return False
+    return sum(t.state.name == "COMPLETE" for t in trials) >= complete and (
+        not running
+        or any(
+            t.state.name == "RUNNING"
+            and TrialKey.OWNER in t.user_attrs
+            and (t.params or t.user_attrs.get(TrialKey.ENQUEUED_PARAMS))
+            for t in trials
+        )
+    )
 
 
 def test_resume_after_sigkill_loses_nothing(
@@ -343,17 +348,14 @@ def test_resume_after_sigkill_loses_nothing(
         start_new_session=True,
     )
     try:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline:
-            states = _states(url)
-            if states.count("COMPLETE") >= 2 and "RUNNING" in states:
-                break
-            assert proc.poll() is None, proc.stderr.read().decode() if proc.stderr else ""
-            time.sleep(0.1)
-        else:
-            pytest.fail(f"no trial running after 300 s: {_states(url)}")
-        os.kill(proc.pid, signal.SIGKILL)  # the driver, at a moment a trial is in flight
-        proc.wait(timeout=30)
+        # The driver, at a moment a trial with something to re-run is in flight.
+        kill_at(
+            proc,
+            lambda: _reached(url, complete=1, running=False),
+            lambda: _reached(url),
+            "a proposed trial in flight",
+            sqlite_file=sqlite_file(url),
+        )
     finally:
         # Ray's own processes of that driver (same session) are left behind by a SIGKILL: clean up.
         with __import__("contextlib").suppress(ProcessLookupError):
