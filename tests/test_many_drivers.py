@@ -22,7 +22,7 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from killing import kill_at, sqlite_file
+from killing import kill_at
 from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy.engine import make_url
 from test_search_e2e import study_file
@@ -209,14 +209,14 @@ def test_a_killed_search_is_finished_by_the_other(
     with searches(study_path, 2) as (survivor, victim):
         kill_at(  # the driver and its Ray, a proposed trial in flight
             victim,
-            lambda: any(t.state == TrialState.COMPLETE for t in trials_of(study_path)),
+            lambda search: any(owner_pid(t) == search.pid for t in trials_of(study_path)),
             lambda: (
                 sum(t.state == TrialState.COMPLETE for t in trials_of(study_path)) >= 2
                 and proposed_in_flight(study_path, victim.pid)
             ),
             "a proposed trial of the victim in flight",
-            also_stopped=[survivor],
-            sqlite_file=sqlite_file(storage_url),
+            storage_url=storage_url,
+            held=[survivor],
         )
         done_before = {
             t.number: (t.params, t.values)

@@ -23,7 +23,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from killing import kill_at, sqlite_file
+from killing import kill_at
 
 from recycler.cli import main
 from recycler.commands.search import run_search
@@ -351,10 +351,10 @@ def test_resume_after_sigkill_loses_nothing(
         # The driver, at a moment a trial with something to re-run is in flight.
         kill_at(
             proc,
-            lambda: _reached(url, complete=1, running=False),
+            lambda _: _reached(url, complete=1, running=False),
             lambda: _reached(url),
             "a proposed trial in flight",
-            sqlite_file=sqlite_file(url),
+            storage_url=url,
         )
     finally:
         # Ray's own processes of that driver (same session) are left behind by a SIGKILL: clean up.

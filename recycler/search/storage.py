@@ -11,6 +11,7 @@ needs its driver, psycopg 3, which SQLAlchemy picks for that scheme:
 
 from __future__ import annotations
 
+import os
 import re
 import threading
 import time
@@ -27,6 +28,8 @@ from recycler.errors import RecyclerError
 # Seconds a database server may take to accept a connection before the command gives up.
 CONNECT_TIMEOUT = 10
 SQLITE_LOCK_WAIT = 60
+# The name of a search's connections to a PostgreSQL server (pg_stat_activity).
+PG_APPLICATION = "recycler-{pid}"
 # Two processes opening one new database race to create Optuna's tables; the loser's
 # CREATE fails once the winner's exist, and a second try finds them.
 _CREATE_TRIES = 3
@@ -66,14 +69,19 @@ def _engine_kwargs(url: str) -> dict[str, object]:
     """A server must answer within CONNECT_TIMEOUT; a connection a restarted server dropped
     is replaced rather than failing the next statement. A SQLite file that another process
     is writing is waited for up to SQLITE_LOCK_WAIT s (Python's default, 5 s, is short for
-    two searches on two busy cores)."""
+    two searches on two busy cores). A server's connections are named after the process
+    (`application_name`, PG_APPLICATION): pg_stat_activity shows which search holds each."""
     dialect = url.split(":", 1)[0].split("+", 1)[0]
     if dialect == "sqlite":
         return {"connect_args": {"timeout": SQLITE_LOCK_WAIT}}
     if dialect != "postgresql":
         return {}
     query = url.split("?", 1)[1] if "?" in url else ""
-    connect_args = {} if "connect_timeout=" in query else {"connect_timeout": CONNECT_TIMEOUT}
+    connect_args: dict[str, object] = {}
+    if "connect_timeout=" not in query:
+        connect_args["connect_timeout"] = CONNECT_TIMEOUT
+    if "application_name=" not in query:
+        connect_args["application_name"] = PG_APPLICATION.format(pid=os.getpid())
     return {"connect_args": connect_args, "pool_pre_ping": True}
 
 
