@@ -58,12 +58,12 @@ def kill_at(
         while True:
             _assert_running(searches, what)
             known_up.update(s.pid for s in searches if s.pid not in known_up and up(s))
-            newly_up = [s for s in searches if s not in stopped and s.pid in known_up]
-            with _stopped_between_writes(newly_up, storage_url) as settled:
+            to_stop = [s for s in searches if s not in stopped and s.pid in known_up]
+            with _stopped_between_writes(to_stop, storage_url) as settled:
                 if not settled:
-                    _sigcont(newly_up)
+                    _sigcont(to_stop)
                 else:
-                    stopped.extend(newly_up)
+                    stopped.extend(to_stop)
                     if len(stopped) == len(searches):  # everyone up, everyone stopped
                         if moment():
                             os.killpg(victim.pid, signal.SIGKILL)

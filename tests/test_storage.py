@@ -3,6 +3,7 @@ reading command creates nothing, and a URL's password never reaches the terminal
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import optuna
@@ -12,7 +13,7 @@ from sqlalchemy.engine import make_url
 from test_many_drivers import postgres_url, storage_url  # noqa: F401  (fixtures)
 from test_search_cli import one_error_line, run_cli
 
-from recycler.search.storage import masked, open_storage, shown
+from recycler.search.storage import PG_APPLICATION, masked, open_storage, shown
 
 
 @pytest.mark.parametrize(
@@ -76,3 +77,20 @@ def test_the_dashboard_masks_a_refused_password(
     line = one_error_line(err)
     assert code == 2 and line.startswith("recycler: error: storage: cannot open ")
     assert "password authentication failed" in line and "wrong-pw" not in line
+
+
+def test_a_server_connection_is_named_after_its_process(postgres_url: str) -> None:  # noqa: F811
+    """pg_stat_activity tells which search holds a connection (the kill tests read it too)."""
+    import psycopg
+
+    storage = open_storage(postgres_url)
+    optuna.create_study(study_name="named", storage=storage)
+    admin = make_url(postgres_url).set(drivername="postgresql")
+    with psycopg.connect(admin.render_as_string(hide_password=False)) as conn:
+        names = {
+            row[0]
+            for row in conn.execute(
+                "SELECT application_name FROM pg_stat_activity WHERE datname = current_database()"
+            )
+        }
+    assert PG_APPLICATION.format(pid=os.getpid()) in names
