@@ -1,23 +1,24 @@
 """Killing a search process at a chosen moment of its study.
 
 On the micro pool a trial's evaluation takes a few hundredths of a second: a test that
-looks at the study while its searches run sees them end before it sees the moment. So the
-test steps the searches: once a search is up (`up`: its Ray and workers running, which a
-stop must not interrupt), it is stopped (SIGSTOP to its driver alone; its Ray's processes
-go on) while the test looks, and the victim is killed, with its process group, only if the
-moment is there, so that what the test saw is what the kill left; otherwise it goes on
-for a few milliseconds and the test looks again.
+looks at the study while its searches run sees them end before it sees the moment, and a
+search seen "up" a moment late has spent the budget by the time it is stopped. So the test
+looks at the study with the searches stopped, once after each of their commits.
 
-A search is stopped between its writes only: on SQLite while the test holds the database's
-write lock; on PostgreSQL while the test holds an exclusive lock on the trials table (a
-commit sent before the stop has landed), and only where the stopped searches' connections
-are idle afterwards (none stopped inside a transaction, whose locks would keep the others
-waiting).
+A look: each search the test does not hold is stopped (SIGSTOP to its driver alone; its
+Ray's processes go on). Where one of them was stopped inside a transaction or a read
+(`_Storage.settled`: on SQLite a lock of the database file, on PostgreSQL a connection
+that is not idle), they go on and the test tries again at once. Otherwise the study is
+read, and what was read stays true while they are stopped: a search found up (`up`: its
+Ray and workers running, which a long stop must not interrupt) is held stopped, and the
+victim is killed, with its process group, where the look shows the moment, so that what
+the test saw is what the kill left. The others go on until their next commit
+(`_Storage.next_commit`).
 
-With several searches (`held`: the study's other drivers), each is stopped once it is up
-and held so until all are up; from then on the victim alone steps on, the others held
-until it is killed: on the micro pool one search alone would otherwise spend the whole
-budget before another is up.
+With several searches (`held`: the study's other drivers), each is held once it is up
+until all are up; from then on the victim alone steps on, the others held until it is
+killed: on the micro pool one search alone would otherwise spend the whole budget before
+another is up.
 """
 
 from __future__ import annotations
@@ -28,89 +29,160 @@ import signal
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
+import optuna
 import pytest
+from optuna.trial import FrozenTrial
 from sqlalchemy.engine import make_url
 
 from recycler.search.storage import PG_APPLICATION
+from recycler.search.stored import TrialKey
 
 Search = subprocess.Popen[bytes]
+Trials = list[FrozenTrial]
 
 
 def kill_at(
     victim: Search,
-    up: Callable[[Search], bool],
-    moment: Callable[[], bool],
+    up: Callable[[Search, Trials], bool],
+    moment: Callable[[Trials], bool],
     what: str,
     *,
     storage_url: str,
+    study: str,
     held: Sequence[Search] = (),
     timeout_s: float = 300,
 ) -> None:
-    """SIGKILL `victim`'s process group at the first look, once every search is up, where
-    `moment()` holds; each look is taken with the searches that are up stopped."""
+    """SIGKILL `victim`'s process group at the first look, once every search is up, that
+    shows `moment`; each look is taken with every search stopped between its writes."""
     searches = [victim, *held]
-    known_up: set[int] = set()
-    stopped: list[Search] = []  # up, and stopped at a look
+    holding: list[Search] = []  # up, and stopped until the victim is killed
+    seen: Trials = []
     deadline = time.monotonic() + timeout_s
+    storage = _Storage(storage_url, study)
     try:
         while True:
+            assert time.monotonic() < deadline, (
+                f"no {what} within {timeout_s:.0f} s; the last look: {_summary(seen)}"
+            )
             _assert_running(searches, what)
-            known_up.update(s.pid for s in searches if s.pid not in known_up and up(s))
-            to_stop = [s for s in searches if s not in stopped and s.pid in known_up]
-            with _stopped_between_writes(to_stop, storage_url) as settled:
-                if not settled:
-                    _sigcont(to_stop)
-                else:
-                    stopped.extend(to_stop)
-                    if len(stopped) == len(searches):  # everyone up, everyone stopped
-                        if moment():
-                            os.killpg(victim.pid, signal.SIGKILL)
-                            victim.wait(timeout=30)
-                            return
-                        stopped.remove(victim)  # the victim alone goes on: a step
-                        _sigcont([victim])
-            assert time.monotonic() < deadline, f"no {what} within {timeout_s:.0f} s"
-            time.sleep(0.005)
+            going = [s for s in searches if s not in holding]
+            storage.next_commit(going)
+            _sigstop(going)
+            if not storage.settled(searches):
+                _sigcont(going)  # stopped inside a transaction or a read: look again
+                continue
+            seen = storage.trials()
+            holding.extend(s for s in going if up(s, seen))
+            if len(holding) == len(searches):  # everyone up, everyone stopped
+                if moment(seen):
+                    os.killpg(victim.pid, signal.SIGKILL)
+                    victim.wait(timeout=30)
+                    return
+                holding.remove(victim)  # the victim alone goes on: a step
+            _sigcont([s for s in searches if s not in holding])
     finally:
-        _sigcont(held)
+        _sigcont(searches)
+        storage.close()
 
 
-@contextlib.contextmanager
-def _stopped_between_writes(searches: Sequence[Search], storage_url: str) -> Iterator[bool]:
-    """SIGSTOP each search between its writes; yields whether they are all stopped so
-    (False: the caller continues them and tries again)."""
-    url = make_url(storage_url)
-    if not searches:  # nothing to stop (the study may not even be there yet)
-        yield True
-        return
-    if url.get_backend_name() == "sqlite":
-        assert url.database
-        conn = sqlite3.connect(url.database, timeout=60, isolation_level=None)
-        try:
-            conn.execute("BEGIN IMMEDIATE")  # the searches wait for it between their writes
-            _sigstop(searches)
-            conn.execute("ROLLBACK")
-        finally:
-            conn.close()
-        yield True
-        return
-    import psycopg
+class _Storage:
+    """The study's storage as the test sees it: its trials, when its searches commit, and
+    whether a stopped search holds any of it."""
 
-    dsn = url.set(drivername="postgresql").render_as_string(hide_password=False)
-    names = [PG_APPLICATION.format(pid=s.pid) for s in searches]
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        with conn.transaction():
-            conn.execute("LOCK TABLE trials IN EXCLUSIVE MODE")  # commits sent have landed
-            _sigstop(searches)
+    def __init__(self, url: str, study: str) -> None:
+        self.url = make_url(url)
+        self.sqlite = self.url.get_backend_name() == "sqlite"
+        self.study_name = study
+        self.study: optuna.Study | None = None
+        self.conn: Any = None  # SQLite: data_version; PostgreSQL: the activity views
+        self.version: object = None
+
+    def _connect(self) -> Any:
+        if self.conn is None:
+            if self.sqlite:
+                assert self.url.database
+                if not os.path.exists(self.url.database):
+                    return None  # not created yet: connecting would create it
+                # No wait: every search is stopped when a lock is tried.
+                self.conn = sqlite3.connect(self.url.database, timeout=0, isolation_level=None)
+            else:
+                import psycopg
+
+                dsn = self.url.set(drivername="postgresql").render_as_string(False)
+                self.conn = psycopg.connect(dsn, autocommit=True)
+        return self.conn
+
+    def _version(self) -> object:
+        """Changes whenever another connection commits (SQLite) or starts a write
+        (PostgreSQL: the next transaction id)."""
+        conn = self._connect()
+        if conn is None:
+            return None
+        if self.sqlite:
+            try:
+                return conn.execute("PRAGMA data_version").fetchone()[0]
+            except sqlite3.OperationalError:  # a commit under way: not landed yet
+                return self.version
+        return conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
+
+    def next_commit(self, going: Sequence[Search], longest_s: float = 1.0) -> None:
+        """Wait until one of the `going` searches has committed something since the last
+        look (at most `longest_s`: a search busy elsewhere is looked at anyway)."""
+        deadline = time.monotonic() + longest_s
+        while time.monotonic() < deadline and self._version() == self.version:
+            time.sleep(0.001)
+        self.version = self._version()
+        if not self.sqlite:  # a write has started: wait for its commit
+            while time.monotonic() < deadline and self._busy(going):
+                time.sleep(0.001)
+
+    def settled(self, searches: Sequence[Search]) -> bool:
+        """Whether the stopped `searches` hold nothing of the storage: no transaction open,
+        no statement or read under way."""
+        conn = self._connect()
+        if conn is None:
+            return True
+        if self.sqlite:
+            try:  # the exclusive lock is refused while any lock of the file is held
+                conn.execute("BEGIN EXCLUSIVE")
+                conn.execute("ROLLBACK")
+                return True
+            except sqlite3.OperationalError:  # "database is locked"
+                return False
         time.sleep(0.01)  # a statement sent just before the stop reaches its server process
-        busy = conn.execute(
+        return not self._busy(searches)
+
+    def _busy(self, searches: Sequence[Search]) -> bool:
+        """PostgreSQL: one of the searches' connections is in a transaction."""
+        names = [PG_APPLICATION.format(pid=s.pid) for s in searches]
+        row = self.conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
             "WHERE application_name = ANY(%s) AND state <> 'idle'",
             (names,),
         ).fetchone()
-        yield busy is not None and busy[0] == 0
+        return bool(row[0])
+
+    def trials(self) -> Trials:
+        """The study's trials (none before it is created)."""
+        if self.study is None:
+            try:
+                self.study = optuna.load_study(
+                    study_name=self.study_name, storage=self.url.render_as_string(False)
+                )
+            except Exception:  # not created yet (tables or study)
+                return []
+        return self.study.get_trials(deepcopy=False)
+
+    def close(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+
+
+def _summary(trials: Trials) -> list[tuple[int, str, object]]:
+    return [(t.number, t.state.name, t.user_attrs.get(TrialKey.OWNER)) for t in trials]
 
 
 def _sigstop(searches: Sequence[Search]) -> None:

@@ -118,14 +118,6 @@ def trials_of(study_path: Path) -> list[FrozenTrial]:
         return []
 
 
-def proposed_in_flight(study_path: Path, pid: int) -> bool:
-    """Whether process `pid` runs a trial whose parameters are proposed."""
-    return any(
-        t.state == TrialState.RUNNING and owner_pid(t) == pid and t.params
-        for t in trials_of(study_path)
-    )
-
-
 def failed_search(study_path: Path) -> tuple[subprocess.CompletedProcess[str], list[str]]:
     """`recycler search` expected to stop at once: the process and its stderr's lines."""
     proc = subprocess.run(
@@ -209,13 +201,17 @@ def test_a_killed_search_is_finished_by_the_other(
     with searches(study_path, 2) as (survivor, victim):
         kill_at(  # the driver and its Ray, a proposed trial in flight
             victim,
-            lambda search: any(owner_pid(t) == search.pid for t in trials_of(study_path)),
-            lambda: (
-                sum(t.state == TrialState.COMPLETE for t in trials_of(study_path)) >= 2
-                and proposed_in_flight(study_path, victim.pid)
+            lambda search, trials: any(owner_pid(t) == search.pid for t in trials),
+            lambda trials: (
+                sum(t.state == TrialState.COMPLETE for t in trials) >= 2
+                and any(
+                    t.state == TrialState.RUNNING and owner_pid(t) == victim.pid and t.params
+                    for t in trials
+                )
             ),
             "a proposed trial of the victim in flight",
             storage_url=storage_url,
+            study="e2e",
             held=[survivor],
         )
         done_before = {

@@ -24,6 +24,7 @@ import optuna
 import pytest
 import yaml
 from killing import kill_at
+from optuna.trial import FrozenTrial
 
 from recycler.cli import main
 from recycler.commands.search import run_search
@@ -314,13 +315,9 @@ def test_a_config_that_fails_every_evaluation_stops_before_the_search_and_is_rer
     assert "gen" in trials[0].user_attrs[TrialKey.OBJECTIVES]
 
 
-def _reached(db_url: str, complete: int = 2, running: bool = True) -> bool:
+def _reached(trials: list[FrozenTrial], complete: int = 2, running: bool = True) -> bool:
     """`complete` trials complete and (where `running`) one running that its process has
     claimed and whose parameters are proposed (a sampled one's, or an enqueued one's)."""
-    try:
-        trials = optuna.load_study(study_name="e2e", storage=db_url).get_trials()
-    except Exception:  # not created yet, or the stopped driver holds the database's lock
-        return False
     return sum(t.state.name == "COMPLETE" for t in trials) >= complete and (
         not running
         or any(
@@ -351,10 +348,11 @@ def test_resume_after_sigkill_loses_nothing(
         # The driver, at a moment a trial with something to re-run is in flight.
         kill_at(
             proc,
-            lambda _: _reached(url, complete=1, running=False),
-            lambda: _reached(url),
+            lambda _, trials: _reached(trials, complete=1, running=False),
+            _reached,
             "a proposed trial in flight",
             storage_url=url,
+            study="e2e",
         )
     finally:
         # Ray's own processes of that driver (same session) are left behind by a SIGKILL: clean up.
