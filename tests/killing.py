@@ -13,7 +13,7 @@ read, and what was read stays true while they are stopped: a search found up (`u
 Ray and workers running, which a long stop must not interrupt) is held stopped, and the
 victim is killed, with its process group, where the look shows the moment, so that what
 the test saw is what the kill left. The others go on until their next commit
-(`_Storage.next_commit`).
+(`_Storage.next_commit`: SQLite's data_version, PostgreSQL's snapshot).
 
 With several searches (`held`: the study's other drivers), each is held once it is up
 until all are up; from then on the victim alone steps on, the others held until it is
@@ -69,7 +69,7 @@ def kill_at(
             )
             _assert_running(searches, what)
             going = [s for s in searches if s not in holding]
-            storage.next_commit(going)
+            storage.next_commit()
             _sigstop(going)
             if not storage.settled(searches):
                 _sigcont(going)  # stopped inside a transaction or a read: look again
@@ -116,28 +116,26 @@ class _Storage:
         return self.conn
 
     def _version(self) -> object:
-        """Changes whenever another connection commits (SQLite) or starts a write
-        (PostgreSQL: the next transaction id)."""
+        """Changes whenever another connection commits: SQLite's data_version, PostgreSQL's
+        snapshot (a finished write moves its xmax or leaves its list of transactions)."""
         conn = self._connect()
         if conn is None:
             return None
         if self.sqlite:
             try:
                 return conn.execute("PRAGMA data_version").fetchone()[0]
-            except sqlite3.OperationalError:  # a commit under way: not landed yet
+            except sqlite3.OperationalError as exc:  # a commit under way: not landed yet
+                _locked(exc)
                 return self.version
-        return conn.execute("SELECT pg_snapshot_xmax(pg_current_snapshot())::text").fetchone()[0]
+        return conn.execute("SELECT pg_current_snapshot()::text").fetchone()[0]
 
-    def next_commit(self, going: Sequence[Search], longest_s: float = 1.0) -> None:
-        """Wait until one of the `going` searches has committed something since the last
-        look (at most `longest_s`: a search busy elsewhere is looked at anyway)."""
+    def next_commit(self, longest_s: float = 1.0) -> None:
+        """Wait until a search has committed something since the last look (at most
+        `longest_s`: a search busy elsewhere is looked at anyway)."""
         deadline = time.monotonic() + longest_s
         while time.monotonic() < deadline and self._version() == self.version:
             time.sleep(0.001)
         self.version = self._version()
-        if not self.sqlite:  # a write has started: wait for its commit
-            while time.monotonic() < deadline and self._busy(going):
-                time.sleep(0.001)
 
     def settled(self, searches: Sequence[Search]) -> bool:
         """Whether the stopped `searches` hold nothing of the storage: no transaction open,
@@ -150,31 +148,43 @@ class _Storage:
                 conn.execute("BEGIN EXCLUSIVE")
                 conn.execute("ROLLBACK")
                 return True
-            except sqlite3.OperationalError:  # "database is locked"
+            except sqlite3.OperationalError as exc:
+                _locked(exc)
                 return False
         time.sleep(0.01)  # a statement sent just before the stop reaches its server process
-        return not self._busy(searches)
-
-    def _busy(self, searches: Sequence[Search]) -> bool:
-        """PostgreSQL: one of the searches' connections is in a transaction."""
         names = [PG_APPLICATION.format(pid=s.pid) for s in searches]
-        row = self.conn.execute(
+        busy = conn.execute(
             "SELECT count(*) FROM pg_stat_activity "
-            "WHERE application_name = ANY(%s) AND state <> 'idle'",
+            "WHERE application_name = ANY(%s) AND state IS DISTINCT FROM 'idle'",
             (names,),
         ).fetchone()
-        return bool(row[0])
+        return not busy[0]
 
     def trials(self) -> Trials:
-        """The study's trials (none before it is created)."""
+        """The study's trials (none before the searches have created it). Optuna's storage
+        is opened only then: opening it creates its tables where they are missing."""
         if self.study is None:
-            try:
-                self.study = optuna.load_study(
-                    study_name=self.study_name, storage=self.url.render_as_string(False)
-                )
-            except Exception:  # not created yet (tables or study)
+            conn = self._connect()
+            if conn is None or not self._has_study(conn):
                 return []
+            url = self.url.render_as_string(hide_password=False)
+            storage = optuna.storages.RDBStorage(url, skip_table_creation=True)
+            self.study = optuna.load_study(study_name=self.study_name, storage=storage)
         return self.study.get_trials(deepcopy=False)
+
+    def _has_study(self, conn: Any) -> bool:
+        if self.sqlite:
+            try:
+                query = "SELECT 1 FROM studies WHERE study_name = ?"
+                return conn.execute(query, (self.study_name,)).fetchone() is not None
+            except sqlite3.OperationalError as exc:
+                if "no such table" in str(exc):
+                    return False
+                raise
+        if conn.execute("SELECT to_regclass('studies')").fetchone()[0] is None:
+            return False
+        query = "SELECT 1 FROM studies WHERE study_name = %s"
+        return conn.execute(query, (self.study_name,)).fetchone() is not None
 
     def close(self) -> None:
         if self.conn is not None:
@@ -186,8 +196,37 @@ def _summary(trials: Trials) -> list[tuple[int, str, object]]:
 
 
 def _sigstop(searches: Sequence[Search]) -> None:
+    """SIGSTOP each search and wait until every thread of it is stopped (a signal is
+    delivered asynchronously: a thread inside a system call finishes it first)."""
     for search in searches:
         os.kill(search.pid, signal.SIGSTOP)
+    deadline = time.monotonic() + 10
+    for search in searches:
+        while not _all_threads_stopped(search.pid):
+            assert time.monotonic() < deadline, f"process {search.pid} not stopped within 10 s"
+            time.sleep(0.001)
+
+
+def _all_threads_stopped(pid: int) -> bool:
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:  # gone: nothing runs
+        return True
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/stat") as stat:
+                state = stat.read().rsplit(")", 1)[1].split()[0]
+        except (FileNotFoundError, ProcessLookupError):  # the thread has ended
+            continue
+        if state not in ("T", "t", "Z", "X"):
+            return False
+    return True
+
+
+def _locked(exc: sqlite3.OperationalError) -> None:
+    """An error of SQLite other than a lock held elsewhere is raised."""
+    if "locked" not in str(exc):
+        raise exc
 
 
 def _sigcont(searches: Sequence[Search]) -> None:

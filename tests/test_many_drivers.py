@@ -201,7 +201,12 @@ def test_a_killed_search_is_finished_by_the_other(
     with searches(study_path, 2) as (survivor, victim):
         kill_at(  # the driver and its Ray, a proposed trial in flight
             victim,
-            lambda search, trials: any(owner_pid(t) == search.pid for t in trials),
+            # Up: it owns a trial. Not held with a trial it has taken but not yet claimed:
+            # the other would fail that one as never claimed.
+            lambda search, trials: (
+                any(owner_pid(t) == search.pid for t in trials)
+                and all(owner_pid(t) is not None for t in trials if t.state == TrialState.RUNNING)
+            ),
             lambda trials: (
                 sum(t.state == TrialState.COMPLETE for t in trials) >= 2
                 and any(
