@@ -23,7 +23,7 @@ import torch
 from recycler.merge.engine import merge_state_dict
 from recycler.merge.recipe import ModelSpec, Recipe
 from recycler.pool import Pool
-from recycler.zoo.build import quiet_libraries
+from recycler.zoo.build import DEFAULT_ARCHITECTURE, quiet_libraries
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "experiments" / "results"
@@ -49,15 +49,20 @@ class Clock:
 one_thread = quiet_libraries
 
 
-def ensure_pool(workdir: Path, size: str, seed: int, say: Clock) -> Path:
-    """The demo pool of this size and seed under `workdir`, built on first use (cached
-    afterwards)."""
+def ensure_pool(
+    workdir: Path, size: str, seed: int, say: Clock, *, architecture: str = DEFAULT_ARCHITECTURE
+) -> Path:
+    """The demo pool of this size, seed and architecture under `workdir`, built on first use
+    (cached afterwards)."""
     from recycler.zoo.build import build_zoo, read_marker
 
-    out = Path(workdir) / f"zoo-{size}-seed{seed}"
+    # The default architecture keeps the folder name it had before there was a choice, so
+    # the Llama pools already built are reused.
+    arch = "" if architecture == DEFAULT_ARCHITECTURE else f"-{architecture}"
+    out = Path(workdir) / f"zoo-{size}{arch}-seed{seed}"
     if read_marker(out) is None:
-        say(f"building pool {out} (size {size}, seed {seed}; ~2 min for small)")
-    return build_zoo(out, size=size, seed=seed, quiet=True)
+        say(f"building pool {out} (size {size}, seed {seed}, {architecture}; ~2 min for small)")
+    return build_zoo(out, size=size, seed=seed, architecture=architecture, quiet=True)
 
 
 def runs_in(zoo: Path, sub: str) -> dict[str, list[Path]]:

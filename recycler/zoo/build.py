@@ -9,8 +9,11 @@ DIR/
   scores.json               dev/test scores of base, checkpoints, adapters, uniform soup
   .zoo-complete.json        written last: its presence means the build finished
 
-A build that finds the marker (same size and seed) returns at once; one that
-finds a half-written zoo (its `.zoo-building` flag) clears it and starts
+The model is a tiny Llama by default; `architecture="qwen2"` builds the same pool
+of Qwen2 models instead (same shapes, same training; Qwen2 adds q/k/v biases).
+
+A build that finds the marker (same size, seed and architecture) returns at once;
+one that finds a half-written zoo (its `.zoo-building` flag) clears it and starts
 over. A file lock makes concurrent builds of one DIR wait for each other.
 """
 
@@ -38,6 +41,12 @@ BUILDING = ".zoo-building"
 LOCK = ".zoo.lock"
 # Bump when the zoo's contents change, so an old cached build is not reused.
 BUILD_VERSION = 5
+# The decoder families a pool can be built of (transformers' model types; `_pretrain`
+# maps each to its classes, imported there only when a pool is trained).
+ARCHITECTURES = ("llama", "qwen2")
+# Markers record the architecture only when it is not this one, so the markers of
+# the Llama pools built before the choice existed still match (and stay unchanged).
+DEFAULT_ARCHITECTURE = "llama"
 _OURS = (
     "base",
     "checkpoints",
@@ -53,22 +62,36 @@ _OURS = (
 )
 
 
-def build_zoo(out_dir: Path, size: str = "small", seed: int = 0, *, quiet: bool = False) -> Path:
-    """Build (or reuse) the demo pool of `size` in `out_dir`; return `out_dir`."""
+def build_zoo(
+    out_dir: Path,
+    size: str = "small",
+    seed: int = 0,
+    *,
+    architecture: str = DEFAULT_ARCHITECTURE,
+    quiet: bool = False,
+) -> Path:
+    """Build (or reuse) the demo pool of `size` and `architecture` in `out_dir`; return
+    `out_dir`."""
     spec = get_spec(size)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise RecyclerError(f"zoo seed: must be a non-negative integer, got {seed!r}")
+    if architecture not in ARCHITECTURES:
+        raise RecyclerError(
+            f"zoo architecture must be one of {', '.join(ARCHITECTURES)}, got {architecture!r}"
+        )
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise RecyclerError(f"{out_dir}: exists and is not a directory")
     out_dir.mkdir(parents=True, exist_ok=True)
-    want = {"size": size, "seed": seed, "version": BUILD_VERSION}
+    want: dict[str, Any] = {"size": size, "seed": seed, "version": BUILD_VERSION}
+    if architecture != DEFAULT_ARCHITECTURE:
+        want["architecture"] = architecture
     with _locked(out_dir / LOCK):
         if prepare(out_dir, want):
             return out_dir
         (out_dir / BUILDING).write_text("a zoo build started here and has not finished\n")
         say = _Progress(quiet)
-        summary = _build(out_dir, spec, seed, say)
+        summary = _build(out_dir, spec, seed, architecture, say)
         tmp = out_dir / (MARKER + ".tmp")
         tmp.write_text(json.dumps({**want, **summary}, indent=2) + "\n")
         os.replace(tmp, out_dir / MARKER)
@@ -81,15 +104,17 @@ def prepare(out_dir: Path, want: dict[str, Any]) -> bool:
     """True when `out_dir` holds a complete zoo built as `want` says (reuse it).
 
     Otherwise clear what an interrupted build left and return False; refuse
-    (RecyclerError) a complete zoo of another size/seed/version, or a folder
-    holding files a zoo never writes.
+    (RecyclerError) a complete zoo of another size/seed/architecture/version, or a
+    folder holding files a zoo never writes. A marker or `want` without "architecture"
+    means the default one.
     """
     done = read_marker(out_dir)
-    if done is not None and {k: done.get(k) for k in want} == want:
+    if done is not None and _matches(done, want):
         return True
     if done is not None:
         raise RecyclerError(
             f"{out_dir}: holds a zoo built with size={done.get('size')}, seed={done.get('seed')}, "
+            f"architecture={done.get('architecture', DEFAULT_ARCHITECTURE)}, "
             f"version={done.get('version')}; delete it or choose another directory"
         )
     strangers = sorted(p.name for p in out_dir.iterdir() if p.name not in _OURS)
@@ -99,6 +124,14 @@ def prepare(out_dir: Path, want: dict[str, Any]) -> bool:
         )
     _clear(out_dir)
     return False
+
+
+def _matches(done: dict[str, Any], want: dict[str, Any]) -> bool:
+    # Without the default filled in on both sides, a Llama request (no key) would
+    # match a Qwen2 marker, since only `want`'s keys are compared.
+    want = {"architecture": DEFAULT_ARCHITECTURE, **want}
+    done = {"architecture": DEFAULT_ARCHITECTURE, **done}
+    return {k: done.get(k) for k in want} == want
 
 
 def read_marker(out_dir: Path) -> dict[str, Any] | None:
@@ -186,7 +219,9 @@ class _Laps:
         self._clock = now
 
 
-def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str, Any]:
+def _build(
+    out_dir: Path, spec: ZooSpec, seed: int, architecture: str, say: _Progress
+) -> dict[str, Any]:
     """Tasks, base, fine-tuning runs, LoRA run, scores and study, in that order: every
     stage draws from torch's generator after the one before, so the order is part of
     what makes two builds of one seed byte-identical."""
@@ -207,8 +242,8 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
         table = vocab()
         lap("tasks")
 
-        say(f"pretraining the base ({spec.pretrain.steps} steps)")
-        base = _pretrain(out_dir, spec, seed, table, exclude)
+        say(f"pretraining the {architecture} base ({spec.pretrain.steps} steps)")
+        base = _pretrain(out_dir, spec, seed, architecture, table, exclude)
         lap("pretrain")
 
         checkpoint_dirs = [
@@ -232,18 +267,30 @@ def _build(out_dir: Path, spec: ZooSpec, seed: int, say: _Progress) -> dict[str,
 
 
 def _pretrain(
-    out_dir: Path, spec: ZooSpec, seed: int, table: dict[str, int], exclude: set[str]
+    out_dir: Path,
+    spec: ZooSpec,
+    seed: int,
+    architecture: str,
+    table: dict[str, int],
+    exclude: set[str],
 ) -> Any:
-    """The base model, trained from a seeded initialisation and saved to out_dir/base."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    """The base model of `architecture`, trained from a seeded initialisation and saved to
+    out_dir/base."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     from recycler.zoo import checkpoints as ck
     from recycler.zoo.skills import TrainStream
     from recycler.zoo.tokenizer import PAD_ID, save_tokenizer
     from recycler.zoo.train import train
 
+    # Both take the same shape fields; a Qwen2 model differs by its q/k/v biases.
+    classes: dict[str, tuple[Any, Any]] = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+    }
+    config_class, model_class = classes[architecture]
     shape = spec.shape
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(table),
         hidden_size=shape.hidden,
         intermediate_size=shape.intermediate,
@@ -257,7 +304,7 @@ def _pretrain(
         eos_token_id=table["<eos>"],
     )
     torch.manual_seed(seed)
-    base = LlamaForCausalLM(config)
+    base = model_class(config)
     stream = TrainStream(spec.pretrain_mixture, exclude, f"{seed}-pretrain", spec.pretrain_noise)
     train(base, stream, table, spec.pretrain)
     ck.save_full(base, out_dir / "base", torch.float32, None)
