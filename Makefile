@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 TORCH  ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: install lint test demo bench bench-startup exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives exp-fidelity clean
+.PHONY: install lint test demo bench bench-startup exp-recycle exp-mwa exp-fisher exp-samplers exp-objectives exp-fidelity exp-stratified clean
 
 # setup.py and the C kernel too: an edited kernel is rebuilt before the tests run.
 $(STAMP): pyproject.toml setup.py recycler/merge/_fused.c
@@ -73,6 +73,10 @@ exp-fisher: $(STAMP)
 
 exp-fidelity: $(STAMP)
 	$(BIN)/python experiments/exp_fidelity.py
+
+# Builds two Qwen2 demo pools besides the Llama one (~2 min each).
+exp-stratified: $(STAMP)
+	$(BIN)/python experiments/exp_stratified.py
 
 clean:
 	rm -rf $(VENV) .venv-mergekit .mypy_cache .ruff_cache .pytest_cache

@@ -245,9 +245,12 @@ class RecipeScores:
     """Scores of recipes on one pool (skill → acc, plus `mean4` and `zoo_mean`), computed
     in-process by `expkit.TestScorer` (the search's own lm-eval path) and cached on disk."""
 
-    def __init__(self, seed: int, say: Clock) -> None:
-        self.zoo = SETTINGS.zoo(seed, say)
-        self.path = SETTINGS.folder(seed) / "recipe_scores.json"
+    def __init__(
+        self, seed: int, say: Clock, *, zoo: Path | None = None, path: Path | None = None
+    ) -> None:
+        """The pool of `seed` and its cache file in this run's folder, unless given."""
+        self.zoo = zoo or SETTINGS.zoo(seed, say)
+        self.path = path or SETTINGS.folder(seed) / "recipe_scores.json"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.cache: dict[str, dict[str, float]] = (
             json.loads(self.path.read_text()) if self.path.is_file() else {}

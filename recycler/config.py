@@ -117,6 +117,14 @@ class EvalSpec(StrictModel):
     dev_fraction: float = Field(default=0.5, gt=0, lt=1)
     split_seed: int = 0
     limit: int | None = Field(default=None, ge=1)
+    # Which dev documents a trial scores: all, or (stratified) those the pool's checkpoints
+    # disagree on and a seeded sample, agreed_sample of each stratum they agree on, told
+    # as an estimate with its standard error (recycler.evaluate.strata).
+    documents: Literal["all", "stratified"] = "all"
+    agreed_sample: float = Field(default=0.1, gt=0, le=1)
+    # The share of the checkpoints that may score a document otherwise than the rest while
+    # it is still sampled (0: only documents every checkpoint agrees on).
+    sampled_dissent: float = Field(default=0.15, ge=0, lt=0.5)
     batch_size: int | Literal["auto"] = 32
     apply_chat_template: bool = False
     # None: as lm-eval's command line does, true exactly when apply_chat_template is.
@@ -247,6 +255,22 @@ class StudySpec(StrictModel):
             raise KeyedError("search.budget", "give search.n_trials or search.budget, not both")
         if self.search.weights == "simplex" and "bounds" in self.search.model_fields_set:
             raise KeyedError("search.bounds", "only used with weights: box")
+        if self.eval.documents == "stratified":
+            if self.search.fidelity is not None:
+                raise KeyedError(
+                    "eval.documents",
+                    "stratified does not combine with search.fidelity: give one of them",
+                )
+            if "singles" not in self.search.baselines:
+                raise KeyedError(
+                    "eval.documents",
+                    "stratified builds its strata from the checkpoints' own scores: "
+                    "add singles to search.baselines",
+                )
+        else:
+            for key in ("agreed_sample", "sampled_dissent"):
+                if key in self.eval.model_fields_set:
+                    raise KeyedError(f"eval.{key}", "only used with eval.documents: stratified")
         if self.eval.split == "test":
             # The front is re-scored on test: optimising on test would leave nothing held out.
             raise KeyedError("eval.split", "the search must not optimise the test split; use dev")

@@ -27,7 +27,14 @@ from recycler.config import StudySpec
 from recycler.errors import RecyclerError
 from recycler.export.model_dir import check_out_dir, move_into_place
 from recycler.search import front as pareto
-from recycler.search.analysis import FrontSummary, analyse, describe_doc_split, format_recipe
+from recycler.search.analysis import (
+    FrontSummary,
+    analyse,
+    describe_doc_split,
+    describe_strata,
+    format_recipe,
+    format_score,
+)
 from recycler.search.baselines import SINGLE
 from recycler.search.storage import shown
 from recycler.search.stored import StudyView
@@ -189,7 +196,11 @@ def _html_table(s: FrontSummary, rows: list[Any], test: FrontSummary, front: boo
     for m in rows:
         tv = test_vals.get(m.record.number)
         cells = "".join(
-            (f"<td>{m.values[k]:.4f}</td>" if m.values else "<td>n/a</td>")
+            (
+                f"<td>{format_score(m.values[k], m.stderr[k] if m.stderr else None)}</td>"
+                if m.values
+                else "<td>n/a</td>"
+            )
             + (f"<td>{tv[k]:.4f}</td>" if tv else "<td>n/a</td>")
             for k in range(len(s.objectives))
         )
@@ -250,6 +261,7 @@ def _write_pages(spec: StudySpec, view: StudyView, summary: FrontSummary, out_di
     documents = "".join(
         f"<li>{html.escape(line)}</li>"
         for line in describe_doc_split(view.doc_split, spec.eval.split)
+        + describe_strata(view.strata)
     )
     page = f"""<!doctype html>
 <html><head><meta charset="utf-8"><title>recycler study {html.escape(spec.name)}</title>

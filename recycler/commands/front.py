@@ -21,8 +21,10 @@ from recycler.search.analysis import (
     Member,
     analyse,
     describe_doc_split,
+    describe_strata,
     format_number,
     format_recipe,
+    format_score,
 )
 from recycler.search.storage import shown
 from recycler.search.stored import StudyView
@@ -42,19 +44,21 @@ def run(args: argparse.Namespace) -> None:
     if not summary.members:
         raise RecyclerError(f"study {spec.name!r} has no completed trial yet; run recycler search")
     if args.format == "json":
-        print(json.dumps(front_as_dict(summary, spec, view.doc_split), indent=2))
+        print(json.dumps(front_as_dict(summary, spec, view.doc_split, view.strata), indent=2))
     elif args.format == "csv":
         sys.stdout.write(render_csv(summary))
     else:
         render_table(summary, spec)
-        for line in describe_doc_split(view.doc_split, spec.eval.split):
+        lines = describe_doc_split(view.doc_split, spec.eval.split) + describe_strata(view.strata)
+        for line in lines:
             print(f"documents: {line}")
 
 
 def _values(m: Member, n: int, with_mean: bool = False) -> list[str]:
     if m.values is None:
         return ["n/a"] * (n + int(with_mean))
-    cells = [format_number(v) for v in m.values]
+    errors: list[float | None] = list(m.stderr) if m.stderr else [None] * len(m.values)
+    cells = [format_score(v, e) for v, e in zip(m.values, errors)]
     return [*cells, format_number(sum(m.values) / len(m.values))] if with_mean else cells
 
 
@@ -76,10 +80,13 @@ def summary_line(view: StudyView, spec: StudySpec) -> str:
 
 
 def front_as_dict(
-    s: FrontSummary, spec: StudySpec, doc_split: dict[str, Any] | None = None
+    s: FrontSummary,
+    spec: StudySpec,
+    doc_split: dict[str, Any] | None = None,
+    strata: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The front as JSON; `doc_split`: each task's dev/test documents, as the study stored
-    them."""
+    them; `strata`: a stratified study's strata."""
 
     def entry(m: Member) -> dict[str, Any]:
         r = m.record
@@ -88,6 +95,8 @@ def front_as_dict(
             "label": m.label,
             "knee": m.is_knee,
             "scores": dict(zip(s.objectives, m.values)) if m.values is not None else None,
+            # An estimated dev score's standard error (eval.documents: stratified).
+            **({"stderr": dict(zip(s.objectives, m.stderr))} if m.stderr is not None else {}),
             "weights": r.weights,
             "tuned": r.tuned,
             "dominates": m.dominates,
@@ -105,6 +114,7 @@ def front_as_dict(
         "storage": shown(spec.storage),
         "split": s.split,
         "documents": doc_split,
+        "strata": describe_strata(strata),
         "objectives": [
             {"name": n, "direction": "maximize" if up else "minimize"}
             for n, up in zip(s.objectives, s.maximize)
@@ -114,6 +124,7 @@ def front_as_dict(
             "complete": s.n_complete,
             "pruned": s.n_pruned,
             "failed": s.n_failed,
+            "estimated": s.n_estimated,
         },
         "cost": {"full_trial_equivalents": s.cost, "eval_seconds": s.eval_seconds},
         "hypervolume": s.hypervolume,
@@ -194,6 +205,7 @@ def render_csv(s: FrontSummary) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
     everyone = [*s.members, *s.baselines]
+    estimated = any(m.stderr is not None for m in everyone)
     names = sorted({n for m in everyone for n in m.record.weights})
     tuned = sorted({n for m in everyone for n in m.record.tuned})
     writer.writerow(
@@ -203,6 +215,7 @@ def render_csv(s: FrontSummary) -> str:
             "label",
             "knee",
             *s.objectives,
+            *(f"se:{n}" for n in s.objectives if estimated),
             *(f"w:{n}" for n in names),
             *(f"p:{n}" for n in tuned),
             "dominates",
@@ -215,6 +228,8 @@ def render_csv(s: FrontSummary) -> str:
     ]
     for role, m in rows:
         vals = [f"{v:.6g}" for v in m.values] if m.values is not None else [""] * len(s.objectives)
+        if estimated:  # the standard errors of an estimated row; empty for an exact one
+            vals += [f"{e:.3g}" for e in m.stderr] if m.stderr else [""] * len(s.objectives)
         ws = [_csv_cell(m.record.weights.get(n)) for n in names]
         ps = [_csv_cell(m.record.tuned.get(n)) for n in tuned]
         writer.writerow(

@@ -75,6 +75,19 @@ def n_docs(scores: DocScores) -> int:
     return sum(len(entry[IDS]) for entry in scores.values())
 
 
+def aggregate_leaf(name: str, task: Any, entry: Mapping[str, list[Any]]) -> dict[str, Any]:
+    """A leaf task's results block (lm-eval's form) for a run over exactly the documents
+    of `entry`, reduced by the task's own aggregations."""
+    reductions = task.aggregation()
+    metrics: dict[str, Any] = {"alias": name, "name": name, "sample_len": len(entry[IDS])}
+    for key, values in entry.items():
+        if key == IDS:
+            continue
+        # lm-eval reduces a metric without an aggregation by its mean, too.
+        metrics[key] = reductions.get(key.split(",", 1)[0], mean)(values)
+    return metrics
+
+
 def aggregate(suite: TaskSuite, scores: DocScores) -> dict[str, dict[str, float]]:
     """The metrics lm-eval reports for a run over exactly the documents in `scores`:
     task (and group) → metric → value, as `runner.evaluate_tasks` returns them."""
@@ -83,15 +96,7 @@ def aggregate(suite: TaskSuite, scores: DocScores) -> dict[str, dict[str, float]
         entry = scores.get(name)
         if entry is None:
             raise ValueError(f"no document scores for task {name}")
-        reductions = task.aggregation()
-        metrics: dict[str, Any] = {"alias": name, "name": name, "sample_len": len(entry[IDS])}
-        for key, values in entry.items():
-            if key == IDS:
-                continue
-            metric = key.split(",", 1)[0]
-            # lm-eval reduces a metric without an aggregation by its mean, too.
-            metrics[key] = reductions.get(metric, mean)(values)
-        results[name] = metrics
+        results[name] = aggregate_leaf(name, task, entry)
     # A group aggregates its leaf tasks (however deep), so groups need no order here.
     for group in suite.task_dict.get("groups", {}).values():
         results[group.name] = dict(group.aggregate(results))

@@ -26,6 +26,8 @@ class Member:
     label: str  # baseline name, or "search"
     dominates: list[str] = field(default_factory=list)
     is_knee: bool = False
+    # On dev, an estimated trial's standard error per objective (eval.documents: stratified).
+    stderr: list[float] | None = None
 
 
 @dataclass
@@ -44,13 +46,16 @@ class FrontSummary:
     n_pruned: int  # multi-fidelity trials stopped before the last rung
     cost: float  # full-trial equivalents of documents scored
     eval_seconds: float  # summed over every trial's evaluations
+    n_estimated: int = 0  # complete trials told a stratified estimate (on sampled documents)
 
     def trial_counts(self) -> str:
         """`12 trials (5 complete, 7 pruned, 0 failed)` (pruned only in a multi-fidelity
-        study)."""
+        study; `9 complete (6 of them estimated)` in a stratified one)."""
         pruned = f", {self.n_pruned} pruned" if self.n_pruned else ""
+        estimated = f", {self.n_estimated} of them estimated" if self.n_estimated else ""
         return (
-            f"{self.n_trials} trials ({self.n_complete} complete{pruned}, {self.n_failed} failed)"
+            f"{self.n_trials} trials ({self.n_complete} complete{estimated}{pruned}, "
+            f"{self.n_failed} failed)"
         )
 
     def cost_line(self) -> str:
@@ -90,12 +95,23 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
     def values(r: TrialRecord) -> list[float] | None:
         return r.vector(objectives, split)
 
+    def stderr(r: TrialRecord) -> list[float] | None:
+        if split != "dev" or r.dev_stderr is None:
+            return None
+        return [float(r.dev_stderr.get(o.name, 0.0)) for o in objectives]
+
     members = [
-        Member(r, values(r), baseline_name(r, greedy) or "search", is_knee=r.number == knee)
+        Member(
+            r,
+            values(r),
+            baseline_name(r, greedy) or "search",
+            is_knee=r.number == knee,
+            stderr=stderr(r),
+        )
         for r in front
     ]
     baselines = [
-        Member(r, values(r), baseline_name(r, greedy) or "baseline")
+        Member(r, values(r), baseline_name(r, greedy) or "baseline", stderr=stderr(r))
         for r in complete
         if is_final_baseline(r, greedy)
     ]
@@ -132,7 +148,31 @@ def analyse(view: StudyView, split: str = "dev") -> FrontSummary:
         n_pruned=len(view.pruned),
         cost=cost_of(view)[0],
         eval_seconds=sum(r.eval_seconds or 0.0 for r in view.trials),
+        n_estimated=sum(1 for r in complete if r.dev_stderr is not None),
     )
+
+
+def format_score(value: float, stderr: float | None) -> str:
+    """A score, with its standard error where it is an estimate: `0.55 ± 0.021`."""
+    return format_number(value) if stderr is None else f"{format_number(value)} ± {stderr:.2g}"
+
+
+def describe_strata(strata: Mapping[str, Any] | None) -> list[str]:
+    """One line per task of a stratified study: its strata, or why it is scored in full."""
+    if strata is None:
+        return []
+    lines = []
+    for task, entry in sorted(strata["tasks"].items()):
+        sizes = {name: len(ids) for name, ids in entry["docs"].items()}
+        n = sum(sizes.values())
+        parts = ", ".join(f"{k}: {v}" for k, v in sizes.items())
+        lines.append(
+            f"{task}: stratified by {', '.join(entry['keys'])} over {n} dev documents "
+            f"({parts}; agreed v: the checkpoints, or all but the dissenting ones, scored v); "
+            "an estimated trial scores every contested one and a sample of the rest"
+        )
+    lines += [f"{task}: scored in full ({why})" for task, why in sorted(strata["full"].items())]
+    return lines
 
 
 def format_weights(weights: dict[str, Any], *, drop_zero: bool = True) -> str:

@@ -50,6 +50,11 @@ DEFAULTS = "defaults"
 BASE = "base"
 
 
+def is_checkpoint_baseline(label: str) -> bool:
+    """A baseline that is one checkpoint of the pool as it is (or the base)."""
+    return label.startswith(SINGLE) or label == BASE
+
+
 @dataclass(frozen=True)
 class Baseline:
     label: str

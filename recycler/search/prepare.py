@@ -13,6 +13,8 @@ from typing import Any
 
 from recycler.config import StudySpec
 from recycler.errors import RecyclerError
+from recycler.evaluate import docsplit
+from recycler.evaluate.strata import TaskPlan
 from recycler.evaluate.tasks import (
     SuiteRequest,
     UnknownTaskError,
@@ -22,7 +24,7 @@ from recycler.evaluate.tasks import (
 )
 from recycler.pool import Pool
 from recycler.samplers import SAMPLERS
-from recycler.search.baselines import baseline_trials
+from recycler.search.baselines import baseline_trials, is_checkpoint_baseline
 from recycler.search.fidelity import RungPlan
 from recycler.search.space import SearchSpace
 from recycler.search.stored import (
@@ -48,17 +50,48 @@ class Prepared:
     notes: list[str]
     rungs: RungPlan  # which documents a trial scores, rung by rung (one rung: all of dev)
     suite: SuiteRequest  # the tasks scored (what per-document scores are combined by)
+    # eval.documents: stratified: which tasks are stratified, on which metrics; else None.
+    task_plan: TaskPlan | None = None
 
 
-def study_fingerprint(spec: StudySpec, space: SearchSpace, rungs: RungPlan) -> dict[str, Any]:
-    """The parts of the study file a resumed study must share with the stored one."""
+def study_fingerprint(
+    spec: StudySpec, space: SearchSpace, rungs: RungPlan, dev_data: str | None = None
+) -> dict[str, Any]:
+    """The parts of the study file a resumed study must share with the stored one;
+    `dev_data`: a stratified study's digest of its dev documents (its strata are built
+    from the checkpoints' scores on them)."""
+    stratified = spec.eval.documents == "stratified"
     return {
         **space.fingerprint(),
         "split": spec.eval.split,
         "limit": spec.eval.limit,
         # None without search.fidelity: what a study made before the key existed reads as.
         "fidelity": rungs.record(),
+        # None: every document (what a study made before the key existed reads as).
+        "documents": (
+            {
+                "stratified": spec.eval.agreed_sample,
+                "sampled_dissent": spec.eval.sampled_dissent,
+                "dev_data_sha256": dev_data,
+            }
+            if stratified
+            else None
+        ),
     }
+
+
+def task_plan(spec: StudySpec, request: SuiteRequest) -> tuple[TaskPlan, str]:
+    """A stratified study's `TaskPlan`, and a digest of every dev document it scores (a
+    resume with other data is refused: its strata would describe other documents)."""
+    suite = load_suite(request)
+    dev_ids = suite.doc_ids(spec.eval.split, spec.eval.limit)
+    suite.use_split(spec.eval.split, spec.eval.limit)
+    digest = docsplit.docs_digest(
+        [task, docsplit.docs_digest(suite.leaves[task].eval_docs[i] for i in ids)]
+        for task, ids in sorted(dev_ids.items())
+    )
+    plan = TaskPlan.of(suite, [(o.task, o.metric) for o in spec.objectives], dev_ids)
+    return plan, digest
 
 
 def objective_directions(
@@ -121,17 +154,35 @@ def _prepare(spec: StudySpec, create: bool) -> Prepared:
     request = suite_request(spec)
     directions, doc_split, rungs = objective_directions(spec, request)
     objectives = resolve_objectives(spec, directions)
-    handle = open_study(
-        spec, study_fingerprint(spec, space, rungs), objectives, create=create, doc_split=doc_split
+    plan, dev_data = (
+        task_plan(spec, request) if spec.eval.documents == "stratified" else (None, None)
     )
-    notes: list[str] = []
+    handle = open_study(
+        spec,
+        study_fingerprint(spec, space, rungs, dev_data),
+        objectives,
+        create=create,
+        doc_split=doc_split,
+    )
+    notes: list[str] = [] if plan is None else plan.summary()
     study = handle.study
     if create and not baselines_enqueued(study.user_attrs):
-        baselines, notes = baseline_trials(space, pool.checkpoints, spec.search.enqueued_baselines)
+        baselines, skipped = baseline_trials(
+            space, pool.checkpoints, spec.search.enqueued_baselines
+        )
+        notes.extend(skipped)
         for label, params in baselines:
             # skip_if_exists: a start killed while enqueuing re-enqueues only what is missing.
             enqueue(study, params, queued_attrs(params, baseline=label), skip_if_exists=True)
         mark_baselines_enqueued(study)
+    if plan is not None and not any(
+        is_checkpoint_baseline(label)
+        for label, _ in baseline_trials(space, pool.checkpoints, spec.search.enqueued_baselines)[0]
+    ):
+        raise RecyclerError(
+            f"eval.documents: stratified needs the checkpoints scored alone (singles), and "
+            f"merge.method {spec.merge.method} has no such baseline"
+        )
     notes.extend(rungs.notes)
     if spec.search.fidelity is not None and SAMPLERS[spec.search.sampler].ignores_pruned:
         notes.append(
@@ -140,4 +191,4 @@ def _prepare(spec: StudySpec, create: bool) -> Prepared:
         )
     if create and view_of(study).dev_docs != rungs.full_docs:
         write_dev_docs(study, rungs.full_docs)
-    return Prepared(spec, pool, space, objectives, handle, notes, rungs, request)
+    return Prepared(spec, pool, space, objectives, handle, notes, rungs, request, plan)

@@ -3,14 +3,13 @@ trials, or `search.budget` full-trial equivalents of documents scored).
 
 The loop is ask → recipe → (cache or evaluator) → tell, with up to `capacity`
 evaluations in flight and a new one started as soon as any finishes (no generation
-barrier). With `search.fidelity` a trial is scored a rung at a time (`fidelity`): after
-each rung it is told complete, pruned, or queued for the next rung, and a queued
-promotion takes the next free worker before any new trial. Every result is stored as
-soon as it arrives, so killing the process at any moment loses no completed trial and
-no finished rung; what it leaves RUNNING is failed and re-run by the next start
-(`study.fail_stale_trials`), from the rungs it finished. After the budget is spent the
-Pareto set is re-scored on the test split.
-"""
+barrier). With `search.fidelity` a trial is scored a rung at a time (`climb`): after each
+rung it is told complete, pruned, or queued for the next rung, and a queued promotion
+takes the next free worker first. With `eval.documents: stratified` a trial scores a
+sample and is told an estimate (`stratified`). Every result is stored as it arrives, so
+killing the process at any moment loses no completed trial and no finished rung; what it
+leaves RUNNING is failed and re-run by the next start (`study.fail_stale_trials`), from
+the rungs it finished. After the budget is spent the Pareto set is re-scored on test."""
 
 from __future__ import annotations
 
@@ -44,6 +43,7 @@ from recycler.search.stored import (
     view_of,
     write_test_result,
 )
+from recycler.search.stratified import Scored, StratifiedTrials
 from recycler.search.study import (
     duplicate_of,
     enqueue,
@@ -142,6 +142,8 @@ class SearchDriver:
         self.climbs = Climbs(
             prepared.spec, prepared.objectives, prepared.rungs, prepared.suite, self.study
         )
+        # eval.documents: stratified: what each trial scores, and its estimate.
+        self.stratified = StratifiedTrials.of(prepared)
         # Trials finished in a row without scoring a document (cache hits, refused
         # proposals): they cost nothing, so a `search.budget` would never be spent.
         self._free_in_a_row = 0
@@ -321,8 +323,10 @@ class SearchDriver:
         if self.rungs.multi:
             return self._start_climb(trial, recipe)
         # Outside the try: a worker that cannot start is the run's error, not this trial's.
-        TrialWriter.of(trial).cost(0, self.rungs.full_docs)
-        self._submit("dev", trial.number, recipe, trial, self.split, n_docs=self.rungs.full_docs)
+        docs = None if self.stratified is None else self.stratified.first_docs(trial)
+        n_docs = self.rungs.full_docs if docs is None else sum(len(i) for i in docs.values())
+        TrialWriter.of(trial).cost(0, n_docs)
+        self._submit("dev", trial.number, recipe, trial, self.split, n_docs=n_docs, docs=docs)
         return True
 
     def _prepare_trial(self, trial: optuna.Trial) -> TrialRecipe | None:
@@ -383,7 +387,7 @@ class SearchDriver:
         self._eval_seconds.append(time.perf_counter() - flight.started)
         self._free_in_a_row = 0
         climb = self.climbs.held.get(flight.number)
-        if result.ok and climb is not None and not scored_as_asked(result, flight.docs):
+        if result.ok and flight.docs is not None and not scored_as_asked(result, flight.docs):
             result = EvalResult(
                 ok=False,
                 merge_seconds=result.merge_seconds,
@@ -393,13 +397,31 @@ class SearchDriver:
         if not result.ok:
             self.climbs.drop(flight.number)
             spent = (climb.docs_scored if climb is not None else 0) + flight.n_docs
+            if self.stratified is not None:
+                spent += self.stratified.drop(flight.number)
             TrialWriter.of(flight.trial).cost(spent)
             self._fail(flight.trial, result.error or "evaluation failed", result)
         elif climb is not None:
             self._act(self.climbs.rung_scored(flight.number, result))
+        elif self.stratified is not None:
+            self._stratified_scored(flight, result)
         else:
             self._complete(flight.trial, flight.stored, result, docs_scored=flight.n_docs)
         return "dev"
+
+    def _stratified_scored(self, flight: _Flight, result: EvalResult) -> None:
+        """Score the rest of the strata its sample flipped, or tell its estimate."""
+        assert self.stratified is not None and flight.trial is not None
+        step = self.stratified.scored(flight.trial, result)
+        if isinstance(step, Scored):
+            self._complete(flight.trial, flight.stored, step.result, docs_scored=step.docs_scored)
+            return
+        n_docs = sum(len(ids) for ids in step.values())
+        TrialWriter.of(flight.trial).cost(self.stratified.docs_scored(flight.number), n_docs)
+        trial_recipe = (flight.recipe, flight.stored)
+        self._submit(
+            "dev", flight.number, trial_recipe, flight.trial, self.split, n_docs=n_docs, docs=step
+        )
 
     # ---- multi-fidelity: a trial a rung at a time (climb.py) ---------------------------
     def _start_climb(self, trial: optuna.Trial, recipe: TrialRecipe) -> bool:

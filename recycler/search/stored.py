@@ -9,13 +9,15 @@ storage, so each name below is written here and read back here, nowhere else.
   dev/test documents; a resume that would score others is refused, and `front` and the
   report say which documents a score used), `StudyKey.DEV_DOCS` (a full trial's
   documents: the unit of cost), `StudyKey.BASELINES_ENQUEUED`,
-  `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), and
+  `StudyKey.GREEDY_SOUP` (the greedy soup's trial, once settled), `StudyKey.STRATA` (a
+  stratified study's strata), and
   `StudyKey.TEST_PREFIX` + trial number (the Pareto set's test-split scores: Optuna
   forbids changing a finished trial, so they are kept on the study, keyed by trial);
 - each trial: the `TrialKey` attributes (weights by checkpoint, each tuned value, the
   recipe merged, objectives and every metric on dev, timings, the documents it scored,
-  the baseline it is, the cached result it reused, why it failed, which process runs it, and with
-  `search.fidelity` its scores per rung and the rung it was promoted to).
+  the baseline it is, the cached result it reused, why it failed, which process runs it, with
+  `search.fidelity` its scores per rung and the rung it was promoted to, and with
+  `eval.documents: stratified` its documents' scores and its estimate's standard errors).
 """
 
 from __future__ import annotations
@@ -40,6 +42,9 @@ class StudyKey:
     # The dev documents of a full-fidelity trial, summed over tasks: the unit of cost.
     DEV_DOCS = "recycler:dev_docs"
     GREEDY_SOUP = "recycler:greedy_soup"
+    # eval.documents: stratified: the strata of each task's dev documents
+    # (`evaluate.strata.Strata.record`), built once from the checkpoint baselines.
+    STRATA = "recycler:strata"
     TEST_PREFIX = "test:"
 
 
@@ -81,6 +86,11 @@ class TrialKey:
     RUNGS = "rungs"
     DOC_SCORES = "doc_scores"
     PROMOTED_TO = "promoted_to"
+    # eval.documents: stratified: each document's scores of a finished trial (every dev
+    # document for a checkpoint baseline: the strata are built from them), and, for a
+    # trial told an estimate, each objective's standard error.
+    SCORED_DOCS = "scored_docs"
+    DEV_STDERR = "dev_stderr"
 
 
 # Keys of a test-split entry (`StudyKey.TEST_PREFIX` + number).
@@ -179,6 +189,12 @@ class TrialWriter:
         """A finished trial's document scores are needed no more (its `rungs` stay)."""
         self._set(TrialKey.DOC_SCORES, None)
 
+    def scored_docs(self, scores: Mapping[str, Any]) -> None:
+        self._set(TrialKey.SCORED_DOCS, dict(scores))
+
+    def dev_stderr(self, stderr: Mapping[str, float]) -> None:
+        self._set(TrialKey.DEV_STDERR, json_safe(dict(stderr)))
+
     def promoted(self, rung: int) -> None:
         self._set(TrialKey.PROMOTED_TO, rung)
 
@@ -247,6 +263,10 @@ def write_dev_docs(study: optuna.Study, n_docs: int) -> None:
     study.set_user_attr(StudyKey.DEV_DOCS, n_docs)
 
 
+def write_strata(study: optuna.Study, strata: Mapping[str, Any]) -> None:
+    study.set_user_attr(StudyKey.STRATA, dict(strata))
+
+
 def mark_baselines_enqueued(study: optuna.Study) -> None:
     study.set_user_attr(StudyKey.BASELINES_ENQUEUED, True)
 
@@ -309,6 +329,9 @@ class TrialRecord:
     doc_scores: dict[str, Any] | None = None
     promoted_to: int | None = None
     tuned: dict[str, Any] = field(default_factory=dict)  # tuned parameter -> value(s)
+    # eval.documents: stratified: objective -> the standard error of its estimated dev
+    # score; None for a trial scored on every dev document.
+    dev_stderr: dict[str, float] | None = None
 
     @property
     def highest_rung(self) -> int | None:
@@ -354,6 +377,11 @@ class StudyView:
         return [t for t in self.trials if t.state == "PRUNED"]
 
     @property
+    def strata(self) -> dict[str, Any] | None:
+        """A stratified study's strata (`Strata.record`); None before they are built."""
+        return stored_strata(self.attrs)
+
+    @property
     def doc_split(self) -> dict[str, dict[str, Any]] | None:
         """Each task's dev/test documents; None for a study made before they were kept."""
         return stored_doc_split(self.attrs)
@@ -392,6 +420,7 @@ def read_trial(trial: FrozenTrial, study_attrs: Mapping[str, Any] | None = None)
         doc_scores=stored_doc_scores(ua),
         promoted_to=promoted_to(ua),
         tuned=stored_tuned(ua),
+        dev_stderr=stderr if isinstance(stderr := ua.get(TrialKey.DEV_STDERR), dict) else None,
     )
 
 
@@ -410,6 +439,18 @@ def stored_doc_scores(trial_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
     """The documents a multi-fidelity trial (or the trial a re-run repeats) has scored."""
     scores = trial_attrs.get(TrialKey.DOC_SCORES)
     return dict(scores) if isinstance(scores, dict) else None
+
+
+def stored_scored_docs(trial_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The documents a finished trial of a stratified study scored, with their scores."""
+    scores = trial_attrs.get(TrialKey.SCORED_DOCS)
+    return dict(scores) if isinstance(scores, dict) else None
+
+
+def stored_strata(study_attrs: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A stratified study's strata (`Strata.record`); None before they are built."""
+    stored = study_attrs.get(StudyKey.STRATA)
+    return dict(stored) if isinstance(stored, dict) else None
 
 
 def promoted_to(trial_attrs: Mapping[str, Any]) -> int | None:
@@ -458,6 +499,10 @@ def view_of(study: optuna.Study) -> StudyView:
     attrs = dict(study.user_attrs)
     objectives = stored_objectives(attrs) or []
     records = [read_trial(t, attrs) for t in study.get_trials(deepcopy=False)]
+    by_number = {r.number: r for r in records}
     for r in records:
         r.vector_dev = r.vector(objectives, "dev")
+        # A cache hit told another trial's estimate: its error is that trial's.
+        if r.cache_hit is not None and r.cache_hit in by_number:
+            r.dev_stderr = by_number[r.cache_hit].dev_stderr
     return StudyView(study.study_name, objectives, records, attrs)
